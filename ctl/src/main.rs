@@ -1,0 +1,246 @@
+//! ublkctl: the control tool for ublkd.
+
+mod client;
+mod output;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use ublkd_proto::size::parse_size;
+use ublkd_proto::validate::{DEFAULT_DEPTH, DEFAULT_NULL_SIZE, DEFAULT_QUEUES};
+use ublkd_proto::{AddDevice, BufferMode, Request, Response, TargetSpec};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ublkctl",
+    version,
+    about = "Control ublkd, the userspace block device daemon"
+)]
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, default_value = ublkd_proto::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a device; prints its block device path once it serves IO.
+    Add {
+        #[command(subcommand)]
+        target: AddTarget,
+    },
+    /// Delete devices.
+    Del {
+        /// Ids of the devices to delete.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<u32>,
+        /// Delete every device.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List devices.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one device in detail, with per-queue counters.
+    Show {
+        id: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the ublk driver's feature bits.
+    Features {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AddTarget {
+    /// A device that completes every request at once and stores nothing.
+    Null {
+        /// Device size: bytes, or with a K, M, G or T suffix (1024-based).
+        #[arg(long, default_value_t = DEFAULT_NULL_SIZE.to_string(), value_parser = size_arg)]
+        size: String,
+        #[command(flatten)]
+        common: CommonAddArgs,
+    },
+}
+
+/// Options every target takes.
+#[derive(Debug, Args)]
+struct CommonAddArgs {
+    /// Hardware queues, one daemon thread each [default: 1].
+    #[arg(long, help = format!("Hardware queues, one daemon thread each [default: {DEFAULT_QUEUES}]"))]
+    queues: Option<u32>,
+    /// Requests in flight per queue, 1-4096.
+    #[arg(long, help = format!("Requests in flight per queue, 1-4096 [default: {DEFAULT_DEPTH}]"))]
+    depth: Option<u32>,
+    /// Logical block size: 512 or 4096 [default: 512].
+    #[arg(long)]
+    block_size: Option<u32>,
+    /// How request data moves: copy [default: the best the kernel supports].
+    #[arg(long)]
+    buffer: Option<BufferMode>,
+}
+
+fn size_arg(s: &str) -> Result<String, String> {
+    parse_size(s)
+        .map(|_| s.to_string())
+        .map_err(|e| e.to_string())
+}
+
+fn add_request(target: AddTarget) -> Result<AddDevice> {
+    let (target, common) = match target {
+        AddTarget::Null { size, common } => (
+            TargetSpec::Null {
+                size: parse_size(&size)?,
+            },
+            common,
+        ),
+    };
+    Ok(AddDevice {
+        target,
+        queues: common.queues,
+        depth: common.depth,
+        block_size: common.block_size,
+        buffer: common.buffer,
+    })
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                std::process::exit(0);
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                std::process::exit(2);
+            }
+            eprintln!(
+                "ublkctl: {} (see 'ublkctl --help')",
+                output::first_line(&e.to_string())
+            );
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(cli) {
+        eprintln!("ublkctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let (request, json) = match cli.command {
+        Command::Add { target } => (Request::Add(add_request(target)?), false),
+        Command::Del { all: true, .. } => (Request::DelAll, false),
+        Command::Del { ids, .. } => (Request::Del { ids }, false),
+        Command::List { json } => (Request::List, json),
+        Command::Show { id, json } => (Request::Show { id }, json),
+        Command::Features { json } => (Request::Features, json),
+    };
+    let response = client::call(&cli.socket, &request)?;
+    let text = match (response, json) {
+        (Response::Error(msg), _) => bail!("{msg}"),
+        (Response::Added(info), _) => format!("{}\n", info.path),
+        (Response::Deleted { .. }, _) => String::new(),
+        (Response::Devices(devs), true) => output::json(&devs)?,
+        (Response::Devices(devs), false) => output::device_table(&devs),
+        (Response::Device(d), true) => output::json(&d)?,
+        (Response::Device(d), false) => output::device_detail(&d),
+        (Response::Features(f), true) => output::json(&f)?,
+        (Response::Features(f), false) => output::features(&f),
+    };
+    print!("{text}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("ublkctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn add_null_defaults_and_options() {
+        let cli = parse(&["add", "null"]).unwrap();
+        let Command::Add { target } = cli.command else {
+            panic!()
+        };
+        let req = add_request(target).unwrap();
+        assert_eq!(
+            req.target,
+            TargetSpec::Null {
+                size: DEFAULT_NULL_SIZE
+            }
+        );
+        assert_eq!(
+            (req.queues, req.depth, req.block_size, req.buffer),
+            (None, None, None, None)
+        );
+
+        let cli = parse(&[
+            "--socket",
+            "/tmp/s",
+            "add",
+            "null",
+            "--size",
+            "10G",
+            "--queues",
+            "2",
+            "--depth",
+            "64",
+            "--block-size",
+            "4096",
+            "--buffer",
+            "copy",
+        ])
+        .unwrap();
+        assert_eq!(cli.socket, PathBuf::from("/tmp/s"));
+        let Command::Add { target } = cli.command else {
+            panic!()
+        };
+        let req = add_request(target).unwrap();
+        assert_eq!(req.target, TargetSpec::Null { size: 10 << 30 });
+        assert_eq!(
+            (req.queues, req.depth, req.block_size),
+            (Some(2), Some(64), Some(4096))
+        );
+        assert_eq!(req.buffer, Some(BufferMode::Copy));
+    }
+
+    #[test]
+    fn bad_arguments_are_rejected() {
+        assert!(parse(&["add", "tape"]).is_err());
+        assert!(parse(&["add", "null", "--size", "1Q"]).is_err());
+        assert!(parse(&["add", "null", "--queues", "-1"]).is_err());
+        assert!(parse(&["add", "null", "--buffer", "magic"]).is_err());
+        assert!(parse(&["del"]).is_err());
+        assert!(parse(&["del", "1", "--all"]).is_err());
+        assert!(parse(&["show"]).is_err());
+    }
+
+    #[test]
+    fn del_forms() {
+        let Command::Del { ids, all } = parse(&["del", "1", "2"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!((ids, all), (vec![1, 2], false));
+        let Command::Del { ids, all } = parse(&["del", "--all"]).unwrap().command else {
+            panic!()
+        };
+        assert!(ids.is_empty() && all);
+    }
+}

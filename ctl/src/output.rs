@@ -1,0 +1,146 @@
+//! Human-readable and JSON output.
+
+use anyhow::Result;
+use std::fmt::Write;
+use ublkd_proto::size::format_size;
+use ublkd_proto::{DeviceDetail, DeviceInfo, FeatureReport};
+
+pub fn first_line(text: &str) -> &str {
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(text)
+        .trim();
+    line.strip_prefix("error: ").unwrap_or(line)
+}
+
+pub fn json<T: serde::Serialize>(value: &T) -> Result<String> {
+    Ok(serde_json::to_string_pretty(value)? + "\n")
+}
+
+pub fn device_table(devs: &[DeviceInfo]) -> String {
+    let mut out = format!(
+        "{:<4} {:<6} {:>8} {:>6} {:>6} {:<7} {:<9} {}\n",
+        "ID", "TARGET", "SIZE", "QUEUES", "DEPTH", "BUFFER", "STATE", "PATH"
+    );
+    for d in devs {
+        let _ = writeln!(
+            out,
+            "{:<4} {:<6} {:>8} {:>6} {:>6} {:<7} {:<9} {}",
+            d.id,
+            d.target,
+            format_size(d.size),
+            d.queues,
+            d.depth,
+            d.buffer.name(),
+            d.state,
+            d.path
+        );
+    }
+    out
+}
+
+pub fn device_detail(d: &DeviceDetail) -> String {
+    let i = &d.info;
+    let mut out = String::new();
+    let mut row = |k: &str, v: String| {
+        let _ = writeln!(out, "{k:<14} {v}");
+    };
+    row("id", i.id.to_string());
+    row("path", i.path.clone());
+    row("char device", d.char_path.clone());
+    row("target", i.target.clone());
+    row(
+        "size",
+        format!("{} ({} bytes)", format_size(i.size), i.size),
+    );
+    row("block size", i.block_size.to_string());
+    row("queues", i.queues.to_string());
+    row("depth", i.depth.to_string());
+    row("buffer", i.buffer.name().to_string());
+    row("state", d.kernel.state.clone());
+    row(
+        "kernel flags",
+        format!("{:#x} {}", d.kernel.flags, d.kernel.flag_names.join(" ")),
+    );
+    row("daemon pid", d.kernel.ublksrv_pid.to_string());
+    for (k, v) in &d.target_details {
+        row(k, v.clone());
+    }
+    let _ = writeln!(
+        out,
+        "\n{:>5} {:>8} {:>10} {:>9} {:>9} {:>7} {:>9} {:>12} {:>12} {:>6} {:>8}",
+        "QUEUE",
+        "TID",
+        "REQUESTS",
+        "READS",
+        "WRITES",
+        "FLUSHES",
+        "DISCARDS",
+        "READ",
+        "WRITTEN",
+        "ERRORS",
+        "INFLIGHT"
+    );
+    for q in &d.queue_stats {
+        let _ = writeln!(
+            out,
+            "{:>5} {:>8} {:>10} {:>9} {:>9} {:>7} {:>9} {:>12} {:>12} {:>6} {:>8}",
+            q.queue,
+            q.tid,
+            q.requests,
+            q.reads,
+            q.writes,
+            q.flushes,
+            q.discards + q.write_zeroes,
+            q.bytes_read,
+            q.bytes_written,
+            q.errors,
+            q.inflight
+        );
+    }
+    out
+}
+
+pub fn features(f: &FeatureReport) -> String {
+    let mut out = format!("features {:#x}\n", f.bits);
+    for name in &f.names {
+        let _ = writeln!(out, "  {name}");
+    }
+    if f.unknown_bits != 0 {
+        let _ = writeln!(out, "  unknown bits {:#x}", f.unknown_bits);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_line_strips_clap_prefix() {
+        assert_eq!(
+            first_line("error: unrecognized subcommand 'tape'\n\nUsage: ublkctl add <COMMAND>\n"),
+            "unrecognized subcommand 'tape'"
+        );
+    }
+
+    #[test]
+    fn table_has_a_row_per_device() {
+        let d = DeviceInfo {
+            id: 3,
+            target: "null".into(),
+            size: 1 << 30,
+            block_size: 512,
+            queues: 2,
+            depth: 64,
+            buffer: ublkd_proto::BufferMode::Copy,
+            state: "live".into(),
+            path: "/dev/ublkb3".into(),
+        };
+        let t = device_table(&[d]);
+        assert_eq!(t.lines().count(), 2);
+        assert!(t.lines().nth(1).unwrap().contains("/dev/ublkb3"));
+        assert!(t.contains("1G"));
+    }
+}

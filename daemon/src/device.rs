@@ -1,0 +1,398 @@
+//! One ublk device: created through libublk's control commands, served by our queues.
+//!
+//! Creation: ADD_DEV, one queue thread per hardware queue (each posts FETCH_REQ for all
+//! its tags), SET_PARAMS + START_DEV, then a read through the block node to prove it
+//! is live. Deletion: STOP_DEV (the driver drains and removes the disk while the queues
+//! still serve), stop and join the queues, close the char device, DEL_DEV.
+
+use crate::kernel::{describe, ensure_ctrl_ring, state_name, KernelInfo};
+use crate::queue::{self, QueueCounters, QueueHandle, QueueSpec};
+use anyhow::{anyhow, bail, Context, Result};
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::UblkDev;
+use libublk::{sys, UblkFlags};
+use std::io::Read;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use ublkd_proto::features;
+use ublkd_proto::validate::{self, Geometry};
+use ublkd_proto::{AddDevice, BufferMode, DeviceDetail, DeviceInfo, KernelDeviceInfo, TargetSpec};
+use ublkd_targets::null::NullTarget;
+use ublkd_targets::{DeviceShape, Target};
+
+/// Largest request the daemon accepts from the driver, in bytes.
+pub const MAX_IO_BYTES: u32 = 512 * 1024;
+
+/// How long a queue thread may take to set up, and the block node to appear.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct Device {
+    pub id: u32,
+    pub geometry: Geometry,
+    pub buffer: BufferMode,
+    target: Arc<dyn Target>,
+    shape: DeviceShape,
+    counters: Vec<Arc<QueueCounters>>,
+    // Teardown order matters; see `Device::shutdown`.
+    queues: Vec<QueueHandle>,
+    dev: Option<UblkDev>,
+    ctrl: Option<UblkCtrl>,
+    started: bool,
+}
+
+/// Picks the buffer mode: the one asked for, or the best the kernel offers.
+pub fn choose_buffer(requested: Option<BufferMode>, _kernel: &KernelInfo) -> Result<BufferMode> {
+    Ok(requested.unwrap_or(BufferMode::Copy))
+}
+
+fn build_target(spec: &TargetSpec, block_size: u32) -> Result<Arc<dyn Target>> {
+    match spec {
+        TargetSpec::Null { size } => {
+            validate::device_size(*size, block_size)?;
+            Ok(Arc::new(NullTarget::new(*size)))
+        }
+    }
+}
+
+/// The device parameters the kernel gets (UBLK_U_CMD_SET_PARAMS).
+fn params(shape: &DeviceShape, block_size: u32) -> sys::ublk_params {
+    let lbs_shift = block_size.trailing_zeros() as u8;
+    let mut attrs = 0;
+    if shape.read_only {
+        attrs |= sys::UBLK_ATTR_READ_ONLY;
+    }
+    if shape.rotational {
+        attrs |= sys::UBLK_ATTR_ROTATIONAL;
+    }
+    if shape.volatile_cache {
+        attrs |= sys::UBLK_ATTR_VOLATILE_CACHE;
+    }
+    if shape.fua {
+        attrs |= sys::UBLK_ATTR_FUA;
+    }
+    let mut p = sys::ublk_params {
+        types: sys::UBLK_PARAM_TYPE_BASIC,
+        basic: sys::ublk_param_basic {
+            attrs,
+            logical_bs_shift: lbs_shift,
+            physical_bs_shift: lbs_shift.max(12),
+            io_opt_shift: lbs_shift.max(12),
+            io_min_shift: lbs_shift,
+            max_sectors: MAX_IO_BYTES >> 9,
+            dev_sectors: shape.size >> 9,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    if shape.discard || shape.write_zeroes {
+        p.types |= sys::UBLK_PARAM_TYPE_DISCARD;
+        p.discard = sys::ublk_param_discard {
+            discard_alignment: 0,
+            discard_granularity: if shape.discard {
+                block_size.max(4096)
+            } else {
+                0
+            },
+            max_discard_sectors: if shape.discard { u32::MAX >> 9 } else { 0 },
+            max_write_zeroes_sectors: if shape.write_zeroes { u32::MAX >> 9 } else { 0 },
+            max_discard_segments: 1,
+            reserved0: 0,
+        };
+    }
+    p
+}
+
+impl Device {
+    /// Validates `req`, creates the device in the kernel and starts serving it. Returns
+    /// once `/dev/ublkbN` exists and has served a read.
+    pub fn create(req: &AddDevice, kernel: &KernelInfo) -> Result<Device> {
+        let geometry =
+            validate::geometry(req.queues, req.depth, req.block_size, kernel.max_queues)?;
+        let buffer = choose_buffer(req.buffer, kernel)?;
+        let target = build_target(&req.target, geometry.block_size)?;
+        let shape = target.shape();
+
+        ensure_ctrl_ring()?;
+        let ctrl = UblkCtrlBuilder::default()
+            .name(target.name())
+            .id(-1)
+            .nr_queues(geometry.queues)
+            .depth(geometry.depth)
+            .io_buf_bytes(MAX_IO_BYTES)
+            .ctrl_flags(u64::from(sys::UBLK_F_CMD_IOCTL_ENCODE))
+            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+            .build()
+            .map_err(|e| anyhow!("the kernel refused to add the device: {}", describe(&e)))?;
+        let id = ctrl.dev_info().dev_id;
+        log::info!(
+            "dev {id}: added ({} target, {} bytes, {} queues x depth {}, {} buffers)",
+            target.name(),
+            shape.size,
+            geometry.queues,
+            geometry.depth,
+            buffer
+        );
+        let mut device = Device {
+            id,
+            geometry,
+            buffer,
+            target,
+            shape,
+            counters: Vec::new(),
+            queues: Vec::new(),
+            dev: None,
+            ctrl: Some(ctrl),
+            started: false,
+        };
+        // On error `device` is dropped here, which tears down whatever was set up.
+        device.start()?;
+        Ok(device)
+    }
+
+    fn ctrl(&self) -> &UblkCtrl {
+        self.ctrl.as_ref().expect("ctrl lives until shutdown")
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let params = params(&self.shape, self.geometry.block_size);
+        let size = self.shape.size;
+        let dev = UblkDev::new(
+            self.target.name().to_string(),
+            |d| {
+                d.tgt.dev_size = size;
+                d.tgt.params = params;
+                Ok(())
+            },
+            self.ctrl(),
+        )
+        .map_err(|e| anyhow!("cannot open /dev/ublkc{}: {}", self.id, describe(&e)))?;
+        let cdev_fd = dev.tgt.fds[0];
+        self.dev = Some(dev);
+
+        let (tx, rx) = mpsc::channel();
+        for qid in 0..self.geometry.queues {
+            let spec = QueueSpec {
+                dev_id: self.id,
+                qid,
+                depth: self.geometry.depth,
+                max_io_bytes: MAX_IO_BYTES,
+                cdev_fd,
+                buffer: self.buffer,
+            };
+            let handle = queue::spawn(spec, self.target.clone(), tx.clone())
+                .with_context(|| format!("cannot start the thread of queue {qid}"))?;
+            self.counters.push(handle.counters.clone());
+            self.queues.push(handle);
+        }
+        drop(tx);
+        let deadline = Instant::now() + START_TIMEOUT;
+        for _ in 0..self.geometry.queues {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Ok(_tid)) => {}
+                Ok(Err(e)) => bail!("{e}"),
+                Err(_) => bail!("a queue did not start within {START_TIMEOUT:?}"),
+            }
+        }
+
+        // Our queues have posted their FETCH_REQs; tell libublk's start gate so.
+        let dev = self.dev.as_ref().expect("set above");
+        for _ in 0..self.geometry.queues {
+            dev.notify_buffer_registration_complete(false);
+        }
+        self.ctrl()
+            .start_dev(dev)
+            .map_err(|e| anyhow!("the kernel refused to start the device: {}", describe(&e)))?;
+        self.started = true;
+        self.wait_live(deadline)?;
+        log::info!("dev {}: live at {}", self.id, self.path());
+        Ok(())
+    }
+
+    /// Waits for the block node and reads its first block through it.
+    fn wait_live(&self, deadline: Instant) -> Result<()> {
+        let path = self.path();
+        loop {
+            match std::fs::File::open(&path) {
+                Ok(mut f) => {
+                    let mut block = vec![0u8; self.geometry.block_size as usize];
+                    f.read_exact(&mut block)
+                        .with_context(|| format!("test read from {path} failed"))?;
+                    return Ok(());
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    bail!("{path} did not appear within {START_TIMEOUT:?}: {e}")
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    pub fn path(&self) -> String {
+        format!("/dev/ublkb{}", self.id)
+    }
+
+    fn kernel_info(&self) -> Option<sys::ublksrv_ctrl_dev_info> {
+        if ensure_ctrl_ring().is_err() {
+            return None;
+        }
+        let ctrl = self.ctrl.as_ref()?;
+        match ctrl.read_dev_info() {
+            Ok(_) => Some(ctrl.dev_info()),
+            Err(e) => {
+                log::warn!("dev {}: GET_DEV_INFO failed: {}", self.id, describe(&e));
+                None
+            }
+        }
+    }
+
+    pub fn info(&self) -> DeviceInfo {
+        let state = self
+            .kernel_info()
+            .map_or("unknown", |i| state_name(i.state));
+        self.info_with_state(state)
+    }
+
+    fn info_with_state(&self, state: &str) -> DeviceInfo {
+        DeviceInfo {
+            id: self.id,
+            target: self.target.name().to_string(),
+            size: self.shape.size,
+            block_size: self.geometry.block_size,
+            queues: u32::from(self.geometry.queues),
+            depth: u32::from(self.geometry.depth),
+            buffer: self.buffer,
+            state: state.to_string(),
+            path: self.path(),
+        }
+    }
+
+    pub fn detail(&self) -> DeviceDetail {
+        let k = self.kernel_info();
+        let state = k.map_or("unknown", |i| state_name(i.state));
+        let kernel = match k {
+            Some(i) => KernelDeviceInfo {
+                state: state.to_string(),
+                flags: i.flags,
+                flag_names: features::decode(i.flags).0,
+                ublksrv_pid: i.ublksrv_pid,
+                max_io_buf_bytes: i.max_io_buf_bytes,
+                nr_hw_queues: u32::from(i.nr_hw_queues),
+                queue_depth: u32::from(i.queue_depth),
+            },
+            None => KernelDeviceInfo {
+                state: state.to_string(),
+                flags: 0,
+                flag_names: Vec::new(),
+                ublksrv_pid: 0,
+                max_io_buf_bytes: 0,
+                nr_hw_queues: 0,
+                queue_depth: 0,
+            },
+        };
+        DeviceDetail {
+            info: self.info_with_state(state),
+            char_path: format!("/dev/ublkc{}", self.id),
+            target_details: self.target.details(),
+            kernel,
+            queue_stats: self
+                .counters
+                .iter()
+                .enumerate()
+                .map(|(q, c)| c.snapshot(q as u32))
+                .collect(),
+        }
+    }
+
+    /// Removes the device from the kernel: stop (the driver drains in-flight IO through
+    /// the queues), end the queues, close the char device, delete.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        let Some(ctrl) = self.ctrl.take() else {
+            return Ok(());
+        };
+        ensure_ctrl_ring()?;
+        let mut result = Ok(());
+        if self.started {
+            if let Err(e) = ctrl.kill_dev() {
+                result = Err(anyhow!("STOP_DEV failed: {}", describe(&e)));
+            }
+        }
+        for q in &self.queues {
+            q.request_stop();
+        }
+        for q in &mut self.queues {
+            q.join();
+        }
+        self.queues.clear();
+        self.dev = None;
+        if let Err(e) = ctrl.del_dev() {
+            result = Err(anyhow!("DEL_DEV failed: {}", describe(&e)));
+        }
+        match &result {
+            Ok(()) => log::info!("dev {}: deleted", self.id),
+            Err(e) => log::error!("dev {}: delete: {e:#}", self.id),
+        }
+        result
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        let _ = self.teardown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(discard: bool, write_zeroes: bool) -> DeviceShape {
+        DeviceShape {
+            size: 1 << 30,
+            read_only: false,
+            volatile_cache: true,
+            fua: true,
+            rotational: false,
+            discard,
+            write_zeroes,
+        }
+    }
+
+    #[test]
+    fn params_describe_the_shape() {
+        let p = params(&shape(true, true), 4096);
+        assert_eq!(
+            p.types,
+            sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD
+        );
+        assert_eq!(p.basic.logical_bs_shift, 12);
+        assert_eq!(p.basic.dev_sectors, (1 << 30) >> 9);
+        assert_eq!(p.basic.max_sectors, MAX_IO_BYTES >> 9);
+        assert_eq!(
+            p.basic.attrs,
+            sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA
+        );
+        assert!(p.discard.max_discard_sectors > 0 && p.discard.max_write_zeroes_sectors > 0);
+        assert_eq!(p.discard.max_discard_segments, 1);
+
+        let p = params(&shape(false, false), 512);
+        assert_eq!(p.types, sys::UBLK_PARAM_TYPE_BASIC);
+        assert_eq!(p.basic.logical_bs_shift, 9);
+        assert_eq!(p.basic.physical_bs_shift, 12);
+
+        let p = params(&shape(false, true), 512);
+        assert_eq!(p.discard.max_discard_sectors, 0);
+        assert!(p.discard.max_write_zeroes_sectors > 0);
+    }
+
+    #[test]
+    fn null_target_sizes_are_validated() {
+        assert!(build_target(&TargetSpec::Null { size: 0 }, 512).is_err());
+        assert!(build_target(&TargetSpec::Null { size: 1000 }, 512).is_err());
+        assert!(build_target(&TargetSpec::Null { size: 4096 }, 4096).is_ok());
+    }
+}

@@ -1,0 +1,484 @@
+//! One hardware queue: a thread with its own io_uring that fetches block requests from
+//! the ublk driver, hands them to the device's target, and commits the results.
+//!
+//! Life of a tag: `FETCH_REQ` is posted once per tag at start. When its CQE arrives the
+//! driver has written the request into the descriptor table; the queue dispatches it to
+//! the target, which completes it at once or through SQEs of its own on this ring. The
+//! result goes back with `COMMIT_AND_FETCH_REQ`, which also waits for the tag's next
+//! request. The queue ends when the driver aborts every command (the device stopped), or
+//! when the daemon asks it to stop and no request is left in the target.
+
+mod stats;
+mod uapi;
+mod user_data;
+
+pub use stats::QueueCounters;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use ublkd_proto::BufferMode;
+use ublkd_targets::{dispatch, IoBuf, IoDesc, Outcome, QueueTarget, Ring, RingFull, Target};
+use user_data::{decode, encode, Kind};
+
+/// What a queue thread needs to know about its device.
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    pub dev_id: u32,
+    pub qid: u16,
+    pub depth: u16,
+    /// Largest request in bytes (the device's max_io_buf_bytes).
+    pub max_io_bytes: u32,
+    /// The open `/dev/ublkcN`; it outlives the queue thread.
+    pub cdev_fd: RawFd,
+    pub buffer: BufferMode,
+}
+
+/// The daemon's side of a running queue thread.
+pub struct QueueHandle {
+    pub counters: Arc<QueueCounters>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl QueueHandle {
+    /// Asks the queue to finish: it exits once no request is left in its target.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes from a live buffer to an eventfd we own.
+        let n = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if n != 8 {
+            log::warn!("queue wake-up failed: {}", io::Error::last_os_error());
+        }
+    }
+
+    /// Waits for the queue thread to end.
+    pub fn join(&mut self) {
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("a queue thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for QueueHandle {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.request_stop();
+            self.join();
+        }
+    }
+}
+
+/// Starts the thread of one queue. The thread sets itself up, posts FETCH_REQ for every
+/// tag, and then reports on `ready` (its thread id, or why it failed) before serving.
+pub fn spawn(
+    spec: QueueSpec,
+    target: Arc<dyn Target>,
+    ready: mpsc::Sender<Result<i32, String>>,
+) -> io::Result<QueueHandle> {
+    let counters = Arc::new(QueueCounters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let wake = Arc::new(eventfd()?);
+    let (c, s, w) = (counters.clone(), stop.clone(), wake.clone());
+    let name = format!("ublk{}q{}", spec.dev_id, spec.qid);
+    let thread = std::thread::Builder::new().name(name).spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        c.set_tid(tid);
+        let (dev, q) = (spec.dev_id, spec.qid);
+        let queue = target
+            .queue(q)
+            .map_err(|e| format!("target setup failed: {e}"))
+            .and_then(|t| {
+                Queue::new(spec, t, c, s, w).map_err(|e| format!("queue setup failed: {e}"))
+            });
+        let mut queue = match queue.and_then(|mut q| {
+            q.fetch_all()
+                .map(|_| q)
+                .map_err(|e| format!("FETCH_REQ failed: {e}"))
+        }) {
+            Ok(q) => q,
+            Err(e) => {
+                log::error!("dev {dev} queue {q}: {e}");
+                let _ = ready.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(tid));
+        log::debug!("dev {dev} queue {q}: serving (tid {tid})");
+        match queue.run() {
+            Ok(()) => log::debug!("dev {dev} queue {q}: done"),
+            Err(e) => log::error!("dev {dev} queue {q}: stopped on ring error: {e}"),
+        }
+    })?;
+    Ok(QueueHandle {
+        counters,
+        stop,
+        wake,
+        thread: Some(thread),
+    })
+}
+
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory preconditions; a non-negative result is a new fd
+    // that nothing else owns.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Where a tag is in its life.
+#[derive(Debug, Clone, Copy, Default)]
+struct TagState {
+    /// A FETCH/COMMIT command for this tag is with the driver.
+    cmd_active: bool,
+    /// The request being served (between FETCH completion and commit).
+    io: Option<IoDesc>,
+}
+
+struct Queue {
+    // Declared first so it is dropped first: closing the ring cancels every SQE that
+    // still points into the buffers, the descriptor table or `wake_buf` below.
+    ring: IoUring,
+    spec: QueueSpec,
+    target: Box<dyn QueueTarget>,
+    iods: uapi::IoDescTable,
+    bufs: uapi::BufferArena,
+    tags: Vec<TagState>,
+    /// Tags whose target call returned Busy: called again after the next reap.
+    retry: VecDeque<u16>,
+    /// Commits that found the submission queue full.
+    pending_commits: VecDeque<(u16, i32)>,
+    counters: Arc<QueueCounters>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<OwnedFd>,
+    wake_buf: Box<u64>,
+    cqes: Vec<(u64, i32)>,
+    /// Commands with the driver.
+    active_cmds: usize,
+    /// Requests the target holds.
+    in_target: usize,
+}
+
+/// The queue ring as targets see it: every SQE gets the Target user_data of its tag.
+struct TargetRing<'a> {
+    ring: &'a mut IoUring,
+}
+
+impl Ring for TargetRing<'_> {
+    unsafe fn push(&mut self, tag: u16, step: u16, sqe: squeue::Entry) -> Result<(), RingFull> {
+        let sqe = sqe.user_data(encode(Kind::Target, tag, step));
+        // SAFETY: the caller guarantees what the SQE points to stays valid until its
+        // completion is delivered (the Ring::push contract).
+        unsafe { push_sqe(self.ring, &sqe) }
+            .then_some(())
+            .ok_or(RingFull)
+    }
+}
+
+/// Pushes one SQE, flushing the submission queue to the kernel once if it is full.
+///
+/// # Safety
+/// Memory the SQE points to must stay valid until its completion is reaped.
+unsafe fn push_sqe(ring: &mut IoUring, sqe: &squeue::Entry) -> bool {
+    // SAFETY: forwarded from the caller.
+    if unsafe { ring.submission().push(sqe) }.is_ok() {
+        return true;
+    }
+    if let Err(e) = ring.submit() {
+        log::debug!("flushing a full submission queue failed: {e}");
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { ring.submission().push(sqe) }.is_ok()
+}
+
+impl Queue {
+    fn new(
+        spec: QueueSpec,
+        target: Box<dyn QueueTarget>,
+        counters: Arc<QueueCounters>,
+        stop: Arc<AtomicBool>,
+        wake: Arc<OwnedFd>,
+    ) -> io::Result<Self> {
+        let depth = u32::from(spec.depth);
+        // Each tag has at most its command and a few target SQEs in flight.
+        let sq_entries = (depth * 2 + 8).next_power_of_two().min(32768);
+        let ring = IoUring::builder()
+            .setup_cqsize(sq_entries * 2)
+            .setup_coop_taskrun()
+            .setup_single_issuer()
+            .build(sq_entries)?;
+        ring.submitter().register_files(&[spec.cdev_fd])?;
+        let iods = uapi::IoDescTable::map(spec.cdev_fd, spec.qid, spec.depth)?;
+        let bufs = uapi::BufferArena::new(spec.depth, spec.max_io_bytes as usize)?;
+        Ok(Queue {
+            ring,
+            target,
+            iods,
+            bufs,
+            tags: vec![TagState::default(); usize::from(spec.depth)],
+            retry: VecDeque::new(),
+            pending_commits: VecDeque::new(),
+            counters,
+            stop,
+            wake,
+            wake_buf: Box::new(0),
+            cqes: Vec::with_capacity(sq_entries as usize * 2),
+            active_cmds: 0,
+            in_target: 0,
+            spec,
+        })
+    }
+
+    /// Address passed to the driver with FETCH/COMMIT: the tag's buffer in copy mode.
+    fn cmd_addr(&self, tag: u16) -> u64 {
+        match self.spec.buffer {
+            BufferMode::Copy => self.bufs.addr(tag) as u64,
+        }
+    }
+
+    fn io_buf(&self, io: &IoDesc) -> IoBuf {
+        if io.len == 0 {
+            return IoBuf::None;
+        }
+        match self.spec.buffer {
+            BufferMode::Copy => IoBuf::User {
+                addr: self.bufs.addr(io.tag),
+                len: io.len as usize,
+            },
+        }
+    }
+
+    fn push_cmd(&mut self, op: u32, tag: u16, result: i32) -> bool {
+        let sqe = uapi::io_cmd_sqe(op, self.spec.qid, tag, result, self.cmd_addr(tag))
+            .user_data(encode(Kind::Command, tag, 0));
+        // SAFETY: the command payload is copied into the SQE; the buffer it names is the
+        // arena, which outlives the ring.
+        if !unsafe { push_sqe(&mut self.ring, &sqe) } {
+            return false;
+        }
+        self.tags[usize::from(tag)].cmd_active = true;
+        self.active_cmds += 1;
+        true
+    }
+
+    fn arm_wake(&mut self) -> bool {
+        let buf: *mut u64 = &mut *self.wake_buf;
+        let sqe = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), buf.cast(), 8)
+            .build()
+            .user_data(encode(Kind::Wake, 0, 0));
+        // SAFETY: wake_buf is boxed and owned by the queue, which drops the ring first.
+        unsafe { push_sqe(&mut self.ring, &sqe) }
+    }
+
+    /// Posts FETCH_REQ for every tag and hands them to the kernel.
+    fn fetch_all(&mut self) -> io::Result<()> {
+        for tag in 0..self.spec.depth {
+            if !self.push_cmd(uapi::FETCH_REQ, tag, -1) {
+                return Err(io::Error::other(
+                    "submission queue full while posting FETCH_REQ",
+                ));
+            }
+        }
+        if !self.arm_wake() {
+            return Err(io::Error::other(
+                "submission queue full while arming the wake-up",
+            ));
+        }
+        self.ring.submit()?;
+        Ok(())
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    fn finished(&self) -> bool {
+        self.in_target == 0
+            && self.pending_commits.is_empty()
+            && (self.active_cmds == 0 || self.stop_requested())
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        loop {
+            self.flush_backlog();
+            if self.finished() {
+                self.ring.submit()?;
+                return Ok(());
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The completion queue is full: reap below, then submit again.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
+            self.cqes.clear();
+            self.cqes
+                .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            for i in 0..self.cqes.len() {
+                let (data, res) = self.cqes[i];
+                self.handle_cqe(data, res);
+            }
+        }
+    }
+
+    /// Retries commits that found the SQ full, then target calls that returned Busy.
+    fn flush_backlog(&mut self) {
+        while let Some((tag, res)) = self.pending_commits.pop_front() {
+            if !self.push_cmd(uapi::COMMIT_AND_FETCH_REQ, tag, res) {
+                self.pending_commits.push_front((tag, res));
+                return;
+            }
+        }
+        for _ in 0..self.retry.len() {
+            let Some(tag) = self.retry.pop_front() else {
+                break;
+            };
+            self.dispatch(tag);
+        }
+    }
+
+    fn handle_cqe(&mut self, data: u64, res: i32) {
+        let (dev, q) = (self.spec.dev_id, self.spec.qid);
+        let Some(ud) = decode(data) else {
+            log::error!(
+                "dev {dev} queue {q}: completion with unknown user_data {data:#x} (res {res})"
+            );
+            return;
+        };
+        if usize::from(ud.tag) >= self.tags.len() {
+            log::error!(
+                "dev {dev} queue {q}: completion for tag {} beyond depth",
+                ud.tag
+            );
+            return;
+        }
+        match ud.kind {
+            Kind::Command => self.command_done(ud.tag, res),
+            Kind::Target => self.target_done(ud.tag, ud.step, res),
+            Kind::Wake => {
+                if !self.stop_requested() && !self.arm_wake() {
+                    log::error!("dev {dev} queue {q}: cannot re-arm the wake-up");
+                }
+            }
+        }
+    }
+
+    /// The driver answered a FETCH/COMMIT: a new request, or the end of this tag.
+    fn command_done(&mut self, tag: u16, res: i32) {
+        let t = &mut self.tags[usize::from(tag)];
+        if !t.cmd_active {
+            log::error!(
+                "dev {} queue {} tag {tag}: unexpected command completion",
+                self.spec.dev_id,
+                self.spec.qid
+            );
+            return;
+        }
+        t.cmd_active = false;
+        self.active_cmds -= 1;
+        match res {
+            uapi::IO_RES_OK => {
+                let io = self.iods.get(tag);
+                self.counters.started(&io);
+                self.tags[usize::from(tag)].io = Some(io);
+                self.in_target += 1;
+                self.dispatch(tag);
+            }
+            uapi::IO_RES_ABORT => {
+                log::trace!(
+                    "dev {} queue {} tag {tag}: aborted",
+                    self.spec.dev_id,
+                    self.spec.qid
+                )
+            }
+            err => log::error!(
+                "dev {} queue {} tag {tag}: ublk command failed: {}",
+                self.spec.dev_id,
+                self.spec.qid,
+                io::Error::from_raw_os_error(-err)
+            ),
+        }
+    }
+
+    fn dispatch(&mut self, tag: u16) {
+        let Some(io) = self.tags[usize::from(tag)].io else {
+            return;
+        };
+        let buf = self.io_buf(&io);
+        let outcome = dispatch(
+            self.target.as_mut(),
+            &io,
+            buf,
+            &mut TargetRing {
+                ring: &mut self.ring,
+            },
+        );
+        self.settle(tag, outcome);
+    }
+
+    fn target_done(&mut self, tag: u16, step: u16, res: i32) {
+        let Some(io) = self.tags[usize::from(tag)].io else {
+            log::error!(
+                "dev {} queue {} tag {tag}: target completion with no request",
+                self.spec.dev_id,
+                self.spec.qid
+            );
+            return;
+        };
+        let buf = self.io_buf(&io);
+        let outcome = self.target.complete(
+            &io,
+            buf,
+            step,
+            res,
+            &mut TargetRing {
+                ring: &mut self.ring,
+            },
+        );
+        self.settle(tag, outcome);
+    }
+
+    fn settle(&mut self, tag: u16, outcome: Outcome) {
+        match outcome {
+            Outcome::Done(res) => self.commit(tag, res),
+            Outcome::Queued => {}
+            Outcome::Busy => self.retry.push_back(tag),
+        }
+    }
+
+    fn commit(&mut self, tag: u16, res: i32) {
+        let Some(io) = self.tags[usize::from(tag)].io.take() else {
+            return;
+        };
+        self.in_target -= 1;
+        self.counters.finished(&io, res);
+        if res < 0 {
+            log::debug!(
+                "dev {} queue {} tag {tag}: {:?} at {} len {} failed: {}",
+                self.spec.dev_id,
+                self.spec.qid,
+                io.op,
+                io.offset,
+                io.len,
+                io::Error::from_raw_os_error(-res)
+            );
+        }
+        if !self.push_cmd(uapi::COMMIT_AND_FETCH_REQ, tag, res) {
+            self.pending_commits.push_back((tag, res));
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The ublk UAPI pieces a queue touches: the per-tag IO command SQE, the shared
+//! descriptor table the driver fills, and the daemon-owned request buffers.
+//! All of the queue's `unsafe` about kernel-shared memory lives here.
+
+use io_uring::{opcode, squeue, types};
+use libublk::sys;
+use std::io;
+use std::os::fd::RawFd;
+use std::ptr::NonNull;
+use ublkd_targets::IoDesc;
+
+/// Index of the ublk char device in the queue ring's registered file table.
+pub const CDEV_FIXED_FD: types::Fixed = types::Fixed(0);
+
+/// The command opcodes (ioctl-encoded, `UBLK_U_IO_*`).
+pub const FETCH_REQ: u32 = sys::UBLK_U_IO_FETCH_REQ;
+pub const COMMIT_AND_FETCH_REQ: u32 = sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ;
+/// Result of a command whose queue is going away: no new request will come on it.
+pub const IO_RES_ABORT: i32 = -libc::ENODEV;
+/// Result of a command that delivered a request.
+pub const IO_RES_OK: i32 = sys::UBLK_IO_RES_OK as i32;
+
+/// Builds the `struct ublksrv_io_cmd` payload of a FETCH/COMMIT uring_cmd:
+/// `{ u16 q_id; u16 tag; s32 result; u64 addr; }`, native endian.
+pub fn io_cmd_payload(q_id: u16, tag: u16, result: i32, addr: u64) -> [u8; 16] {
+    let mut cmd = [0u8; 16];
+    cmd[0..2].copy_from_slice(&q_id.to_ne_bytes());
+    cmd[2..4].copy_from_slice(&tag.to_ne_bytes());
+    cmd[4..8].copy_from_slice(&result.to_ne_bytes());
+    cmd[8..16].copy_from_slice(&addr.to_ne_bytes());
+    cmd
+}
+
+/// A FETCH_REQ or COMMIT_AND_FETCH_REQ for one tag, on the registered char device.
+pub fn io_cmd_sqe(op: u32, q_id: u16, tag: u16, result: i32, addr: u64) -> squeue::Entry {
+    opcode::UringCmd16::new(CDEV_FIXED_FD, op)
+        .cmd(io_cmd_payload(q_id, tag, result, addr))
+        .build()
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let sz = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if sz > 0 {
+        sz as usize
+    } else {
+        4096
+    }
+}
+
+fn round_up(n: usize, to: usize) -> usize {
+    n.div_ceil(to) * to
+}
+
+/// The driver's array of `ublksrv_io_desc`, one per tag, mapped read-only from the char
+/// device. The driver writes a tag's entry before it completes that tag's FETCH command.
+pub struct IoDescTable {
+    base: NonNull<sys::ublksrv_io_desc>,
+    map_len: usize,
+    depth: u16,
+}
+
+// SAFETY: the mapping is plain shared memory; the table only reads it.
+unsafe impl Send for IoDescTable {}
+
+impl IoDescTable {
+    pub fn map(cdev_fd: RawFd, q_id: u16, depth: u16) -> io::Result<Self> {
+        let desc_size = std::mem::size_of::<sys::ublksrv_io_desc>();
+        let page = page_size();
+        let map_len = round_up(usize::from(depth) * desc_size, page);
+        // Each queue's area starts at a stride sized for the largest possible depth.
+        let stride = round_up(sys::UBLK_MAX_QUEUE_DEPTH as usize * desc_size, page);
+        let offset = sys::UBLKSRV_CMD_BUF_OFFSET as usize + usize::from(q_id) * stride;
+        // SAFETY: a fresh read-only shared mapping of the char device; no Rust object
+        // aliases it, and the arguments are checked by the kernel.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                cdev_fd,
+                offset as libc::off_t,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base =
+            NonNull::new(addr.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(IoDescTable {
+            base,
+            map_len,
+            depth,
+        })
+    }
+
+    /// The request the driver delivered on `tag`. Call only after that tag's command
+    /// completed with [`IO_RES_OK`].
+    pub fn get(&self, tag: u16) -> IoDesc {
+        assert!(
+            tag < self.depth,
+            "tag {tag} beyond queue depth {}",
+            self.depth
+        );
+        // SAFETY: tag < depth, so the element is inside the mapping; the driver wrote it
+        // before posting the CQE we are handling, and a volatile read copes with the
+        // memory being shared with the kernel.
+        let d = unsafe { self.base.as_ptr().add(usize::from(tag)).read_volatile() };
+        IoDesc::from_raw(tag, d.op_flags, d.nr_sectors, d.start_sector)
+    }
+}
+
+impl Drop for IoDescTable {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region `map` created; nothing refers to it after.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.map_len) };
+    }
+}
+
+/// One buffer per tag, owned by the daemon, handed to the driver by address (`copy`
+/// mode) or registered with the ring (`fixed` mode). Anonymous memory, reserved lazily.
+pub struct BufferArena {
+    base: NonNull<u8>,
+    per_tag: usize,
+    depth: u16,
+}
+
+// SAFETY: the arena is plain memory; who may touch a tag's buffer is decided by the
+// queue (the driver, between FETCH completion and commit, or the target's IO).
+unsafe impl Send for BufferArena {}
+
+impl BufferArena {
+    pub fn new(depth: u16, per_tag: usize) -> io::Result<Self> {
+        let per_tag = round_up(per_tag.max(1), page_size());
+        let len = per_tag * usize::from(depth);
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base =
+            NonNull::new(addr.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(BufferArena {
+            base,
+            per_tag,
+            depth,
+        })
+    }
+
+    /// Address of `tag`'s buffer.
+    pub fn addr(&self, tag: u16) -> *mut u8 {
+        assert!(
+            tag < self.depth,
+            "tag {tag} beyond queue depth {}",
+            self.depth
+        );
+        // SAFETY: tag < depth, so the offset stays inside the mapping.
+        unsafe { self.base.as_ptr().add(usize::from(tag) * self.per_tag) }
+    }
+
+    #[cfg(test)]
+    pub fn per_tag(&self) -> usize {
+        self.per_tag
+    }
+}
+
+impl Drop for BufferArena {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the region `new` created. The queue drops its ring
+        // (cancelling every SQE that could point here) before its arena.
+        unsafe {
+            libc::munmap(
+                self.base.as_ptr().cast(),
+                self.per_tag * usize::from(self.depth),
+            )
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn payload_matches_uapi_layout() {
+        assert_eq!(size_of::<sys::ublksrv_io_cmd>(), 16);
+        let p = io_cmd_payload(0x0102, 0x0304, -5, 0x1122_3344_5566_7788);
+        let q = offset_of!(sys::ublksrv_io_cmd, q_id);
+        let t = offset_of!(sys::ublksrv_io_cmd, tag);
+        let r = offset_of!(sys::ublksrv_io_cmd, result);
+        assert_eq!(&p[q..q + 2], &0x0102u16.to_ne_bytes());
+        assert_eq!(&p[t..t + 2], &0x0304u16.to_ne_bytes());
+        assert_eq!(&p[r..r + 4], &(-5i32).to_ne_bytes());
+        assert_eq!(&p[8..16], &0x1122_3344_5566_7788u64.to_ne_bytes());
+    }
+
+    #[test]
+    fn arena_buffers_are_disjoint_and_writable() {
+        let arena = BufferArena::new(4, 5000).unwrap();
+        assert_eq!(arena.per_tag() % page_size(), 0);
+        assert!(arena.per_tag() >= 5000);
+        for tag in 0..4u16 {
+            let p = arena.addr(tag);
+            // SAFETY: p points at per_tag writable bytes owned by this test's arena.
+            unsafe { std::ptr::write_bytes(p, tag as u8, arena.per_tag()) };
+        }
+        for tag in 0..4u16 {
+            // SAFETY: reading back bytes written above, inside the mapping.
+            let b = unsafe { *arena.addr(tag).add(arena.per_tag() - 1) };
+            assert_eq!(b, tag as u8);
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Requests and responses on the control socket.
+//!
+//! Wire format: one JSON object per line. A request names its command in `"cmd"`:
+//!
+//! ```json
+//! {"cmd":"add","target":{"type":"null","size":1073741824},"queues":2}
+//! {"cmd":"del","ids":[0,1]}
+//! {"cmd":"list"}
+//! ```
+//!
+//! A response is externally tagged: `{"added":{...}}`, `{"error":"..."}`, and so on.
+
+use serde::{Deserialize, Serialize};
+
+/// A command for the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// Create a device and start serving it.
+    Add(AddDevice),
+    /// Delete the listed devices (all of them, or none if one id is unknown).
+    Del { ids: Vec<u32> },
+    /// Delete every device the daemon serves.
+    DelAll,
+    /// Summaries of every device.
+    List,
+    /// One device in detail.
+    Show { id: u32 },
+    /// The kernel's ublk feature bits.
+    Features,
+}
+
+/// Parameters of `add`. Fields left out take the daemon's defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddDevice {
+    pub target: TargetSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depth: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer: Option<BufferMode>,
+}
+
+/// Which backend serves the device, with its own options.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum TargetSpec {
+    /// Completes every request at once without touching data.
+    Null { size: u64 },
+}
+
+impl TargetSpec {
+    pub fn name(&self) -> &'static str {
+        match self {
+            TargetSpec::Null { .. } => "null",
+        }
+    }
+}
+
+/// How request data moves between the kernel and the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BufferMode {
+    /// The daemon owns one buffer per tag; the driver copies data in and out of it.
+    Copy,
+}
+
+impl BufferMode {
+    pub const ALL: [BufferMode; 1] = [BufferMode::Copy];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BufferMode::Copy => "copy",
+        }
+    }
+}
+
+impl std::fmt::Display for BufferMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BufferMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        BufferMode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = BufferMode::ALL.iter().map(|m| m.name()).collect();
+                format!(
+                    "unknown buffer mode '{s}' (expected one of: {})",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// The daemon's answer to one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Added(DeviceInfo),
+    Deleted { ids: Vec<u32> },
+    Devices(Vec<DeviceInfo>),
+    Device(DeviceDetail),
+    Features(FeatureReport),
+    Error(String),
+}
+
+/// One row of `list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub id: u32,
+    pub target: String,
+    /// Size in bytes.
+    pub size: u64,
+    pub block_size: u32,
+    pub queues: u32,
+    pub depth: u32,
+    pub buffer: BufferMode,
+    /// The kernel's device state: `live`, `quiesced`, `fail_io`, `dead`.
+    pub state: String,
+    /// Block device node, e.g. `/dev/ublkb0`.
+    pub path: String,
+}
+
+/// `show`: a device with its kernel view and per-queue counters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceDetail {
+    #[serde(flatten)]
+    pub info: DeviceInfo,
+    /// Character device, e.g. `/dev/ublkc0`.
+    pub char_path: String,
+    /// Target-specific facts, as (name, value) pairs in display order.
+    pub target_details: Vec<(String, String)>,
+    pub kernel: KernelDeviceInfo,
+    pub queue_stats: Vec<QueueStats>,
+}
+
+/// What the kernel reports for a device (UBLK_U_CMD_GET_DEV_INFO).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelDeviceInfo {
+    pub state: String,
+    pub flags: u64,
+    pub flag_names: Vec<String>,
+    pub ublksrv_pid: i32,
+    pub max_io_buf_bytes: u32,
+    pub nr_hw_queues: u32,
+    pub queue_depth: u32,
+}
+
+/// Counters of one hardware queue, since the device was added.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStats {
+    pub queue: u32,
+    /// Linux thread id of the queue thread.
+    pub tid: i32,
+    pub requests: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub write_zeroes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    /// Requests completed with an error.
+    pub errors: u64,
+    /// Requests handed to the target and not yet completed.
+    pub inflight: u64,
+}
+
+/// `features`: the driver's UBLK_F_* bits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeatureReport {
+    pub bits: u64,
+    /// Names of the bits that are set and known to this build.
+    pub names: Vec<String>,
+    /// Bits that are set but unknown to this build.
+    pub unknown_bits: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format() {
+        let req = Request::Add(AddDevice {
+            target: TargetSpec::Null { size: 1 << 30 },
+            queues: Some(2),
+            depth: None,
+            block_size: Some(4096),
+            buffer: Some(BufferMode::Copy),
+        });
+        let text = serde_json::to_string(&req).unwrap();
+        assert_eq!(
+            text,
+            r#"{"cmd":"add","target":{"type":"null","size":1073741824},"queues":2,"block_size":4096,"buffer":"copy"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), req);
+
+        for (req, text) in [
+            (
+                Request::Del { ids: vec![0, 3] },
+                r#"{"cmd":"del","ids":[0,3]}"#,
+            ),
+            (Request::DelAll, r#"{"cmd":"del_all"}"#),
+            (Request::List, r#"{"cmd":"list"}"#),
+            (Request::Show { id: 7 }, r#"{"cmd":"show","id":7}"#),
+            (Request::Features, r#"{"cmd":"features"}"#),
+        ] {
+            assert_eq!(serde_json::to_string(&req).unwrap(), text);
+            assert_eq!(serde_json::from_str::<Request>(text).unwrap(), req);
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_rejected() {
+        for bad in [
+            "",
+            "not json",
+            "{}",
+            r#"{"cmd":"explode"}"#,
+            r#"{"cmd":"add"}"#,
+            r#"{"cmd":"add","target":{"type":"tape","size":1}}"#,
+            r#"{"cmd":"add","target":{"type":"null","size":-1}}"#,
+            r#"{"cmd":"add","target":{"type":"null","size":1},"colour":"red"}"#,
+            r#"{"cmd":"show","id":"zero"}"#,
+            r#"{"cmd":"del","ids":[1, -2]}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<Request>(bad).is_err(),
+                "accepted: {bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn response_round_trip() {
+        let info = DeviceInfo {
+            id: 0,
+            target: "null".into(),
+            size: 1 << 30,
+            block_size: 512,
+            queues: 1,
+            depth: 128,
+            buffer: BufferMode::Copy,
+            state: "live".into(),
+            path: "/dev/ublkb0".into(),
+        };
+        for resp in [
+            Response::Added(info.clone()),
+            Response::Devices(vec![info.clone()]),
+            Response::Deleted { ids: vec![0] },
+            Response::Error("boom".into()),
+            Response::Device(DeviceDetail {
+                info,
+                char_path: "/dev/ublkc0".into(),
+                target_details: vec![("size".into(), "1G".into())],
+                kernel: KernelDeviceInfo {
+                    state: "live".into(),
+                    flags: 0x40,
+                    flag_names: vec!["CMD_IOCTL_ENCODE".into()],
+                    ublksrv_pid: 1,
+                    max_io_buf_bytes: 524288,
+                    nr_hw_queues: 1,
+                    queue_depth: 128,
+                },
+                queue_stats: vec![QueueStats::default()],
+            }),
+        ] {
+            let text = serde_json::to_string(&resp).unwrap();
+            assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), resp);
+        }
+    }
+
+    #[test]
+    fn buffer_mode_names() {
+        for m in BufferMode::ALL {
+            assert_eq!(m.name().parse::<BufferMode>().unwrap(), m);
+        }
+        assert!("turbo".parse::<BufferMode>().is_err());
+    }
+}

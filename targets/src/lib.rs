@@ -1,0 +1,202 @@
+//! ublkd targets and the one interface between the queue loop and them.
+//!
+//! The queue loop (in the daemon) owns the io_uring, the ublk commands and the buffers.
+//! For every block request it calls [`dispatch`], which calls one method of the queue's
+//! [`QueueTarget`]. A target either completes the request at once ([`Outcome::Done`]),
+//! or pushes SQEs onto the queue's ring through [`Ring`] and returns
+//! [`Outcome::Queued`]; each of those SQEs' completions comes back through
+//! [`QueueTarget::complete`]. A target that cannot get ring space returns
+//! [`Outcome::Busy`] and the queue retries after its next reap.
+
+mod io;
+pub mod null;
+
+pub use io::{BlockOp, IoBuf, IoDesc, IoFlags};
+
+use io_uring::squeue;
+use std::fmt;
+
+/// What the queue loop should do with a request after a target call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Complete the request now: bytes transferred (>= 0) or a negative errno.
+    Done(i32),
+    /// The target pushed SQEs; it will return `Done` from a later `complete` call.
+    Queued,
+    /// No ring space now; call the same method again after the next reap.
+    Busy,
+}
+
+/// The submission queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingFull;
+
+impl fmt::Display for RingFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("io_uring submission queue is full")
+    }
+}
+
+/// The queue's io_uring as a target sees it.
+pub trait Ring {
+    /// Pushes `sqe` for request `tag`. `step` is the target's own label for this SQE
+    /// and comes back with its completion. The SQE's user_data is set by the queue.
+    ///
+    /// # Safety
+    /// Every buffer, file descriptor or struct the SQE points to must stay valid until
+    /// its completion has been passed to [`QueueTarget::complete`].
+    unsafe fn push(&mut self, tag: u16, step: u16, sqe: squeue::Entry) -> Result<(), RingFull>;
+}
+
+/// Serves the requests of one hardware queue. Lives on that queue's thread.
+pub trait QueueTarget {
+    fn read(&mut self, io: &IoDesc, buf: IoBuf, ring: &mut dyn Ring) -> Outcome;
+    fn write(&mut self, io: &IoDesc, buf: IoBuf, ring: &mut dyn Ring) -> Outcome;
+    fn flush(&mut self, io: &IoDesc, ring: &mut dyn Ring) -> Outcome;
+    fn discard(&mut self, io: &IoDesc, ring: &mut dyn Ring) -> Outcome;
+    fn write_zeroes(&mut self, io: &IoDesc, ring: &mut dyn Ring) -> Outcome;
+
+    /// The completion of an SQE this target pushed for `io` (`res` is the CQE's result).
+    fn complete(
+        &mut self,
+        io: &IoDesc,
+        buf: IoBuf,
+        step: u16,
+        res: i32,
+        ring: &mut dyn Ring,
+    ) -> Outcome {
+        let _ = (io, buf, step, ring);
+        Outcome::Done(res)
+    }
+}
+
+/// Calls the target method for `io`'s operation. Operations the target interface does not
+/// know (zoned commands, WRITE_SAME) complete with -EOPNOTSUPP.
+pub fn dispatch(
+    target: &mut dyn QueueTarget,
+    io: &IoDesc,
+    buf: IoBuf,
+    ring: &mut dyn Ring,
+) -> Outcome {
+    match io.op {
+        BlockOp::Read => target.read(io, buf, ring),
+        BlockOp::Write => target.write(io, buf, ring),
+        BlockOp::Flush => target.flush(io, ring),
+        BlockOp::Discard => target.discard(io, ring),
+        BlockOp::WriteZeroes => target.write_zeroes(io, ring),
+        BlockOp::Other(op) => {
+            log::warn!("tag {}: unsupported ublk op {op}", io.tag);
+            Outcome::Done(-libc::EOPNOTSUPP)
+        }
+    }
+}
+
+/// The block device a target exports: what the daemon tells the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceShape {
+    /// Size in bytes.
+    pub size: u64,
+    pub read_only: bool,
+    /// The device has a volatile write cache: FLUSH is meaningful.
+    pub volatile_cache: bool,
+    /// The device honours FUA on writes.
+    pub fua: bool,
+    pub rotational: bool,
+    pub discard: bool,
+    pub write_zeroes: bool,
+}
+
+/// A device's backend: its shape and one [`QueueTarget`] per hardware queue.
+pub trait Target: Send + Sync {
+    /// Short name: `null`, `loop`, `nbd`.
+    fn name(&self) -> &'static str;
+    fn shape(&self) -> DeviceShape;
+    /// Facts for `ublkctl show`, as (name, value).
+    fn details(&self) -> Vec<(String, String)>;
+    /// The handler for queue `qid`, created on that queue's thread.
+    fn queue(&self, qid: u16) -> std::io::Result<Box<dyn QueueTarget>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records which method was called.
+    #[derive(Default)]
+    struct Recorder(Vec<&'static str>);
+
+    impl QueueTarget for Recorder {
+        fn read(&mut self, io: &IoDesc, _: IoBuf, _: &mut dyn Ring) -> Outcome {
+            self.0.push("read");
+            Outcome::Done(io.len as i32)
+        }
+        fn write(&mut self, _: &IoDesc, _: IoBuf, _: &mut dyn Ring) -> Outcome {
+            self.0.push("write");
+            Outcome::Queued
+        }
+        fn flush(&mut self, _: &IoDesc, _: &mut dyn Ring) -> Outcome {
+            self.0.push("flush");
+            Outcome::Busy
+        }
+        fn discard(&mut self, _: &IoDesc, _: &mut dyn Ring) -> Outcome {
+            self.0.push("discard");
+            Outcome::Done(0)
+        }
+        fn write_zeroes(&mut self, _: &IoDesc, _: &mut dyn Ring) -> Outcome {
+            self.0.push("write_zeroes");
+            Outcome::Done(0)
+        }
+    }
+
+    struct NoRing;
+    impl Ring for NoRing {
+        unsafe fn push(&mut self, _: u16, _: u16, _: squeue::Entry) -> Result<(), RingFull> {
+            Err(RingFull)
+        }
+    }
+
+    fn io(op: BlockOp) -> IoDesc {
+        IoDesc {
+            tag: 3,
+            op,
+            flags: IoFlags::default(),
+            offset: 4096,
+            len: 8192,
+        }
+    }
+
+    #[test]
+    fn dispatch_calls_one_method_per_op() {
+        let mut t = Recorder::default();
+        let buf = IoBuf::None;
+        assert_eq!(
+            dispatch(&mut t, &io(BlockOp::Read), buf, &mut NoRing),
+            Outcome::Done(8192)
+        );
+        assert_eq!(
+            dispatch(&mut t, &io(BlockOp::Write), buf, &mut NoRing),
+            Outcome::Queued
+        );
+        assert_eq!(
+            dispatch(&mut t, &io(BlockOp::Flush), buf, &mut NoRing),
+            Outcome::Busy
+        );
+        assert_eq!(
+            dispatch(&mut t, &io(BlockOp::Discard), buf, &mut NoRing),
+            Outcome::Done(0)
+        );
+        assert_eq!(
+            dispatch(&mut t, &io(BlockOp::WriteZeroes), buf, &mut NoRing),
+            Outcome::Done(0)
+        );
+        assert_eq!(t.0, ["read", "write", "flush", "discard", "write_zeroes"]);
+    }
+
+    #[test]
+    fn unknown_ops_are_not_supported() {
+        let mut t = Recorder::default();
+        let out = dispatch(&mut t, &io(BlockOp::Other(13)), IoBuf::None, &mut NoRing);
+        assert_eq!(out, Outcome::Done(-libc::EOPNOTSUPP));
+        assert!(t.0.is_empty());
+    }
+}
