@@ -56,7 +56,11 @@ pub fn serve(listener: UnixListener, daemon: Arc<Daemon>, path: PathBuf) {
 
 fn handle_connection(stream: UnixStream, daemon: &Daemon) {
     let response = match read_request(&stream) {
-        Ok(req) => {
+        Ok(None) => {
+            log::debug!("a client connected and left without a request");
+            return;
+        }
+        Ok(Some(req)) => {
             log::debug!("request: {req:?}");
             daemon.handle(req)
         }
@@ -76,15 +80,19 @@ fn handle_connection(stream: UnixStream, daemon: &Daemon) {
     }
 }
 
-/// Reads one request line (at most MAX_REQUEST_BYTES) and parses it.
-fn read_request(stream: &UnixStream) -> Result<Request> {
+/// Reads one request line (at most MAX_REQUEST_BYTES) and parses it; `None` when the
+/// client closed the connection without sending a byte.
+fn read_request(stream: &UnixStream) -> Result<Option<Request>> {
     stream.set_read_timeout(Some(READ_TIMEOUT))?;
     let mut reader = BufReader::new(stream.take(MAX_REQUEST_BYTES as u64 + 1));
     let mut line = Vec::new();
     reader
         .read_until(b'\n', &mut line)
         .context("cannot read the request")?;
-    parse_request(&line)
+    if line.is_empty() {
+        return Ok(None);
+    }
+    parse_request(&line).map(Some)
 }
 
 pub fn parse_request(line: &[u8]) -> Result<Request> {

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Benchmarks ublkd against the kernel's own drivers, side by side in one VM run, and
+# prints a table of ratios. Not a test: nothing here passes or fails on speed.
+#
+# Usage: scripts/bench.sh [null] [--runtime SECS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+suite=${1:-null}
+shift || true
+tests/vm/setup-host.sh
+cargo build --release --locked -p ublkd -p ublkctl -p ublkd-tests --bins
+if [ -e /dev/ublk-control ]; then
+    echo "note: running in the VM anyway, so both sides see the same (emulated) machine" >&2
+fi
+tests/vm/run.sh --timeout 1800 --mem 3G \
+    --bin target/release/ublkd --bin target/release/ublkctl --bin target/release/ublkd-bench \
+    -- ublkd-bench "$suite" "$@" | tr -d '\r'

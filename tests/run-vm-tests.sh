@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds ublkd, ublkctl and the real-kernel test binaries (crate ublkd-tests, feature
+# "vm"), boots the test VM (tests/vm/run.sh) and runs every test there as root.
+# Prints one line per test and ends with "vm: N passed, N failed".
+#
+# Usage: tests/run-vm-tests.sh [TEST_FILTER...]   (filters go to each test binary)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tests/vm/setup-host.sh
+cargo build --release --locked --bins
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+# Every test target of ublkd-tests, as "name executable" lines.
+cargo test --release --locked -p ublkd-tests --features vm --no-run --message-format=json 2>/dev/null |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    t = m.get("target", {})
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in t.get("kind", []) \
+            and m.get("package_id", "").find("ublkd-tests") >= 0 and t.get("name") != "ublkd_tests":
+        print(t["name"], m["executable"])
+' >"$work/tests.txt"
+[ -s "$work/tests.txt" ] || { echo "run-vm-tests: no test binaries were built" >&2; exit 1; }
+
+args=(--bin target/release/ublkd --bin target/release/ublkctl)
+while read -r name exe; do
+    cp "$exe" "$work/ublkd-test-$name"
+    args+=(--bin "$work/ublkd-test-$name")
+done <"$work/tests.txt"
+args+=(--file "tests/vm/guest-run-tests.sh:/usr/local/bin/guest-run-tests.sh")
+
+set +e
+tests/vm/run.sh --timeout "${UBLKD_VM_TIMEOUT:-1500}" --mem "${UBLKD_VM_MEM:-3G}" "${args[@]}" \
+    -- /bin/sh /usr/local/bin/guest-run-tests.sh "$@" | tr -d '\r' | tee "$work/console.log"
+status=${PIPESTATUS[0]}
+set -e
+
+passed=$(grep -cE '^test .* \.\.\. ok$' "$work/console.log" || true)
+failed=$(grep -cE '^test .* \.\.\. FAILED$' "$work/console.log" || true)
+if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
+    # The VM or a test binary died without reporting a failed test: count it.
+    echo "run-vm-tests: the VM run ended with status $status before reporting every test" >&2
+    failed=$((failed + 1))
+fi
+echo "vm: $passed passed, $failed failed"
+[ "$status" -eq 0 ] && [ "$failed" -eq 0 ] && [ "$passed" -gt 0 ]

@@ -1,0 +1,348 @@
+//! Helpers for the real-kernel tests: run `ublkd`, call `ublkctl`, run fio and read its
+//! JSON report. The tests themselves are in `vm/tests.rs` and run inside the test VM.
+
+use serde_json::Value;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// fio, called by absolute path (busybox's shell would prefer its own applets).
+pub const FIO: &str = "/usr/bin/fio";
+
+fn bin(name: &str, env: &str) -> String {
+    std::env::var(env).unwrap_or_else(|_| name.to_string())
+}
+
+/// A running `ublkd` with its own socket; SIGTERM and wait on drop.
+pub struct Daemon {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Starts `ublkd` for test `name` and waits until its socket accepts connections.
+    pub fn start(name: &str) -> Daemon {
+        let socket = PathBuf::from(format!("/tmp/ublkd-{name}/ublkd.sock"));
+        let state_dir = PathBuf::from(format!("/tmp/ublkd-{name}/state"));
+        let log = PathBuf::from(format!("/tmp/ublkd-{name}.log"));
+        let log_file = std::fs::File::create(&log).expect("create daemon log");
+        let child = Command::new(bin("ublkd", "UBLKD_BIN"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn ublkd");
+        let mut d = Daemon {
+            socket,
+            state_dir,
+            log,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&d.socket).is_err() {
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("ublkd exited early ({status}):\n{}", d.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ublkd did not listen in time:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Runs `ublkctl --socket <ours> args...`.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        ctl_at(&self.socket, args)
+    }
+
+    /// `ublkctl` that must succeed; returns its stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "ublkctl {args:?} failed ({}): {}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// `ublkctl` that must fail with exactly one line on stderr and nothing on stdout;
+    /// returns that line.
+    pub fn ctl_err(&self, args: &[&str]) -> String {
+        expect_one_line_error(&self.ctl(args), &format!("{args:?}"))
+    }
+
+    /// `add` that must succeed; returns the device path it printed.
+    pub fn add(&self, args: &[&str]) -> String {
+        let mut full = vec!["add"];
+        full.extend_from_slice(args);
+        let out = self.ctl_ok(&full);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "add printed more than the path: {out:?}");
+        let path = lines[0].to_string();
+        assert!(
+            path.starts_with("/dev/ublkb"),
+            "unexpected add output {path:?}"
+        );
+        assert!(
+            Path::new(&path).exists(),
+            "{path} does not exist after add returned"
+        );
+        path
+    }
+
+    pub fn list_json(&self) -> Vec<Value> {
+        let v: Value =
+            serde_json::from_str(&self.ctl_ok(&["list", "--json"])).expect("list --json is JSON");
+        v.as_array().expect("list --json is an array").clone()
+    }
+
+    pub fn show_json(&self, id: u64) -> Value {
+        serde_json::from_str(&self.ctl_ok(&["show", &id.to_string(), "--json"]))
+            .expect("show --json is JSON")
+    }
+
+    /// Sends raw bytes to the control socket and returns the raw answer.
+    pub fn raw_request(&self, bytes: &[u8]) -> String {
+        use std::io::Write;
+        let mut s = UnixStream::connect(&self.socket).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        s.write_all(bytes).expect("write");
+        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
+    }
+
+    /// SIGTERM, then waits (bounded) for exit; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "ublkd did not exit within 60 s of SIGTERM:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- ublkd log ----\n{}", self.log_text());
+        }
+        if self.child.is_none() {
+            return; // the test stopped it and checked the exit itself
+        }
+        let code = self.stop();
+        if !std::thread::panicking() {
+            assert_eq!(
+                code,
+                Some(0),
+                "ublkd did not exit cleanly:\n{}",
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// Runs `ublkctl --socket SOCKET args...`.
+pub fn ctl_at(socket: &Path, args: &[&str]) -> Output {
+    Command::new(bin("ublkctl", "UBLKCTL_BIN"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run ublkctl")
+}
+
+/// Checks a failed command: non-zero exit, nothing on stdout, one line on stderr.
+pub fn expect_one_line_error(out: &Output, what: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "{what} succeeded but should have failed"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{what} printed to stdout: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: expected one error line, got {stderr:?}"
+    );
+    assert!(
+        lines[0].starts_with("ublkctl: "),
+        "{what}: error line {:?}",
+        lines[0]
+    );
+    lines[0].to_string()
+}
+
+/// The id in `/dev/ublkbN`.
+pub fn dev_id(path: &str) -> u64 {
+    path.trim_start_matches("/dev/ublkb")
+        .parse()
+        .expect("device id")
+}
+
+/// A finished fio run.
+#[derive(Debug)]
+pub struct FioRun {
+    pub json: Value,
+}
+
+impl FioRun {
+    /// Total IOs completed by every job, reads plus writes.
+    pub fn total_ios(&self) -> u64 {
+        self.jobs()
+            .iter()
+            .map(|j| ios(j, "read") + ios(j, "write"))
+            .sum()
+    }
+
+    pub fn jobs(&self) -> Vec<Value> {
+        self.json["jobs"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// IOPS of job `i` in `dir` ("read" or "write").
+    pub fn iops(&self, i: usize, dir: &str) -> f64 {
+        self.jobs()[i][dir]["iops"].as_f64().unwrap_or(0.0)
+    }
+
+    /// Bandwidth of job `i` in `dir`, bytes/s.
+    pub fn bw_bytes(&self, i: usize, dir: &str) -> f64 {
+        self.jobs()[i][dir]["bw_bytes"].as_f64().unwrap_or(0.0)
+    }
+}
+
+fn ios(job: &Value, dir: &str) -> u64 {
+    job[dir]["total_ios"].as_u64().unwrap_or(0)
+}
+
+/// Runs fio with `args` (plus JSON output) and checks that it exited 0, that every job
+/// reports error 0, and that IO was done.
+pub fn fio(args: &[&str]) -> FioRun {
+    let out = Command::new(FIO)
+        .args(args)
+        .arg("--output-format=json")
+        .output()
+        .expect("run fio");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "fio {args:?} failed ({}):\n{}\n{stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // fio may print notes before the JSON object.
+    let start = stdout.find('{').unwrap_or(0);
+    let json: Value = serde_json::from_str(&stdout[start..]).expect("fio JSON output");
+    let run = FioRun { json };
+    for (i, job) in run.jobs().iter().enumerate() {
+        assert_eq!(
+            job["error"].as_i64(),
+            Some(0),
+            "fio job {i} reported an error: {job}"
+        );
+    }
+    assert!(run.total_ios() > 0, "fio did no IO: {args:?}");
+    run
+}
+
+/// Standard fio options for a short random-IO run against `dev`.
+pub fn fio_job(dev: &str, rw: &str, bs: &str, iodepth: u32, seconds: u32) -> Vec<String> {
+    vec![
+        format!("--name={rw}-{bs}"),
+        format!("--filename={dev}"),
+        "--ioengine=io_uring".into(),
+        "--direct=1".into(),
+        format!("--rw={rw}"),
+        format!("--bs={bs}"),
+        format!("--iodepth={iodepth}"),
+        "--time_based".into(),
+        format!("--runtime={seconds}"),
+        "--numjobs=1".into(),
+    ]
+}
+
+/// Waits until `path` no longer exists (device nodes go away with the disk).
+pub fn wait_gone(path: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Path::new(path).exists() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// How many CPUs the kernel may ever bring up (its per-device queue limit).
+pub fn possible_cpus() -> u32 {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").expect("possible CPUs");
+    text.trim()
+        .split(',')
+        .map(|p| match p.split_once('-') {
+            Some((a, b)) => b.parse::<u32>().unwrap() - a.parse::<u32>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_ids() {
+        assert_eq!(dev_id("/dev/ublkb12"), 12);
+    }
+
+    #[test]
+    fn fio_job_options() {
+        let j = fio_job("/dev/x", "randread", "4k", 32, 3);
+        assert!(j.contains(&"--filename=/dev/x".to_string()));
+        assert!(j.contains(&"--iodepth=32".to_string()));
+    }
+}
