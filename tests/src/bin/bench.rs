@@ -89,25 +89,28 @@ fn bench_null(runtime: u32) {
         "fio io_uring, direct, 1 job, {runtime} s per run (+1 s ramp), alternating devices per row"
     );
     println!();
+    let header = [
+        "workload",
+        "null_blk IOPS",
+        "null_blk MB/s",
+        "ublkd IOPS",
+        "ublkd MB/s",
+    ];
     println!(
-        "| {:<18} | {:>14} | {:>12} | {:>14} | {:>12} | {:>12} |",
-        "workload", "null_blk IOPS", "null_blk MB/s", "ublkd IOPS", "ublkd MB/s", "ublkd/null_blk"
+        "| {:<18} | {:>13} | {:>13} | {:>13} | {:>13} | {:>14} |",
+        header[0], header[1], header[2], header[3], header[4], "ublkd/null_blk"
     );
     println!(
-        "|{:-<20}|{:->16}|{:->14}|{:->16}|{:->14}|{:->14}|",
+        "|{:-<20}|{:->14}:|{:->14}:|{:->14}:|{:->14}:|{:->15}:|",
         "", "", "", "", "", ""
     );
     for row in &ROWS {
         let (kio, kbw) = measure("/dev/nullb0", row, runtime);
         let (uio, ubw) = measure(&dev, row, runtime);
+        let ratio = format!("{:.2}x", uio / kio);
         println!(
-            "| {:<18} | {:>14.0} | {:>13.1} | {:>14.0} | {:>12.1} | {:>13.2}x |",
-            row.name,
-            kio,
-            kbw,
-            uio,
-            ubw,
-            uio / kio
+            "| {:<18} | {kio:>13.0} | {kbw:>13.1} | {uio:>13.0} | {ubw:>13.1} | {ratio:>14} |",
+            row.name
         );
     }
 }
