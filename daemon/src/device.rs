@@ -149,11 +149,10 @@ impl Device {
         Ok(device)
     }
 
-    fn ctrl(&self) -> &UblkCtrl {
-        self.ctrl.as_ref().expect("ctrl lives until shutdown")
-    }
-
     fn start(&mut self) -> Result<()> {
+        let Some(ctrl) = self.ctrl.as_ref() else {
+            bail!("device {} was already deleted", self.id);
+        };
         let params = params(&self.shape, self.geometry.block_size);
         let size = self.shape.size;
         let dev = UblkDev::new(
@@ -163,11 +162,13 @@ impl Device {
                 d.tgt.params = params;
                 Ok(())
             },
-            self.ctrl(),
+            ctrl,
         )
         .map_err(|e| anyhow!("cannot open /dev/ublkc{}: {}", self.id, describe(&e)))?;
         let cdev_fd = dev.tgt.fds[0];
-        self.dev = Some(dev);
+        // Owned by the device before any queue uses the fd: teardown joins the queues
+        // before it closes the char device.
+        let dev: &UblkDev = self.dev.insert(dev);
 
         let (tx, rx) = mpsc::channel();
         for qid in 0..self.geometry.queues {
@@ -196,12 +197,10 @@ impl Device {
         }
 
         // Our queues have posted their FETCH_REQs; tell libublk's start gate so.
-        let dev = self.dev.as_ref().expect("set above");
         for _ in 0..self.geometry.queues {
             dev.notify_buffer_registration_complete(false);
         }
-        self.ctrl()
-            .start_dev(dev)
+        ctrl.start_dev(dev)
             .map_err(|e| anyhow!("the kernel refused to start the device: {}", describe(&e)))?;
         self.started = true;
         self.wait_live(deadline)?;
