@@ -3,12 +3,12 @@
 mod client;
 mod output;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use ublkd_proto::size::parse_size;
 use ublkd_proto::validate::{DEFAULT_DEPTH, DEFAULT_NULL_SIZE, DEFAULT_QUEUES};
-use ublkd_proto::{AddDevice, BufferMode, Request, Response, TargetSpec};
+use ublkd_proto::{AddDevice, BufferMode, DirectIo, Request, Response, TargetSpec};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -71,6 +71,20 @@ enum AddTarget {
         #[command(flatten)]
         common: CommonAddArgs,
     },
+    /// A device backed by a regular file or a block device; its size is the file's.
+    Loop {
+        /// The backing file or block device.
+        #[arg(long)]
+        file: PathBuf,
+        /// O_DIRECT on the backing file: auto (when possible), on (or fail), off.
+        #[arg(long, default_value = "auto")]
+        direct_io: DirectIo,
+        /// Export the file read-only.
+        #[arg(long)]
+        read_only: bool,
+        #[command(flatten)]
+        common: CommonAddArgs,
+    },
 }
 
 /// Options every target takes.
@@ -85,7 +99,7 @@ struct CommonAddArgs {
     /// Logical block size: 512 or 4096 [default: 512].
     #[arg(long)]
     block_size: Option<u32>,
-    /// How request data moves: copy [default: the best the kernel supports].
+    /// How request data moves: copy, fixed, zc, auto-zc [default: the best the kernel supports].
     #[arg(long)]
     buffer: Option<BufferMode>,
 }
@@ -104,6 +118,28 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
             },
             common,
         ),
+        AddTarget::Loop {
+            file,
+            direct_io,
+            read_only,
+            common,
+        } => {
+            // The daemon has its own working directory: send an absolute path.
+            let file = std::path::absolute(&file)
+                .with_context(|| format!("cannot resolve {}", file.display()))?;
+            let file = file
+                .to_str()
+                .ok_or_else(|| anyhow!("{} is not valid UTF-8", file.display()))?
+                .to_string();
+            (
+                TargetSpec::Loop {
+                    file,
+                    direct_io,
+                    read_only,
+                },
+                common,
+            )
+        }
     };
     Ok(AddDevice {
         target,
@@ -129,7 +165,7 @@ fn main() {
             }
             eprintln!(
                 "ublkctl: {} (see 'ublkctl --help')",
-                output::first_line(&e.to_string())
+                output::one_line(&e.to_string())
             );
             std::process::exit(2);
         }
@@ -219,6 +255,42 @@ mod tests {
             (Some(2), Some(64), Some(4096))
         );
         assert_eq!(req.buffer, Some(BufferMode::Copy));
+    }
+
+    #[test]
+    fn add_loop_makes_the_path_absolute() {
+        let cli = parse(&[
+            "add",
+            "loop",
+            "--file",
+            "disk.img",
+            "--direct-io",
+            "off",
+            "--read-only",
+            "--buffer",
+            "zc",
+        ])
+        .unwrap();
+        let Command::Add { target } = cli.command else {
+            panic!()
+        };
+        let req = add_request(target).unwrap();
+        let TargetSpec::Loop {
+            file,
+            direct_io,
+            read_only,
+        } = req.target
+        else {
+            panic!()
+        };
+        assert!(
+            file.starts_with('/') && file.ends_with("/disk.img"),
+            "{file}"
+        );
+        assert_eq!((direct_io, read_only), (DirectIo::Off, true));
+        assert_eq!(req.buffer, Some(BufferMode::Zc));
+        assert!(parse(&["add", "loop"]).is_err(), "--file is required");
+        assert!(parse(&["add", "loop", "--file", "x", "--direct-io", "maybe"]).is_err());
     }
 
     #[test]

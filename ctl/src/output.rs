@@ -5,13 +5,17 @@ use std::fmt::Write;
 use ublkd_proto::size::format_size;
 use ublkd_proto::{DeviceDetail, DeviceInfo, FeatureReport};
 
-pub fn first_line(text: &str) -> &str {
-    let line = text
+/// A clap error as one line: its message lines up to the usage block, joined, without
+/// the `error: ` prefix (for a missing argument the name is on the second line).
+pub fn one_line(text: &str) -> String {
+    let parts: Vec<&str> = text
         .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or(text)
-        .trim();
-    line.strip_prefix("error: ").unwrap_or(line)
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let line = parts.join(" ");
+    line.strip_prefix("error: ").unwrap_or(&line).to_string()
 }
 
 pub fn json<T: serde::Serialize>(value: &T) -> Result<String> {
@@ -118,10 +122,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn first_line_strips_clap_prefix() {
+    fn one_line_keeps_the_whole_message() {
         assert_eq!(
-            first_line("error: unrecognized subcommand 'tape'\n\nUsage: ublkctl add <COMMAND>\n"),
+            one_line("error: unrecognized subcommand 'tape'\n\nUsage: ublkctl add <COMMAND>\n"),
             "unrecognized subcommand 'tape'"
+        );
+        assert_eq!(
+            one_line(
+                "error: the following required arguments were not provided:\n  --file <FILE>\n\n\
+                 Usage: ublkctl add loop --file <FILE>\n\nFor more information, try '--help'.\n"
+            ),
+            "the following required arguments were not provided: --file <FILE>"
         );
     }
 

@@ -18,6 +18,7 @@ use ublkd_proto::features;
 use ublkd_proto::validate::{self, Geometry};
 use ublkd_proto::{AddDevice, BufferMode, DeviceDetail, DeviceInfo, KernelDeviceInfo, TargetSpec};
 use ublkd_targets::null::NullTarget;
+use ublkd_targets::r#loop::{LoopOptions, LoopTarget};
 use ublkd_targets::{DeviceShape, Target};
 
 /// Largest request the daemon accepts from the driver, in bytes.
@@ -40,9 +41,56 @@ pub struct Device {
     started: bool,
 }
 
-/// Picks the buffer mode: the one asked for, or the best the kernel offers.
-pub fn choose_buffer(requested: Option<BufferMode>, _kernel: &KernelInfo) -> Result<BufferMode> {
-    Ok(requested.unwrap_or(BufferMode::Copy))
+/// Most memory `fixed` mode may pin per queue (depth x max IO size is registered).
+const FIXED_PIN_LIMIT: u64 = 1 << 30;
+
+fn has(kernel: &KernelInfo, feature: u32) -> bool {
+    kernel.features & u64::from(feature) != 0
+}
+
+/// Picks the buffer mode: the one asked for, if the kernel has it, or else the best the
+/// kernel offers (auto-zc, then zc, then fixed).
+pub fn choose_buffer(
+    requested: Option<BufferMode>,
+    kernel: &KernelInfo,
+    depth: u16,
+) -> Result<BufferMode> {
+    let zc = has(kernel, sys::UBLK_F_SUPPORT_ZERO_COPY);
+    let auto = has(kernel, sys::UBLK_F_AUTO_BUF_REG);
+    let mode = match requested {
+        None if auto => BufferMode::AutoZc,
+        None if zc => BufferMode::Zc,
+        None => BufferMode::Fixed,
+        Some(BufferMode::Zc) if !zc => bail!(
+            "buffer mode zc needs UBLK_F_SUPPORT_ZERO_COPY (Linux 6.15 or later), \
+             which this kernel lacks (see 'ublkctl features'); use fixed or copy"
+        ),
+        Some(BufferMode::AutoZc) if !auto => bail!(
+            "buffer mode auto-zc needs UBLK_F_AUTO_BUF_REG (Linux 6.16 or later), \
+             which this kernel lacks (see 'ublkctl features'); use zc, fixed or copy"
+        ),
+        Some(m) => m,
+    };
+    let pinned = u64::from(depth) * u64::from(MAX_IO_BYTES);
+    if mode == BufferMode::Fixed && pinned > FIXED_PIN_LIMIT {
+        bail!(
+            "buffer mode fixed with depth {depth} would pin {} MiB per queue \
+             (limit {} MiB): lower --depth or use another buffer mode",
+            pinned >> 20,
+            FIXED_PIN_LIMIT >> 20
+        );
+    }
+    Ok(mode)
+}
+
+/// ADD_DEV flags for a buffer mode.
+fn device_flags(mode: BufferMode) -> u64 {
+    let base = sys::UBLK_F_CMD_IOCTL_ENCODE;
+    u64::from(match mode {
+        BufferMode::Copy | BufferMode::Fixed => base,
+        BufferMode::Zc => base | sys::UBLK_F_SUPPORT_ZERO_COPY,
+        BufferMode::AutoZc => base | sys::UBLK_F_AUTO_BUF_REG,
+    })
 }
 
 fn build_target(spec: &TargetSpec, block_size: u32) -> Result<Arc<dyn Target>> {
@@ -50,6 +98,19 @@ fn build_target(spec: &TargetSpec, block_size: u32) -> Result<Arc<dyn Target>> {
         TargetSpec::Null { size } => {
             validate::device_size(*size, block_size)?;
             Ok(Arc::new(NullTarget::new(*size)))
+        }
+        TargetSpec::Loop {
+            file,
+            direct_io,
+            read_only,
+        } => {
+            let opts = LoopOptions {
+                path: file.into(),
+                direct_io: *direct_io,
+                read_only: *read_only,
+                block_size,
+            };
+            Ok(Arc::new(LoopTarget::open(&opts)?))
         }
     }
 }
@@ -108,7 +169,7 @@ impl Device {
     pub fn create(req: &AddDevice, kernel: &KernelInfo) -> Result<Device> {
         let geometry =
             validate::geometry(req.queues, req.depth, req.block_size, kernel.max_queues)?;
-        let buffer = choose_buffer(req.buffer, kernel)?;
+        let buffer = choose_buffer(req.buffer, kernel, geometry.depth)?;
         let target = build_target(&req.target, geometry.block_size)?;
         let shape = target.shape();
 
@@ -119,7 +180,7 @@ impl Device {
             .nr_queues(geometry.queues)
             .depth(geometry.depth)
             .io_buf_bytes(MAX_IO_BYTES)
-            .ctrl_flags(u64::from(sys::UBLK_F_CMD_IOCTL_ENCODE))
+            .ctrl_flags(device_flags(buffer))
             .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
             .build()
             .map_err(|e| anyhow!("the kernel refused to add the device: {}", describe(&e)))?;
@@ -386,6 +447,48 @@ mod tests {
         let p = params(&shape(false, true), 512);
         assert_eq!(p.discard.max_discard_sectors, 0);
         assert!(p.discard.max_write_zeroes_sectors > 0);
+    }
+
+    fn kernel(features: u32) -> KernelInfo {
+        KernelInfo {
+            features: u64::from(features),
+            max_queues: 2,
+        }
+    }
+
+    #[test]
+    fn buffer_mode_is_the_best_the_kernel_has() {
+        let all = sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG;
+        assert_eq!(
+            choose_buffer(None, &kernel(all), 128).unwrap(),
+            BufferMode::AutoZc
+        );
+        let zc_only = kernel(sys::UBLK_F_SUPPORT_ZERO_COPY);
+        assert_eq!(choose_buffer(None, &zc_only, 128).unwrap(), BufferMode::Zc);
+        assert_eq!(
+            choose_buffer(None, &kernel(0), 128).unwrap(),
+            BufferMode::Fixed
+        );
+        for m in BufferMode::ALL {
+            assert_eq!(choose_buffer(Some(m), &kernel(all), 128).unwrap(), m);
+        }
+        let e = choose_buffer(Some(BufferMode::AutoZc), &zc_only, 128).unwrap_err();
+        assert!(e.to_string().contains("UBLK_F_AUTO_BUF_REG"), "{e}");
+        let e = choose_buffer(Some(BufferMode::Zc), &kernel(0), 128).unwrap_err();
+        assert!(e.to_string().contains("UBLK_F_SUPPORT_ZERO_COPY"), "{e}");
+        let e = choose_buffer(Some(BufferMode::Fixed), &kernel(all), 4096).unwrap_err();
+        assert!(e.to_string().contains("would pin 2048 MiB"), "{e}");
+        assert!(choose_buffer(Some(BufferMode::Copy), &kernel(all), 4096).is_ok());
+    }
+
+    #[test]
+    fn device_flags_follow_the_mode() {
+        let zc = u64::from(sys::UBLK_F_SUPPORT_ZERO_COPY);
+        let auto = u64::from(sys::UBLK_F_AUTO_BUF_REG);
+        assert_eq!(device_flags(BufferMode::Copy) & (zc | auto), 0);
+        assert_eq!(device_flags(BufferMode::Fixed) & (zc | auto), 0);
+        assert_eq!(device_flags(BufferMode::Zc) & (zc | auto), zc);
+        assert_eq!(device_flags(BufferMode::AutoZc) & (zc | auto), auto);
     }
 
     #[test]

@@ -51,30 +51,91 @@ pub struct AddDevice {
 pub enum TargetSpec {
     /// Completes every request at once without touching data.
     Null { size: u64 },
+    /// Exports a regular file or a block device.
+    Loop {
+        file: String,
+        #[serde(default)]
+        direct_io: DirectIo,
+        #[serde(default)]
+        read_only: bool,
+    },
 }
 
 impl TargetSpec {
     pub fn name(&self) -> &'static str {
         match self {
             TargetSpec::Null { .. } => "null",
+            TargetSpec::Loop { .. } => "loop",
         }
     }
 }
 
-/// How request data moves between the kernel and the target.
+/// Whether the loop target opens its backing file with O_DIRECT.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirectIo {
+    /// O_DIRECT when the file system and the block size allow it, buffered otherwise.
+    #[default]
+    Auto,
+    /// O_DIRECT or fail.
+    On,
+    /// Buffered (page cache).
+    Off,
+}
+
+impl DirectIo {
+    pub const ALL: [DirectIo; 3] = [DirectIo::Auto, DirectIo::On, DirectIo::Off];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DirectIo::Auto => "auto",
+            DirectIo::On => "on",
+            DirectIo::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for DirectIo {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DirectIo::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown direct-io setting '{s}' (expected auto, on or off)"))
+    }
+}
+
+/// How request data moves between the kernel and the target. A property of the queue:
+/// every target works with every mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BufferMode {
     /// The daemon owns one buffer per tag; the driver copies data in and out of it.
     Copy,
+    /// The same per-tag buffers, registered with the queue's ring (READ_FIXED/WRITE_FIXED).
+    Fixed,
+    /// Zero copy: the request's own pages are registered in the ring for the time the
+    /// target uses them (UBLK_U_IO_REGISTER_IO_BUF / UNREGISTER_IO_BUF, Linux 6.15).
+    Zc,
+    /// Zero copy with the driver registering the request's pages itself before it
+    /// delivers the request (UBLK_F_AUTO_BUF_REG, Linux 6.16).
+    AutoZc,
 }
 
 impl BufferMode {
-    pub const ALL: [BufferMode; 1] = [BufferMode::Copy];
+    pub const ALL: [BufferMode; 4] = [
+        BufferMode::Copy,
+        BufferMode::Fixed,
+        BufferMode::Zc,
+        BufferMode::AutoZc,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             BufferMode::Copy => "copy",
+            BufferMode::Fixed => "fixed",
+            BufferMode::Zc => "zc",
+            BufferMode::AutoZc => "auto-zc",
         }
     }
 }
@@ -284,7 +345,41 @@ mod tests {
     fn buffer_mode_names() {
         for m in BufferMode::ALL {
             assert_eq!(m.name().parse::<BufferMode>().unwrap(), m);
+            let json = serde_json::to_string(&m).unwrap();
+            assert_eq!(json, format!("\"{}\"", m.name()));
         }
         assert!("turbo".parse::<BufferMode>().is_err());
+        for d in DirectIo::ALL {
+            assert_eq!(d.name().parse::<DirectIo>().unwrap(), d);
+        }
+        assert!("maybe".parse::<DirectIo>().is_err());
+    }
+
+    #[test]
+    fn loop_spec_defaults() {
+        let req: Request =
+            serde_json::from_str(r#"{"cmd":"add","target":{"type":"loop","file":"/x"}}"#).unwrap();
+        let Request::Add(add) = req else { panic!() };
+        assert_eq!(
+            add.target,
+            TargetSpec::Loop {
+                file: "/x".into(),
+                direct_io: DirectIo::Auto,
+                read_only: false
+            }
+        );
+        let full = r#"{"cmd":"add","target":{"type":"loop","file":"/x","direct_io":"on","read_only":true},"buffer":"auto-zc"}"#;
+        let Request::Add(add) = serde_json::from_str::<Request>(full).unwrap() else {
+            panic!()
+        };
+        assert_eq!(add.buffer, Some(BufferMode::AutoZc));
+        assert!(matches!(
+            add.target,
+            TargetSpec::Loop {
+                direct_io: DirectIo::On,
+                read_only: true,
+                ..
+            }
+        ));
     }
 }

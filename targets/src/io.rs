@@ -81,8 +81,28 @@ pub enum IoBuf {
     /// The request carries no data (flush, discard, write-zeroes).
     None,
     /// A daemon-owned buffer (`copy` mode): the driver copies write data into it before
-    /// the request reaches the target, and copies read data out of it at commit.
+    /// the request reaches the target, and copies read data out of it at commit. Use
+    /// plain READ/WRITE on `addr`.
     User { addr: *mut u8, len: usize },
+    /// A buffer registered in the queue ring's buffer table at `index`: the daemon's own
+    /// (`fixed` mode, `addr` is its address) or the request's pages (`zc`/`auto-zc`,
+    /// `addr` is 0). Use READ_FIXED/WRITE_FIXED (or a fixed-buffer SEND) with
+    /// `buf_index = index` and addresses `addr + offset`.
+    Fixed { addr: u64, index: u16, len: usize },
+}
+
+impl IoBuf {
+    /// The buffer's length in bytes (0 for `None`).
+    pub fn len(&self) -> usize {
+        match *self {
+            IoBuf::None => 0,
+            IoBuf::User { len, .. } | IoBuf::Fixed { len, .. } => len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //! [`Outcome::Busy`] and the queue retries after its next reap.
 
 mod io;
+pub mod r#loop;
 pub mod null;
 
 pub use io::{BlockOp, IoBuf, IoDesc, IoFlags};
@@ -106,6 +107,16 @@ pub struct DeviceShape {
     pub write_zeroes: bool,
 }
 
+/// What a queue tells its target when it creates the target's handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueContext {
+    pub qid: u16,
+    /// Tags run from 0 to depth - 1.
+    pub depth: u16,
+    /// Index in the ring's registered file table of the first of [`Target::files`].
+    pub first_file: u32,
+}
+
 /// A device's backend: its shape and one [`QueueTarget`] per hardware queue.
 pub trait Target: Send + Sync {
     /// Short name: `null`, `loop`, `nbd`.
@@ -113,8 +124,13 @@ pub trait Target: Send + Sync {
     fn shape(&self) -> DeviceShape;
     /// Facts for `ublkctl show`, as (name, value).
     fn details(&self) -> Vec<(String, String)>;
-    /// The handler for queue `qid`, created on that queue's thread.
-    fn queue(&self, qid: u16) -> std::io::Result<Box<dyn QueueTarget>>;
+    /// Files every queue registers in its ring, in this order, from
+    /// [`QueueContext::first_file`] on; they stay open as long as the target lives.
+    fn files(&self) -> Vec<std::os::fd::RawFd> {
+        Vec::new()
+    }
+    /// The handler for one queue, created on that queue's thread.
+    fn queue(&self, ctx: QueueContext) -> std::io::Result<Box<dyn QueueTarget>>;
 }
 
 #[cfg(test)]

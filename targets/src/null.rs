@@ -1,6 +1,6 @@
 //! The `null` target: every request succeeds at once; reads leave the buffer untouched.
 
-use crate::{DeviceShape, IoBuf, IoDesc, Outcome, QueueTarget, Ring, Target};
+use crate::{DeviceShape, IoBuf, IoDesc, Outcome, QueueContext, QueueTarget, Ring, Target};
 
 pub struct NullTarget {
     size: u64,
@@ -33,7 +33,7 @@ impl Target for NullTarget {
         Vec::new()
     }
 
-    fn queue(&self, _qid: u16) -> std::io::Result<Box<dyn QueueTarget>> {
+    fn queue(&self, _ctx: QueueContext) -> std::io::Result<Box<dyn QueueTarget>> {
         Ok(Box::new(NullQueue))
     }
 }
@@ -80,7 +80,13 @@ mod tests {
     fn everything_completes_at_once() {
         let t = NullTarget::new(1 << 20);
         assert!(t.shape().discard && t.shape().write_zeroes);
-        let mut q = t.queue(0).unwrap();
+        let mut q = t
+            .queue(QueueContext {
+                qid: 0,
+                depth: 1,
+                first_file: 1,
+            })
+            .unwrap();
         for (op, expect) in [
             (BlockOp::Read, 4096),
             (BlockOp::Write, 4096),

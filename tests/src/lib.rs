@@ -330,6 +330,74 @@ pub fn possible_cpus() -> u32 {
         .sum()
 }
 
+/// Fills `len` bytes from a seeded xorshift generator: reproducible test data.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A buffer of `len` bytes aligned for O_DIRECT (4096), filled with `data`.
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    pub fn new(data: &[u8]) -> Self {
+        let mut raw = vec![0u8; data.len() + 4096];
+        let start = raw.as_ptr().align_offset(4096);
+        raw[start..start + data.len()].copy_from_slice(data);
+        AlignedBuf {
+            raw,
+            start,
+            len: data.len(),
+        }
+    }
+
+    pub fn zeroed(len: usize) -> Self {
+        Self::new(&vec![0u8; len])
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+/// Runs a program by absolute path and checks that it succeeded; returns stdout.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Bytes allocated to a file (st_blocks x 512).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -131,7 +131,12 @@ fn list_and_show_describe_devices() {
     assert_eq!(ra["queues"].as_u64(), Some(1));
     assert_eq!(ra["depth"].as_u64(), Some(64));
     assert_eq!(ra["state"].as_str(), Some("live"));
-    assert_eq!(ra["buffer"].as_str(), Some("copy"));
+    let best = if d.ctl_ok(&["features"]).contains("AUTO_BUF_REG") {
+        "auto-zc"
+    } else {
+        "zc"
+    };
+    assert_eq!(ra["buffer"].as_str(), Some(best), "default buffer mode");
     let rb = row(&b);
     assert_eq!(rb["size"].as_u64(), Some(1 << 30), "default size is 1G");
     assert_eq!(rb["depth"].as_u64(), Some(128), "default depth is 128");

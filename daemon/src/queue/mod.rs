@@ -7,6 +7,17 @@
 //! result goes back with `COMMIT_AND_FETCH_REQ`, which also waits for the tag's next
 //! request. The queue ends when the driver aborts every command (the device stopped), or
 //! when the daemon asks it to stop and no request is left in the target.
+//!
+//! Buffer modes are the queue's business; targets only see an [`IoBuf`]:
+//! - `copy`: per-tag daemon buffers, passed by address in FETCH/COMMIT.
+//! - `fixed`: the same buffers, also registered in the ring (buffer index = tag).
+//! - `zc`: a sparse buffer table; before a target's first SQE for a request, the queue
+//!   links UBLK_U_IO_REGISTER_IO_BUF (the request's pages at index = tag) in front of
+//!   it, and the commit goes out hard-linked behind UBLK_U_IO_UNREGISTER_IO_BUF. A
+//!   target that never touches the data (null) causes no registration at all.
+//! - `auto-zc`: the driver registers the request's pages at index = tag before it
+//!   delivers the request and unregisters them at commit; when it cannot, it says so
+//!   (UBLK_IO_F_NEED_REG_BUF) and the queue registers by hand as in `zc`.
 
 mod stats;
 mod uapi;
@@ -22,7 +33,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use ublkd_proto::BufferMode;
-use ublkd_targets::{dispatch, IoBuf, IoDesc, Outcome, QueueTarget, Ring, RingFull, Target};
+use ublkd_targets::{
+    dispatch, BlockOp, IoBuf, IoDesc, Outcome, QueueContext, QueueTarget, Ring, RingFull, Target,
+};
 use user_data::{decode, encode, Kind};
 
 /// What a queue thread needs to know about its device.
@@ -94,12 +107,7 @@ pub fn spawn(
         let tid = unsafe { libc::gettid() };
         c.set_tid(tid);
         let (dev, q) = (spec.dev_id, spec.qid);
-        let queue = target
-            .queue(q)
-            .map_err(|e| format!("target setup failed: {e}"))
-            .and_then(|t| {
-                Queue::new(spec, t, c, s, w).map_err(|e| format!("queue setup failed: {e}"))
-            });
+        let queue = Queue::new(spec, target, c, s, w);
         let mut queue = match queue.and_then(|mut q| {
             q.fetch_all()
                 .map(|_| q)
@@ -145,16 +153,24 @@ struct TagState {
     cmd_active: bool,
     /// The request being served (between FETCH completion and commit).
     io: Option<IoDesc>,
+    /// Zero copy: the request's pages must be registered before the target's first SQE.
+    needs_reg: bool,
+    /// Zero copy: the request's pages are registered by us and must be unregistered.
+    registered: bool,
 }
 
 struct Queue {
     // Declared first so it is dropped first: closing the ring cancels every SQE that
-    // still points into the buffers, the descriptor table or `wake_buf` below.
+    // still points into the buffers, the descriptor table, `wake_buf` or the target's
+    // files below.
     ring: IoUring,
     spec: QueueSpec,
-    target: Box<dyn QueueTarget>,
+    handler: Box<dyn QueueTarget>,
+    /// Keeps the target's registered files open for as long as the ring.
+    _target: Arc<dyn Target>,
     iods: uapi::IoDescTable,
-    bufs: uapi::BufferArena,
+    /// Daemon-owned buffers (copy and fixed modes).
+    bufs: Option<uapi::BufferArena>,
     tags: Vec<TagState>,
     /// Tags whose target call returned Busy: called again after the next reap.
     retry: VecDeque<u16>,
@@ -171,61 +187,130 @@ struct Queue {
     in_target: usize,
 }
 
-/// The queue ring as targets see it: every SQE gets the Target user_data of its tag.
-struct TargetRing<'a> {
-    ring: &'a mut IoUring,
-}
-
-impl Ring for TargetRing<'_> {
-    unsafe fn push(&mut self, tag: u16, step: u16, sqe: squeue::Entry) -> Result<(), RingFull> {
-        let sqe = sqe.user_data(encode(Kind::Target, tag, step));
-        // SAFETY: the caller guarantees what the SQE points to stays valid until its
-        // completion is delivered (the Ring::push contract).
-        unsafe { push_sqe(self.ring, &sqe) }
-            .then_some(())
-            .ok_or(RingFull)
-    }
-}
-
-/// Pushes one SQE, flushing the submission queue to the kernel once if it is full.
-///
-/// # Safety
-/// Memory the SQE points to must stay valid until its completion is reaped.
-unsafe fn push_sqe(ring: &mut IoUring, sqe: &squeue::Entry) -> bool {
-    // SAFETY: forwarded from the caller.
-    if unsafe { ring.submission().push(sqe) }.is_ok() {
+/// Makes sure the submission queue has room for `n` more SQEs, flushing it once.
+fn ensure_room(ring: &mut IoUring, n: usize) -> bool {
+    let room = |ring: &mut IoUring| {
+        let sq = ring.submission();
+        sq.capacity() - sq.len() >= n
+    };
+    if room(ring) {
         return true;
     }
     if let Err(e) = ring.submit() {
         log::debug!("flushing a full submission queue failed: {e}");
         return false;
     }
-    // SAFETY: as above.
-    unsafe { ring.submission().push(sqe) }.is_ok()
+    room(ring)
+}
+
+/// Pushes SQEs that must go in together (a linked chain), or none of them.
+///
+/// # Safety
+/// Memory the SQEs point to must stay valid until their completions are reaped.
+unsafe fn push_all(ring: &mut IoUring, sqes: &[squeue::Entry]) -> bool {
+    if !ensure_room(ring, sqes.len()) {
+        return false;
+    }
+    // SAFETY: forwarded from the caller; room for all of them was checked above.
+    unsafe { ring.submission().push_multiple(sqes) }.is_ok()
+}
+
+/// The uring_cmd that registers (or unregisters) request `tag`'s pages at index `tag`.
+fn buf_cmd(op: u32, kind: Kind, qid: u16, tag: u16) -> squeue::Entry {
+    uapi::io_cmd_sqe(op, qid, tag, 0, u64::from(tag))
+        .user_data(encode(kind, tag, 0))
+        .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
+}
+
+/// The queue ring as targets see it: every SQE gets the Target user_data of its tag, and
+/// in zero-copy mode the first one of a request is preceded by the buffer registration.
+struct TargetRing<'a> {
+    ring: &'a mut IoUring,
+    tags: &'a mut [TagState],
+    qid: u16,
+}
+
+impl Ring for TargetRing<'_> {
+    unsafe fn push(&mut self, tag: u16, step: u16, sqe: squeue::Entry) -> Result<(), RingFull> {
+        let sqe = sqe.user_data(encode(Kind::Target, tag, step));
+        let state = &mut self.tags[usize::from(tag)];
+        let pushed = if state.needs_reg {
+            let reg = buf_cmd(uapi::REGISTER_IO_BUF, Kind::RegBuf, self.qid, tag);
+            // SAFETY: the registration carries no pointers; the target's SQE is covered
+            // by the caller's guarantee (the Ring::push contract).
+            let ok = unsafe { push_all(self.ring, &[reg, sqe]) };
+            if ok {
+                state.needs_reg = false;
+                state.registered = true;
+            }
+            ok
+        } else {
+            // SAFETY: the caller's guarantee (the Ring::push contract).
+            unsafe { push_all(self.ring, &[sqe]) }
+        };
+        pushed.then_some(()).ok_or(RingFull)
+    }
 }
 
 impl Queue {
     fn new(
         spec: QueueSpec,
-        target: Box<dyn QueueTarget>,
+        target: Arc<dyn Target>,
         counters: Arc<QueueCounters>,
         stop: Arc<AtomicBool>,
         wake: Arc<OwnedFd>,
-    ) -> io::Result<Self> {
+    ) -> Result<Self, String> {
+        let fail = |what: &str, e: io::Error| format!("{what}: {e}");
         let depth = u32::from(spec.depth);
-        // Each tag has at most its command and a few target SQEs in flight.
-        let sq_entries = (depth * 2 + 8).next_power_of_two().min(32768);
+        // Each tag has at most its command, a buffer (un)registration and a few target
+        // SQEs in flight.
+        let sq_entries = (depth * 4 + 8).next_power_of_two().min(32768);
         let ring = IoUring::builder()
             .setup_cqsize(sq_entries * 2)
             .setup_coop_taskrun()
             .setup_single_issuer()
-            .build(sq_entries)?;
-        ring.submitter().register_files(&[spec.cdev_fd])?;
-        let iods = uapi::IoDescTable::map(spec.cdev_fd, spec.qid, spec.depth)?;
-        let bufs = uapi::BufferArena::new(spec.depth, spec.max_io_bytes as usize)?;
+            .build(sq_entries)
+            .map_err(|e| fail("cannot create the io_uring", e))?;
+        let mut files = vec![spec.cdev_fd];
+        files.extend(target.files());
+        ring.submitter()
+            .register_files(&files)
+            .map_err(|e| fail("cannot register files in the ring", e))?;
+        let iods = uapi::IoDescTable::map(spec.cdev_fd, spec.qid, spec.depth)
+            .map_err(|e| fail("cannot map the request descriptors", e))?;
+        let bufs = match spec.buffer {
+            BufferMode::Copy | BufferMode::Fixed => Some(
+                uapi::BufferArena::new(spec.depth, spec.max_io_bytes as usize)
+                    .map_err(|e| fail("cannot allocate request buffers", e))?,
+            ),
+            BufferMode::Zc | BufferMode::AutoZc => None,
+        };
+        match (&spec.buffer, &bufs) {
+            (BufferMode::Fixed, Some(arena)) => {
+                let iovecs = arena.iovecs();
+                // SAFETY: the iovecs describe the arena, which the queue keeps until after
+                // the ring (and with it the registration) is gone.
+                unsafe { ring.submitter().register_buffers(&iovecs) }
+                    .map_err(|e| fail("cannot register the request buffers (fixed mode)", e))?;
+            }
+            (BufferMode::Zc | BufferMode::AutoZc, _) => ring
+                .submitter()
+                .register_buffers_sparse(depth)
+                .map_err(|e| fail("cannot create the sparse buffer table", e))?,
+            _ => {}
+        }
+        let ctx = QueueContext {
+            qid: spec.qid,
+            depth: spec.depth,
+            first_file: 1,
+        };
+        let handler = target
+            .queue(ctx)
+            .map_err(|e| fail("target setup failed", e))?;
         Ok(Queue {
             ring,
-            target,
+            handler,
+            _target: target,
             iods,
             bufs,
             tags: vec![TagState::default(); usize::from(spec.depth)],
@@ -242,34 +327,65 @@ impl Queue {
         })
     }
 
-    /// Address passed to the driver with FETCH/COMMIT: the tag's buffer in copy mode.
-    fn cmd_addr(&self, tag: u16) -> u64 {
-        match self.spec.buffer {
-            BufferMode::Copy => self.bufs.addr(tag) as u64,
-        }
+    /// Address of `tag`'s daemon buffer (copy and fixed modes).
+    fn buf_addr(&self, tag: u16) -> Option<*mut u8> {
+        self.bufs.as_ref().map(|b| b.addr(tag))
+    }
+
+    /// The FETCH/COMMIT SQE for `tag` in this queue's buffer mode.
+    fn cmd_sqe(&self, op: u32, tag: u16, result: i32) -> squeue::Entry {
+        let addr = self.buf_addr(tag).map_or(0, |a| a as u64);
+        let sqe = uapi::io_cmd_sqe(op, self.spec.qid, tag, result, addr);
+        let sqe = match self.spec.buffer {
+            BufferMode::AutoZc => uapi::with_sqe_addr(
+                sqe,
+                uapi::auto_buf_reg_addr(tag, uapi::AUTO_BUF_REG_FALLBACK),
+            ),
+            _ => sqe,
+        };
+        sqe.user_data(encode(Kind::Command, tag, 0))
     }
 
     fn io_buf(&self, io: &IoDesc) -> IoBuf {
-        if io.len == 0 {
+        let len = io.len as usize;
+        if len == 0 {
             return IoBuf::None;
         }
-        match self.spec.buffer {
-            BufferMode::Copy => IoBuf::User {
-                addr: self.bufs.addr(io.tag),
-                len: io.len as usize,
+        match (self.spec.buffer, self.buf_addr(io.tag)) {
+            (BufferMode::Copy, Some(addr)) => IoBuf::User { addr, len },
+            (BufferMode::Fixed, Some(addr)) => IoBuf::Fixed {
+                addr: addr as u64,
+                index: io.tag,
+                len,
+            },
+            _ => IoBuf::Fixed {
+                addr: 0,
+                index: io.tag,
+                len,
             },
         }
     }
 
+    /// Posts FETCH_REQ, or COMMIT_AND_FETCH_REQ with `result` (behind the buffer
+    /// unregistration when the request's pages are registered by us).
     fn push_cmd(&mut self, op: u32, tag: u16, result: i32) -> bool {
-        let sqe = uapi::io_cmd_sqe(op, self.spec.qid, tag, result, self.cmd_addr(tag))
-            .user_data(encode(Kind::Command, tag, 0));
-        // SAFETY: the command payload is copied into the SQE; the buffer it names is the
-        // arena, which outlives the ring.
-        if !unsafe { push_sqe(&mut self.ring, &sqe) } {
+        let cmd = self.cmd_sqe(op, tag, result);
+        let state = self.tags[usize::from(tag)];
+        let pushed = if state.registered {
+            let unreg = buf_cmd(uapi::UNREGISTER_IO_BUF, Kind::UnregBuf, self.spec.qid, tag);
+            // SAFETY: neither SQE points at memory (the command payload is copied in).
+            unsafe { push_all(&mut self.ring, &[unreg, cmd]) }
+        } else {
+            // SAFETY: the payload is copied into the SQE; the buffer address it may carry
+            // is the arena's, which outlives the ring.
+            unsafe { push_all(&mut self.ring, &[cmd]) }
+        };
+        if !pushed {
             return false;
         }
-        self.tags[usize::from(tag)].cmd_active = true;
+        let state = &mut self.tags[usize::from(tag)];
+        state.registered = false;
+        state.cmd_active = true;
         self.active_cmds += 1;
         true
     }
@@ -280,7 +396,7 @@ impl Queue {
             .build()
             .user_data(encode(Kind::Wake, 0, 0));
         // SAFETY: wake_buf is boxed and owned by the queue, which drops the ring first.
-        unsafe { push_sqe(&mut self.ring, &sqe) }
+        unsafe { push_all(&mut self.ring, &[sqe]) }
     }
 
     /// Posts FETCH_REQ for every tag and hands them to the kernel.
@@ -374,6 +490,21 @@ impl Queue {
                     log::error!("dev {dev} queue {q}: cannot re-arm the wake-up");
                 }
             }
+            Kind::RegBuf => {
+                // Only failures complete (SKIP_SUCCESS); the target's SQE behind it fails
+                // too and the request completes with that error.
+                log::error!(
+                    "dev {dev} queue {q} tag {}: registering the request buffer failed: {}",
+                    ud.tag,
+                    io::Error::from_raw_os_error(-res)
+                );
+                self.tags[usize::from(ud.tag)].registered = false;
+            }
+            Kind::UnregBuf => log::error!(
+                "dev {dev} queue {q} tag {}: unregistering the request buffer failed: {}",
+                ud.tag,
+                io::Error::from_raw_os_error(-res)
+            ),
         }
     }
 
@@ -392,9 +523,19 @@ impl Queue {
         self.active_cmds -= 1;
         match res {
             uapi::IO_RES_OK => {
-                let io = self.iods.get(tag);
+                let (io, op_flags) = self.iods.get(tag);
+                let carries_data = io.len > 0 && matches!(io.op, BlockOp::Read | BlockOp::Write);
+                let needs_reg = carries_data
+                    && match self.spec.buffer {
+                        BufferMode::Zc => true,
+                        BufferMode::AutoZc => op_flags & uapi::IO_F_NEED_REG_BUF != 0,
+                        BufferMode::Copy | BufferMode::Fixed => false,
+                    };
                 self.counters.started(&io);
-                self.tags[usize::from(tag)].io = Some(io);
+                let t = &mut self.tags[usize::from(tag)];
+                t.io = Some(io);
+                t.needs_reg = needs_reg;
+                t.registered = false;
                 self.in_target += 1;
                 self.dispatch(tag);
             }
@@ -414,19 +555,22 @@ impl Queue {
         }
     }
 
+    fn target_ring(&mut self) -> TargetRing<'_> {
+        TargetRing {
+            ring: &mut self.ring,
+            tags: &mut self.tags,
+            qid: self.spec.qid,
+        }
+    }
+
     fn dispatch(&mut self, tag: u16) {
         let Some(io) = self.tags[usize::from(tag)].io else {
             return;
         };
         let buf = self.io_buf(&io);
-        let outcome = dispatch(
-            self.target.as_mut(),
-            &io,
-            buf,
-            &mut TargetRing {
-                ring: &mut self.ring,
-            },
-        );
+        let mut handler = std::mem::replace(&mut self.handler, Box::new(Idle));
+        let outcome = dispatch(handler.as_mut(), &io, buf, &mut self.target_ring());
+        self.handler = handler;
         self.settle(tag, outcome);
     }
 
@@ -440,15 +584,9 @@ impl Queue {
             return;
         };
         let buf = self.io_buf(&io);
-        let outcome = self.target.complete(
-            &io,
-            buf,
-            step,
-            res,
-            &mut TargetRing {
-                ring: &mut self.ring,
-            },
-        );
+        let mut handler = std::mem::replace(&mut self.handler, Box::new(Idle));
+        let outcome = handler.complete(&io, buf, step, res, &mut self.target_ring());
+        self.handler = handler;
         self.settle(tag, outcome);
     }
 
@@ -480,5 +618,26 @@ impl Queue {
         if !self.push_cmd(uapi::COMMIT_AND_FETCH_REQ, tag, res) {
             self.pending_commits.push_back((tag, res));
         }
+    }
+}
+
+/// Stands in for the queue's handler while it is lent out to a call.
+struct Idle;
+
+impl QueueTarget for Idle {
+    fn read(&mut self, _: &IoDesc, _: IoBuf, _: &mut dyn Ring) -> Outcome {
+        Outcome::Busy
+    }
+    fn write(&mut self, _: &IoDesc, _: IoBuf, _: &mut dyn Ring) -> Outcome {
+        Outcome::Busy
+    }
+    fn flush(&mut self, _: &IoDesc, _: &mut dyn Ring) -> Outcome {
+        Outcome::Busy
+    }
+    fn discard(&mut self, _: &IoDesc, _: &mut dyn Ring) -> Outcome {
+        Outcome::Busy
+    }
+    fn write_zeroes(&mut self, _: &IoDesc, _: &mut dyn Ring) -> Outcome {
+        Outcome::Busy
     }
 }

@@ -19,6 +19,37 @@ pub const COMMIT_AND_FETCH_REQ: u32 = sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ;
 pub const IO_RES_ABORT: i32 = -libc::ENODEV;
 /// Result of a command that delivered a request.
 pub const IO_RES_OK: i32 = sys::UBLK_IO_RES_OK as i32;
+/// Zero copy: put request `tag`'s pages in the ring's buffer table at `addr`.
+pub const REGISTER_IO_BUF: u32 = sys::UBLK_U_IO_REGISTER_IO_BUF;
+/// Zero copy: take them out again.
+pub const UNREGISTER_IO_BUF: u32 = sys::UBLK_U_IO_UNREGISTER_IO_BUF;
+/// Auto buffer registration: when the driver cannot register a request's buffer, it
+/// delivers the request with [`IO_F_NEED_REG_BUF`] instead of failing it.
+pub const AUTO_BUF_REG_FALLBACK: u8 = sys::UBLK_AUTO_BUF_REG_FALLBACK as u8;
+/// In `ublksrv_io_desc.op_flags`: register this request's buffer by hand.
+pub const IO_F_NEED_REG_BUF: u32 = sys::UBLK_IO_F_NEED_REG_BUF;
+
+/// The `sqe->addr` of a FETCH/COMMIT with UBLK_F_AUTO_BUF_REG (`struct ublk_auto_buf_reg`):
+/// bits 0-15 buffer index, 16-23 flags, the rest reserved (zero).
+pub fn auto_buf_reg_addr(index: u16, flags: u8) -> u64 {
+    u64::from(index) | (u64::from(flags) << 16)
+}
+
+/// Byte offset of `addr` in `struct io_uring_sqe`.
+const SQE_ADDR_OFFSET: usize = 16;
+
+/// Sets the `addr` field of an SQE, which the io-uring crate's `UringCmd16` builder does
+/// not expose and UBLK_F_AUTO_BUF_REG uses.
+pub fn with_sqe_addr(sqe: squeue::Entry, addr: u64) -> squeue::Entry {
+    const _: () = assert!(std::mem::size_of::<squeue::Entry>() == 64);
+    // SAFETY: squeue::Entry is a #[repr(C)] wrapper of the 64-byte `struct io_uring_sqe`
+    // (size checked above), every byte pattern is a valid SQE at the type level, and
+    // bytes 16..24 are the `addr` union, which a uring_cmd leaves to the driver.
+    let mut raw: [u8; 64] = unsafe { std::mem::transmute(sqe) };
+    raw[SQE_ADDR_OFFSET..SQE_ADDR_OFFSET + 8].copy_from_slice(&addr.to_ne_bytes());
+    // SAFETY: as above, transmuting back the same bytes with only `addr` changed.
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
+}
 
 /// Builds the `struct ublksrv_io_cmd` payload of a FETCH/COMMIT uring_cmd:
 /// `{ u16 q_id; u16 tag; s32 result; u64 addr; }`, native endian.
@@ -95,9 +126,9 @@ impl IoDescTable {
         })
     }
 
-    /// The request the driver delivered on `tag`. Call only after that tag's command
-    /// completed with [`IO_RES_OK`].
-    pub fn get(&self, tag: u16) -> IoDesc {
+    /// The request the driver delivered on `tag`, with its raw `op_flags`. Call only
+    /// after that tag's command completed with [`IO_RES_OK`].
+    pub fn get(&self, tag: u16) -> (IoDesc, u32) {
         assert!(
             tag < self.depth,
             "tag {tag} beyond queue depth {}",
@@ -107,7 +138,10 @@ impl IoDescTable {
         // before posting the CQE we are handling, and a volatile read copes with the
         // memory being shared with the kernel.
         let d = unsafe { self.base.as_ptr().add(usize::from(tag)).read_volatile() };
-        IoDesc::from_raw(tag, d.op_flags, d.nr_sectors, d.start_sector)
+        (
+            IoDesc::from_raw(tag, d.op_flags, d.nr_sectors, d.start_sector),
+            d.op_flags,
+        )
     }
 }
 
@@ -172,6 +206,16 @@ impl BufferArena {
     pub fn per_tag(&self) -> usize {
         self.per_tag
     }
+
+    /// One iovec per tag, for IORING_REGISTER_BUFFERS (buffer index = tag).
+    pub fn iovecs(&self) -> Vec<libc::iovec> {
+        (0..self.depth)
+            .map(|tag| libc::iovec {
+                iov_base: self.addr(tag).cast(),
+                iov_len: self.per_tag,
+            })
+            .collect()
+    }
 }
 
 impl Drop for BufferArena {
@@ -203,6 +247,20 @@ mod tests {
         assert_eq!(&p[t..t + 2], &0x0304u16.to_ne_bytes());
         assert_eq!(&p[r..r + 4], &(-5i32).to_ne_bytes());
         assert_eq!(&p[8..16], &0x1122_3344_5566_7788u64.to_ne_bytes());
+    }
+
+    #[test]
+    fn sqe_addr_lands_in_the_addr_field() {
+        let sqe = io_cmd_sqe(FETCH_REQ, 1, 2, -1, 0);
+        let sqe = with_sqe_addr(sqe, auto_buf_reg_addr(7, AUTO_BUF_REG_FALLBACK));
+        // SAFETY: reading the bytes of a 64-byte repr(C) SQE.
+        let raw: [u8; 64] = unsafe { std::mem::transmute(sqe) };
+        assert_eq!(
+            u64::from_ne_bytes(raw[16..24].try_into().unwrap()),
+            7 | (1 << 16)
+        );
+        // The command payload (bytes 48..64) is untouched.
+        assert_eq!(&raw[48..64], &io_cmd_payload(1, 2, -1, 0));
     }
 
     #[test]

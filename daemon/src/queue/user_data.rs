@@ -23,6 +23,10 @@ pub enum Kind {
     Target = 2,
     /// The read on the queue's wake-up eventfd.
     Wake = 3,
+    /// UBLK_U_IO_REGISTER_IO_BUF (zero copy); completes only on failure.
+    RegBuf = 4,
+    /// UBLK_U_IO_UNREGISTER_IO_BUF (zero copy); completes only on failure.
+    UnregBuf = 5,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +48,8 @@ pub fn decode(data: u64) -> Option<UserData> {
         1 => Kind::Command,
         2 => Kind::Target,
         3 => Kind::Wake,
+        4 => Kind::RegBuf,
+        5 => Kind::UnregBuf,
         _ => return None,
     };
     if data & 0x00ff_ffff_0000_0000 != 0 {
@@ -62,7 +68,13 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        for kind in [Kind::Command, Kind::Target, Kind::Wake] {
+        for kind in [
+            Kind::Command,
+            Kind::Target,
+            Kind::Wake,
+            Kind::RegBuf,
+            Kind::UnregBuf,
+        ] {
             for tag in [0u16, 1, 127, 4095, u16::MAX] {
                 for step in [0u16, 1, 0x1234, u16::MAX] {
                     let d = encode(kind, tag, step);

@@ -1,0 +1,700 @@
+//! The `loop` target: a regular file or a block device exported as a ublk device.
+//!
+//! All IO goes through the queue's io_uring on the backing file, registered in the ring
+//! (fixed file): READ/WRITE (copy mode) or READ_FIXED/WRITE_FIXED (registered buffers
+//! and zero copy). FLUSH is fdatasync, FUA is RWF_DSYNC on the write, DISCARD punches a
+//! hole, WRITE_ZEROES zeroes the range. Short transfers are continued and -EAGAIN is
+//! retried; any other error completes the request with that errno.
+
+use crate::{DeviceShape, IoBuf, IoDesc, Outcome, QueueContext, QueueTarget, Ring, Target};
+use io_uring::{opcode, squeue, types};
+use nix::fcntl::{fallocate, FallocateFlags};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+use ublkd_proto::DirectIo;
+
+#[derive(Debug, Error)]
+pub enum LoopError {
+    #[error("backing file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("{0} is a directory, not a file or block device")]
+    Directory(PathBuf),
+    #[error("{0} is not a regular file or block device")]
+    NotFileOrBlock(PathBuf),
+    #[error("cannot open {path} for writing: {source} (use --read-only to export it read-only)")]
+    OpenForWrite { path: PathBuf, source: io::Error },
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot find the size of {path}: {source}")]
+    Size { path: PathBuf, source: io::Error },
+    #[error("{0} is empty")]
+    Empty(PathBuf),
+    #[error("the size of {path} ({size} bytes) is not a multiple of the block size {block_size}")]
+    SizeNotAligned {
+        path: PathBuf,
+        size: u64,
+        block_size: u32,
+    },
+    #[error("--direct-io on: {path} cannot be opened with O_DIRECT: {source} (use --direct-io auto or off)")]
+    DirectUnsupported { path: PathBuf, source: io::Error },
+    #[error("--direct-io on: block size {block_size} is below the direct-IO alignment of {path} (use --block-size 4096, or --direct-io auto or off)")]
+    DirectAlignment { path: PathBuf, block_size: u32 },
+}
+
+/// What `add loop` asked for.
+#[derive(Debug, Clone)]
+pub struct LoopOptions {
+    pub path: PathBuf,
+    pub direct_io: DirectIo,
+    pub read_only: bool,
+    pub block_size: u32,
+}
+
+pub struct LoopTarget {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    direct: bool,
+    read_only: bool,
+    block_device: bool,
+    punch_hole: bool,
+    zero_range: bool,
+}
+
+fn open_file(path: &Path, write: bool, direct: bool) -> io::Result<File> {
+    let mut flags = libc::O_CLOEXEC;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(flags)
+        .open(path)
+}
+
+/// Reads one block with O_DIRECT into an aligned buffer: fails with EINVAL when the
+/// block size is below what the backing store accepts for direct IO.
+fn probe_direct_read(file: &File, block_size: u32) -> io::Result<()> {
+    let bs = block_size as usize;
+    let mut raw = vec![0u8; bs + 4096];
+    let start = raw.as_ptr().align_offset(4096);
+    file.read_at(&mut raw[start..start + bs], 0).map(|_| ())
+}
+
+/// Whether fallocate `mode` works on `file`, tried on one block past its end so no data
+/// is touched (anything allocated there by ZERO_RANGE is punched out again).
+fn probe_fallocate(file: &File, mode: FallocateFlags, size: u64, block_size: u32) -> bool {
+    let off = size as libc::off_t;
+    let len = libc::off_t::from(block_size);
+    let ok = fallocate(
+        file.as_raw_fd(),
+        mode | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        off,
+        len,
+    )
+    .is_ok();
+    if ok && mode.contains(FallocateFlags::FALLOC_FL_ZERO_RANGE) {
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        let _ = fallocate(file.as_raw_fd(), punch, off, len);
+    }
+    ok
+}
+
+impl LoopTarget {
+    /// Opens and checks the backing file.
+    pub fn open(opts: &LoopOptions) -> Result<Self, LoopError> {
+        let path = opts.path.clone();
+        let meta = std::fs::metadata(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => LoopError::Missing(path.clone()),
+            _ => LoopError::Open {
+                path: path.clone(),
+                source: e,
+            },
+        })?;
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            return Err(LoopError::Directory(path));
+        }
+        let block_device = ft.is_block_device();
+        if !ft.is_file() && !block_device {
+            return Err(LoopError::NotFileOrBlock(path));
+        }
+        let write = !opts.read_only;
+        let buffered = open_file(&path, write, false).map_err(|source| match write {
+            true => LoopError::OpenForWrite {
+                path: path.clone(),
+                source,
+            },
+            false => LoopError::Open {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        let size = if block_device {
+            (&buffered)
+                .seek(SeekFrom::End(0))
+                .map_err(|source| LoopError::Size {
+                    path: path.clone(),
+                    source,
+                })?
+        } else {
+            meta.len()
+        };
+        if size == 0 {
+            return Err(LoopError::Empty(path));
+        }
+        if size % u64::from(opts.block_size) != 0 {
+            return Err(LoopError::SizeNotAligned {
+                path,
+                size,
+                block_size: opts.block_size,
+            });
+        }
+
+        let (file, direct) = match opts.direct_io {
+            DirectIo::Off => (buffered, false),
+            DirectIo::On => {
+                let f = open_file(&path, write, true).map_err(|source| {
+                    LoopError::DirectUnsupported {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                match probe_direct_read(&f, opts.block_size) {
+                    Ok(()) => (f, true),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        return Err(LoopError::DirectAlignment {
+                            path,
+                            block_size: opts.block_size,
+                        })
+                    }
+                    Err(source) => return Err(LoopError::DirectUnsupported { path, source }),
+                }
+            }
+            DirectIo::Auto => match open_file(&path, write, true) {
+                Ok(f) if probe_direct_read(&f, opts.block_size).is_ok() => (f, true),
+                _ => {
+                    log::info!(
+                        "{}: O_DIRECT not possible, using buffered IO",
+                        path.display()
+                    );
+                    (buffered, false)
+                }
+            },
+        };
+
+        let (punch_hole, zero_range) = if block_device {
+            // fallocate on a block device zeroes through the device (ZERO_RANGE always
+            // works); PUNCH_HOLE needs a discard that guarantees zeroes, so no discard.
+            (false, write)
+        } else if write {
+            (
+                probe_fallocate(
+                    &file,
+                    FallocateFlags::FALLOC_FL_PUNCH_HOLE,
+                    size,
+                    opts.block_size,
+                ),
+                probe_fallocate(
+                    &file,
+                    FallocateFlags::FALLOC_FL_ZERO_RANGE,
+                    size,
+                    opts.block_size,
+                ),
+            )
+        } else {
+            (false, false)
+        };
+        Ok(LoopTarget {
+            file,
+            path,
+            size,
+            direct,
+            read_only: opts.read_only,
+            block_device,
+            punch_hole,
+            zero_range,
+        })
+    }
+}
+
+impl Target for LoopTarget {
+    fn name(&self) -> &'static str {
+        "loop"
+    }
+
+    fn shape(&self) -> DeviceShape {
+        DeviceShape {
+            size: self.size,
+            read_only: self.read_only,
+            volatile_cache: true,
+            fua: true,
+            rotational: false,
+            discard: self.punch_hole,
+            write_zeroes: self.punch_hole || self.zero_range,
+        }
+    }
+
+    fn details(&self) -> Vec<(String, String)> {
+        let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+        vec![
+            ("backing file".into(), self.path.display().to_string()),
+            (
+                "backing type".into(),
+                if self.block_device {
+                    "block device"
+                } else {
+                    "file"
+                }
+                .into(),
+            ),
+            (
+                "direct io".into(),
+                if self.direct { "on" } else { "off" }.into(),
+            ),
+            ("read only".into(), yes(self.read_only)),
+            ("discard".into(), yes(self.punch_hole)),
+            (
+                "write zeroes".into(),
+                yes(self.punch_hole || self.zero_range),
+            ),
+        ]
+    }
+
+    fn files(&self) -> Vec<RawFd> {
+        vec![self.file.as_raw_fd()]
+    }
+
+    fn queue(&self, ctx: QueueContext) -> io::Result<Box<dyn QueueTarget>> {
+        Ok(Box::new(LoopQueue {
+            file: types::Fixed(ctx.first_file),
+            done: vec![0; usize::from(ctx.depth)],
+            read_only: self.read_only,
+            punch_hole: self.punch_hole,
+            zero_range: self.zero_range,
+        }))
+    }
+}
+
+/// Labels of the SQEs this target pushes.
+const STEP_RW: u16 = 1;
+const STEP_FLUSH: u16 = 2;
+const STEP_DISCARD: u16 = 3;
+const STEP_WRITE_ZEROES: u16 = 4;
+
+struct LoopQueue {
+    file: types::Fixed,
+    /// Bytes of each tag's read or write done so far.
+    done: Vec<u32>,
+    read_only: bool,
+    punch_hole: bool,
+    zero_range: bool,
+}
+
+/// Pushes `sqe` for `io`, or asks to be called again when the ring has room.
+fn submit(ring: &mut dyn Ring, io: &IoDesc, step: u16, sqe: squeue::Entry) -> Outcome {
+    // SAFETY: every SQE this target builds points only at the request's own buffer,
+    // which stays valid until the request is committed; the queue commits only after
+    // this SQE's completion has come back through `complete`.
+    match unsafe { ring.push(io.tag, step, sqe) } {
+        Ok(()) => Outcome::Queued,
+        Err(_) => Outcome::Busy,
+    }
+}
+
+impl LoopQueue {
+    /// The READ/WRITE SQE for the part of `io` not done yet.
+    fn rw_sqe(&self, io: &IoDesc, buf: IoBuf) -> Option<squeue::Entry> {
+        let done = self.done[usize::from(io.tag)];
+        let offset = io.offset + u64::from(done);
+        let left = io.len - done;
+        let write = matches!(io.op, crate::BlockOp::Write);
+        let rw_flags = if write && io.flags.fua {
+            libc::RWF_DSYNC
+        } else {
+            0
+        };
+        let sqe = match (write, buf) {
+            (false, IoBuf::User { addr, .. }) => {
+                opcode::Read::new(self.file, addr.wrapping_add(done as usize), left)
+                    .offset(offset)
+                    .build()
+            }
+            (true, IoBuf::User { addr, .. }) => {
+                opcode::Write::new(self.file, addr.wrapping_add(done as usize), left)
+                    .offset(offset)
+                    .rw_flags(rw_flags)
+                    .build()
+            }
+            (false, IoBuf::Fixed { addr, index, .. }) => {
+                let at = (addr + u64::from(done)) as *mut u8;
+                opcode::ReadFixed::new(self.file, at, left, index)
+                    .offset(offset)
+                    .build()
+            }
+            (true, IoBuf::Fixed { addr, index, .. }) => {
+                let at = (addr + u64::from(done)) as *const u8;
+                opcode::WriteFixed::new(self.file, at, left, index)
+                    .offset(offset)
+                    .rw_flags(rw_flags)
+                    .build()
+            }
+            (_, IoBuf::None) => return None,
+        };
+        Some(sqe)
+    }
+
+    fn start_rw(&mut self, io: &IoDesc, buf: IoBuf, ring: &mut dyn Ring) -> Outcome {
+        if io.len == 0 {
+            return Outcome::Done(0);
+        }
+        self.done[usize::from(io.tag)] = 0;
+        self.continue_rw(io, buf, ring)
+    }
+
+    fn continue_rw(&mut self, io: &IoDesc, buf: IoBuf, ring: &mut dyn Ring) -> Outcome {
+        match self.rw_sqe(io, buf) {
+            Some(sqe) => submit(ring, io, STEP_RW, sqe),
+            None => Outcome::Done(-libc::EINVAL),
+        }
+    }
+
+    fn fallocate(&self, io: &IoDesc, step: u16, mode: i32, ring: &mut dyn Ring) -> Outcome {
+        let sqe = opcode::Fallocate::new(self.file, u64::from(io.len))
+            .offset(io.offset)
+            .mode(mode | libc::FALLOC_FL_KEEP_SIZE)
+            .build();
+        submit(ring, io, step, sqe)
+    }
+}
+
+impl QueueTarget for LoopQueue {
+    fn read(&mut self, io: &IoDesc, buf: IoBuf, ring: &mut dyn Ring) -> Outcome {
+        self.start_rw(io, buf, ring)
+    }
+
+    fn write(&mut self, io: &IoDesc, buf: IoBuf, ring: &mut dyn Ring) -> Outcome {
+        if self.read_only {
+            return Outcome::Done(-libc::EROFS);
+        }
+        self.start_rw(io, buf, ring)
+    }
+
+    fn flush(&mut self, io: &IoDesc, ring: &mut dyn Ring) -> Outcome {
+        let sqe = opcode::Fsync::new(self.file)
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        submit(ring, io, STEP_FLUSH, sqe)
+    }
+
+    fn discard(&mut self, io: &IoDesc, ring: &mut dyn Ring) -> Outcome {
+        if self.read_only || !self.punch_hole {
+            return Outcome::Done(-libc::EOPNOTSUPP);
+        }
+        self.fallocate(io, STEP_DISCARD, libc::FALLOC_FL_PUNCH_HOLE, ring)
+    }
+
+    fn write_zeroes(&mut self, io: &IoDesc, ring: &mut dyn Ring) -> Outcome {
+        if self.read_only {
+            return Outcome::Done(-libc::EROFS);
+        }
+        // NOUNMAP asks to keep the range allocated: ZERO_RANGE. Otherwise a hole reads
+        // back as zeroes and frees space.
+        let mode = if self.zero_range && (io.flags.no_unmap || !self.punch_hole) {
+            libc::FALLOC_FL_ZERO_RANGE
+        } else if self.punch_hole {
+            libc::FALLOC_FL_PUNCH_HOLE
+        } else {
+            return Outcome::Done(-libc::EOPNOTSUPP);
+        };
+        self.fallocate(io, STEP_WRITE_ZEROES, mode, ring)
+    }
+
+    fn complete(
+        &mut self,
+        io: &IoDesc,
+        buf: IoBuf,
+        step: u16,
+        res: i32,
+        ring: &mut dyn Ring,
+    ) -> Outcome {
+        if res == -libc::EAGAIN {
+            // Try the same operation again.
+            return match step {
+                STEP_RW => self.continue_rw(io, buf, ring),
+                STEP_FLUSH => self.flush(io, ring),
+                STEP_DISCARD => self.discard(io, ring),
+                _ => self.write_zeroes(io, ring),
+            };
+        }
+        if res < 0 {
+            log::debug!(
+                "tag {}: {:?} at {} failed: {}",
+                io.tag,
+                io.op,
+                io.offset,
+                io::Error::from_raw_os_error(-res)
+            );
+            return Outcome::Done(res);
+        }
+        if step != STEP_RW {
+            return Outcome::Done(0);
+        }
+        if res == 0 {
+            // The backing file ended early (it shrank under us).
+            log::warn!(
+                "tag {}: {:?} at {}: unexpected end of the backing file",
+                io.tag,
+                io.op,
+                io.offset
+            );
+            return Outcome::Done(-libc::EIO);
+        }
+        let done = &mut self.done[usize::from(io.tag)];
+        *done += res as u32;
+        if *done >= io.len {
+            Outcome::Done(io.len as i32)
+        } else {
+            self.continue_rw(io, buf, ring)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{dispatch, BlockOp, IoFlags, RingFull};
+    use io_uring::IoUring;
+    use std::io::Write;
+
+    fn tmp(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ublkd-loop-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("backing")
+    }
+
+    fn opts(path: &Path) -> LoopOptions {
+        LoopOptions {
+            path: path.into(),
+            direct_io: DirectIo::Auto,
+            read_only: false,
+            block_size: 512,
+        }
+    }
+
+    #[test]
+    fn bad_backing_files_are_refused_clearly() {
+        let missing = tmp("missing").with_file_name("nope");
+        let e = LoopTarget::open(&opts(&missing)).err().unwrap();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+
+        let dir = tmp("dir");
+        let e = LoopTarget::open(&opts(dir.parent().unwrap()))
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("is a directory"), "{e}");
+
+        let empty = tmp("empty");
+        File::create(&empty).unwrap();
+        let e = LoopTarget::open(&opts(&empty)).err().unwrap();
+        assert!(e.to_string().contains("is empty"), "{e}");
+
+        let odd = tmp("odd");
+        File::create(&odd).unwrap().set_len(1000).unwrap();
+        let e = LoopTarget::open(&opts(&odd)).err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("not a multiple of the block size 512"),
+            "{e}"
+        );
+        let e = LoopTarget::open(&LoopOptions {
+            block_size: 4096,
+            ..opts(&odd)
+        })
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("block size 4096"), "{e}");
+
+        let e = LoopTarget::open(&opts(Path::new("/dev/null")))
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("not a regular file or block device"),
+            "{e}"
+        );
+    }
+
+    /// Runs one request through a real io_uring against a real file.
+    struct TestRing(IoUring);
+    impl Ring for TestRing {
+        unsafe fn push(&mut self, tag: u16, step: u16, sqe: squeue::Entry) -> Result<(), RingFull> {
+            let sqe = sqe.user_data((u64::from(step) << 16) | u64::from(tag));
+            // SAFETY: forwarded from the caller.
+            unsafe { self.0.submission().push(&sqe) }.map_err(|_| RingFull)
+        }
+    }
+
+    fn run(q: &mut dyn QueueTarget, ring: &mut TestRing, io: &IoDesc, buf: IoBuf) -> i32 {
+        let mut out = dispatch(q, io, buf, ring);
+        loop {
+            match out {
+                Outcome::Done(r) => return r,
+                Outcome::Busy => panic!("ring full in test"),
+                Outcome::Queued => {
+                    ring.0.submit_and_wait(1).unwrap();
+                    let cqe = ring.0.completion().next().unwrap();
+                    let step = (cqe.user_data() >> 16) as u16;
+                    out = q.complete(io, buf, step, cqe.result(), ring);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reads_writes_flushes_and_punches_a_file() {
+        let path = tmp("rw");
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&vec![0xab; 1 << 20]).unwrap();
+        drop(f);
+        let t = LoopTarget::open(&LoopOptions {
+            direct_io: DirectIo::Off,
+            ..opts(&path)
+        })
+        .unwrap();
+        assert_eq!(t.shape().size, 1 << 20);
+        let mut ring = TestRing(IoUring::new(8).unwrap());
+        ring.0.submitter().register_files(&t.files()).unwrap();
+        let mut q = t
+            .queue(QueueContext {
+                qid: 0,
+                depth: 4,
+                first_file: 0,
+            })
+            .unwrap();
+
+        let mut data = vec![0x5au8; 8192];
+        let buf = IoBuf::User {
+            addr: data.as_mut_ptr(),
+            len: 8192,
+        };
+        let wr = IoDesc {
+            tag: 1,
+            op: BlockOp::Write,
+            flags: IoFlags {
+                fua: true,
+                no_unmap: false,
+            },
+            offset: 4096,
+            len: 8192,
+        };
+        assert_eq!(run(q.as_mut(), &mut ring, &wr, buf), 8192);
+        let flush = IoDesc {
+            op: BlockOp::Flush,
+            len: 0,
+            offset: 0,
+            ..wr
+        };
+        assert_eq!(run(q.as_mut(), &mut ring, &flush, IoBuf::None), 0);
+
+        let mut back = vec![0u8; 16384];
+        let rbuf = IoBuf::User {
+            addr: back.as_mut_ptr(),
+            len: 16384,
+        };
+        let rd = IoDesc {
+            tag: 2,
+            op: BlockOp::Read,
+            flags: IoFlags::default(),
+            offset: 0,
+            len: 16384,
+        };
+        assert_eq!(run(q.as_mut(), &mut ring, &rd, rbuf), 16384);
+        assert!(back[..4096].iter().all(|&b| b == 0xab));
+        assert!(back[4096..12288].iter().all(|&b| b == 0x5a));
+        assert!(back[12288..].iter().all(|&b| b == 0xab));
+
+        if t.shape().discard {
+            let d = IoDesc {
+                tag: 3,
+                op: BlockOp::Discard,
+                flags: IoFlags::default(),
+                offset: 0,
+                len: 65536,
+            };
+            assert_eq!(run(q.as_mut(), &mut ring, &d, IoBuf::None), 0);
+            assert_eq!(run(q.as_mut(), &mut ring, &rd, rbuf), 16384);
+            assert!(
+                back.iter().all(|&b| b == 0),
+                "discarded range reads back as zeroes"
+            );
+        }
+        if t.shape().write_zeroes {
+            let z = IoDesc {
+                tag: 3,
+                op: BlockOp::WriteZeroes,
+                flags: IoFlags::default(),
+                offset: 65536,
+                len: 4096,
+            };
+            assert_eq!(run(q.as_mut(), &mut ring, &z, IoBuf::None), 0);
+            let r = IoDesc {
+                offset: 65536,
+                len: 4096,
+                ..rd
+            };
+            assert_eq!(
+                run(
+                    q.as_mut(),
+                    &mut ring,
+                    &r,
+                    IoBuf::User {
+                        addr: back.as_mut_ptr(),
+                        len: 4096
+                    }
+                ),
+                4096
+            );
+            assert!(back[..4096].iter().all(|&b| b == 0));
+        }
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn read_only_targets_refuse_writes() {
+        let path = tmp("ro");
+        File::create(&path).unwrap().set_len(1 << 16).unwrap();
+        let t = LoopTarget::open(&LoopOptions {
+            read_only: true,
+            ..opts(&path)
+        })
+        .unwrap();
+        assert!(t.shape().read_only && !t.shape().discard);
+        let mut ring = TestRing(IoUring::new(8).unwrap());
+        let mut q = t
+            .queue(QueueContext {
+                qid: 0,
+                depth: 1,
+                first_file: 0,
+            })
+            .unwrap();
+        let wr = IoDesc {
+            tag: 0,
+            op: BlockOp::Write,
+            flags: IoFlags::default(),
+            offset: 0,
+            len: 512,
+        };
+        let mut data = [0u8; 512];
+        let buf = IoBuf::User {
+            addr: data.as_mut_ptr(),
+            len: 512,
+        };
+        assert_eq!(run(q.as_mut(), &mut ring, &wr, buf), -libc::EROFS);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+}
