@@ -2,9 +2,12 @@
 //! kernel's own drivers, measured side by side in one run. Not a test: it checks no
 //! threshold, it reports.
 //!
-//! Usage: ublkd-bench null [--runtime SECS]
+//! Every cell is measured in several rounds; within a round each workload runs on every
+//! device in turn, so slow phases of the (emulated) machine hit all devices alike. The
+//! table shows the median of the rounds and the spread (min-max) of IOPS.
+//!
+//! Usage: ublkd-bench null|loop [--runtime SECS] [--rounds N]
 
-use std::path::Path;
 use std::process::Command;
 use ublkd_tests::{fio, Daemon};
 
@@ -15,7 +18,7 @@ struct Row {
     iodepth: u32,
 }
 
-const ROWS: [Row; 3] = [
+const NULL_ROWS: [Row; 3] = [
     Row {
         name: "4k randread QD32",
         rw: "randread",
@@ -35,6 +38,38 @@ const ROWS: [Row; 3] = [
         iodepth: 8,
     },
 ];
+
+const LOOP_ROWS: [Row; 4] = [
+    Row {
+        name: "4k randread QD32",
+        rw: "randread",
+        bs: "4k",
+        iodepth: 32,
+    },
+    Row {
+        name: "4k randwrite QD32",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 32,
+    },
+    Row {
+        name: "512k read QD8",
+        rw: "read",
+        bs: "512k",
+        iodepth: 8,
+    },
+    Row {
+        name: "512k write QD8",
+        rw: "write",
+        bs: "512k",
+        iodepth: 8,
+    },
+];
+
+struct Settings {
+    runtime: u32,
+    rounds: usize,
+}
 
 /// One measurement: IOPS and MB/s.
 fn measure(dev: &str, row: &Row, runtime: u32) -> (f64, f64) {
@@ -59,6 +94,60 @@ fn measure(dev: &str, row: &Row, runtime: u32) -> (f64, f64) {
     (run.iops(0, dir), run.bw_bytes(0, dir) / 1e6)
 }
 
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Measures every row on every device (`(label, path)`, the first is the reference) and
+/// prints the table.
+fn compare(devices: &[(String, String)], rows: &[Row], s: &Settings) {
+    // samples[row][dev] = [(iops, mbps)] over the rounds
+    let mut samples = vec![vec![Vec::new(); devices.len()]; rows.len()];
+    for round in 0..s.rounds {
+        eprintln!("round {}/{}", round + 1, s.rounds);
+        for (r, row) in rows.iter().enumerate() {
+            for (d, (_, path)) in devices.iter().enumerate() {
+                samples[r][d].push(measure(path, row, s.runtime));
+            }
+        }
+    }
+    println!(
+        "| {:<18} | {:<14} | {:>9} | {:>15} | {:>9} | {:>8} |",
+        "workload", "device", "IOPS", "IOPS min-max", "MB/s", "ratio"
+    );
+    println!(
+        "|{:-<20}|{:-<16}|{:->10}:|{:->16}:|{:->10}:|{:->9}:|",
+        "", "", "", "", "", ""
+    );
+    for (r, row) in rows.iter().enumerate() {
+        let mut reference = 0.0;
+        for (d, (label, _)) in devices.iter().enumerate() {
+            let mut iops: Vec<f64> = samples[r][d].iter().map(|x| x.0).collect();
+            let mut mbps: Vec<f64> = samples[r][d].iter().map(|x| x.1).collect();
+            let (lo, hi) = (
+                iops.iter().copied().fold(f64::INFINITY, f64::min),
+                iops.iter().copied().fold(0.0, f64::max),
+            );
+            let (mi, mb) = (median(&mut iops), median(&mut mbps));
+            if d == 0 {
+                reference = mi;
+            }
+            let spread = format!("{lo:.0}-{hi:.0}");
+            let ratio = format!("{:.2}x", mi / reference);
+            println!(
+                "| {:<18} | {label:<14} | {mi:>9.0} | {spread:>15} | {mb:>9.1} | {ratio:>8} |",
+                row.name
+            );
+        }
+    }
+}
+
 fn insmod(module: &str, params: &[&str]) {
     let path = format!("/lib/modules/{module}.ko");
     let out = Command::new("insmod")
@@ -73,60 +162,103 @@ fn insmod(module: &str, params: &[&str]) {
     );
 }
 
-fn bench_null(runtime: u32) {
+fn bench_null(s: &Settings) {
     insmod("null_blk", &["nr_devices=1", "queue_mode=2", "irqmode=0"]);
-    assert!(
-        Path::new("/dev/nullb0").exists(),
-        "null_blk did not create /dev/nullb0"
-    );
     let d = Daemon::start("bench");
     let dev = d.add(&["null", "--size", "250G", "--queues", "1", "--depth", "128"]);
-    let info = d.list_json();
-    let buffer = info[0]["buffer"].as_str().unwrap_or("?").to_string();
-
-    println!("ublkd null ({dev}, 1 queue, depth 128, {buffer} buffers) vs null_blk (/dev/nullb0, queue_mode=2 irqmode=0)");
+    let buffer = d.list_json()[0]["buffer"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string();
+    println!("ublkd null ({dev}: 1 queue, depth 128, {buffer} buffers) vs null_blk (/dev/nullb0: queue_mode=2 irqmode=0)");
     println!(
-        "fio io_uring, direct, 1 job, {runtime} s per run (+1 s ramp), alternating devices per row"
+        "fio io_uring, direct, 1 job, {} s per run (+1 s ramp), {} rounds, median shown; ratio = ublkd / null_blk",
+        s.runtime, s.rounds
     );
     println!();
-    let header = [
-        "workload",
-        "null_blk IOPS",
-        "null_blk MB/s",
-        "ublkd IOPS",
-        "ublkd MB/s",
+    let devices = [
+        ("null_blk".to_string(), "/dev/nullb0".to_string()),
+        (format!("ublkd {buffer}"), dev),
     ];
-    println!(
-        "| {:<18} | {:>13} | {:>13} | {:>13} | {:>13} | {:>14} |",
-        header[0], header[1], header[2], header[3], header[4], "ublkd/null_blk"
-    );
-    println!(
-        "|{:-<20}|{:->14}:|{:->14}:|{:->14}:|{:->14}:|{:->15}:|",
-        "", "", "", "", "", ""
-    );
-    for row in &ROWS {
-        let (kio, kbw) = measure("/dev/nullb0", row, runtime);
-        let (uio, ubw) = measure(&dev, row, runtime);
-        let ratio = format!("{:.2}x", uio / kio);
-        println!(
-            "| {:<18} | {kio:>13.0} | {kbw:>13.1} | {uio:>13.0} | {ubw:>13.1} | {ratio:>14} |",
-            row.name
-        );
+    compare(&devices, &NULL_ROWS, s);
+}
+
+fn bench_loop(s: &Settings) {
+    let file = "/tmp/bench-loop.img";
+    // A fully written file, so reads hit data rather than holes.
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut f = std::fs::File::create(file).expect("create backing file");
+    for _ in 0..512 {
+        std::io::Write::write_all(&mut f, &chunk).expect("fill backing file");
     }
+    f.sync_all().expect("sync backing file");
+    drop(f);
+
+    let out = Command::new("/usr/sbin/losetup")
+        .args(["--direct-io=on", "--show", "-f", file])
+        .output()
+        .expect("run losetup");
+    assert!(
+        out.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kloop = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let name = kloop.trim_start_matches("/dev/");
+    let dio = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap_or_default();
+
+    let d = Daemon::start("bench-loop");
+    let mut devices = vec![("kernel loop".to_string(), kloop.clone())];
+    for mode in ["copy", "fixed", "zc", "auto-zc"] {
+        let args = [
+            "loop",
+            "--file",
+            file,
+            "--buffer",
+            mode,
+            "--direct-io",
+            "on",
+            "--queues",
+            "1",
+            "--depth",
+            "128",
+        ];
+        devices.push((format!("ublkd {mode}"), d.add(&args)));
+    }
+    println!(
+        "kernel loop ({kloop}: --direct-io=on, dio={}) vs ublkd loop (1 queue, depth 128, O_DIRECT) in each buffer mode",
+        dio.trim()
+    );
+    println!(
+        "same 512 MiB backing file on tmpfs; fio io_uring, direct, 1 job, {} s per run (+1 s ramp), {} rounds, median shown; ratio = device / kernel loop",
+        s.runtime, s.rounds
+    );
+    println!();
+    compare(&devices, &LOOP_ROWS, s);
+    d.ctl_ok(&["del", "--all"]);
+    let _ = Command::new("/usr/sbin/losetup")
+        .args(["-d", &kloop])
+        .status();
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let runtime = args
-        .iter()
-        .position(|a| a == "--runtime")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(8);
+    let opt = |name: &str, default: usize| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let s = Settings {
+        runtime: opt("--runtime", 4) as u32,
+        rounds: opt("--rounds", 3).max(1),
+    };
     match args.first().map(String::as_str) {
-        Some("null") => bench_null(runtime),
+        Some("null") => bench_null(&s),
+        Some("loop") => bench_loop(&s),
         _ => {
-            eprintln!("usage: ublkd-bench null [--runtime SECS]");
+            eprintln!("usage: ublkd-bench null|loop [--runtime SECS] [--rounds N]");
             std::process::exit(2);
         }
     }
