@@ -1,7 +1,8 @@
 #!/bin/sh
 # The main job, step by step (POSIX sh: runs on the host or inside the test VM): start
-# ublkd, create a null device, push 5 s of fio through it, show the device, delete it,
-# stop the daemon. Needs ublkd and ublkctl on PATH and runs as root.
+# ublkd, create a null device and push 5 s of fio through it, create a loop device on a
+# file and write + verify data through it, delete both, stop the daemon. Needs ublkd and
+# ublkctl on PATH and runs as root.
 set -eu
 FIO=${FIO:-/usr/bin/fio}
 dir=$(mktemp -d /tmp/ublkd-demo.XXXXXX)
@@ -30,6 +31,16 @@ echo "== fio: 4k random read/write, io_uring, direct, QD32, 5 s"
     --iodepth=32 --time_based --runtime=5 --group_reporting --eta=never
 echo "== ublkctl show ${dev#/dev/ublkb}"
 ublkctl --socket "$sock" show "${dev#/dev/ublkb}"
+
+echo "== ublkctl add loop --file $dir/disk.img (256 MiB file)"
+dd if=/dev/zero of="$dir/disk.img" bs=1M count=0 seek=256 2>/dev/null
+loopdev=$(ublkctl --socket "$sock" add loop --file "$dir/disk.img")
+echo "$loopdev"
+echo "== fio: 64 MiB of 4k random writes with crc32c verify through $loopdev"
+"$FIO" --name=verify --filename="$loopdev" --ioengine=io_uring --direct=1 --rw=randwrite \
+    --bs=4k --iodepth=32 --size=64M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+    --verify_state_save=0 --group_reporting --eta=never | grep -E "WRITE:|READ:|err="
+ublkctl --socket "$sock" list
 echo "== ublkctl del --all; stop ublkd"
 ublkctl --socket "$sock" del --all
 kill -TERM "$pid"
