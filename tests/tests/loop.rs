@@ -378,7 +378,11 @@ fn bad_backing_files_get_clear_errors() {
     let ro_flag = std::fs::read_to_string(format!("/sys/block/ublkb{id}/ro")).unwrap();
     assert_eq!(ro_flag.trim(), "1", "device is not read-only");
     // The kernel may let the node be opened for writing; the write itself must fail.
-    if let Ok(w) = OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(&dev) {
+    if let Ok(w) = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev)
+    {
         let err = w.write_all_at(AlignedBuf::new(&[0u8; 4096]).as_slice(), 0);
         assert!(err.is_err(), "a write to a read-only device succeeded");
     }
