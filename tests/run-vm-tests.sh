@@ -35,6 +35,10 @@ while read -r name exe; do
     args+=(--bin "$work/ublkd-test-$name")
 done <"$work/tests.txt"
 args+=(--file "tests/vm/guest-run-tests.sh:/usr/local/bin/guest-run-tests.sh")
+# Real NBD servers for the nbd target's tests.
+plugins=$(nbdkit --dump-config | sed -n 's/^plugindir=//p')
+args+=(--tool /usr/bin/nbdkit --tool /usr/bin/qemu-nbd)
+args+=(--tool "$plugins/nbdkit-memory-plugin.so" --tool "$plugins/nbdkit-file-plugin.so")
 
 set +e
 tests/vm/run.sh --timeout "${UBLKD_VM_TIMEOUT:-1500}" --mem "${UBLKD_VM_MEM:-3G}" "${args[@]}" \
@@ -42,8 +46,12 @@ tests/vm/run.sh --timeout "${UBLKD_VM_TIMEOUT:-1500}" --mem "${UBLKD_VM_MEM:-3G}
 status=${PIPESTATUS[0]}
 set -e
 
-passed=$(grep -cE '^test .* \.\.\. ok$' "$work/console.log" || true)
-failed=$(grep -cE '^test .* \.\.\. FAILED$' "$work/console.log" || true)
+# Count from each binary's libtest summary ("test result: ok. N passed; M failed; ..."):
+# server and kernel messages may land in the middle of a per-test line.
+sum() { grep -oE "test result: [A-Za-z]+\. [0-9]+ passed; [0-9]+ failed" "$work/console.log" |
+    awk -v f="$1" '{ n += (f == "passed" ? $4 : $6) } END { print n + 0 }'; }
+passed=$(sum passed)
+failed=$(sum failed)
 if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then
     # The VM or a test binary died without reporting a failed test: count it.
     echo "run-vm-tests: the VM run ended with status $status before reporting every test" >&2

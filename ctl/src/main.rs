@@ -71,6 +71,18 @@ enum AddTarget {
         #[command(flatten)]
         common: CommonAddArgs,
     },
+    /// A device backed by an NBD export; its size and capabilities are the server's.
+    Nbd {
+        /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (port 10809 by default).
+        #[arg(long)]
+        uri: String,
+        /// Connections to the server, one per queue (more than one needs multi-conn);
+        /// the same as --queues.
+        #[arg(long)]
+        connections: Option<u32>,
+        #[command(flatten)]
+        common: CommonAddArgs,
+    },
     /// A device backed by a regular file or a block device; its size is the file's.
     Loop {
         /// The backing file or block device.
@@ -139,6 +151,20 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
                 },
                 common,
             )
+        }
+        AddTarget::Nbd {
+            uri,
+            connections,
+            mut common,
+        } => {
+            match (connections, common.queues) {
+                (Some(c), Some(q)) if c != q => {
+                    bail!("--connections {c} and --queues {q} disagree: there is one connection per queue")
+                }
+                (Some(c), _) => common.queues = Some(c),
+                _ => {}
+            }
+            (TargetSpec::Nbd { uri }, common)
         }
     };
     Ok(AddDevice {

@@ -3,7 +3,7 @@
 //! Creation: ADD_DEV, one queue thread per hardware queue (each posts FETCH_REQ for all
 //! its tags), SET_PARAMS + START_DEV, then a read through the block node to prove it
 //! is live. Deletion: STOP_DEV (the driver drains and removes the disk while the queues
-//! still serve), stop and join the queues, close the char device, DEL_DEV.
+//! still serve), stop and join the queues, close the char device, DEL_DEV_ASYNC.
 
 use crate::kernel::{describe, ensure_ctrl_ring, state_name, KernelInfo};
 use crate::queue::{self, QueueCounters, QueueHandle, QueueSpec};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use ublkd_proto::features;
 use ublkd_proto::validate::{self, Geometry};
 use ublkd_proto::{AddDevice, BufferMode, DeviceDetail, DeviceInfo, KernelDeviceInfo, TargetSpec};
+use ublkd_targets::nbd::{NbdTarget, NbdUri};
 use ublkd_targets::null::NullTarget;
 use ublkd_targets::r#loop::{LoopOptions, LoopTarget};
 use ublkd_targets::{DeviceShape, Target};
@@ -93,7 +94,8 @@ fn device_flags(mode: BufferMode) -> u64 {
     })
 }
 
-fn build_target(spec: &TargetSpec, block_size: u32) -> Result<Arc<dyn Target>> {
+fn build_target(spec: &TargetSpec, geometry: &Geometry) -> Result<Arc<dyn Target>> {
+    let block_size = geometry.block_size;
     match spec {
         TargetSpec::Null { size } => {
             validate::device_size(*size, block_size)?;
@@ -111,6 +113,14 @@ fn build_target(spec: &TargetSpec, block_size: u32) -> Result<Arc<dyn Target>> {
                 block_size,
             };
             Ok(Arc::new(LoopTarget::open(&opts)?))
+        }
+        TargetSpec::Nbd { uri } => {
+            let uri: NbdUri = uri.parse()?;
+            Ok(Arc::new(NbdTarget::connect(
+                &uri,
+                geometry.queues,
+                block_size,
+            )?))
         }
     }
 }
@@ -170,7 +180,7 @@ impl Device {
         let geometry =
             validate::geometry(req.queues, req.depth, req.block_size, kernel.max_queues)?;
         let buffer = choose_buffer(req.buffer, kernel, geometry.depth)?;
-        let target = build_target(&req.target, geometry.block_size)?;
+        let target = build_target(&req.target, &geometry)?;
         let shape = target.shape();
 
         ensure_ctrl_ring()?;
@@ -389,8 +399,18 @@ impl Device {
         }
         self.queues.clear();
         self.dev = None;
-        if let Err(e) = ctrl.del_dev() {
-            result = Err(anyhow!("DEL_DEV failed: {}", describe(&e)));
+        // DEL_DEV_ASYNC (Linux 6.9+) returns at once even while an application still
+        // holds the (already removed) disk open; plain DEL_DEV would wait for it to
+        // close. Fall back to DEL_DEV on kernels without it.
+        if let Err(e) = ctrl.del_dev_async() {
+            log::debug!(
+                "dev {}: DEL_DEV_ASYNC: {}; trying DEL_DEV",
+                self.id,
+                describe(&e)
+            );
+            if let Err(e) = ctrl.del_dev() {
+                result = Err(anyhow!("DEL_DEV failed: {}", describe(&e)));
+            }
         }
         match &result {
             Ok(()) => log::info!("dev {}: deleted", self.id),
@@ -493,8 +513,25 @@ mod tests {
 
     #[test]
     fn null_target_sizes_are_validated() {
-        assert!(build_target(&TargetSpec::Null { size: 0 }, 512).is_err());
-        assert!(build_target(&TargetSpec::Null { size: 1000 }, 512).is_err());
-        assert!(build_target(&TargetSpec::Null { size: 4096 }, 4096).is_ok());
+        let geo = |block_size| Geometry {
+            queues: 1,
+            depth: 1,
+            block_size,
+        };
+        assert!(build_target(&TargetSpec::Null { size: 0 }, &geo(512)).is_err());
+        assert!(build_target(&TargetSpec::Null { size: 1000 }, &geo(512)).is_err());
+        assert!(build_target(&TargetSpec::Null { size: 4096 }, &geo(4096)).is_ok());
+        let e = build_target(
+            &TargetSpec::Nbd {
+                uri: "nbds://h/e".into(),
+            },
+            &geo(512),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            e.to_string().contains("TLS (nbds://) is not supported yet"),
+            "{e}"
+        );
     }
 }

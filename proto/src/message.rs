@@ -51,6 +51,8 @@ pub struct AddDevice {
 pub enum TargetSpec {
     /// Completes every request at once without touching data.
     Null { size: u64 },
+    /// A client of an NBD export; one connection per queue.
+    Nbd { uri: String },
     /// Exports a regular file or a block device.
     Loop {
         file: String,
@@ -66,6 +68,7 @@ impl TargetSpec {
         match self {
             TargetSpec::Null { .. } => "null",
             TargetSpec::Loop { .. } => "loop",
+            TargetSpec::Nbd { .. } => "nbd",
         }
     }
 }

@@ -10,6 +10,7 @@
 
 mod io;
 pub mod r#loop;
+pub mod nbd;
 pub mod null;
 
 pub use io::{BlockOp, IoBuf, IoDesc, IoFlags};
@@ -47,6 +48,19 @@ pub trait Ring {
     /// Every buffer, file descriptor or struct the SQE points to must stay valid until
     /// its completion has been passed to [`QueueTarget::complete`].
     unsafe fn push(&mut self, tag: u16, step: u16, sqe: squeue::Entry) -> Result<(), RingFull>;
+
+    /// Pushes `sqe` on behalf of the target as a whole, not of one request (a network
+    /// target's receive loop). Its completion goes to [`QueueTarget::event`] with `step`.
+    ///
+    /// # Safety
+    /// What the SQE points to must stay valid until its completion has been passed to
+    /// [`QueueTarget::event`] (or the queue has ended).
+    unsafe fn push_event(&mut self, step: u16, sqe: squeue::Entry) -> Result<(), RingFull>;
+
+    /// Completes request `tag` with `result` (bytes or -errno) once the current call
+    /// returns: for targets whose answers do not arrive on the request's own SQEs. The
+    /// target must have no SQE of that request still in flight.
+    fn finish(&mut self, tag: u16, result: i32);
 }
 
 /// Serves the requests of one hardware queue. Lives on that queue's thread.
@@ -56,6 +70,17 @@ pub trait QueueTarget {
     fn flush(&mut self, io: &IoDesc, ring: &mut dyn Ring) -> Outcome;
     fn discard(&mut self, io: &IoDesc, ring: &mut dyn Ring) -> Outcome;
     fn write_zeroes(&mut self, io: &IoDesc, ring: &mut dyn Ring) -> Outcome;
+
+    /// Called once on the queue thread before the first request, to post target-wide
+    /// SQEs (a receive loop).
+    fn start(&mut self, ring: &mut dyn Ring) {
+        let _ = ring;
+    }
+
+    /// The completion of an SQE pushed with [`Ring::push_event`].
+    fn event(&mut self, step: u16, res: i32, ring: &mut dyn Ring) {
+        let _ = (step, res, ring);
+    }
 
     /// The completion of an SQE this target pushed for `io` (`res` is the CQE's result).
     fn complete(
@@ -169,6 +194,10 @@ mod tests {
         unsafe fn push(&mut self, _: u16, _: u16, _: squeue::Entry) -> Result<(), RingFull> {
             Err(RingFull)
         }
+        unsafe fn push_event(&mut self, _: u16, _: squeue::Entry) -> Result<(), RingFull> {
+            Err(RingFull)
+        }
+        fn finish(&mut self, _: u16, _: i32) {}
     }
 
     fn io(op: BlockOp) -> IoDesc {

@@ -537,6 +537,12 @@ mod tests {
             // SAFETY: forwarded from the caller.
             unsafe { self.0.submission().push(&sqe) }.map_err(|_| RingFull)
         }
+        unsafe fn push_event(&mut self, _: u16, _: squeue::Entry) -> Result<(), RingFull> {
+            unreachable!("the loop target has no target-wide SQEs")
+        }
+        fn finish(&mut self, _: u16, _: i32) {
+            unreachable!("the loop target completes through Outcome")
+        }
     }
 
     fn run(q: &mut dyn QueueTarget, ring: &mut TestRing, io: &IoDesc, buf: IoBuf) -> i32 {

@@ -74,6 +74,12 @@ mod tests {
         unsafe fn push(&mut self, _: u16, _: u16, _: squeue::Entry) -> Result<(), RingFull> {
             unreachable!("the null target never submits IO")
         }
+        unsafe fn push_event(&mut self, _: u16, _: squeue::Entry) -> Result<(), RingFull> {
+            unreachable!("the null target never submits IO")
+        }
+        fn finish(&mut self, _: u16, _: i32) {
+            unreachable!("the null target completes through Outcome")
+        }
     }
 
     #[test]

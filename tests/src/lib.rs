@@ -1,6 +1,8 @@
 //! Helpers for the real-kernel tests: run `ublkd`, call `ublkctl`, run fio and read its
 //! JSON report. The tests themselves are in `vm/tests.rs` and run inside the test VM.
 
+pub mod fake_nbd;
+
 use serde_json::Value;
 use std::io::Read;
 use std::os::unix::net::UnixStream;

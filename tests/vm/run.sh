@@ -13,6 +13,9 @@
 #   --smp N              guest CPUs (default 2)
 #   --bin PATH           copy an executable to /usr/local/bin/ in the guest,
 #                        with the shared libraries ldd lists (repeatable)
+#   --tool PATH          copy a host program or shared object (a plugin) to the
+#                        same absolute path in the guest, with its libraries
+#                        (repeatable)
 #   --file SRC:DST       copy a file or directory to the absolute guest path
 #                        DST (repeatable)
 #   --append ARGS        extra kernel command line arguments
@@ -42,6 +45,7 @@ extra_append=""
 log_file=""
 bins=()
 files=()
+tools=()
 
 need_arg() { (($# >= 2)) || die "option $1 needs an argument (see --help)"; }
 while (($#)); do
@@ -55,6 +59,7 @@ while (($#)); do
         --bin) need_arg "$@"; bins+=("$2"); shift 2 ;;
         --bin=*) bins+=("${1#*=}"); shift ;;
         --file) need_arg "$@"; files+=("$2"); shift 2 ;;
+        --tool) need_arg "$@"; tools+=("$2"); shift 2 ;;
         --file=*) files+=("${1#*=}"); shift ;;
         --append) need_arg "$@"; extra_append+=" $2"; shift 2 ;;
         --append=*) extra_append+=" ${1#*=}"; shift ;;
@@ -124,12 +129,17 @@ copy_lib() {
 
 # copy_exe HOSTPATH GUESTPATH: copy an executable plus the libraries ldd lists.
 copy_exe() {
+    [[ -x $1 ]] || die "not executable: $1"
+    copy_obj "$1" "$2"
+    chmod 0755 "$ROOT$2"
+}
+
+# copy_obj HOSTPATH GUESTPATH: copy an executable or shared object plus its libraries.
+copy_obj() {
     local src=$1 dst=$2 out lib
-    [[ -f $src ]] || die "executable not found: $src"
-    [[ -x $src ]] || die "not executable: $src"
+    [[ -f $src ]] || die "file not found: $src"
     mkdir -p "$ROOT$(dirname "$dst")"
     cp -L --remove-destination "$src" "$ROOT$dst" || die "cannot copy $src"
-    chmod 0755 "$ROOT$dst"
     # ldd fails on static binaries and scripts: nothing to copy then.
     out=$(LC_ALL=C ldd "$src" 2>&1) || return 0
     if grep -q 'not found' <<<"$out"; then
@@ -180,6 +190,10 @@ copy_exe "$(host_tool blkdiscard)" /usr/sbin/blkdiscard
 
 for b in "${bins[@]}"; do
     copy_exe "$b" "/usr/local/bin/$(basename "$b")"
+done
+for t in "${tools[@]}"; do
+    [[ $t == /* ]] || die "--tool needs an absolute path, got '$t'"
+    copy_obj "$t" "$t"
 done
 
 for spec in "${files[@]}"; do

@@ -15,12 +15,14 @@ set -euo pipefail
 #   util-linux             blkdiscard (+ flock, used by kernel.sh)
 #   mount                  losetup (bookworm ships losetup in "mount", not util-linux)
 #   libclang-dev           bindgen for the Rust build
+#   nbdkit, qemu-utils     NBD servers for the nbd target's tests (nbdkit, qemu-nbd)
+#   nbd-client             the kernel NBD client, for the nbd benchmark
 #   debian-archive-keyring trixie keys, used to verify trixie-backports
 #   apt                    apt-get/apt-cache for fetching the guest kernel
 #   coreutils              timeout, mktemp, ...
 readonly PACKAGES=(
     qemu-system-x86 busybox-static fio cpio xz-utils e2fsprogs util-linux mount
-    libclang-dev debian-archive-keyring apt coreutils
+    libclang-dev debian-archive-keyring apt coreutils nbdkit qemu-utils nbd-client
 )
 
 die() { printf 'setup-host.sh: error: %s\n' "$*" >&2; exit 1; }

@@ -181,6 +181,8 @@ struct Queue {
     wake: Arc<OwnedFd>,
     wake_buf: Box<u64>,
     cqes: Vec<(u64, i32)>,
+    /// Requests the target finished by tag during a call (see `Ring::finish`).
+    finished: Vec<(u16, i32)>,
     /// Commands with the driver.
     active_cmds: usize,
     /// Requests the target holds.
@@ -227,13 +229,17 @@ fn buf_cmd(op: u32, kind: Kind, qid: u16, tag: u16) -> squeue::Entry {
 struct TargetRing<'a> {
     ring: &'a mut IoUring,
     tags: &'a mut [TagState],
+    /// Requests the target finished with [`Ring::finish`], committed after the call.
+    finished: &'a mut Vec<(u16, i32)>,
     qid: u16,
 }
 
 impl Ring for TargetRing<'_> {
     unsafe fn push(&mut self, tag: u16, step: u16, sqe: squeue::Entry) -> Result<(), RingFull> {
         let sqe = sqe.user_data(encode(Kind::Target, tag, step));
-        let state = &mut self.tags[usize::from(tag)];
+        let Some(state) = self.tags.get_mut(usize::from(tag)) else {
+            return Err(RingFull);
+        };
         let pushed = if state.needs_reg {
             let reg = buf_cmd(uapi::REGISTER_IO_BUF, Kind::RegBuf, self.qid, tag);
             // SAFETY: the registration carries no pointers; the target's SQE is covered
@@ -249,6 +255,18 @@ impl Ring for TargetRing<'_> {
             unsafe { push_all(self.ring, &[sqe]) }
         };
         pushed.then_some(()).ok_or(RingFull)
+    }
+
+    unsafe fn push_event(&mut self, step: u16, sqe: squeue::Entry) -> Result<(), RingFull> {
+        let sqe = sqe.user_data(encode(Kind::TargetEvent, 0, step));
+        // SAFETY: the caller's guarantee (the Ring::push_event contract).
+        unsafe { push_all(self.ring, &[sqe]) }
+            .then_some(())
+            .ok_or(RingFull)
+    }
+
+    fn finish(&mut self, tag: u16, result: i32) {
+        self.finished.push((tag, result));
     }
 }
 
@@ -323,6 +341,7 @@ impl Queue {
             wake,
             wake_buf: Box::new(0),
             cqes: Vec::with_capacity(sq_entries as usize * 2),
+            finished: Vec::new(),
             active_cmds: 0,
             in_target: 0,
             spec,
@@ -415,6 +434,7 @@ impl Queue {
                 "submission queue full while arming the wake-up",
             ));
         }
+        self.call_target(|t, ring| t.start(ring));
         self.ring.submit()?;
         Ok(())
     }
@@ -502,6 +522,7 @@ impl Queue {
                 );
                 self.tags[usize::from(ud.tag)].registered = false;
             }
+            Kind::TargetEvent => self.call_target(|t, ring| t.event(ud.step, res, ring)),
             Kind::UnregBuf => log::error!(
                 "dev {dev} queue {q} tag {}: unregistering the request buffer failed: {}",
                 ud.tag,
@@ -562,13 +583,35 @@ impl Queue {
             return;
         };
         let buf = self.io_buf(&io);
+        let outcome = self.call_target(|t, ring| dispatch(t, &io, buf, ring));
+        self.settle(tag, outcome);
+    }
+
+    /// Calls the target with the queue's ring, then commits what it finished by tag.
+    fn call_target<R>(&mut self, f: impl FnOnce(&mut dyn QueueTarget, &mut dyn Ring) -> R) -> R {
         let mut ring = TargetRing {
             ring: &mut self.ring,
             tags: &mut self.tags,
+            finished: &mut self.finished,
             qid: self.spec.qid,
         };
-        let outcome = dispatch(self.handler.as_mut(), &io, buf, &mut ring);
-        self.settle(tag, outcome);
+        let r = f(self.handler.as_mut(), &mut ring);
+        while let Some((tag, res)) = self.finished.pop() {
+            if self
+                .tags
+                .get(usize::from(tag))
+                .is_some_and(|t| t.io.is_some())
+            {
+                self.commit(tag, res);
+            } else {
+                log::error!(
+                    "dev {} queue {} tag {tag}: target finished a request that is not in flight",
+                    self.spec.dev_id,
+                    self.spec.qid
+                );
+            }
+        }
+        r
     }
 
     fn target_done(&mut self, tag: u16, step: u16, res: i32) {
@@ -581,12 +624,7 @@ impl Queue {
             return;
         };
         let buf = self.io_buf(&io);
-        let mut ring = TargetRing {
-            ring: &mut self.ring,
-            tags: &mut self.tags,
-            qid: self.spec.qid,
-        };
-        let outcome = self.handler.complete(&io, buf, step, res, &mut ring);
+        let outcome = self.call_target(|t, ring| t.complete(&io, buf, step, res, ring));
         self.settle(tag, outcome);
     }
 

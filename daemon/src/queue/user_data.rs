@@ -27,6 +27,8 @@ pub enum Kind {
     RegBuf = 4,
     /// UBLK_U_IO_UNREGISTER_IO_BUF (zero copy); completes only on failure.
     UnregBuf = 5,
+    /// An operation a target pushed for itself, not for one request (tag is 0).
+    TargetEvent = 6,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +52,7 @@ pub fn decode(data: u64) -> Option<UserData> {
         3 => Kind::Wake,
         4 => Kind::RegBuf,
         5 => Kind::UnregBuf,
+        6 => Kind::TargetEvent,
         _ => return None,
     };
     if data & 0x00ff_ffff_0000_0000 != 0 {
@@ -74,6 +77,7 @@ mod tests {
             Kind::Wake,
             Kind::RegBuf,
             Kind::UnregBuf,
+            Kind::TargetEvent,
         ] {
             for tag in [0u16, 1, 127, 4095, u16::MAX] {
                 for step in [0u16, 1, 0x1234, u16::MAX] {

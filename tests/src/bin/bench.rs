@@ -6,7 +6,7 @@
 //! device in turn, so slow phases of the (emulated) machine hit all devices alike. The
 //! table shows the median of the rounds and the spread (min-max) of IOPS.
 //!
-//! Usage: ublkd-bench null|loop [--runtime SECS] [--rounds N]
+//! Usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N]
 
 use std::process::Command;
 use ublkd_tests::{fio, Daemon};
@@ -241,6 +241,125 @@ fn bench_loop(s: &Settings) {
         .status();
 }
 
+/// Starts an NBD server in the background and waits until it accepts connections.
+fn start_server(program: &str, args: &[&str], port: u16) -> std::process::Child {
+    let child = Command::new(program)
+        .args(args)
+        .spawn()
+        .expect("start NBD server");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{program} did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child
+}
+
+fn bench_nbd(s: &Settings) {
+    let file = "/tmp/bench-nbd.img";
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut f = std::fs::File::create(file).expect("create export file");
+    for _ in 0..512 {
+        std::io::Write::write_all(&mut f, &chunk).expect("fill export file");
+    }
+    drop(f);
+    let mut servers = vec![
+        start_server(
+            "/usr/bin/nbdkit",
+            &[
+                "-f",
+                "--exit-with-parent",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                "10809",
+                "memory",
+                "size=512M",
+            ],
+            10809,
+        ),
+        start_server(
+            "/usr/bin/qemu-nbd",
+            &[
+                "-f",
+                "raw",
+                "-x",
+                "disk",
+                "-t",
+                "-e",
+                "4",
+                "--cache=none",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                "10810",
+                file,
+            ],
+            10810,
+        ),
+    ];
+    let d = Daemon::start("bench-nbd");
+    let exports = [
+        ("nbdkit memory", 10809u16, ""),
+        ("qemu-nbd file", 10810, "disk"),
+    ];
+    for (n, (label, port, export)) in exports.iter().enumerate() {
+        let kdev = format!("/dev/nbd{n}");
+        let out = Command::new("/usr/sbin/nbd-client")
+            .args([
+                "127.0.0.1",
+                &port.to_string(),
+                &kdev,
+                "-N",
+                export,
+                "-b",
+                "512",
+            ])
+            .output()
+            .expect("run nbd-client");
+        assert!(
+            out.status.success(),
+            "nbd-client: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let udev = d.add(&[
+            "nbd",
+            "--uri",
+            &format!("nbd://127.0.0.1:{port}/{export}"),
+            "--depth",
+            "128",
+        ]);
+        let buffer = d.show_json(ublkd_tests::dev_id(&udev))["buffer"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
+        println!("{label} export on 127.0.0.1:{port}: kernel nbd client ({kdev}, nbd-client) vs ublkd nbd ({udev}, 1 queue, depth 128, {buffer})");
+        println!(
+            "fio io_uring, direct, 1 job, {} s per run (+1 s ramp), {} rounds, median shown; ratio = device / kernel nbd",
+            s.runtime, s.rounds
+        );
+        println!();
+        let devices = [
+            ("kernel nbd".to_string(), kdev.clone()),
+            (format!("ublkd {buffer}"), udev.clone()),
+        ];
+        compare(&devices, &LOOP_ROWS, s);
+        println!();
+        let _ = Command::new("/usr/sbin/nbd-client")
+            .args(["-d", &kdev])
+            .status();
+        d.ctl_ok(&["del", &ublkd_tests::dev_id(&udev).to_string()]);
+    }
+    for srv in &mut servers {
+        let _ = srv.kill();
+        let _ = srv.wait();
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opt = |name: &str, default: usize| {
@@ -257,8 +376,9 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("null") => bench_null(&s),
         Some("loop") => bench_loop(&s),
+        Some("nbd") => bench_nbd(&s),
         _ => {
-            eprintln!("usage: ublkd-bench null|loop [--runtime SECS] [--rounds N]");
+            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N]");
             std::process::exit(2);
         }
     }
