@@ -80,6 +80,10 @@ enum AddTarget {
         /// the same as --queues.
         #[arg(long)]
         connections: Option<u32>,
+        /// Seconds to keep reconnecting after the connection drops; requests wait and are
+        /// sent again, then fail with EIO. 0 fails them at once.
+        #[arg(long, default_value_t = 30)]
+        reconnect_timeout: u32,
         #[command(flatten)]
         common: CommonAddArgs,
     },
@@ -155,6 +159,7 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
         AddTarget::Nbd {
             uri,
             connections,
+            reconnect_timeout,
             mut common,
         } => {
             match (connections, common.queues) {
@@ -164,7 +169,13 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
                 (Some(c), _) => common.queues = Some(c),
                 _ => {}
             }
-            (TargetSpec::Nbd { uri }, common)
+            (
+                TargetSpec::Nbd {
+                    uri,
+                    reconnect_timeout: Some(reconnect_timeout),
+                },
+                common,
+            )
         }
     };
     Ok(AddDevice {

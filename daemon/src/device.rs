@@ -114,12 +114,17 @@ fn build_target(spec: &TargetSpec, geometry: &Geometry) -> Result<Arc<dyn Target
             };
             Ok(Arc::new(LoopTarget::open(&opts)?))
         }
-        TargetSpec::Nbd { uri } => {
+        TargetSpec::Nbd {
+            uri,
+            reconnect_timeout,
+        } => {
             let uri: NbdUri = uri.parse()?;
+            let timeout = Duration::from_secs(u64::from(reconnect_timeout.unwrap_or(30)));
             Ok(Arc::new(NbdTarget::connect(
                 &uri,
                 geometry.queues,
                 block_size,
+                timeout,
             )?))
         }
     }
@@ -386,6 +391,7 @@ impl Device {
         };
         ensure_ctrl_ring()?;
         let mut result = Ok(());
+        self.target.abort();
         if self.started {
             if let Err(e) = ctrl.kill_dev() {
                 result = Err(anyhow!("STOP_DEV failed: {}", describe(&e)));
@@ -524,6 +530,7 @@ mod tests {
         let e = build_target(
             &TargetSpec::Nbd {
                 uri: "nbds://h/e".into(),
+                reconnect_timeout: None,
             },
             &geo(512),
         )

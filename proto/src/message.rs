@@ -52,7 +52,13 @@ pub enum TargetSpec {
     /// Completes every request at once without touching data.
     Null { size: u64 },
     /// A client of an NBD export; one connection per queue.
-    Nbd { uri: String },
+    Nbd {
+        uri: String,
+        /// Seconds to keep reconnecting after a connection drops (0: fail at once);
+        /// 30 when left out.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reconnect_timeout: Option<u32>,
+    },
     /// Exports a regular file or a block device.
     Loop {
         file: String,

@@ -156,6 +156,10 @@ pub trait Target: Send + Sync {
     }
     /// The handler for one queue, created on that queue's thread.
     fn queue(&self, ctx: QueueContext) -> std::io::Result<Box<dyn QueueTarget>>;
+
+    /// The device is being deleted: stop waiting for anything that may never come (a
+    /// server that is down), so in-flight requests can complete.
+    fn abort(&self) {}
 }
 
 #[cfg(test)]

@@ -364,7 +364,7 @@ fn a_dead_server_fails_io_and_del_still_works() {
     require_ublk();
     let mut server = Server::nbdkit_memory(Listen::Tcp(10913), "64M", &[]);
     let d = Daemon::start("nbd-dead");
-    let dev = add_nbd(&d, &server.uri, &[]);
+    let dev = add_nbd(&d, &server.uri, &["--reconnect-timeout", "3"]);
     fio(&fio_job(&dev, "randrw", "4k", 16, 1)
         .iter()
         .map(String::as_str)
@@ -435,23 +435,40 @@ fn misbehaving_servers_fail_requests_not_the_daemon() {
     ];
     for (fault, port, log_says) in faults {
         serve(port, fault);
+        // Default reconnect: the connection is reset and the request sent again, until
+        // it has been lost with too many connections and fails.
         let dev = add_nbd(&d, &format!("nbd://127.0.0.1:{port}/"), &[]);
         assert!(read_at(&dev, 0).is_ok(), "{fault:?}: a good read failed");
         let started = Instant::now();
+        let faulty = read_at(&dev, FAULT_OFFSET);
+        assert!(faulty.is_err(), "{fault:?}: the faulty reply was accepted");
+        assert!(started.elapsed() < Duration::from_secs(30));
+        let log = d.log_text();
+        assert!(
+            log.contains(log_says),
+            "{fault:?}: no log line with {log_says:?}:\n{log}"
+        );
+        assert!(
+            log.contains("reconnected"),
+            "{fault:?}: the connection was not reset:\n{log}"
+        );
+        // The reset connection serves good requests.
+        assert!(
+            read_at(&dev, 0).is_ok(),
+            "{fault:?}: IO after the reset failed"
+        );
+        del(&d, &dev);
+
+        // Without reconnecting, the connection fails and later IO fails at once.
+        let uri = format!("nbd://127.0.0.1:{port}/");
+        let dev = add_nbd(&d, &uri, &["--reconnect-timeout", "0"]);
         assert!(
             read_at(&dev, FAULT_OFFSET).is_err(),
             "{fault:?}: the faulty reply was accepted"
         );
-        assert!(started.elapsed() < Duration::from_secs(30));
-        assert!(
-            d.log_text().contains(log_says),
-            "{fault:?}: no log line with {log_says:?}:\n{}",
-            d.log_text()
-        );
-        // The connection is gone: later IO fails at once instead of hanging.
         assert!(
             read_at(&dev, 0).is_err(),
-            "{fault:?}: IO after a protocol error succeeded"
+            "{fault:?}: IO on a failed connection succeeded"
         );
         del(&d, &dev);
     }
@@ -494,5 +511,34 @@ fn misbehaving_servers_fail_requests_not_the_daemon() {
     let server = Server::nbdkit_memory(Listen::Tcp(10927), "64M", &[]);
     let dev = add_nbd(&d, &server.uri, &[]);
     assert!(read_at(&dev, 0).is_ok());
+    del(&d, &dev);
+}
+
+/// The server dies in the middle of a fio verify job and comes back within the reconnect
+/// timeout: fio finishes with no error and its data verifies.
+#[test]
+fn server_restart_within_the_timeout_is_invisible() {
+    require_ublk();
+    let file = "/tmp/nbd-restart.img";
+    std::fs::File::create(file)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let mut server = Server::qemu_nbd(Listen::Tcp(10930), file);
+    let d = Daemon::start("nbd-restart");
+    let dev = add_nbd(&d, &server.uri, &["--reconnect-timeout", "30"]);
+    let fio_dev = dev.clone();
+    let job = std::thread::spawn(move || verify(&fio_dev, "96M"));
+    std::thread::sleep(Duration::from_millis(1500));
+    server.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    let states = d.show_json(dev_id(&dev))["target_details"].to_string();
+    assert!(states.contains("reconnecting"), "{states}");
+    let _server = Server::qemu_nbd(Listen::Tcp(10930), file);
+    job.join()
+        .expect("fio verify failed across the server restart");
+    assert!(d.log_text().contains("reconnected"), "{}", d.log_text());
+    let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
+    assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
     del(&d, &dev);
 }

@@ -12,8 +12,10 @@
 //!   registered (fixed, zc, auto-zc: zero copy for zc modes) and RECV/SEND otherwise.
 //!
 //! A connection that fails (EOF, error, a reply that breaks the protocol) is shut down
-//! and every request on it, and every later one, completes with -EIO, so `del` never
-//! waits on a dead server. Reconnecting is not implemented yet.
+//! and reconnected in the background for up to the reconnect timeout; requests without
+//! an answer are sent again on the new connection, so applications see no error. After
+//! the timeout, or with the timeout 0, they and every later one complete with -EIO.
+//! Deleting the device stops the waiting at once, so `del` never waits on a dead server.
 
 pub mod proto;
 pub mod uri;
@@ -28,7 +30,7 @@ use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
@@ -67,6 +69,7 @@ pub enum NbdError {
 /// Connection state, shared between a queue's handler and `show`.
 const CONN_UP: u8 = 0;
 const CONN_FAILED: u8 = 1;
+const CONN_RECONNECTING: u8 = 2;
 
 fn connect_one(uri: &NbdUri) -> Result<(OwnedFd, ExportInfo), NbdError> {
     let u = uri.to_string();
@@ -120,6 +123,9 @@ fn connect_one(uri: &NbdUri) -> Result<(OwnedFd, ExportInfo), NbdError> {
 pub struct NbdTarget {
     uri: NbdUri,
     info: ExportInfo,
+    reconnect_timeout: Duration,
+    /// Set when the device is being deleted: stop waiting for the server.
+    abort: Arc<AtomicBool>,
     /// One connection per queue, taken by the queue's handler.
     conns: Mutex<Vec<Option<OwnedFd>>>,
     states: Vec<Arc<AtomicU8>>,
@@ -127,7 +133,12 @@ pub struct NbdTarget {
 
 impl NbdTarget {
     /// Connects `connections` times (one per queue) and negotiates the export.
-    pub fn connect(uri: &NbdUri, connections: u16, block_size: u32) -> Result<Self, NbdError> {
+    pub fn connect(
+        uri: &NbdUri,
+        connections: u16,
+        block_size: u32,
+        reconnect_timeout: Duration,
+    ) -> Result<Self, NbdError> {
         let u = uri.to_string();
         let (first, info) = connect_one(uri)?;
         if connections > 1 && !info.has(proto::TFLAG_CAN_MULTI_CONN) {
@@ -167,6 +178,8 @@ impl NbdTarget {
         Ok(NbdTarget {
             uri: uri.clone(),
             info,
+            reconnect_timeout,
+            abort: Arc::new(AtomicBool::new(false)),
             states: (0..connections)
                 .map(|_| Arc::new(AtomicU8::new(CONN_UP)))
                 .collect(),
@@ -201,11 +214,16 @@ impl Target for NbdTarget {
             .iter()
             .map(|s| match s.load(Ordering::Relaxed) {
                 CONN_UP => "connected",
+                CONN_RECONNECTING => "reconnecting",
                 _ => "failed",
             })
             .collect();
         vec![
             ("uri".into(), self.uri.to_string()),
+            (
+                "reconnect timeout".into(),
+                format!("{} s", self.reconnect_timeout.as_secs()),
+            ),
             ("connections".into(), states.join(", ")),
             ("server flags".into(), format!("{:#x}", i.flags)),
             ("multi-conn".into(), yes(proto::TFLAG_CAN_MULTI_CONN)),
@@ -234,11 +252,26 @@ impl Target for NbdTarget {
             .ok_or_else(|| io::Error::other(format!("no NBD connection for queue {q}")))?;
         let state = self.states.get(q).cloned().unwrap_or_default();
         let depth = usize::from(ctx.depth);
+        // SAFETY: eventfd has no memory preconditions; a non-negative result is a new fd.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if wake < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `wake` is a fresh descriptor that nothing else owns.
+        let wake = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(wake) };
         Ok(Box::new(NbdQueue {
             fd: types::Fd(sock.as_raw_fd()),
             sock,
+            generation: 0,
+            link: Link::Up,
             state,
-            uri: self.uri.to_string(),
+            uri: self.uri.clone(),
+            export: self.info,
+            reconnect_timeout: self.reconnect_timeout,
+            abort: self.abort.clone(),
+            wake,
+            wake_buf: Box::new(0),
+            handoff: Arc::new(Mutex::new(None)),
             headers: vec![[0; proto::REQUEST_LEN]; depth],
             tags: vec![TagIo::default(); depth],
             send_queue: VecDeque::new(),
@@ -246,35 +279,73 @@ impl Target for NbdTarget {
             reply: Box::new([0; proto::REPLY_LEN]),
             reply_got: 0,
             payload_tag: None,
-            dead: false,
         }))
+    }
+
+    fn abort(&self) {
+        self.abort.store(true, Ordering::Release);
     }
 }
 
-/// Labels of the SQEs this target pushes.
+/// Labels of the SQEs this target pushes: a kind in the low 4 bits, the connection's
+/// generation above, so completions from a socket that was replaced are recognized.
 const STEP_SEND: u16 = 1;
 const STEP_RECV_PAYLOAD: u16 = 2;
 const EVENT_RECV_HEADER: u16 = 1;
+const EVENT_RECONNECT: u16 = 2;
+
+fn step(kind: u16, generation: u16) -> u16 {
+    kind | ((generation & 0x0fff) << 4)
+}
+
+fn split_step(step: u16) -> (u16, u16) {
+    (step & 0xf, step >> 4)
+}
 
 #[derive(Debug, Clone, Copy, Default)]
 struct TagIo {
     io: Option<IoDesc>,
     buf: Option<IoBuf>,
-    /// Bytes of header + payload sent.
+    /// Bytes of header + payload sent on the current connection.
     sent: usize,
-    /// SQEs of this request in flight.
+    /// SQEs of this request in flight (on any connection).
     sqes: u32,
-    /// The request's reply, kept until its own SQEs have all completed.
+    /// The request's result, kept until its own SQEs have all completed.
     result: Option<i32>,
     /// Bytes of a read's payload received.
     got: usize,
+    /// Times the request was sent again after a connection was lost.
+    resends: u8,
 }
+
+/// A request that was in flight on this many lost connections fails instead of being
+/// sent again: a server that breaks on one request must not cause endless reconnects.
+const MAX_RESENDS: u8 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    Up,
+    Reconnecting,
+    Failed,
+}
+
+/// What the reconnect thread hands back: a negotiated socket, or why it gave up.
+type Handoff = Arc<Mutex<Option<Result<OwnedFd, String>>>>;
 
 struct NbdQueue {
     sock: OwnedFd,
     fd: types::Fd,
+    generation: u16,
+    link: Link,
     state: Arc<AtomicU8>,
-    uri: String,
+    uri: NbdUri,
+    export: ExportInfo,
+    reconnect_timeout: Duration,
+    abort: Arc<AtomicBool>,
+    /// Wakes the ring when the reconnect thread is done.
+    wake: OwnedFd,
+    wake_buf: Box<u64>,
+    handoff: Handoff,
     /// Request headers, one per tag: stable memory for the send SQEs.
     headers: Vec<[u8; proto::REQUEST_LEN]>,
     tags: Vec<TagIo>,
@@ -287,7 +358,6 @@ struct NbdQueue {
     reply_got: usize,
     /// The read whose payload is being received instead of a header.
     payload_tag: Option<u16>,
-    dead: bool,
 }
 
 fn nbd_command(io: &IoDesc) -> Option<(u16, u16)> {
@@ -309,10 +379,64 @@ fn nbd_command(io: &IoDesc) -> Option<(u16, u16)> {
     })
 }
 
+/// Reconnects in the background: retries with backoff until `timeout`, then hands the
+/// result over and wakes the queue's ring through `wake`.
+fn spawn_reconnect(
+    uri: NbdUri,
+    export: ExportInfo,
+    timeout: Duration,
+    abort: Arc<AtomicBool>,
+    handoff: Handoff,
+    wake: OwnedFd,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("nbd-reconnect".into())
+        .spawn(move || {
+            let deadline = std::time::Instant::now() + timeout;
+            let mut delay = Duration::from_millis(100);
+            let result = loop {
+                if abort.load(Ordering::Acquire) {
+                    break Err("the device is being deleted".to_string());
+                }
+                match connect_one(&uri) {
+                    Ok((fd, info)) if info.size == export.size && info.flags == export.flags => {
+                        break Ok(fd)
+                    }
+                    Ok((_, info)) => {
+                        break Err(format!(
+                            "the export changed (now {} bytes, flags {:#x})",
+                            info.size, info.flags
+                        ))
+                    }
+                    Err(e) => log::debug!("{uri}: reconnect attempt failed: {e}"),
+                }
+                let now = std::time::Instant::now();
+                if now >= deadline {
+                    break Err(format!(
+                        "the server did not come back within {} s",
+                        timeout.as_secs()
+                    ));
+                }
+                let until = (now + delay).min(deadline);
+                while std::time::Instant::now() < until && !abort.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            };
+            *handoff.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writing 8 bytes from a live buffer to an eventfd we own.
+            unsafe { libc::write(wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the reconnect thread: {e}");
+    }
+}
+
 impl NbdQueue {
     /// Queues request `io` for sending.
     fn start_request(&mut self, io: &IoDesc, buf: IoBuf, ring: &mut dyn Ring) -> Outcome {
-        if self.dead {
+        if self.link == Link::Failed {
             return Outcome::Done(-libc::EIO);
         }
         let Some((cmd, flags)) = nbd_command(io) else {
@@ -325,25 +449,21 @@ impl NbdQueue {
             io.len
         };
         self.headers[t] = proto::request(flags, cmd, u64::from(io.tag), io.offset, len);
+        let sqes = self.tags[t].sqes;
         self.tags[t] = TagIo {
             io: Some(*io),
             buf: Some(buf),
+            sqes,
             ..TagIo::default()
         };
         self.send_queue.push_back(io.tag);
         self.pump_send(ring);
-        if self.dead {
-            // The send could not even start: the connection is gone.
-            return self
-                .take_result(io.tag)
-                .map_or(Outcome::Queued, Outcome::Done);
-        }
         Outcome::Queued
     }
 
-    /// Starts the next send if the connection's send slot is free.
+    /// Starts the next send if the connection is up and its send slot is free.
     fn pump_send(&mut self, ring: &mut dyn Ring) {
-        while self.sending.is_none() && !self.dead {
+        while self.sending.is_none() && self.link == Link::Up {
             let Some(tag) = self.send_queue.pop_front() else {
                 return;
             };
@@ -393,7 +513,7 @@ impl NbdQueue {
         // SAFETY: the header lives in `self.headers` and the payload in the request's
         // buffer; neither is released before this SQE's completion comes back (a
         // request is finished only when its SQE count is zero).
-        match unsafe { ring.push(tag, STEP_SEND, sqe) } {
+        match unsafe { ring.push(tag, step(STEP_SEND, self.generation), sqe) } {
             Ok(()) => {
                 self.tags[t].sqes += 1;
                 true
@@ -407,7 +527,7 @@ impl NbdQueue {
     }
 
     fn post_header_recv(&mut self, ring: &mut dyn Ring) {
-        if self.dead {
+        if self.link != Link::Up {
             return;
         }
         let at = self.reply[self.reply_got..].as_mut_ptr();
@@ -415,8 +535,8 @@ impl NbdQueue {
             opcode::Recv::new(self.fd, at, (proto::REPLY_LEN - self.reply_got) as u32).build();
         // SAFETY: `reply` is boxed and owned by this handler, which lives as long as the
         // queue's ring.
-        if unsafe { ring.push_event(EVENT_RECV_HEADER, sqe) }.is_err() {
-            self.fail("the ring is full: cannot post the reply receive", ring);
+        if unsafe { ring.push_event(step(EVENT_RECV_HEADER, self.generation), sqe) }.is_err() {
+            self.give_up("the ring is full: cannot post the reply receive", ring);
         }
     }
 
@@ -435,13 +555,13 @@ impl NbdQueue {
                     .offset(u64::MAX)
                     .build()
             }
-            _ => return self.fail("a read reply for a request without a buffer", ring),
+            _ => return self.connection_lost("a read reply for a request without a buffer", ring),
         };
         // SAFETY: the request's buffer stays valid until the request is finished, which
         // waits for this SQE's completion.
-        match unsafe { ring.push(tag, STEP_RECV_PAYLOAD, sqe) } {
+        match unsafe { ring.push(tag, step(STEP_RECV_PAYLOAD, self.generation), sqe) } {
             Ok(()) => self.tags[t].sqes += 1,
-            Err(_) => self.fail("the ring is full: cannot post a payload receive", ring),
+            Err(_) => self.give_up("the ring is full: cannot post a payload receive", ring),
         }
     }
 
@@ -463,12 +583,33 @@ impl NbdQueue {
         Some(r)
     }
 
+    /// Bookkeeping for a completed SQE of `tag`'s; the request's result when it can
+    /// finish now.
+    fn sqe_done(&mut self, tag: u16) -> Option<i32> {
+        let t = &mut self.tags[usize::from(tag)];
+        t.sqes = t.sqes.saturating_sub(1);
+        if t.sqes == 0 {
+            self.take_result(tag)
+        } else {
+            None
+        }
+    }
+
+    /// Requests that have no answer yet.
+    fn unanswered(&self) -> Vec<u16> {
+        (0..self.tags.len() as u16)
+            .filter(|&t| {
+                self.tags[usize::from(t)].io.is_some() && self.tags[usize::from(t)].result.is_none()
+            })
+            .collect()
+    }
+
     /// A reply header is complete: match it to its request.
     fn header_done(&mut self, ring: &mut dyn Ring) {
         self.reply_got = 0;
         let reply = match proto::parse_reply(&self.reply) {
             Ok(r) => r,
-            Err(e) => return self.fail(&format!("bad reply: {e}"), ring),
+            Err(e) => return self.connection_lost(&format!("bad reply: {e}"), ring),
         };
         let tag = reply.cookie;
         let known = usize::try_from(tag)
@@ -476,7 +617,7 @@ impl NbdQueue {
             .and_then(|t| self.tags.get(t))
             .is_some_and(|t| t.io.is_some() && t.result.is_none());
         if !known {
-            return self.fail(&format!("reply with unknown cookie {tag:#x}"), ring);
+            return self.connection_lost(&format!("reply with unknown cookie {tag:#x}"), ring);
         }
         let tag = tag as u16;
         let Some(io) = self.tags[usize::from(tag)].io else {
@@ -505,39 +646,111 @@ impl NbdQueue {
         self.post_header_recv(ring);
     }
 
-    /// The connection is unusable: shut it down and fail every request on it.
-    fn fail(&mut self, why: &str, ring: &mut dyn Ring) {
-        if !self.dead {
+    /// The connection broke. Reconnect in the background and resend what has no answer,
+    /// or fail it all when reconnecting is off or the device is going away.
+    fn connection_lost(&mut self, why: &str, ring: &mut dyn Ring) {
+        if self.link != Link::Up {
+            return;
+        }
+        // Pending receives and sends complete (with errors) once the socket is down.
+        // SAFETY: shutdown on a socket we own.
+        unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+        if self.reconnect_timeout.is_zero() || self.abort.load(Ordering::Acquire) {
+            return self.give_up(why, ring);
+        }
+        log::error!(
+            "{}: connection lost: {why}; reconnecting for up to {} s",
+            self.uri,
+            self.reconnect_timeout.as_secs()
+        );
+        self.link = Link::Reconnecting;
+        self.state.store(CONN_RECONNECTING, Ordering::Relaxed);
+        self.sending = None;
+        self.payload_tag = None;
+        self.reply_got = 0;
+        let mut resend = VecDeque::new();
+        for tag in self.unanswered() {
+            let t = &mut self.tags[usize::from(tag)];
+            t.sent = 0;
+            t.got = 0;
+            t.resends += 1;
+            if t.resends > MAX_RESENDS {
+                log::error!(
+                    "{}: tag {tag}: lost with {} connections; failing it with EIO",
+                    self.uri,
+                    t.resends
+                );
+                self.settle(tag, -libc::EIO, ring);
+            } else {
+                resend.push_back(tag);
+            }
+        }
+        self.send_queue = resend;
+        let wake = match self.wake.try_clone() {
+            Ok(w) => w,
+            Err(e) => return self.give_up(&format!("cannot start reconnecting: {e}"), ring),
+        };
+        *self.handoff.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        spawn_reconnect(
+            self.uri.clone(),
+            self.export,
+            self.reconnect_timeout,
+            self.abort.clone(),
+            self.handoff.clone(),
+            wake,
+        );
+        let buf: *mut u64 = &mut *self.wake_buf;
+        let sqe = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), buf.cast(), 8).build();
+        // SAFETY: wake_buf is boxed and owned by this handler, which outlives the ring.
+        if unsafe { ring.push_event(step(EVENT_RECONNECT, 0), sqe) }.is_err() {
+            self.give_up("the ring is full: cannot wait for the reconnect", ring);
+        }
+    }
+
+    /// The connection is gone for good: fail every request on it and every later one.
+    fn give_up(&mut self, why: &str, ring: &mut dyn Ring) {
+        if self.link != Link::Failed {
             log::error!(
                 "{}: connection failed: {why}; failing its requests with EIO",
                 self.uri
             );
-            self.dead = true;
-            self.state.store(CONN_FAILED, Ordering::Relaxed);
-            // Pending receives and sends complete (with errors) once the socket is down.
             // SAFETY: shutdown on a socket we own.
             unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
         }
+        self.link = Link::Failed;
+        self.state.store(CONN_FAILED, Ordering::Relaxed);
         self.send_queue.clear();
         self.sending = None;
         self.payload_tag = None;
-        for tag in 0..self.tags.len() as u16 {
-            let t = &self.tags[usize::from(tag)];
-            if t.io.is_some() && t.result.is_none() {
-                self.settle(tag, -libc::EIO, ring);
-            }
+        for tag in self.unanswered() {
+            self.settle(tag, -libc::EIO, ring);
         }
     }
 
-    /// Bookkeeping for a completed SQE of `tag`'s; returns the request's result when it
-    /// can finish now.
-    fn sqe_done(&mut self, tag: u16) -> Option<i32> {
-        let t = &mut self.tags[usize::from(tag)];
-        t.sqes = t.sqes.saturating_sub(1);
-        if t.sqes == 0 {
-            self.take_result(tag)
-        } else {
-            None
+    /// The reconnect thread is done: use the new socket and resend, or give up.
+    fn reconnected(&mut self, ring: &mut dyn Ring) {
+        let result = self
+            .handoff
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match result {
+            Some(Ok(sock)) => {
+                self.fd = types::Fd(sock.as_raw_fd());
+                self.sock = sock;
+                self.generation = self.generation.wrapping_add(1);
+                self.link = Link::Up;
+                self.state.store(CONN_UP, Ordering::Relaxed);
+                log::info!(
+                    "{}: reconnected; resending {} request(s)",
+                    self.uri,
+                    self.send_queue.len()
+                );
+                self.post_header_recv(ring);
+                self.pump_send(ring);
+            }
+            Some(Err(why)) => self.give_up(&why, ring),
+            None => log::warn!("{}: reconnect wake-up without a result", self.uri),
         }
     }
 }
@@ -567,82 +780,83 @@ impl QueueTarget for NbdQueue {
         &mut self,
         io: &IoDesc,
         _: IoBuf,
-        step: u16,
+        step_: u16,
         res: i32,
         ring: &mut dyn Ring,
     ) -> Outcome {
         let tag = io.tag;
         let t = usize::from(tag);
-        match step {
-            STEP_SEND => {
-                if self.dead || self.sending != Some(tag) {
-                    // Completed after the connection failed.
-                } else if res == -libc::EAGAIN || res == -libc::EINTR {
-                    self.tags[t].sqes = self.tags[t].sqes.saturating_sub(1);
+        let (kind, generation) = split_step(step_);
+        let current = self.link == Link::Up && generation == (self.generation & 0x0fff);
+        let retry = res == -libc::EAGAIN || res == -libc::EINTR;
+        let done = |q: &mut Self| q.sqe_done(tag).map_or(Outcome::Queued, Outcome::Done);
+        match kind {
+            STEP_SEND if current && self.sending == Some(tag) => {
+                self.tags[t].sqes = self.tags[t].sqes.saturating_sub(1);
+                if retry {
                     self.send_next(tag, ring);
                     return Outcome::Queued;
-                } else if res <= 0 {
-                    self.tags[t].sqes = self.tags[t].sqes.saturating_sub(1);
+                }
+                if res <= 0 {
                     let why = if res == 0 {
                         "send returned 0".into()
                     } else {
                         io::Error::from_raw_os_error(-res).to_string()
                     };
-                    self.fail(&format!("send: {why}"), ring);
-                    return self.take_result(tag).map_or(Outcome::Queued, Outcome::Done);
+                    self.connection_lost(&format!("send: {why}"), ring);
+                    return self.take_result_if_idle(tag);
+                }
+                self.tags[t].sent += res as usize;
+                let payload = if matches!(io.op, BlockOp::Write) {
+                    io.len as usize
                 } else {
-                    self.tags[t].sent += res as usize;
-                    let payload = if matches!(io.op, BlockOp::Write) {
-                        io.len as usize
-                    } else {
-                        0
-                    };
-                    if self.tags[t].sent < proto::REQUEST_LEN + payload {
-                        self.tags[t].sqes -= 1;
-                        self.send_next(tag, ring);
-                        return Outcome::Queued;
-                    }
-                    self.sending = None;
-                    let out = self.sqe_done(tag);
-                    self.pump_send(ring);
-                    return out.map_or(Outcome::Queued, Outcome::Done);
+                    0
+                };
+                if self.tags[t].sent < proto::REQUEST_LEN + payload {
+                    self.send_next(tag, ring);
+                    return Outcome::Queued;
                 }
-                self.sqe_done(tag).map_or(Outcome::Queued, Outcome::Done)
+                self.sending = None;
+                self.pump_send(ring);
+                self.take_result_if_idle(tag)
             }
-            STEP_RECV_PAYLOAD => {
-                if self.dead || self.payload_tag != Some(tag) {
-                    return self.sqe_done(tag).map_or(Outcome::Queued, Outcome::Done);
-                }
-                if res == -libc::EAGAIN || res == -libc::EINTR {
-                    self.tags[t].sqes -= 1;
+            STEP_RECV_PAYLOAD if current && self.payload_tag == Some(tag) => {
+                self.tags[t].sqes = self.tags[t].sqes.saturating_sub(1);
+                if retry {
                     self.post_payload_recv(tag, ring);
                     return Outcome::Queued;
                 }
                 if res <= 0 {
-                    self.tags[t].sqes = self.tags[t].sqes.saturating_sub(1);
-                    self.fail(
+                    self.connection_lost(
                         "the server closed the connection in the middle of a read reply",
                         ring,
                     );
-                    return self.take_result(tag).map_or(Outcome::Queued, Outcome::Done);
+                    return self.take_result_if_idle(tag);
                 }
                 self.tags[t].got += res as usize;
                 if self.tags[t].got < io.len as usize {
-                    self.tags[t].sqes -= 1;
                     self.post_payload_recv(tag, ring);
                     return Outcome::Queued;
                 }
                 self.payload_tag = None;
                 self.tags[t].result = Some(io.len as i32);
                 self.post_header_recv(ring);
-                self.sqe_done(tag).map_or(Outcome::Queued, Outcome::Done)
+                self.take_result_if_idle(tag)
             }
-            _ => Outcome::Done(-libc::EIO),
+            // A completion from a replaced or failed connection: only the bookkeeping.
+            _ => done(self),
         }
     }
 
-    fn event(&mut self, step: u16, res: i32, ring: &mut dyn Ring) {
-        if step != EVENT_RECV_HEADER || self.dead {
+    fn event(&mut self, step_: u16, res: i32, ring: &mut dyn Ring) {
+        let (kind, generation) = split_step(step_);
+        if kind == EVENT_RECONNECT {
+            return self.reconnected(ring);
+        }
+        if kind != EVENT_RECV_HEADER
+            || self.link != Link::Up
+            || generation != (self.generation & 0x0fff)
+        {
             return;
         }
         if res == -libc::EAGAIN || res == -libc::EINTR {
@@ -654,7 +868,7 @@ impl QueueTarget for NbdQueue {
             } else {
                 io::Error::from_raw_os_error(-res).to_string()
             };
-            return self.fail(&why, ring);
+            return self.connection_lost(&why, ring);
         }
         self.reply_got += res as usize;
         if self.reply_got < proto::REPLY_LEN {
@@ -664,9 +878,20 @@ impl QueueTarget for NbdQueue {
     }
 }
 
+impl NbdQueue {
+    /// The request's result if it has one and no SQE of it is in flight.
+    fn take_result_if_idle(&mut self, tag: u16) -> Outcome {
+        if self.tags[usize::from(tag)].sqes == 0 {
+            self.take_result(tag).map_or(Outcome::Queued, Outcome::Done)
+        } else {
+            Outcome::Queued
+        }
+    }
+}
+
 impl Drop for NbdQueue {
     fn drop(&mut self) {
-        if !self.dead {
+        if self.link == Link::Up {
             // Tell the server we are leaving (best effort, never blocks).
             let disc = proto::request(0, proto::CMD_DISC, 0, 0, 0);
             // SAFETY: sending a local buffer on a socket we own.
@@ -678,6 +903,20 @@ impl Drop for NbdQueue {
                     libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
                 )
             };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_carry_the_generation() {
+        for g in [0u16, 1, 0x0fff, 0x1000, 0xffff] {
+            for k in [STEP_SEND, STEP_RECV_PAYLOAD, EVENT_RECONNECT] {
+                assert_eq!(split_step(step(k, g)), (k, g & 0x0fff));
+            }
         }
     }
 }
