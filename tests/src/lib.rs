@@ -118,6 +118,15 @@ impl Daemon {
         path
     }
 
+    /// `del` of the device at `path`, then waits (10 s at most) for its node to go.
+    pub fn del(&self, path: &str) {
+        self.ctl_ok(&["del", &dev_id(path).to_string()]);
+        assert!(
+            wait_gone(path, Duration::from_secs(10)),
+            "{path} still exists after del"
+        );
+    }
+
     pub fn list_json(&self) -> Vec<Value> {
         let v: Value =
             serde_json::from_str(&self.ctl_ok(&["list", "--json"])).expect("list --json is JSON");

@@ -5,7 +5,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use ublkd_tests::*;
 
 const MKFS: &str = "/usr/sbin/mkfs.ext4";
@@ -46,14 +45,6 @@ fn add_loop(d: &Daemon, file: &Path, mode: &str, extra: &[&str]) -> String {
     dev
 }
 
-fn del(d: &Daemon, dev: &str) {
-    d.ctl_ok(&["del", &dev_id(dev).to_string()]);
-    assert!(
-        wait_gone(dev, Duration::from_secs(10)),
-        "{dev} still exists after del"
-    );
-}
-
 fn verify_job(dev: &str, name: &str, rw: &str, bs: &[&str], iodepth: u32) -> Vec<String> {
     let mut v: Vec<String> = vec![
         format!("--name={name}"),
@@ -92,7 +83,7 @@ fn fio_verify(mode: &str) {
     for q in show["queue_stats"].as_array().unwrap() {
         assert_eq!(q["errors"].as_u64(), Some(0), "{show}");
     }
-    del(&d, &dev);
+    d.del(&dev);
     std::fs::remove_file(&file).unwrap();
 }
 
@@ -147,7 +138,7 @@ fn content_matches_backing_file(mode: &str) {
         "device content differs from what was written"
     );
 
-    del(&d, &dev);
+    d.del(&dev);
     let mut on_disk = Vec::new();
     File::open(&file)
         .unwrap()
@@ -193,7 +184,7 @@ fn ext4(mode: &str) {
     }
     run_ok("/bin/umount", &[&mnt]);
     run_ok(E2FSCK, &["-f", "-n", &dev]);
-    del(&d, &dev);
+    d.del(&dev);
     std::fs::remove_file(&file).unwrap();
 }
 
@@ -257,7 +248,7 @@ fn discard(mode: &str) {
         "{q}"
     );
     assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
-    del(&d, &dev);
+    d.del(&dev);
     std::fs::remove_file(&file).unwrap();
 }
 
@@ -392,7 +383,7 @@ fn bad_backing_files_get_clear_errors() {
         head == pattern(3, 1 << 20),
         "read-only device reads wrong data"
     );
-    del(&d, &dev);
+    d.del(&dev);
     run_ok("/bin/umount", &[ro.to_str().unwrap()]);
 
     // The daemon still serves after all that.
@@ -402,7 +393,7 @@ fn bad_backing_files_get_clear_errors() {
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
-    del(&d, &dev);
+    d.del(&dev);
 }
 
 #[test]
@@ -425,6 +416,6 @@ fn direct_io_setting_is_honoured() {
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>());
-        del(&d, &dev);
+        d.del(&dev);
     }
 }

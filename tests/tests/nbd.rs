@@ -159,14 +159,6 @@ fn add_nbd(d: &Daemon, uri: &str, extra: &[&str]) -> String {
     dev
 }
 
-fn del(d: &Daemon, dev: &str) {
-    d.ctl_ok(&["del", &dev_id(dev).to_string()]);
-    assert!(
-        wait_gone(dev, Duration::from_secs(10)),
-        "{dev} still exists after del"
-    );
-}
-
 fn server_for(kind: &str, name: &str, port: u16) -> Server {
     let sock = format!("/tmp/nbd-{name}.sock");
     match kind {
@@ -208,7 +200,7 @@ fn fio_verify_against(kind: &str, mode: Option<&str>, port: u16) {
     verify(&dev, size);
     let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
     assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
-    del(&d, &dev);
+    d.del(&dev);
 }
 
 macro_rules! server_tests {
@@ -276,7 +268,7 @@ fn multi_conn_with_two_queues() {
         );
         assert_eq!(q["errors"].as_u64(), Some(0), "{show}");
     }
-    del(&d, &dev);
+    d.del(&dev);
 }
 
 #[test]
@@ -299,7 +291,7 @@ fn read_only_export_gives_a_read_only_device() {
             "write to a read-only export succeeded"
         );
     }
-    del(&d, &dev);
+    d.del(&dev);
 }
 
 #[test]
@@ -356,7 +348,7 @@ fn bad_uris_and_servers_get_clear_errors() {
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
-    del(&d, &dev);
+    d.del(&dev);
 }
 
 #[test]
@@ -393,7 +385,7 @@ fn a_dead_server_fails_io_and_del_still_works() {
         "{show}"
     );
     let started = Instant::now();
-    del(&d, &dev);
+    d.del(&dev);
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "del took {:?}",
@@ -457,7 +449,7 @@ fn misbehaving_servers_fail_requests_not_the_daemon() {
             read_at(&dev, 0).is_ok(),
             "{fault:?}: IO after the reset failed"
         );
-        del(&d, &dev);
+        d.del(&dev);
 
         // Without reconnecting, the connection fails and later IO fails at once.
         let uri = format!("nbd://127.0.0.1:{port}/");
@@ -470,7 +462,7 @@ fn misbehaving_servers_fail_requests_not_the_daemon() {
             read_at(&dev, 0).is_err(),
             "{fault:?}: IO on a failed connection succeeded"
         );
-        del(&d, &dev);
+        d.del(&dev);
     }
 
     // An error reply is a valid answer: that request fails with the mapped errno, the
@@ -496,7 +488,7 @@ fn misbehaving_servers_fail_requests_not_the_daemon() {
         "the connection did not survive an error reply"
     );
     drop(f);
-    del(&d, &dev);
+    d.del(&dev);
 
     // Faults during the handshake make `add` fail with a clear line.
     serve(10925, Fault::CloseInHandshake);
@@ -511,7 +503,7 @@ fn misbehaving_servers_fail_requests_not_the_daemon() {
     let server = Server::nbdkit_memory(Listen::Tcp(10927), "64M", &[]);
     let dev = add_nbd(&d, &server.uri, &[]);
     assert!(read_at(&dev, 0).is_ok());
-    del(&d, &dev);
+    d.del(&dev);
 }
 
 /// The server dies in the middle of a fio verify job and comes back within the reconnect
@@ -540,5 +532,5 @@ fn server_restart_within_the_timeout_is_invisible() {
     assert!(d.log_text().contains("reconnected"), "{}", d.log_text());
     let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
     assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
-    del(&d, &dev);
+    d.del(&dev);
 }

@@ -270,6 +270,26 @@ impl Ring for TargetRing<'_> {
     }
 }
 
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // Closing a ring releases its registered files and buffers later, from a kernel
+        // worker. Unregistering them here releases them now, on this thread, so that
+        // once `del` returns the backing file is closed (its file system can be
+        // unmounted). Nothing of the target's is in flight by now.
+        let submitter = self.ring.submitter();
+        if let Err(e) = submitter.unregister_files() {
+            log::debug!(
+                "dev {} queue {}: unregister files: {e}",
+                self.spec.dev_id,
+                self.spec.qid
+            );
+        }
+        if self.spec.buffer != BufferMode::Copy {
+            let _ = submitter.unregister_buffers();
+        }
+    }
+}
+
 impl Queue {
     fn new(
         spec: QueueSpec,

@@ -71,14 +71,44 @@ const CONN_UP: u8 = 0;
 const CONN_FAILED: u8 = 1;
 const CONN_RECONNECTING: u8 = 2;
 
-fn connect_one(uri: &NbdUri) -> Result<(OwnedFd, ExportInfo), NbdError> {
+/// A connected stream the handshake can run on with timeouts.
+trait Stream: io::Read + io::Write + Into<OwnedFd> {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl Stream for TcpStream {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+impl Stream for UnixStream {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+/// Runs the handshake on `s` within CONNECT_TIMEOUT, then hands the socket over.
+fn negotiate<S: Stream>(mut s: S, uri: &NbdUri) -> Result<(OwnedFd, ExportInfo), NbdError> {
     let u = uri.to_string();
-    let connect_err = |source| NbdError::Connect {
+    let io_err = |source| NbdError::Connect {
         uri: u.clone(),
         source,
     };
-    let hs_err = |source| NbdError::Handshake {
+    s.set_timeouts(Some(CONNECT_TIMEOUT)).map_err(io_err)?;
+    let info = proto::handshake(&mut s, &uri.export).map_err(|source| NbdError::Handshake {
         uri: u.clone(),
+        source,
+    })?;
+    s.set_timeouts(None).map_err(io_err)?;
+    Ok((s.into(), info))
+}
+
+fn connect_one(uri: &NbdUri) -> Result<(OwnedFd, ExportInfo), NbdError> {
+    let connect_err = |source| NbdError::Connect {
+        uri: uri.to_string(),
         source,
     };
     match &uri.address {
@@ -90,33 +120,16 @@ fn connect_one(uri: &NbdUri) -> Result<(OwnedFd, ExportInfo), NbdError> {
             let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
             for addr in addrs {
                 match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-                    Ok(mut s) => {
+                    Ok(s) => {
                         s.set_nodelay(true).map_err(connect_err)?;
-                        s.set_read_timeout(Some(CONNECT_TIMEOUT))
-                            .map_err(connect_err)?;
-                        s.set_write_timeout(Some(CONNECT_TIMEOUT))
-                            .map_err(connect_err)?;
-                        let info = proto::handshake(&mut s, &uri.export).map_err(hs_err)?;
-                        s.set_read_timeout(None).map_err(connect_err)?;
-                        s.set_write_timeout(None).map_err(connect_err)?;
-                        return Ok((s.into(), info));
+                        return negotiate(s, uri);
                     }
                     Err(e) => last = e,
                 }
             }
             Err(connect_err(last))
         }
-        Address::Unix(path) => {
-            let mut s = UnixStream::connect(path).map_err(connect_err)?;
-            s.set_read_timeout(Some(CONNECT_TIMEOUT))
-                .map_err(connect_err)?;
-            s.set_write_timeout(Some(CONNECT_TIMEOUT))
-                .map_err(connect_err)?;
-            let info = proto::handshake(&mut s, &uri.export).map_err(hs_err)?;
-            s.set_read_timeout(None).map_err(connect_err)?;
-            s.set_write_timeout(None).map_err(connect_err)?;
-            Ok((s.into(), info))
-        }
+        Address::Unix(path) => negotiate(UnixStream::connect(path).map_err(connect_err)?, uri),
     }
 }
 

@@ -18,27 +18,6 @@ struct Row {
     iodepth: u32,
 }
 
-const NULL_ROWS: [Row; 3] = [
-    Row {
-        name: "4k randread QD32",
-        rw: "randread",
-        bs: "4k",
-        iodepth: 32,
-    },
-    Row {
-        name: "4k randwrite QD32",
-        rw: "randwrite",
-        bs: "4k",
-        iodepth: 32,
-    },
-    Row {
-        name: "512k read QD8",
-        rw: "read",
-        bs: "512k",
-        iodepth: 8,
-    },
-];
-
 const LOOP_ROWS: [Row; 4] = [
     Row {
         name: "4k randread QD32",
@@ -180,7 +159,7 @@ fn bench_null(s: &Settings) {
         ("null_blk".to_string(), "/dev/nullb0".to_string()),
         (format!("ublkd {buffer}"), dev),
     ];
-    compare(&devices, &NULL_ROWS, s);
+    compare(&devices, &LOOP_ROWS[..3], s);
 }
 
 fn bench_loop(s: &Settings) {
