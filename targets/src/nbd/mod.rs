@@ -292,6 +292,8 @@ impl Target for NbdTarget {
             reply: Box::new([0; proto::REPLY_LEN]),
             reply_got: 0,
             payload_tag: None,
+            batch: Vec::with_capacity(MAX_BATCH * proto::REQUEST_LEN),
+            batch_len: 0,
         }))
     }
 
@@ -304,6 +306,10 @@ impl Target for NbdTarget {
 /// generation above, so completions from a socket that was replaced are recognized.
 const STEP_SEND: u16 = 1;
 const STEP_RECV_PAYLOAD: u16 = 2;
+const STEP_SEND_BATCH: u16 = 3;
+
+/// Most request headers one batched SEND carries.
+const MAX_BATCH: usize = 128;
 const EVENT_RECV_HEADER: u16 = 1;
 const EVENT_RECONNECT: u16 = 2;
 
@@ -371,6 +377,10 @@ struct NbdQueue {
     reply_got: usize,
     /// The read whose payload is being received instead of a header.
     payload_tag: Option<u16>,
+    /// Headers of several payload-less requests sent with one SEND (see `send_batch`).
+    batch: Vec<u8>,
+    /// Bytes of the batch in flight; 0 when no batch is.
+    batch_len: usize,
 }
 
 fn nbd_command(io: &IoDesc) -> Option<(u16, u16)> {
@@ -477,6 +487,9 @@ impl NbdQueue {
     /// Starts the next send if the connection is up and its send slot is free.
     fn pump_send(&mut self, ring: &mut dyn Ring) {
         while self.sending.is_none() && self.link == Link::Up {
+            if self.send_batch(ring) {
+                return;
+            }
             let Some(tag) = self.send_queue.pop_front() else {
                 return;
             };
@@ -485,6 +498,54 @@ impl NbdQueue {
                 return;
             }
         }
+    }
+
+    /// Whether `tag` is a request with no payload and nothing sent yet.
+    fn batchable(&self, tag: u16) -> bool {
+        let t = &self.tags[usize::from(tag)];
+        t.sent == 0 && t.io.is_some_and(|io| !matches!(io.op, BlockOp::Write))
+    }
+
+    /// Sends the headers of the payload-less requests at the front of the queue (reads,
+    /// flushes, trims) with one SEND, still the only send in flight on the connection.
+    /// Returns true when a batch went out. The SQE is accounted to the first request;
+    /// the headers are copied into `batch`, so the others hold no memory of their own.
+    fn send_batch(&mut self, ring: &mut dyn Ring) -> bool {
+        let n = self
+            .send_queue
+            .iter()
+            .take(MAX_BATCH)
+            .take_while(|&&t| self.batchable(t))
+            .count();
+        if n < 2 {
+            return false;
+        }
+        self.batch.clear();
+        let tags: Vec<u16> = self.send_queue.iter().take(n).copied().collect();
+        for &tag in &tags {
+            self.batch
+                .extend_from_slice(&self.headers[usize::from(tag)]);
+        }
+        let first = tags[0];
+        let sqe = opcode::Send::new(self.fd, self.batch.as_ptr(), self.batch.len() as u32)
+            .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL)
+            .build();
+        // SAFETY: `batch` is not touched again until this SQE completes (it is the only
+        // send in flight), and it lives as long as the handler.
+        if unsafe { ring.push(first, step(STEP_SEND_BATCH, self.generation), sqe) }.is_err() {
+            return false;
+        }
+        self.tags[usize::from(first)].sqes += 1;
+        for &tag in &tags {
+            self.send_queue.pop_front();
+            // Counted as sent now: a request answered and reused before this SQE's
+            // completion must not be marked later; a failed batch is resent through
+            // connection_lost, which resets `sent`.
+            self.tags[usize::from(tag)].sent = proto::REQUEST_LEN;
+        }
+        self.batch_len = self.batch.len();
+        self.sending = Some(first);
+        true
     }
 
     /// Pushes the next piece of `tag`'s request. Returns false when the ring was full
@@ -679,6 +740,7 @@ impl NbdQueue {
         self.link = Link::Reconnecting;
         self.state.store(CONN_RECONNECTING, Ordering::Relaxed);
         self.sending = None;
+        self.batch_len = 0;
         self.payload_tag = None;
         self.reply_got = 0;
         let mut resend = VecDeque::new();
@@ -734,6 +796,7 @@ impl NbdQueue {
         self.state.store(CONN_FAILED, Ordering::Relaxed);
         self.send_queue.clear();
         self.sending = None;
+        self.batch_len = 0;
         self.payload_tag = None;
         for tag in self.unanswered() {
             self.settle(tag, -libc::EIO, ring);
@@ -804,6 +867,23 @@ impl QueueTarget for NbdQueue {
         let retry = res == -libc::EAGAIN || res == -libc::EINTR;
         let done = |q: &mut Self| q.sqe_done(tag).map_or(Outcome::Queued, Outcome::Done);
         match kind {
+            STEP_SEND_BATCH if current && self.sending == Some(tag) && self.batch_len > 0 => {
+                self.tags[t].sqes = self.tags[t].sqes.saturating_sub(1);
+                let expected = std::mem::take(&mut self.batch_len);
+                if res < 0 || res as usize != expected {
+                    // MSG_WAITALL: anything but all of it means the socket is in trouble.
+                    let why = if res < 0 {
+                        io::Error::from_raw_os_error(-res).to_string()
+                    } else {
+                        format!("{res} of {expected} bytes")
+                    };
+                    self.connection_lost(&format!("send: {why}"), ring);
+                    return self.take_result_if_idle(tag);
+                }
+                self.sending = None;
+                self.pump_send(ring);
+                self.take_result_if_idle(tag)
+            }
             STEP_SEND if current && self.sending == Some(tag) => {
                 self.tags[t].sqes = self.tags[t].sqes.saturating_sub(1);
                 if retry {
