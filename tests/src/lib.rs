@@ -273,7 +273,7 @@ fn ios(job: &Value, dir: &str) -> u64 {
 
 /// Runs fio with `args` (plus JSON output) and checks that it exited 0, that every job
 /// reports error 0, and that IO was done.
-pub fn fio(args: &[&str]) -> FioRun {
+pub fn fio<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> FioRun {
     let out = Command::new(FIO)
         .args(args)
         .arg("--output-format=json")

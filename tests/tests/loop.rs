@@ -71,14 +71,14 @@ fn fio_verify(mode: &str) {
     let file = backing(&format!("fio-{mode}"), 320 << 20);
     let dev = add_loop(&d, &file, mode, &[]);
     let rand = verify_job(&dev, "rand4k", "randwrite", &["--bs=4k"], 32);
-    let run = fio(&rand.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = fio(&rand);
     assert!(
         run.total_ios() >= 2 * 65536,
         "wrote and verified 256 MiB in 4k: {}",
         run.total_ios()
     );
     let seq = verify_job(&dev, "seq", "write", &["--bsrange=128k-512k"], 8);
-    fio(&seq.iter().map(String::as_str).collect::<Vec<_>>());
+    fio(&seq);
     let show = d.show_json(dev_id(&dev));
     for q in show["queue_stats"].as_array().unwrap() {
         assert_eq!(q["errors"].as_u64(), Some(0), "{show}");
@@ -389,10 +389,7 @@ fn bad_backing_files_get_clear_errors() {
     // The daemon still serves after all that.
     let file = backing("after-bad", 64 << 20);
     let dev = add_loop(&d, &file, "copy", &[]);
-    fio(&fio_job(&dev, "randrw", "4k", 16, 2)
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    fio(&fio_job(&dev, "randrw", "4k", 16, 2));
     d.del(&dev);
 }
 
@@ -412,10 +409,7 @@ fn direct_io_setting_is_honoured() {
                 .any(|kv| kv[0] == "direct io" && kv[1] == expect),
             "{show}"
         );
-        fio(&fio_job(&dev, "randrw", "4k", 16, 2)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>());
+        fio(&fio_job(&dev, "randrw", "4k", 16, 2));
         d.del(&dev);
     }
 }

@@ -115,10 +115,6 @@ impl Drop for Server {
     }
 }
 
-fn args(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 /// fio crc32c verify as in the loop tests: 4k random writes, then 128k-512k sequential.
 fn verify(dev: &str, size: &str) {
     for (name, rw, bs, qd) in [
@@ -139,7 +135,7 @@ fn verify(dev: &str, size: &str) {
             "--verify_fatal=1".into(),
             "--verify_state_save=0".into(),
         ];
-        fio(&args(&job));
+        fio(&job);
     }
 }
 
@@ -259,7 +255,7 @@ fn multi_conn_with_two_queues() {
         job.push(format!("--cpus_allowed={cpu}"));
         job.push(format!("--offset={}M", cpu * 128));
     }
-    fio(&args(&job));
+    fio(&job);
     let show = d.show_json(dev_id(&dev));
     for q in show["queue_stats"].as_array().unwrap() {
         assert!(
@@ -344,10 +340,7 @@ fn bad_uris_and_servers_get_clear_errors() {
     assert!(line.contains("disagree"), "{line}");
     // The daemon still serves: the same server works with a correct URI.
     let dev = add_nbd(&d, &qemu.uri, &[]);
-    fio(&fio_job(&dev, "randrw", "4k", 16, 2)
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    fio(&fio_job(&dev, "randrw", "4k", 16, 2));
     d.del(&dev);
 }
 
@@ -357,10 +350,7 @@ fn a_dead_server_fails_io_and_del_still_works() {
     let mut server = Server::nbdkit_memory(Listen::Tcp(10913), "64M", &[]);
     let d = Daemon::start("nbd-dead");
     let dev = add_nbd(&d, &server.uri, &["--reconnect-timeout", "3"]);
-    fio(&fio_job(&dev, "randrw", "4k", 16, 1)
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    fio(&fio_job(&dev, "randrw", "4k", 16, 1));
     server.kill();
     let f = std::fs::OpenOptions::new()
         .read(true)

@@ -14,10 +14,6 @@ fn require_ublk() {
     );
 }
 
-fn args(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
 #[test]
 fn null_device_serves_fio_and_is_deleted() {
     require_ublk();
@@ -25,8 +21,8 @@ fn null_device_serves_fio_and_is_deleted() {
     let dev = d.add(&["null", "--size", "1G"]);
     let id = dev_id(&dev);
 
-    let rd = fio(&args(&fio_job(&dev, "randread", "4k", 32, 3)));
-    let wr = fio(&args(&fio_job(&dev, "randwrite", "4k", 32, 3)));
+    let rd = fio(&fio_job(&dev, "randread", "4k", 32, 3));
+    let wr = fio(&fio_job(&dev, "randwrite", "4k", 32, 3));
     eprintln!(
         "null 4k randread {:.0} IOPS, randwrite {:.0} IOPS",
         rd.iops(0, "read"),
@@ -80,7 +76,7 @@ fn two_devices_with_two_queues_serve_concurrently() {
         cmd.push(files.clone());
         cmd.push(format!("--cpus_allowed={cpu}"));
     }
-    fio(&args(&cmd));
+    fio(&cmd);
     for dev in [&a, &b] {
         let show = d.show_json(dev_id(dev));
         let stats = show["queue_stats"].as_array().unwrap();
@@ -94,7 +90,7 @@ fn two_devices_with_two_queues_serve_concurrently() {
     // Deleting one leaves the other serving.
     d.ctl_ok(&["del", &dev_id(&a).to_string()]);
     assert!(wait_gone(&a, Duration::from_secs(5)));
-    fio(&args(&fio_job(&b, "randrw", "4k", 32, 2)));
+    fio(&fio_job(&b, "randrw", "4k", 32, 2));
     let list = d.list_json();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["path"].as_str(), Some(b.as_str()));
@@ -340,7 +336,7 @@ fn bad_input_gets_one_clear_line_and_the_daemon_keeps_serving() {
 
     // Still serving: the device is listed, does IO, and new devices can be added.
     assert_eq!(d.list_json().len(), 1);
-    fio(&args(&fio_job(&dev, "randrw", "4k", 32, 2)));
+    fio(&fio_job(&dev, "randrw", "4k", 32, 2));
     let second = d.add(&["null", "--size", "64M"]);
     assert_eq!(d.list_json().len(), 2);
     d.ctl_ok(&["del", "--all"]);
@@ -383,7 +379,7 @@ fn extreme_depths_and_block_sizes_work() {
             "--block-size",
             bs,
         ]);
-        fio(&args(&fio_job(&dev, "randrw", "4k", 32, 2)));
+        fio(&fio_job(&dev, "randrw", "4k", 32, 2));
         d.ctl_ok(&["del", &dev_id(&dev).to_string()]);
         assert!(wait_gone(&dev, Duration::from_secs(5)));
     }

@@ -383,6 +383,24 @@ struct NbdQueue {
     batch_len: usize,
 }
 
+/// Bytes that follow a request's header on the wire: a write's data.
+fn payload_len(io: &IoDesc) -> usize {
+    if matches!(io.op, BlockOp::Write) {
+        io.len as usize
+    } else {
+        0
+    }
+}
+
+/// What a socket operation's result says went wrong (0 is end of stream).
+fn socket_failure(res: i32, closed: &str) -> String {
+    if res == 0 {
+        closed.to_string()
+    } else {
+        io::Error::from_raw_os_error(-res).to_string()
+    }
+}
+
 fn nbd_command(io: &IoDesc) -> Option<(u16, u16)> {
     let fua = if io.flags.fua { proto::CMD_FLAG_FUA } else { 0 };
     Some(match io.op {
@@ -556,11 +574,7 @@ impl NbdQueue {
             return false;
         };
         let sent = self.tags[t].sent;
-        let payload = if matches!(io.op, BlockOp::Write) {
-            io.len as usize
-        } else {
-            0
-        };
+        let payload = payload_len(&io);
         let sqe = if sent < proto::REQUEST_LEN {
             let hdr = self.headers[t][sent..].as_ptr();
             opcode::Send::new(self.fd, hdr, (proto::REQUEST_LEN - sent) as u32)
@@ -891,20 +905,12 @@ impl QueueTarget for NbdQueue {
                     return Outcome::Queued;
                 }
                 if res <= 0 {
-                    let why = if res == 0 {
-                        "send returned 0".into()
-                    } else {
-                        io::Error::from_raw_os_error(-res).to_string()
-                    };
+                    let why = socket_failure(res, "send returned 0");
                     self.connection_lost(&format!("send: {why}"), ring);
                     return self.take_result_if_idle(tag);
                 }
                 self.tags[t].sent += res as usize;
-                let payload = if matches!(io.op, BlockOp::Write) {
-                    io.len as usize
-                } else {
-                    0
-                };
+                let payload = payload_len(io);
                 if self.tags[t].sent < proto::REQUEST_LEN + payload {
                     self.send_next(tag, ring);
                     return Outcome::Queued;
@@ -956,11 +962,7 @@ impl QueueTarget for NbdQueue {
             return self.post_header_recv(ring);
         }
         if res <= 0 {
-            let why = if res == 0 {
-                "the server closed the connection".to_string()
-            } else {
-                io::Error::from_raw_os_error(-res).to_string()
-            };
+            let why = socket_failure(res, "the server closed the connection");
             return self.connection_lost(&why, ring);
         }
         self.reply_got += res as usize;
