@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Builds ublkd, ublkctl and the real-kernel test binaries (crate ublkd-tests, feature
-# "vm"), boots the test VM (tests/vm/run.sh) and runs every test there as root.
-# Prints one line per test and ends with "vm: N passed, N failed".
+# "vm"), boots the test VM (tests/vm/run.sh) and runs every test there as root. The
+# systemd tests (tests/tests/systemd.rs) run in a second VM with systemd as PID 1 and
+# ublkd installed by scripts/install.sh. Prints one line per test and ends with
+# "vm: N passed, N failed".
 #
 # Usage: tests/run-vm-tests.sh [TEST_FILTER...]   (filters go to each test binary)
+# Environment: UBLKD_VM_SUITES="busybox systemd" (the default) picks the VMs to boot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +34,10 @@ for line in sys.stdin:
 
 args=(--bin target/release/ublkd --bin target/release/ublkctl)
 while read -r name exe; do
+    if [ "$name" = systemd ]; then
+        cp "$exe" "$work/ublkd-systemd-test"
+        continue
+    fi
     cp "$exe" "$work/ublkd-test-$name"
     args+=(--bin "$work/ublkd-test-$name")
 done <"$work/tests.txt"
@@ -40,11 +47,31 @@ plugins=$(nbdkit --dump-config | sed -n 's/^plugindir=//p')
 args+=(--tool /usr/bin/nbdkit --tool /usr/bin/qemu-nbd)
 args+=(--tool "$plugins/nbdkit-memory-plugin.so" --tool "$plugins/nbdkit-file-plugin.so")
 
-set +e
-tests/vm/run.sh --timeout "${UBLKD_VM_TIMEOUT:-1500}" --mem "${UBLKD_VM_MEM:-3G}" "${args[@]}" \
-    -- /bin/sh /usr/local/bin/guest-run-tests.sh "$@" | tr -d '\r' | tee "$work/console.log"
-status=${PIPESTATUS[0]}
-set -e
+suites=${UBLKD_VM_SUITES:-busybox systemd}
+status=0
+: >"$work/console.log"
+if [[ " $suites " == *" busybox "* ]]; then
+    set +e
+    tests/vm/run.sh --timeout "${UBLKD_VM_TIMEOUT:-1500}" --mem "${UBLKD_VM_MEM:-3G}" "${args[@]}" \
+        -- /bin/sh /usr/local/bin/guest-run-tests.sh "$@" | tr -d '\r' | tee -a "$work/console.log"
+    status=${PIPESTATUS[0]}
+    set -e
+fi
+
+if [[ " $suites " == *" systemd "* ]]; then
+    # ublkd as a user installs it: the install script, staged into the guest's /usr/local.
+    scripts/install.sh --no-build --destdir "$work/stage" >/dev/null
+    set +e
+    tests/vm/run.sh --systemd --timeout "${UBLKD_VM_TIMEOUT:-1500}" --mem "${UBLKD_VM_MEM:-3G}" \
+        --file "$work/stage/usr/local:/usr/local" \
+        --file "$work/stage/etc/modules-load.d/ublkd.conf:/etc/modules-load.d/ublkd.conf" \
+        --bin "$work/ublkd-systemd-test" \
+        -- RUST_BACKTRACE=1 UBLKCTL_BIN=/usr/local/bin/ublkctl \
+        /usr/local/bin/ublkd-systemd-test --test-threads=1 "$@" | tr -d '\r' | tee -a "$work/console.log"
+    s=${PIPESTATUS[0]}
+    set -e
+    [ "$status" -ne 0 ] || status=$s
+fi
 
 # Count from each binary's libtest summary ("test result: ok. N passed; M failed; ..."):
 # server and kernel messages may land in the middle of a per-test line.

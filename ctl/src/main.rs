@@ -59,6 +59,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Serve a device again from its record: one the kernel still holds after a crash,
+    /// or one whose restore failed (after fixing the cause shown by 'ublkctl list').
+    Recover { id: u32 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,6 +109,12 @@ enum AddTarget {
 /// Options every target takes.
 #[derive(Debug, Args)]
 struct CommonAddArgs {
+    /// Device id, so the device is /dev/ublkbID [default: the first free one].
+    #[arg(long)]
+    id: Option<u32>,
+    /// A label for the device, unique among the daemon's devices.
+    #[arg(long)]
+    name: Option<String>,
     /// Hardware queues, one daemon thread each [default: 1].
     #[arg(long, help = format!("Hardware queues, one daemon thread each [default: {DEFAULT_QUEUES}]"))]
     queues: Option<u32>,
@@ -180,6 +189,8 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
     };
     Ok(AddDevice {
         target,
+        id: common.id,
+        name: common.name,
         queues: common.queues,
         depth: common.depth,
         block_size: common.block_size,
@@ -221,11 +232,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::List { json } => (Request::List, json),
         Command::Show { id, json } => (Request::Show { id }, json),
         Command::Features { json } => (Request::Features, json),
+        Command::Recover { id } => (Request::Recover { id }, false),
     };
     let response = client::call(&cli.socket, &request)?;
     let text = match (response, json) {
         (Response::Error(msg), _) => bail!("{msg}"),
-        (Response::Added(info), _) => format!("{}\n", info.path),
+        (Response::Added(info), _) | (Response::Recovered(info), _) => {
+            format!("{}\n", info.path)
+        }
         (Response::Deleted { .. }, _) => String::new(),
         (Response::Devices(devs), true) => output::json(&devs)?,
         (Response::Devices(devs), false) => output::device_table(&devs),

@@ -22,16 +22,18 @@ pub fn json<T: serde::Serialize>(value: &T) -> Result<String> {
     Ok(serde_json::to_string_pretty(value)? + "\n")
 }
 
+/// One row per device; a device that is not served gets its reason on a line below.
 pub fn device_table(devs: &[DeviceInfo]) -> String {
     let mut out = format!(
-        "{:<4} {:<6} {:>8} {:>6} {:>6} {:<7} {:<9} {}\n",
-        "ID", "TARGET", "SIZE", "QUEUES", "DEPTH", "BUFFER", "STATE", "PATH"
+        "{:<4} {:<10} {:<6} {:>8} {:>6} {:>6} {:<7} {:<9} {}\n",
+        "ID", "NAME", "TARGET", "SIZE", "QUEUES", "DEPTH", "BUFFER", "STATE", "PATH"
     );
     for d in devs {
         let _ = writeln!(
             out,
-            "{:<4} {:<6} {:>8} {:>6} {:>6} {:<7} {:<9} {}",
+            "{:<4} {:<10} {:<6} {:>8} {:>6} {:>6} {:<7} {:<9} {}",
             d.id,
+            d.name.as_deref().unwrap_or("-"),
             d.target,
             format_size(d.size),
             d.queues,
@@ -40,6 +42,9 @@ pub fn device_table(devs: &[DeviceInfo]) -> String {
             d.state,
             d.path
         );
+        if let Some(e) = &d.error {
+            let _ = writeln!(out, "     error: {e}");
+        }
     }
     out
 }
@@ -51,6 +56,9 @@ pub fn device_detail(d: &DeviceDetail) -> String {
         let _ = writeln!(out, "{k:<14} {v}");
     };
     row("id", i.id.to_string());
+    if let Some(name) = &i.name {
+        row("name", name.clone());
+    }
     row("path", i.path.clone());
     row("char device", d.char_path.clone());
     row("target", i.target.clone());
@@ -148,10 +156,21 @@ mod tests {
             buffer: ublkd_proto::BufferMode::Copy,
             state: "live".into(),
             path: "/dev/ublkb3".into(),
+            name: None,
+            error: None,
         };
-        let t = device_table(&[d]);
-        assert_eq!(t.lines().count(), 2);
+        let failed = DeviceInfo {
+            id: 4,
+            name: Some("db".into()),
+            state: "failed".into(),
+            error: Some("cannot open /x: No such file or directory".into()),
+            ..d.clone()
+        };
+        let t = device_table(&[d, failed]);
+        assert_eq!(t.lines().count(), 4);
         assert!(t.lines().nth(1).unwrap().contains("/dev/ublkb3"));
         assert!(t.contains("1G"));
+        assert!(t.lines().nth(2).unwrap().contains("db"));
+        assert!(t.lines().nth(3).unwrap().contains("error: cannot open /x"));
     }
 }

@@ -1,12 +1,20 @@
 //! One ublk device: created through libublk's control commands, served by our queues.
 //!
-//! Creation: ADD_DEV, one queue thread per hardware queue (each posts FETCH_REQ for all
-//! its tags), SET_PARAMS + START_DEV, then a read through the block node to prove it
-//! is live. Deletion: STOP_DEV (the driver drains and removes the disk while the queues
-//! still serve), stop and join the queues, close the char device, DEL_DEV_ASYNC.
+//! Creation: ADD_DEV (with user recovery), the device's record in the state directory,
+//! one queue thread per hardware queue (each posts FETCH_REQ for all its tags),
+//! SET_PARAMS + START_DEV, then a read through the block node to prove it is live.
+//!
+//! Recovery (the kernel kept the device when the previous ublkd died or handed it
+//! over): START_USER_RECOVERY, new queue threads, END_USER_RECOVERY; the driver then
+//! reissues the requests it held.
+//!
+//! Deletion: STOP_DEV (the driver drains and removes the disk while the queues still
+//! serve), stop and join the queues, close the char device, DEL_DEV_ASYNC. Detaching
+//! (for the next ublkd) leaves the device in the kernel instead.
 
 use crate::kernel::{describe, ensure_ctrl_ring, state_name, KernelInfo};
 use crate::queue::{self, QueueCounters, QueueHandle, QueueSpec};
+use crate::state::{Record, StateDir};
 use anyhow::{anyhow, bail, Context, Result};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
@@ -28,8 +36,16 @@ pub const MAX_IO_BYTES: u32 = 512 * 1024;
 /// How long a queue thread may take to set up, and the block node to appear.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The same for a recovered device; the driver may first wait for the old server's
+/// requests to be released.
+const RECOVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long detaching waits for the target's requests in flight.
+const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct Device {
     pub id: u32,
+    pub record: Record,
     pub geometry: Geometry,
     pub buffer: BufferMode,
     target: Arc<dyn Target>,
@@ -84,14 +100,56 @@ pub fn choose_buffer(
     Ok(mode)
 }
 
-/// ADD_DEV flags for a buffer mode.
-fn device_flags(mode: BufferMode) -> u64 {
-    let base = sys::UBLK_F_CMD_IOCTL_ENCODE;
-    u64::from(match mode {
-        BufferMode::Copy | BufferMode::Fixed => base,
-        BufferMode::Zc => base | sys::UBLK_F_SUPPORT_ZERO_COPY,
-        BufferMode::AutoZc => base | sys::UBLK_F_AUTO_BUF_REG,
-    })
+/// User recovery with reissue: when ublkd dies the driver keeps the device and holds
+/// its requests, and gives them to the next ublkd once it has recovered the device.
+const RECOVERY_FLAGS: u32 = sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE;
+
+/// ADD_DEV flags for a buffer mode, with user recovery where the kernel has it.
+fn device_flags(mode: BufferMode, kernel: &KernelInfo) -> u64 {
+    let mut flags = sys::UBLK_F_CMD_IOCTL_ENCODE;
+    flags |= match mode {
+        BufferMode::Copy | BufferMode::Fixed => 0,
+        BufferMode::Zc => sys::UBLK_F_SUPPORT_ZERO_COPY,
+        BufferMode::AutoZc => sys::UBLK_F_AUTO_BUF_REG,
+    };
+    if has(kernel, RECOVERY_FLAGS) {
+        flags |= RECOVERY_FLAGS;
+    }
+    u64::from(flags)
+}
+
+/// The buffer mode a device the kernel already has was created with: the zero-copy
+/// modes are flags of the device; copy and fixed differ only in the daemon, so the
+/// record tells.
+fn recovered_buffer(kernel_flags: u64, recorded: BufferMode) -> BufferMode {
+    let flag = |f: u32| kernel_flags & u64::from(f) != 0;
+    if flag(sys::UBLK_F_AUTO_BUF_REG) {
+        BufferMode::AutoZc
+    } else if flag(sys::UBLK_F_SUPPORT_ZERO_COPY) {
+        BufferMode::Zc
+    } else if recorded == BufferMode::Copy {
+        BufferMode::Copy
+    } else {
+        BufferMode::Fixed
+    }
+}
+
+/// Whether the kernel has a device with this id (its char device node exists).
+pub fn kernel_has(id: u32) -> bool {
+    std::path::Path::new(&format!("/dev/ublkc{id}")).exists()
+}
+
+/// A device the kernel has that was added but never started.
+#[derive(Debug, thiserror::Error)]
+#[error("the kernel's device {0} was added but never started")]
+struct NeverStarted(u32);
+
+/// Whether a new device's record is the caller's to keep when the device fails to
+/// start (`Restore`: the record stays, to be tried again) or to remove (`New`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persist {
+    New,
+    Restore,
 }
 
 fn build_target(spec: &TargetSpec, geometry: &Geometry) -> Result<Arc<dyn Target>> {
@@ -181,7 +239,15 @@ fn params(shape: &DeviceShape, block_size: u32) -> sys::ublk_params {
 impl Device {
     /// Validates `req`, creates the device in the kernel and starts serving it. Returns
     /// once `/dev/ublkbN` exists and has served a read.
-    pub fn create(req: &AddDevice, kernel: &KernelInfo) -> Result<Device> {
+    ///
+    /// The device's record is written as soon as the kernel has given it its id, so a
+    /// crash at any later point leaves a device the next ublkd can recover.
+    pub fn create(
+        req: &AddDevice,
+        kernel: &KernelInfo,
+        state: &StateDir,
+        persist: Persist,
+    ) -> Result<Device> {
         let geometry =
             validate::geometry(req.queues, req.depth, req.block_size, kernel.max_queues)?;
         let buffer = choose_buffer(req.buffer, kernel, geometry.depth)?;
@@ -189,17 +255,28 @@ impl Device {
         let shape = target.shape();
 
         ensure_ctrl_ring()?;
+        let requested_id = match req.id {
+            Some(id) => {
+                validate::device_id(id)?;
+                if kernel_has(id) {
+                    bail!("device id {id} is in use (/dev/ublkc{id} exists)");
+                }
+                id as i32
+            }
+            None => -1,
+        };
         let ctrl = UblkCtrlBuilder::default()
             .name(target.name())
-            .id(-1)
+            .id(requested_id)
             .nr_queues(geometry.queues)
             .depth(geometry.depth)
             .io_buf_bytes(MAX_IO_BYTES)
-            .ctrl_flags(device_flags(buffer))
+            .ctrl_flags(device_flags(buffer, kernel))
             .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
             .build()
             .map_err(|e| anyhow!("the kernel refused to add the device: {}", describe(&e)))?;
         let id = ctrl.dev_info().dev_id;
+        let record = Record::new(id, req, buffer);
         log::info!(
             "dev {id}: added ({} target, {} bytes, {} queues x depth {}, {} buffers)",
             target.name(),
@@ -210,6 +287,7 @@ impl Device {
         );
         let mut device = Device {
             id,
+            record,
             geometry,
             buffer,
             target,
@@ -220,12 +298,131 @@ impl Device {
             ctrl: Some(ctrl),
             started: false,
         };
-        // On error `device` is dropped here, which tears down whatever was set up.
-        device.start()?;
+        // On error `device` is dropped, which deletes whatever the kernel has of it.
+        let started = state
+            .save(&device.record)
+            .and_then(|()| device.start(START_TIMEOUT));
+        if let Err(e) = started {
+            if persist == Persist::New {
+                if let Err(e) = state.remove(id) {
+                    log::error!("dev {id}: {e:#}");
+                }
+            }
+            return Err(e);
+        }
         Ok(device)
     }
 
-    fn start(&mut self) -> Result<()> {
+    /// Serves the device of a record: recovers it when the kernel still has it (the
+    /// previous ublkd crashed or handed it over), creates it with its old id otherwise
+    /// (after a reboot, or `systemctl stop`).
+    pub fn restore(record: &Record, kernel: &KernelInfo, state: &StateDir) -> Result<Device> {
+        if kernel_has(record.id) {
+            match Device::recover(record) {
+                // The previous ublkd died while adding it: it never held any data.
+                Err(e) if e.downcast_ref::<NeverStarted>().is_some() => {
+                    log::info!("dev {}: {e}; adding it again", record.id);
+                    delete_from_kernel(record.id)?;
+                }
+                result => return result,
+            }
+        }
+        Device::create(&record.add, kernel, state, Persist::Restore)
+    }
+
+    /// Serves again a device the kernel kept after the previous ublkd ended: the
+    /// driver holds its requests (state quiesced) until END_USER_RECOVERY.
+    fn recover(record: &Record) -> Result<Device> {
+        let id = record.id;
+        ensure_ctrl_ring()?;
+        let ctrl = UblkCtrlBuilder::default()
+            .name(record.add.target.name())
+            .id(id as i32)
+            .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+            .build()
+            .map_err(|e| anyhow!("cannot read the kernel's device {id}: {}", describe(&e)))?;
+        let info = wait_released(&ctrl, id)?;
+        match u32::from(info.state) {
+            sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO => {}
+            sys::UBLK_S_DEV_LIVE => bail!(
+                "the kernel's device {id} is live: another ublkd (pid {}) serves it",
+                info.ublksrv_pid
+            ),
+            sys::UBLK_S_DEV_DEAD => return Err(NeverStarted(id).into()),
+            _ => bail!(
+                "the kernel's device {id} is {} and cannot be recovered; \
+                 delete it ('ublkctl del {id}') and add it again",
+                state_name(info.state)
+            ),
+        }
+        if info.flags & u64::from(sys::UBLK_F_USER_RECOVERY) == 0 {
+            bail!("the kernel's device {id} was created without user recovery");
+        }
+        let geometry = Geometry {
+            queues: info.nr_hw_queues,
+            depth: info.queue_depth,
+            block_size: record
+                .add
+                .block_size
+                .unwrap_or(validate::DEFAULT_BLOCK_SIZE),
+        };
+        let buffer = recovered_buffer(info.flags, record.buffer);
+        let target = build_target(&record.add.target, &geometry)?;
+        let shape = target.shape();
+        let mut params = sys::ublk_params {
+            len: std::mem::size_of::<sys::ublk_params>() as u32,
+            types: sys::UBLK_PARAM_TYPE_BASIC,
+            ..Default::default()
+        };
+        ctrl.get_params(&mut params).map_err(|e| {
+            anyhow!(
+                "cannot read the parameters of device {id}: {}",
+                describe(&e)
+            )
+        })?;
+        let kernel_size = params.basic.dev_sectors << 9;
+        if kernel_size != shape.size {
+            bail!(
+                "the backing store of device {id} is now {} bytes, but the device has {} bytes",
+                shape.size,
+                kernel_size
+            );
+        }
+        ctrl.start_user_recover().map_err(|e| {
+            anyhow!(
+                "the kernel refused to start recovering device {id}: {}",
+                describe(&e)
+            )
+        })?;
+        log::info!(
+            "dev {id}: recovering ({} target, {} bytes, {} queues x depth {}, {buffer} buffers)",
+            target.name(),
+            shape.size,
+            geometry.queues,
+            geometry.depth
+        );
+        let mut device = Device {
+            id,
+            record: record.clone(),
+            geometry,
+            buffer,
+            target,
+            shape,
+            counters: Vec::new(),
+            queues: Vec::new(),
+            dev: None,
+            ctrl: Some(ctrl),
+            started: true,
+        };
+        if let Err(e) = device.start(RECOVER_TIMEOUT) {
+            // Leave the device to a later attempt: never delete what holds user data.
+            device.disown();
+            return Err(e);
+        }
+        Ok(device)
+    }
+
+    fn start(&mut self, timeout: Duration) -> Result<()> {
         let Some(ctrl) = self.ctrl.as_ref() else {
             bail!("device {} was already deleted", self.id);
         };
@@ -262,13 +459,13 @@ impl Device {
             self.queues.push(handle);
         }
         drop(tx);
-        let deadline = Instant::now() + START_TIMEOUT;
+        let deadline = Instant::now() + timeout;
         for _ in 0..self.geometry.queues {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(Ok(_tid)) => {}
                 Ok(Err(e)) => bail!("{e}"),
-                Err(_) => bail!("a queue did not start within {START_TIMEOUT:?}"),
+                Err(_) => bail!("a queue did not start within {timeout:?}"),
             }
         }
 
@@ -279,13 +476,13 @@ impl Device {
         ctrl.start_dev(dev)
             .map_err(|e| anyhow!("the kernel refused to start the device: {}", describe(&e)))?;
         self.started = true;
-        self.wait_live(deadline)?;
+        self.wait_live(deadline, timeout)?;
         log::info!("dev {}: live at {}", self.id, self.path());
         Ok(())
     }
 
     /// Waits for the block node and reads its first block through it.
-    fn wait_live(&self, deadline: Instant) -> Result<()> {
+    fn wait_live(&self, deadline: Instant, timeout: Duration) -> Result<()> {
         let path = self.path();
         loop {
             match std::fs::File::open(&path) {
@@ -296,7 +493,7 @@ impl Device {
                     return Ok(());
                 }
                 Err(e) if Instant::now() >= deadline => {
-                    bail!("{path} did not appear within {START_TIMEOUT:?}: {e}")
+                    bail!("{path} did not appear within {timeout:?}: {e}")
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
@@ -331,6 +528,8 @@ impl Device {
     fn info_with_state(&self, state: &str) -> DeviceInfo {
         DeviceInfo {
             id: self.id,
+            name: self.record.add.name.clone(),
+            error: None,
             target: self.target.name().to_string(),
             size: self.shape.size,
             block_size: self.geometry.block_size,
@@ -385,6 +584,45 @@ impl Device {
         self.teardown()
     }
 
+    /// Leaves the device in the kernel for the next ublkd (an upgrade): the queues stop
+    /// taking requests, finish what their target has in flight and end; the driver
+    /// holds every later request until the next ublkd recovers the device.
+    pub fn detach(mut self) {
+        for q in &self.queues {
+            q.request_detach();
+        }
+        let deadline = Instant::now() + DETACH_TIMEOUT;
+        while !self.queues.iter().all(QueueHandle::is_finished) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.queues.iter().all(QueueHandle::is_finished) {
+            for q in &mut self.queues {
+                q.join();
+            }
+            self.queues.clear();
+            self.dev = None;
+        } else {
+            // A target request did not finish (a server that does not answer): the
+            // process is about to exit, and its exit cancels what is left; the driver
+            // reissues those requests to the next ublkd.
+            log::warn!(
+                "dev {}: a queue did not finish within {DETACH_TIMEOUT:?}; leaving it to exit",
+                self.id
+            );
+            std::mem::forget(std::mem::take(&mut self.queues));
+            std::mem::forget(self.dev.take());
+        }
+        self.disown();
+        log::info!("dev {}: detached, the kernel holds its requests", self.id);
+    }
+
+    /// Makes dropping this device leave it in the kernel.
+    fn disown(&mut self) {
+        if let Some(ctrl) = self.ctrl.take() {
+            ctrl.disown();
+        }
+    }
+
     fn teardown(&mut self) -> Result<()> {
         let Some(ctrl) = self.ctrl.take() else {
             return Ok(());
@@ -424,6 +662,54 @@ impl Device {
         }
         result
     }
+}
+
+/// The kernel's view of a device whose server is gone. The driver quiesces a device
+/// once the old server's rings and char device are released, which can finish a little
+/// after the process is gone: wait for that, as long as the old server is dead.
+fn wait_released(ctrl: &UblkCtrl, id: u32) -> Result<sys::ublksrv_ctrl_dev_info> {
+    let deadline = Instant::now() + RECOVER_TIMEOUT;
+    loop {
+        let info = ctrl.dev_info();
+        let server_alive = info.ublksrv_pid > 0
+            && info.ublksrv_pid != std::process::id() as i32
+            // SAFETY: signal 0 only checks whether the process exists.
+            && unsafe { libc::kill(info.ublksrv_pid, 0) } == 0;
+        if u32::from(info.state) != sys::UBLK_S_DEV_LIVE
+            || server_alive
+            || Instant::now() >= deadline
+        {
+            return Ok(info);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        ctrl.read_dev_info()
+            .map_err(|e| anyhow!("cannot read the kernel's device {id}: {}", describe(&e)))?;
+    }
+}
+
+/// Removes a device of this id from the kernel, if there is one, whatever its state.
+/// Requests it still holds fail.
+pub fn delete_from_kernel(id: u32) -> Result<()> {
+    if !kernel_has(id) {
+        return Ok(());
+    }
+    ensure_ctrl_ring()?;
+    let ctrl = UblkCtrlBuilder::default()
+        .name("ublkd")
+        .id(id as i32)
+        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+        .build()
+        .map_err(|e| anyhow!("cannot read the kernel's device {id}: {}", describe(&e)))?;
+    if u32::from(ctrl.dev_info().state) != sys::UBLK_S_DEV_DEAD {
+        if let Err(e) = ctrl.kill_dev() {
+            log::warn!("dev {id}: STOP_DEV: {}", describe(&e));
+        }
+    }
+    ctrl.del_dev_async()
+        .or_else(|_| ctrl.del_dev())
+        .map_err(|e| anyhow!("cannot delete the kernel's device {id}: {}", describe(&e)))?;
+    log::info!("dev {id}: deleted from the kernel");
+    Ok(())
 }
 
 impl Drop for Device {
@@ -511,10 +797,27 @@ mod tests {
     fn device_flags_follow_the_mode() {
         let zc = u64::from(sys::UBLK_F_SUPPORT_ZERO_COPY);
         let auto = u64::from(sys::UBLK_F_AUTO_BUF_REG);
-        assert_eq!(device_flags(BufferMode::Copy) & (zc | auto), 0);
-        assert_eq!(device_flags(BufferMode::Fixed) & (zc | auto), 0);
-        assert_eq!(device_flags(BufferMode::Zc) & (zc | auto), zc);
-        assert_eq!(device_flags(BufferMode::AutoZc) & (zc | auto), auto);
+        let k = kernel(sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG);
+        assert_eq!(device_flags(BufferMode::Copy, &k) & (zc | auto), 0);
+        assert_eq!(device_flags(BufferMode::Fixed, &k) & (zc | auto), 0);
+        assert_eq!(device_flags(BufferMode::Zc, &k) & (zc | auto), zc);
+        assert_eq!(device_flags(BufferMode::AutoZc, &k) & (zc | auto), auto);
+        let recovery = u64::from(RECOVERY_FLAGS);
+        assert_eq!(device_flags(BufferMode::Copy, &k) & recovery, 0);
+        let k = kernel(RECOVERY_FLAGS);
+        assert_eq!(device_flags(BufferMode::Copy, &k) & recovery, recovery);
+    }
+
+    #[test]
+    fn recovery_uses_the_devices_buffer_mode() {
+        let auto = u64::from(sys::UBLK_F_AUTO_BUF_REG);
+        let zc = u64::from(sys::UBLK_F_SUPPORT_ZERO_COPY);
+        assert_eq!(recovered_buffer(auto, BufferMode::Copy), BufferMode::AutoZc);
+        assert_eq!(recovered_buffer(zc, BufferMode::AutoZc), BufferMode::Zc);
+        assert_eq!(recovered_buffer(0, BufferMode::Copy), BufferMode::Copy);
+        assert_eq!(recovered_buffer(0, BufferMode::Fixed), BufferMode::Fixed);
+        // Recorded as zero copy but the device has no such flag: the daemon's buffers.
+        assert_eq!(recovered_buffer(0, BufferMode::AutoZc), BufferMode::Fixed);
     }
 
     #[test]

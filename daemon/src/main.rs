@@ -5,13 +5,18 @@ mod daemon;
 mod device;
 mod kernel;
 mod queue;
+mod service;
+mod state;
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use daemon::ExitMode;
+use sd_notify::NotifyState;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +31,18 @@ struct Args {
     /// Directory for the daemon's state (device records).
     #[arg(long, default_value = "/var/lib/ublkd")]
     state_dir: PathBuf,
+    /// What SIGTERM does to the devices: `remove` them from the kernel (records stay),
+    /// `hand-over` (leave them, IO held, for the next ublkd to recover), or `auto`:
+    /// hand-over when systemd stops the service to restart it, remove otherwise.
+    #[arg(long, value_enum, default_value_t = OnExit::Auto)]
+    on_exit: OnExit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnExit {
+    Auto,
+    Remove,
+    HandOver,
 }
 
 fn main() {
@@ -47,15 +64,10 @@ fn run(args: &Args) -> Result<()> {
         names.join(" "),
         kernel.max_queues
     );
-    std::fs::create_dir_all(&args.state_dir).with_context(|| {
-        format!(
-            "cannot create the state directory {}",
-            args.state_dir.display()
-        )
-    })?;
+    let state = state::StateDir::open(&args.state_dir)?;
 
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
-    let daemon = Arc::new(daemon::Daemon::new(kernel));
+    let daemon = Arc::new(daemon::Daemon::new(kernel, state));
     let listener = control::bind(&args.socket)?;
     log::info!("listening on {}", args.socket.display());
     {
@@ -67,15 +79,64 @@ fn run(args: &Args) -> Result<()> {
             .context("cannot start the accept thread")?;
     }
 
-    let signal = signals.forever().next();
+    // Ready only once every recorded device is served again (or known to fail).
+    let (served, failed) = daemon.restore_all()?;
+    log::info!("ready: {served} devices restored, {failed} failed");
+    service::notify(&[NotifyState::Ready, NotifyState::Status(&status(&daemon))]);
+
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("ublkd-signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if tx.send(sig).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    // The watchdog is fed from here, and only while the device table can be taken:
+    // a daemon stuck on it stops feeding, and systemd restarts it (devices recover).
+    let interval = service::watchdog_interval();
+    let signal = loop {
+        match rx.recv_timeout(interval.unwrap_or(Duration::from_secs(3600))) {
+            Ok(sig) => break sig,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if interval.is_some() && daemon.responsive() {
+                    let status = status(&daemon);
+                    service::notify(&[NotifyState::Watchdog, NotifyState::Status(&status)]);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break 0,
+        }
+    };
+
+    let mode = match args.on_exit {
+        OnExit::Remove => ExitMode::RemoveDevices,
+        OnExit::HandOver => ExitMode::HandOver,
+        OnExit::Auto if service::stopping_for_restart() => ExitMode::HandOver,
+        OnExit::Auto => ExitMode::RemoveDevices,
+    };
     log::info!(
-        "signal {}: deleting devices and exiting",
-        signal.unwrap_or(0)
+        "signal {signal}: {}",
+        match mode {
+            ExitMode::RemoveDevices => "removing the devices (their records stay) and exiting",
+            ExitMode::HandOver => "leaving the devices to the next ublkd and exiting",
+        }
     );
-    daemon.shutdown();
+    service::notify(&[NotifyState::Stopping]);
+    daemon.shutdown(mode);
     if let Err(e) = std::fs::remove_file(&args.socket) {
         log::warn!("cannot remove {}: {e}", args.socket.display());
     }
     log::info!("exit");
     Ok(())
+}
+
+/// The service's status line (`systemctl status ublkd`).
+fn status(daemon: &daemon::Daemon) -> String {
+    match daemon.counts() {
+        (live, 0) => format!("serving {live} devices"),
+        (live, failed) => format!("serving {live} devices, {failed} failed (see 'ublkctl list')"),
+    }
 }

@@ -28,6 +28,9 @@ pub enum Request {
     Show { id: u32 },
     /// The kernel's ublk feature bits.
     Features,
+    /// Serve again a device the kernel still holds (after a crash) or whose restore
+    /// failed, from its record.
+    Recover { id: u32 },
 }
 
 /// Parameters of `add`. Fields left out take the daemon's defaults.
@@ -35,6 +38,12 @@ pub enum Request {
 #[serde(deny_unknown_fields)]
 pub struct AddDevice {
     pub target: TargetSpec,
+    /// The device id to use (/dev/ublkbID); the kernel picks a free one when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
+    /// A label for the device, unique among the daemon's devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queues: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,6 +185,7 @@ impl std::str::FromStr for BufferMode {
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Added(DeviceInfo),
+    Recovered(DeviceInfo),
     Deleted { ids: Vec<u32> },
     Devices(Vec<DeviceInfo>),
     Device(DeviceDetail),
@@ -198,6 +208,12 @@ pub struct DeviceInfo {
     pub state: String,
     /// Block device node, e.g. `/dev/ublkb0`.
     pub path: String,
+    /// The device's label, if it was given one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Why the device is not being served (its state is then `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// `show`: a device with its kernel view and per-queue counters.
@@ -263,6 +279,8 @@ mod tests {
     fn request_wire_format() {
         let req = Request::Add(AddDevice {
             target: TargetSpec::Null { size: 1 << 30 },
+            id: None,
+            name: None,
             queues: Some(2),
             depth: None,
             block_size: Some(4096),
@@ -284,6 +302,7 @@ mod tests {
             (Request::List, r#"{"cmd":"list"}"#),
             (Request::Show { id: 7 }, r#"{"cmd":"show","id":7}"#),
             (Request::Features, r#"{"cmd":"features"}"#),
+            (Request::Recover { id: 2 }, r#"{"cmd":"recover","id":2}"#),
         ] {
             assert_eq!(serde_json::to_string(&req).unwrap(), text);
             assert_eq!(serde_json::from_str::<Request>(text).unwrap(), req);
@@ -323,6 +342,8 @@ mod tests {
             buffer: BufferMode::Copy,
             state: "live".into(),
             path: "/dev/ublkb0".into(),
+            name: Some("db".into()),
+            error: None,
         };
         for resp in [
             Response::Added(info.clone()),

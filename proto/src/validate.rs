@@ -14,6 +14,11 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 512;
 /// Size of a `null` device when none is given.
 pub const DEFAULT_NULL_SIZE: u64 = 1 << 30;
 
+/// Device ids the ublk driver hands out are below this (`UBLK_MAX_UBLKS`).
+pub const MAX_DEVICE_ID: u32 = 1 << 20;
+/// Longest device name.
+pub const MAX_NAME_LEN: usize = 64;
+
 /// Block sizes a device may have.
 pub const BLOCK_SIZES: [u32; 2] = [512, 4096];
 
@@ -33,6 +38,10 @@ pub enum ValidationError {
     ZeroDepth,
     #[error("depth {0} is above the ublk driver's limit of 4096")]
     DepthTooLarge(u32),
+    #[error("device id {0} is out of range (0 to 1048575)")]
+    DeviceId(u32),
+    #[error("device name '{0}' is not valid: use 1 to 64 letters, digits, '-', '_' or '.'")]
+    Name(String),
 }
 
 /// The queue shape of a device, validated.
@@ -82,6 +91,23 @@ pub fn geometry(
     })
 }
 
+/// Checks a device id the user asked for.
+pub fn device_id(id: u32) -> Result<u32, ValidationError> {
+    if id >= MAX_DEVICE_ID {
+        return Err(ValidationError::DeviceId(id));
+    }
+    Ok(id)
+}
+
+/// Checks a device name: short, and safe in a file name, a log line or a shell.
+pub fn device_name(name: &str) -> Result<&str, ValidationError> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(ok) {
+        return Err(ValidationError::Name(name.to_string()));
+    }
+    Ok(name)
+}
+
 /// Checks a device size against the block size.
 pub fn device_size(size: u64, block_size: u32) -> Result<u64, ValidationError> {
     if size == 0 {
@@ -96,6 +122,20 @@ pub fn device_size(size: u64, block_size: u32) -> Result<u64, ValidationError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_and_names() {
+        assert_eq!(device_id(0), Ok(0));
+        assert_eq!(device_id(MAX_DEVICE_ID - 1), Ok(MAX_DEVICE_ID - 1));
+        assert_eq!(
+            device_id(MAX_DEVICE_ID),
+            Err(ValidationError::DeviceId(MAX_DEVICE_ID))
+        );
+        assert_eq!(device_name("db-0.data_1"), Ok("db-0.data_1"));
+        for bad in ["", "a b", "x/y", "ü", &"n".repeat(65)] {
+            assert!(device_name(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn defaults() {

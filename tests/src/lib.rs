@@ -26,17 +26,32 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `ublkd` for test `name` and waits until its socket accepts connections.
+    /// Starts `ublkd` for test `name`, with an empty state directory, and waits until
+    /// its socket accepts connections.
     pub fn start(name: &str) -> Daemon {
+        let _ = std::fs::remove_dir_all(format!("/tmp/ublkd-{name}/state"));
+        let _ = std::fs::remove_file(format!("/tmp/ublkd-{name}.log"));
+        Daemon::start_with(name, &[])
+    }
+
+    /// Starts `ublkd` for test `name` with extra arguments, keeping the state directory
+    /// (the devices an earlier daemon of this test recorded), and waits until its socket
+    /// accepts connections.
+    pub fn start_with(name: &str, extra: &[&str]) -> Daemon {
         let socket = PathBuf::from(format!("/tmp/ublkd-{name}/ublkd.sock"));
         let state_dir = PathBuf::from(format!("/tmp/ublkd-{name}/state"));
         let log = PathBuf::from(format!("/tmp/ublkd-{name}.log"));
-        let log_file = std::fs::File::create(&log).expect("create daemon log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open daemon log");
         let child = Command::new(bin("ublkd", "UBLKD_BIN"))
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
             .arg(&state_dir)
+            .args(extra)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -153,9 +168,19 @@ impl Daemon {
 
     /// SIGTERM, then waits (bounded) for exit; returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
+        self.signal_and_wait(libc::SIGTERM)
+    }
+
+    /// SIGKILL (a crash), then waits for the process to be gone; returns nothing, as
+    /// there is no exit code.
+    pub fn kill9(&mut self) {
+        let _ = self.signal_and_wait(libc::SIGKILL);
+    }
+
+    fn signal_and_wait(&mut self, sig: i32) -> Option<i32> {
         let mut child = self.child.take()?;
         // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, sig) };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -279,6 +304,10 @@ pub fn fio<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> FioRun {
         .arg("--output-format=json")
         .output()
         .expect("run fio");
+    check_fio(args, out)
+}
+
+fn check_fio<S: std::fmt::Debug>(args: &[S], out: Output) -> FioRun {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -299,6 +328,57 @@ pub fn fio<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> FioRun {
     }
     assert!(run.total_ios() > 0, "fio did no IO: {args:?}");
     run
+}
+
+/// fio started in the background; `wait` checks it as `fio` does.
+pub struct FioChild {
+    child: Child,
+    args: Vec<String>,
+}
+
+impl FioChild {
+    pub fn start(args: &[String]) -> FioChild {
+        let child = Command::new(FIO)
+            .args(args)
+            .arg("--output-format=json")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start fio");
+        FioChild {
+            child,
+            args: args.to_vec(),
+        }
+    }
+
+    /// Whether fio is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for fio and checks, as `fio` does, that it ended well.
+    pub fn wait(self) -> FioRun {
+        let out = self.child.wait_with_output().expect("wait for fio");
+        check_fio(&self.args, out)
+    }
+}
+
+/// A write-then-verify fio job on `dev`: `size` bytes in `bs` blocks, crc32c.
+pub fn verify_job(dev: &str, rw: &str, bs: &str, size: &str, iodepth: u32) -> Vec<String> {
+    vec![
+        format!("--name={rw}-{bs}"),
+        format!("--filename={dev}"),
+        "--ioengine=io_uring".into(),
+        "--direct=1".into(),
+        format!("--rw={rw}"),
+        format!("--bs={bs}"),
+        format!("--iodepth={iodepth}"),
+        format!("--size={size}"),
+        "--verify=crc32c".into(),
+        "--do_verify=1".into(),
+        "--verify_fatal=1".into(),
+        "--verify_state_save=0".into(),
+    ]
 }
 
 /// Standard fio options for a short random-IO run against `dev`.

@@ -19,6 +19,10 @@
 #   --file SRC:DST       copy a file or directory to the absolute guest path
 #                        DST (repeatable)
 #   --append ARGS        extra kernel command line arguments
+#   --systemd            boot a Debian root file system (tests/vm/rootfs.sh) with
+#                        systemd as PID 1 instead of the busybox one; the guest
+#                        command then runs in a service (ublkd-vm.service, after
+#                        multi-user.target) under /bin/sh (dash)
 #   --log FILE           also write the console output to FILE
 #   -h, --help           this help
 #
@@ -42,6 +46,7 @@ timeout_secs=900
 mem=2G
 smp=2
 extra_append=""
+systemd=0
 log_file=""
 bins=()
 files=()
@@ -64,6 +69,7 @@ while (($#)); do
         --append) need_arg "$@"; extra_append+=" $2"; shift 2 ;;
         --append=*) extra_append+=" ${1#*=}"; shift ;;
         --log) need_arg "$@"; log_file=$2; shift 2 ;;
+        --systemd) systemd=1; shift ;;
         --log=*) log_file=${1#*=}; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; break ;;
@@ -104,6 +110,14 @@ ROOT=$TMP/root
 
 # --- initramfs -------------------------------------------------------------
 
+if ((systemd)); then
+    # shellcheck source=tests/vm/systemd-guest.sh
+    . "$HERE/systemd-guest.sh"
+    ROOTFS_TAR=$("$HERE/rootfs.sh") || die "could not obtain the root file system (tests/vm/rootfs.sh failed)"
+    mkdir -p "$ROOT"
+    tar -C "$ROOT" -xpf "$ROOTFS_TAR" || die "cannot unpack $ROOTFS_TAR"
+    mkdir -p "$ROOT"/etc/ublkd-vm "$ROOT"/usr/local/bin "$ROOT"/usr/lib/modules/"$KVER"
+else
 # merged-/usr layout, like the host
 mkdir -p "$ROOT"/{usr/bin,usr/sbin,usr/lib/modules/"$KVER",usr/lib64,usr/local/bin,usr/local/sbin} \
     "$ROOT"/{proc,sys,dev,tmp,run,root,etc/ublkd-vm,mnt,var/tmp}
@@ -115,6 +129,7 @@ chmod 1777 "$ROOT/tmp" "$ROOT/var/tmp"
 chmod 0700 "$ROOT/root"
 mknod -m 600 "$ROOT/dev/console" c 5 1 2>/dev/null || true
 mknod -m 666 "$ROOT/dev/null" c 1 3 2>/dev/null || true
+fi
 
 declare -A COPIED_LIBS=()
 
@@ -123,6 +138,8 @@ copy_lib() {
     local lib=$1
     [[ -n ${COPIED_LIBS[$lib]:-} ]] && return 0
     COPIED_LIBS[$lib]=1
+    # The Debian root file system has its own (same-release) libraries: keep them.
+    ((systemd)) && [[ -e $ROOT$lib ]] && return 0
     mkdir -p "$ROOT$(dirname "$lib")"
     cp -L --remove-destination "$lib" "$ROOT$lib" || die "cannot copy library $lib"
 }
@@ -159,6 +176,10 @@ host_tool() {
     die "host tool '$1' not found; run tests/vm/setup-host.sh"
 }
 
+if ((systemd)); then
+    # The root file system has e2fsprogs and util-linux; fio comes from the host.
+    copy_exe "$(host_tool fio)" /usr/bin/fio
+else
 # busybox and its applet links (relative, so they never point outside $ROOT).
 BUSYBOX=$(host_tool busybox)
 copy_exe "$BUSYBOX" /usr/bin/busybox
@@ -187,6 +208,7 @@ ln -sfn mke2fs "$ROOT/usr/sbin/mkfs.ext4"
 copy_exe "$(host_tool e2fsck)" /usr/sbin/e2fsck
 copy_exe "$(host_tool losetup)" /usr/sbin/losetup
 copy_exe "$(host_tool blkdiscard)" /usr/sbin/blkdiscard
+fi
 
 for b in "${bins[@]}"; do
     copy_exe "$b" "/usr/local/bin/$(basename "$b")"
@@ -210,6 +232,9 @@ for spec in "${files[@]}"; do
     fi
 done
 
+if ((systemd)); then
+    setup_systemd_guest
+else
 # Kernel modules: /lib/modules/<name>.ko, plus /lib/modules/<kver>/ for modprobe.
 cp "$KDIR"/modules/*.ko "$KDIR/modules/modules.dep" "$ROOT/usr/lib/modules/"
 for ko in "$KDIR"/modules/*.ko; do
@@ -301,6 +326,7 @@ echo o >/proc/sysrq-trigger
 sleep 60
 EOF
 chmod 0755 "$ROOT/init"
+fi
 
 INITRD=$TMP/initrd.cpio
 (cd "$ROOT" && find . -mindepth 1 -print0 | LC_ALL=C sort -z | cpio --null -o -H newc -R 0:0 --quiet) >"$INITRD" \
@@ -308,7 +334,11 @@ INITRD=$TMP/initrd.cpio
 
 # --- boot --------------------------------------------------------------------
 
-append="console=ttyS0 panic=-1 quiet rdinit=/init$extra_append"
+if ((systemd)); then
+    append="console=ttyS0 panic=-1 quiet rdinit=/usr/lib/systemd/systemd systemd.unit=multi-user.target systemd.show_status=error$extra_append"
+else
+    append="console=ttyS0 panic=-1 quiet rdinit=/init$extra_append"
+fi
 # shellcheck disable=SC2054 # commas are qemu option syntax
 qemu_cmd=(
     timeout --kill-after=15 "$timeout_secs"

@@ -20,9 +20,12 @@ set -euo pipefail
 #   debian-archive-keyring trixie keys, used to verify trixie-backports
 #   apt                    apt-get/apt-cache for fetching the guest kernel
 #   coreutils              timeout, mktemp, ...
+#   mmdebstrap             the Debian root file system of the systemd VM tests
+#   systemd                systemd-analyze verify for the unit file (host side)
 readonly PACKAGES=(
     qemu-system-x86 busybox-static fio cpio xz-utils e2fsprogs util-linux mount
     libclang-dev debian-archive-keyring apt coreutils nbdkit qemu-utils nbd-client
+    mmdebstrap systemd
 )
 
 die() { printf 'setup-host.sh: error: %s\n' "$*" >&2; exit 1; }

@@ -6,7 +6,9 @@
 //! the target, which completes it at once or through SQEs of its own on this ring. The
 //! result goes back with `COMMIT_AND_FETCH_REQ`, which also waits for the tag's next
 //! request. The queue ends when the driver aborts every command (the device stopped), or
-//! when the daemon asks it to stop and no request is left in the target.
+//! when the daemon asks it to stop and no request is left in the target. A queue asked
+//! to detach (a hand-over to the next ublkd) also stops taking new requests: the driver
+//! holds them and reissues them to its successor (user recovery).
 //!
 //! Buffer modes are the queue's business; targets only see an [`IoBuf`]:
 //! - `copy`: per-tag daemon buffers, passed by address in FETCH/COMMIT.
@@ -55,6 +57,7 @@ pub struct QueueSpec {
 pub struct QueueHandle {
     pub counters: Arc<QueueCounters>,
     stop: Arc<AtomicBool>,
+    detach: Arc<AtomicBool>,
     wake: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
 }
@@ -63,6 +66,24 @@ impl QueueHandle {
     /// Asks the queue to finish: it exits once no request is left in its target.
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    /// Asks the queue to hand its device over to a later ublkd: it stops taking new
+    /// requests (the driver keeps them and gives them to the next server, with
+    /// UBLK_F_USER_RECOVERY_REISSUE), completes what its target has in flight, and
+    /// exits.
+    pub fn request_detach(&self) {
+        self.detach.store(true, Ordering::Release);
+        self.request_stop();
+    }
+
+    /// Whether the queue thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    fn wake(&self) {
         let one = 1u64.to_ne_bytes();
         // SAFETY: writing 8 bytes from a live buffer to an eventfd we own.
         let n = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
@@ -99,15 +120,16 @@ pub fn spawn(
 ) -> io::Result<QueueHandle> {
     let counters = Arc::new(QueueCounters::default());
     let stop = Arc::new(AtomicBool::new(false));
+    let detach = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(eventfd()?);
-    let (c, s, w) = (counters.clone(), stop.clone(), wake.clone());
+    let (c, s, d, w) = (counters.clone(), stop.clone(), detach.clone(), wake.clone());
     let name = format!("ublk{}q{}", spec.dev_id, spec.qid);
     let thread = std::thread::Builder::new().name(name).spawn(move || {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
         c.set_tid(tid);
         let (dev, q) = (spec.dev_id, spec.qid);
-        let queue = Queue::new(spec, target, c, s, w);
+        let queue = Queue::new(spec, target, c, s, d, w);
         let mut queue = match queue.and_then(|mut q| {
             q.fetch_all()
                 .map(|_| q)
@@ -130,6 +152,7 @@ pub fn spawn(
     Ok(QueueHandle {
         counters,
         stop,
+        detach,
         wake,
         thread: Some(thread),
     })
@@ -178,6 +201,8 @@ struct Queue {
     pending_commits: VecDeque<(u16, i32)>,
     counters: Arc<QueueCounters>,
     stop: Arc<AtomicBool>,
+    /// Hand-over to a later ublkd: take no new requests (see `request_detach`).
+    detach: Arc<AtomicBool>,
     wake: Arc<OwnedFd>,
     wake_buf: Box<u64>,
     cqes: Vec<(u64, i32)>,
@@ -296,6 +321,7 @@ impl Queue {
         target: Arc<dyn Target>,
         counters: Arc<QueueCounters>,
         stop: Arc<AtomicBool>,
+        detach: Arc<AtomicBool>,
         wake: Arc<OwnedFd>,
     ) -> Result<Self, String> {
         let fail = |what: &str, e: io::Error| format!("{what}: {e}");
@@ -358,6 +384,7 @@ impl Queue {
             pending_commits: VecDeque::new(),
             counters,
             stop,
+            detach,
             wake,
             wake_buf: Box::new(0),
             cqes: Vec::with_capacity(sq_entries as usize * 2),
@@ -493,12 +520,30 @@ impl Queue {
         }
     }
 
+    fn detaching(&self) -> bool {
+        self.detach.load(Ordering::Acquire)
+    }
+
+    /// Leaves a request to the driver, uncompleted: with UBLK_F_USER_RECOVERY_REISSUE
+    /// it gives the request to the next ublkd once that one has recovered the device.
+    fn leave_to_successor(&mut self, tag: u16) {
+        if self.tags[usize::from(tag)].io.take().is_some() {
+            self.in_target -= 1;
+        }
+    }
+
     /// Retries commits that found the SQ full, then target calls that returned Busy.
     fn flush_backlog(&mut self) {
         while let Some((tag, res)) = self.pending_commits.pop_front() {
             if !self.push_cmd(uapi::COMMIT_AND_FETCH_REQ, tag, res) {
                 self.pending_commits.push_front((tag, res));
                 return;
+            }
+        }
+        if self.detaching() {
+            // Nothing of these reached the target yet.
+            while let Some(tag) = self.retry.pop_front() {
+                self.leave_to_successor(tag);
             }
         }
         for _ in 0..self.retry.len() {
@@ -565,6 +610,13 @@ impl Queue {
         t.cmd_active = false;
         self.active_cmds -= 1;
         match res {
+            uapi::IO_RES_OK if self.detaching() => {
+                log::trace!(
+                    "dev {} queue {} tag {tag}: left for the next ublkd",
+                    self.spec.dev_id,
+                    self.spec.qid
+                );
+            }
             uapi::IO_RES_OK => {
                 let (io, op_flags) = self.iods.get(tag);
                 let carries_data = io.len > 0 && matches!(io.op, BlockOp::Read | BlockOp::Write);

@@ -1,0 +1,256 @@
+//! Real-kernel tests of device records and user recovery: a daemon that crashes or hands
+//! its devices over, stop and start, records that cannot be restored. They run inside
+//! the test VM (tests/run-vm-tests.sh); without /dev/ublk-control they fail, never skip.
+//! The same stories under systemd are in tests/systemd.rs.
+
+use serde_json::Value;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use ublkd_tests::*;
+
+fn require_ublk() {
+    assert!(
+        Path::new("/dev/ublk-control").exists(),
+        "/dev/ublk-control is missing: these tests must run in the test VM (tests/run-vm-tests.sh)"
+    );
+}
+
+/// A sparse backing file of `size` bytes under /tmp.
+fn backing(name: &str, size: u64) -> PathBuf {
+    let path = PathBuf::from(format!("/tmp/backing-rec-{name}.img"));
+    let _ = std::fs::remove_file(&path);
+    File::create(&path).unwrap().set_len(size).unwrap();
+    path
+}
+
+fn record_path(test: &str, id: u64) -> PathBuf {
+    PathBuf::from(format!("/tmp/ublkd-{test}/state/devices/{id}.json"))
+}
+
+fn entry(d: &Daemon, id: u64) -> Value {
+    d.list_json()
+        .into_iter()
+        .find(|e| e["id"].as_u64() == Some(id))
+        .unwrap_or_else(|| panic!("device {id} is not listed:\n{}", d.log_text()))
+}
+
+/// crc32-free checksum good enough to compare two reads of a device: FNV-1a.
+fn checksum(path: &str, len: usize) -> u64 {
+    let mut f = File::open(path).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).unwrap();
+    buf.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// fio writes and verifies 256 MiB in 4k blocks while the daemon is taken away by
+/// `interrupt` and a new daemon started on the same state directory: fio must end with
+/// no error and every block verified.
+fn survive(test: &str, mode: &str, interrupt: impl FnOnce(&mut Daemon)) {
+    require_ublk();
+    let mut d = Daemon::start(test);
+    let file = backing(test, 256 << 20);
+    let dev = d.add(&["loop", "--file", file.to_str().unwrap(), "--buffer", mode]);
+    let id = dev_id(&dev);
+    let job = verify_job(&dev, "randwrite", "4k", "256M", 32);
+    let mut fio = FioChild::start(&job);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(fio.running(), "fio ended before the daemon was interrupted");
+    interrupt(&mut d);
+    assert!(Path::new(&dev).exists(), "{dev} went away with the daemon");
+    let d2 = Daemon::start_with(test, &[]);
+    let run = fio.wait();
+    assert!(run.total_ios() >= 2 * 65536, "{}", run.total_ios());
+    let e = entry(&d2, id);
+    assert_eq!(e["state"], "live", "{e}");
+    assert_eq!(e["buffer"], mode, "{e}");
+    let log = d2.log_text();
+    assert!(log.contains(&format!("dev {id}: recovering")), "{log}");
+    d2.del(&dev);
+    assert!(!record_path(test, id).exists(), "del keeps the record");
+    std::fs::remove_file(&file).unwrap();
+}
+
+#[test]
+fn kill9_during_fio_verify_auto_zc() {
+    survive("rec-kill-auto", "auto-zc", Daemon::kill9);
+}
+
+#[test]
+fn kill9_during_fio_verify_copy() {
+    survive("rec-kill-copy", "copy", Daemon::kill9);
+}
+
+#[test]
+fn kill9_during_fio_verify_zc() {
+    survive("rec-kill-zc", "zc", Daemon::kill9);
+}
+
+#[test]
+fn hand_over_on_sigterm_during_fio_verify() {
+    survive("rec-handover", "auto-zc", |d| {
+        // A daemon started with --on-exit hand-over leaves its devices on SIGTERM.
+        d.kill9();
+        let mut old = Daemon::start_with("rec-handover", &["--on-exit", "hand-over"]);
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(old.stop(), Some(0), "{}", old.log_text());
+        assert!(
+            old.log_text()
+                .contains("leaving the devices to the next ublkd"),
+            "{}",
+            old.log_text()
+        );
+    });
+}
+
+#[test]
+fn stop_and_start_bring_the_device_back_with_its_id_and_data() {
+    require_ublk();
+    let test = "rec-restart";
+    let mut d = Daemon::start(test);
+    let file = backing(test, 64 << 20);
+    let dev = d.add(&[
+        "loop",
+        "--file",
+        file.to_str().unwrap(),
+        "--id",
+        "7",
+        "--name",
+        "data",
+    ]);
+    assert_eq!(dev, "/dev/ublkb7");
+    fio(&verify_job(&dev, "write", "64k", "64M", 8));
+    let sum = checksum(&dev, 64 << 20);
+    let rec: Value =
+        serde_json::from_str(&std::fs::read_to_string(record_path(test, 7)).unwrap()).unwrap();
+    assert_eq!(rec["id"], 7, "{rec}");
+    assert_eq!(rec["add"]["name"], "data", "{rec}");
+    assert_eq!(
+        rec["add"]["target"]["file"],
+        file.to_str().unwrap(),
+        "{rec}"
+    );
+
+    // A plain stop removes the device from the kernel and keeps its record.
+    assert_eq!(d.stop(), Some(0));
+    assert!(wait_gone(&dev, Duration::from_secs(10)), "{dev} stayed");
+    assert!(record_path(test, 7).exists());
+    let d = Daemon::start_with(test, &[]);
+    assert!(Path::new(&dev).exists(), "{dev} did not come back");
+    assert_eq!(
+        checksum(&dev, 64 << 20),
+        sum,
+        "data changed over stop/start"
+    );
+    let e = entry(&d, 7);
+    assert_eq!(
+        (e["state"].as_str(), e["name"].as_str()),
+        (Some("live"), Some("data"))
+    );
+    assert!(d.ctl_ok(&["list"]).contains("data"));
+
+    // Ids and names are unique; bad ones are refused with one line.
+    let err = d.ctl_err(&["add", "null", "--id", "7"]);
+    assert!(err.contains("id 7 is in use"), "{err}");
+    let err = d.ctl_err(&["add", "null", "--name", "data"]);
+    assert!(err.contains("'data' is taken by device 7"), "{err}");
+    let err = d.ctl_err(&["add", "null", "--name", "no/slash"]);
+    assert!(err.contains("not valid"), "{err}");
+    let err = d.ctl_err(&["add", "null", "--id", "2000000"]);
+    assert!(err.contains("out of range"), "{err}");
+    let err = d.ctl_err(&["recover", "7"]);
+    assert!(err.contains("already served"), "{err}");
+    d.del(&dev);
+    assert!(!record_path(test, 7).exists());
+    std::fs::remove_file(&file).unwrap();
+}
+
+#[test]
+fn a_device_that_cannot_be_restored_is_listed_and_the_others_served() {
+    require_ublk();
+    let test = "rec-missing";
+    let mut d = Daemon::start(test);
+    let good = backing("good", 32 << 20);
+    let gone = backing("gone", 32 << 20);
+    let good_dev = d.add(&["loop", "--file", good.to_str().unwrap()]);
+    let gone_dev = d.add(&["loop", "--file", gone.to_str().unwrap(), "--name", "lost"]);
+    let gone_id = dev_id(&gone_dev);
+    assert_eq!(d.stop(), Some(0));
+    std::fs::remove_file(&gone).unwrap();
+    // And a record that is cut short, as a crash of the file system might leave it.
+    std::fs::write(
+        record_path(test, 9),
+        "{\"version\":1,\"id\":9,\"add\":{\"tar",
+    )
+    .unwrap();
+
+    let d = Daemon::start_with(test, &[]);
+    fio(&verify_job(&good_dev, "randwrite", "4k", "16M", 16));
+    let e = entry(&d, gone_id);
+    assert_eq!(e["state"], "failed", "{e}");
+    assert_eq!(e["name"], "lost", "{e}");
+    let why = e["error"].as_str().unwrap();
+    assert!(why.contains(gone.to_str().unwrap()), "{why}");
+    let e9 = entry(&d, 9);
+    assert_eq!(e9["state"], "failed", "{e9}");
+    assert!(
+        e9["error"].as_str().unwrap().contains("not valid JSON"),
+        "{e9}"
+    );
+    let table = d.ctl_ok(&["list"]);
+    assert!(
+        table.contains("failed") && table.contains("error: "),
+        "{table}"
+    );
+    assert!(d
+        .ctl_err(&["show", &gone_id.to_string()])
+        .contains("not served"));
+    // Recovering without the file fails again, with the reason.
+    let err = d.ctl_err(&["recover", &gone_id.to_string()]);
+    assert!(err.contains(gone.to_str().unwrap()), "{err}");
+    // Put the file back: recover serves the device under its id.
+    File::create(&gone).unwrap().set_len(32 << 20).unwrap();
+    let out = d.ctl_ok(&["recover", &gone_id.to_string()]);
+    assert_eq!(out.trim(), gone_dev);
+    fio(&verify_job(&gone_dev, "randwrite", "4k", "16M", 16));
+    // del works for the unusable record too, and removes its file.
+    d.ctl_ok(&["del", "9"]);
+    assert!(!record_path(test, 9).exists());
+    d.del(&gone_dev);
+    d.del(&good_dev);
+    for f in [good, gone] {
+        std::fs::remove_file(f).unwrap();
+    }
+}
+
+#[test]
+fn a_crashed_device_whose_recovery_fails_holds_its_io_until_recover() {
+    require_ublk();
+    let test = "rec-held";
+    let mut d = Daemon::start(test);
+    let file = backing(test, 32 << 20);
+    let moved = PathBuf::from(format!("{}.moved", file.display()));
+    let dev = d.add(&["loop", "--file", file.to_str().unwrap()]);
+    let id = dev_id(&dev);
+    d.kill9();
+    std::fs::rename(&file, &moved).unwrap();
+    // IO issued while no daemon serves the device waits in the kernel.
+    let job = verify_job(&dev, "randwrite", "4k", "8M", 8);
+    let mut fio = FioChild::start(&job);
+    let d = Daemon::start_with(test, &[]);
+    let e = entry(&d, id);
+    assert_eq!(e["state"], "failed", "{e}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(fio.running(), "IO must wait for the device, not fail");
+    std::fs::rename(&moved, &file).unwrap();
+    d.ctl_ok(&["recover", &id.to_string()]);
+    let started = Instant::now();
+    fio.wait();
+    assert!(started.elapsed() < Duration::from_secs(120));
+    assert_eq!(entry(&d, id)["state"], "live");
+    d.del(&dev);
+    std::fs::remove_file(&file).unwrap();
+}

@@ -1,0 +1,328 @@
+//! ublkd under a real systemd as PID 1: the installed unit (scripts/install.sh), a crash
+//! and its recovery, the upgrade restart, stop and start, a file system through a crash,
+//! a device that cannot be restored. They run inside the systemd test VM
+//! (tests/run-vm-tests.sh boots it with tests/vm/run.sh --systemd), one at a time, all
+//! against the one `ublkd.service`; outside it they fail, never skip.
+
+use serde_json::Value;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use ublkd_tests::*;
+
+const UNIT: &str = "ublkd.service";
+const SOCKET: &str = "/run/ublkd/ublkd.sock";
+const RECORDS: &str = "/var/lib/ublkd/devices";
+const MKFS: &str = "/usr/sbin/mkfs.ext4";
+const E2FSCK: &str = "/usr/sbin/e2fsck";
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+fn journal() -> String {
+    let out = run(
+        "/usr/bin/journalctl",
+        &["-u", UNIT, "-b", "--no-pager", "-o", "cat"],
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn systemctl(args: &[&str]) {
+    let out = run("/usr/bin/systemctl", args);
+    assert!(
+        out.status.success(),
+        "systemctl {args:?} failed ({}): {}\n---- journal ----\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        journal()
+    );
+}
+
+fn property(name: &str) -> String {
+    let out = run("/usr/bin/systemctl", &["show", UNIT, "-p", name, "--value"]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn main_pid() -> i32 {
+    property("MainPID").parse().unwrap_or(0)
+}
+
+/// Waits until the service is active with a main process other than `not_pid`.
+fn wait_active(not_pid: i32) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let pid = main_pid();
+        if property("ActiveState") == "active" && pid != 0 && pid != not_pid {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ublkd did not become active again (state {}, pid {pid}):\n{}",
+            property("ActiveState"),
+            journal()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn ctl(args: &[&str]) -> Output {
+    ctl_at(Path::new(SOCKET), args)
+}
+
+fn ctl_ok(args: &[&str]) -> String {
+    let out = ctl(args);
+    assert!(
+        out.status.success(),
+        "ublkctl {args:?} failed: {}\n---- journal ----\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        journal()
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn list() -> Vec<Value> {
+    let v: Value = serde_json::from_str(&ctl_ok(&["list", "--json"])).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+fn entry(id: u64) -> Value {
+    list()
+        .into_iter()
+        .find(|e| e["id"].as_u64() == Some(id))
+        .unwrap_or_else(|| panic!("device {id} is not listed:\n{}", journal()))
+}
+
+fn add_loop(file: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["add", "loop", "--file", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let dev = ctl_ok(&args).trim().to_string();
+    assert!(Path::new(&dev).exists(), "{dev}");
+    dev
+}
+
+fn backing(name: &str, size: u64) -> PathBuf {
+    let path = PathBuf::from(format!("/var/tmp/backing-{name}.img"));
+    let _ = std::fs::remove_file(&path);
+    File::create(&path).unwrap().set_len(size).unwrap();
+    path
+}
+
+/// A clean slate: ublkd running with no devices and no records.
+fn fresh_start() {
+    let _ = run("/usr/bin/systemctl", &["stop", UNIT]);
+    let _ = run("/usr/bin/systemctl", &["reset-failed", UNIT]);
+    let _ = std::fs::remove_dir_all(RECORDS);
+    systemctl(&["start", UNIT]);
+    wait_active(0);
+    assert_eq!(list().len(), 0);
+}
+
+fn checksum(path: &str, len: usize) -> u64 {
+    let mut f = File::open(path).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).unwrap();
+    buf.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+#[test]
+fn the_unit_verifies_and_is_what_the_readme_says() {
+    let out = run(
+        "/usr/bin/systemd-analyze",
+        &["verify", "/usr/local/lib/systemd/system/ublkd.service"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("ublkd"),
+        "systemd-analyze verify: {}\n{stderr}",
+        out.status
+    );
+    fresh_start();
+    assert_eq!(property("Type"), "notify");
+    assert_eq!(property("WatchdogUSec"), "30s");
+    assert_eq!(property("Restart"), "on-failure");
+    assert!(Path::new(SOCKET).exists());
+    assert!(Path::new(RECORDS).is_dir());
+    // Ready means the socket answers at once.
+    ctl_ok(&["features"]);
+    // The daemon has no mount namespace of its own (see the unit file).
+    let pid = main_pid();
+    let ours = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let its = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    assert_eq!(ours, its, "ublkd runs in a private mount namespace");
+}
+
+/// kill -9 of the main process during a fio verify job: systemd restarts ublkd, the
+/// new process recovers the device, fio finishes with no error and verifies.
+#[test]
+fn a_crash_is_recovered_without_io_errors() {
+    fresh_start();
+    let file = backing("crash", 256 << 20);
+    let dev = add_loop(&file, &[]);
+    let id = dev_id(&dev);
+    let restarts: u32 = property("NRestarts").parse().unwrap();
+    let mut fio = FioChild::start(&verify_job(&dev, "randwrite", "4k", "256M", 32));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(fio.running());
+    let old = main_pid();
+    // SAFETY: sending SIGKILL to the service's main process, as the OOM killer would.
+    assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
+    wait_active(old);
+    let run = fio.wait();
+    assert!(run.total_ios() >= 2 * 65536);
+    let now: u32 = property("NRestarts").parse().unwrap();
+    assert_eq!(now, restarts + 1, "systemd restarted ublkd once");
+    assert_eq!(entry(id)["state"], "live");
+    assert!(journal().contains(&format!("dev {id}: recovering")));
+    ctl_ok(&["del", &id.to_string()]);
+    std::fs::remove_file(&file).unwrap();
+}
+
+/// `systemctl restart ublkd` (the upgrade path) during a fio verify job: no error.
+#[test]
+fn restart_is_an_upgrade_without_io_errors() {
+    fresh_start();
+    let file = backing("restart", 256 << 20);
+    let dev = add_loop(&file, &["--name", "up"]);
+    let id = dev_id(&dev);
+    let mut job = FioChild::start(&verify_job(&dev, "randwrite", "4k", "256M", 32));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(job.running());
+    let old = main_pid();
+    systemctl(&["restart", UNIT]);
+    wait_active(old);
+    job.wait();
+    assert_eq!(entry(id)["state"], "live");
+    assert_eq!(entry(id)["name"], "up");
+    let j = journal();
+    assert!(j.contains("leaving the devices to the next ublkd"), "{j}");
+    assert!(j.contains(&format!("dev {id}: recovering")), "{j}");
+    // reload is refused and changes nothing.
+    assert!(!run("/usr/bin/systemctl", &["reload", UNIT])
+        .status
+        .success());
+    assert_eq!(main_pid(), wait_active(old));
+    fio(&verify_job(&dev, "randwrite", "4k", "16M", 16));
+    ctl_ok(&["del", &id.to_string()]);
+    std::fs::remove_file(&file).unwrap();
+}
+
+/// stop removes the device, start brings it back with the same id and the same data.
+#[test]
+fn stop_and_start_keep_the_id_and_the_data() {
+    fresh_start();
+    let file = backing("stop", 64 << 20);
+    let dev = add_loop(&file, &["--id", "5"]);
+    assert_eq!(dev, "/dev/ublkb5");
+    fio(&verify_job(&dev, "write", "128k", "64M", 8));
+    let sum = checksum(&dev, 64 << 20);
+    systemctl(&["stop", UNIT]);
+    assert!(wait_gone(&dev, Duration::from_secs(10)), "stop left {dev}");
+    assert!(Path::new(&format!("{RECORDS}/5.json")).exists());
+    systemctl(&["start", UNIT]);
+    wait_active(0);
+    assert!(Path::new(&dev).exists(), "start did not bring {dev} back");
+    assert_eq!(checksum(&dev, 64 << 20), sum);
+    assert_eq!(entry(5)["state"], "live");
+    ctl_ok(&["del", "5"]);
+    assert!(!Path::new(&format!("{RECORDS}/5.json")).exists());
+    std::fs::remove_file(&file).unwrap();
+}
+
+/// A file system mounted on the device through a crash: files written before and during
+/// the crash read back intact after sync, and the file system checks clean.
+#[test]
+fn a_mounted_file_system_survives_a_crash() {
+    fresh_start();
+    let file = backing("fs", 256 << 20);
+    let dev = add_loop(&file, &[]);
+    run_ok(MKFS, &["-q", "-F", &dev]);
+    let mnt = "/mnt/ublk-fs";
+    std::fs::create_dir_all(mnt).unwrap();
+    run_ok("/usr/bin/mount", &[&dev, mnt]);
+    let write = |name: &str, seed: u64| {
+        let data = pattern(seed, 1 << 20);
+        let mut f = File::create(format!("{mnt}/{name}")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    };
+    for i in 0..8 {
+        write(&format!("before-{i}"), i);
+    }
+    // A writer keeps going across the crash.
+    let writer = std::thread::spawn(move || {
+        for i in 0..24u64 {
+            let data = pattern(100 + i, 1 << 20);
+            let mut f = File::create(format!("{mnt}/during-{i}")).unwrap();
+            f.write_all(&data).unwrap();
+            f.sync_all().unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let old = main_pid();
+    // SAFETY: SIGKILL to the service's main process.
+    assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
+    wait_active(old);
+    writer.join().expect("the writer saw an error");
+    run_ok("/usr/bin/sync", &[]);
+    for i in 0..8 {
+        assert_eq!(
+            std::fs::read(format!("{mnt}/before-{i}")).unwrap(),
+            pattern(i, 1 << 20)
+        );
+    }
+    for i in 0..24 {
+        assert_eq!(
+            std::fs::read(format!("{mnt}/during-{i}")).unwrap(),
+            pattern(100 + i, 1 << 20),
+            "during-{i}"
+        );
+    }
+    run_ok("/usr/bin/umount", &[mnt]);
+    run_ok(E2FSCK, &["-fn", &dev]);
+    ctl_ok(&["del", &dev_id(&dev).to_string()]);
+    std::fs::remove_file(&file).unwrap();
+}
+
+/// A record whose backing file was deleted: the daemon starts, serves the other
+/// device, and `ublkctl list` shows the failure and why.
+#[test]
+fn a_lost_backing_file_fails_one_device_only() {
+    fresh_start();
+    let good = backing("good", 64 << 20);
+    let lost = backing("lost", 64 << 20);
+    let good_dev = add_loop(&good, &[]);
+    let lost_dev = add_loop(&lost, &[]);
+    systemctl(&["stop", UNIT]);
+    std::fs::remove_file(&lost).unwrap();
+    systemctl(&["start", UNIT]);
+    wait_active(0);
+    assert_eq!(property("ActiveState"), "active");
+    fio(&verify_job(&good_dev, "randwrite", "4k", "32M", 16));
+    let e = entry(dev_id(&lost_dev));
+    assert_eq!(e["state"], "failed", "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains(lost.to_str().unwrap()),
+        "{e}"
+    );
+    let table = ctl_ok(&["list"]);
+    assert!(table.contains("failed"), "{table}");
+    assert!(
+        property("StatusText").contains("1 failed"),
+        "{}",
+        property("StatusText")
+    );
+    ctl_ok(&["del", &dev_id(&lost_dev).to_string()]);
+    ctl_ok(&["del", &dev_id(&good_dev).to_string()]);
+    std::fs::remove_file(&good).unwrap();
+}
