@@ -41,6 +41,10 @@ impl Daemon {
         let socket = PathBuf::from(format!("/tmp/ublkd-{name}/ublkd.sock"));
         let state_dir = PathBuf::from(format!("/tmp/ublkd-{name}/state"));
         let log = PathBuf::from(format!("/tmp/ublkd-{name}.log"));
+        let readies_before = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("INFO  ublkd] ready:")
+            .count();
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -67,18 +71,24 @@ impl Daemon {
             log,
             child: Some(child),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&d.socket).is_err() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // Ready: it logs so once it has restored the recorded devices (its socket
+        // answers before that).
+        while d.log_text().matches("INFO  ublkd] ready:").count() <= readies_before {
             if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("ublkd exited early ({status}):\n{}", d.log_text());
             }
             assert!(
                 Instant::now() < deadline,
-                "ublkd did not listen in time:\n{}",
+                "ublkd did not get ready in time:\n{}",
                 d.log_text()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        assert!(
+            UnixStream::connect(&d.socket).is_ok(),
+            "ready but not listening"
+        );
         d
     }
 
