@@ -254,3 +254,34 @@ fn a_crashed_device_whose_recovery_fails_holds_its_io_until_recover() {
     d.del(&dev);
     std::fs::remove_file(&file).unwrap();
 }
+
+#[test]
+fn del_gives_up_a_crashed_device_that_cannot_be_recovered() {
+    require_ublk();
+    let test = "rec-giveup";
+    let mut d = Daemon::start(test);
+    let file = backing(test, 32 << 20);
+    let dev = d.add(&["loop", "--file", file.to_str().unwrap()]);
+    let id = dev_id(&dev);
+    d.kill9();
+    std::fs::remove_file(&file).unwrap();
+    let mut held = FioChild::start(&verify_job(&dev, "randwrite", "4k", "8M", 8));
+    let d = Daemon::start_with(test, &[]);
+    assert_eq!(entry(&d, id)["state"], "failed");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        held.running(),
+        "IO must wait while the device is not recovered"
+    );
+    // del removes the device from the kernel: the held IO fails, nothing hangs.
+    let started = Instant::now();
+    d.del(&dev);
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held.running() {
+        assert!(Instant::now() < deadline, "fio still waits after del");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!record_path(test, id).exists());
+    assert!(d.list_json().is_empty());
+}
