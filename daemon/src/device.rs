@@ -285,19 +285,7 @@ impl Device {
             geometry.depth,
             buffer
         );
-        let mut device = Device {
-            id,
-            record,
-            geometry,
-            buffer,
-            target,
-            shape,
-            counters: Vec::new(),
-            queues: Vec::new(),
-            dev: None,
-            ctrl: Some(ctrl),
-            started: false,
-        };
+        let mut device = Device::new(record, geometry, buffer, target, ctrl);
         // On error `device` is dropped, which deletes whatever the kernel has of it.
         let started = state
             .save(&device.record)
@@ -401,25 +389,36 @@ impl Device {
             geometry.queues,
             geometry.depth
         );
-        let mut device = Device {
-            id,
-            record: record.clone(),
-            geometry,
-            buffer,
-            target,
-            shape,
-            counters: Vec::new(),
-            queues: Vec::new(),
-            dev: None,
-            ctrl: Some(ctrl),
-            started: true,
-        };
+        let mut device = Device::new(record.clone(), geometry, buffer, target, ctrl);
         if let Err(e) = device.start(RECOVER_TIMEOUT) {
             // Leave the device to a later attempt: never delete what holds user data.
             device.disown();
             return Err(e);
         }
         Ok(device)
+    }
+
+    /// A device not served yet: `start` brings up its queues.
+    fn new(
+        record: Record,
+        geometry: Geometry,
+        buffer: BufferMode,
+        target: Arc<dyn Target>,
+        ctrl: UblkCtrl,
+    ) -> Device {
+        Device {
+            id: record.id,
+            record,
+            geometry,
+            buffer,
+            shape: target.shape(),
+            target,
+            counters: Vec::new(),
+            queues: Vec::new(),
+            dev: None,
+            ctrl: Some(ctrl),
+            started: false,
+        }
     }
 
     fn start(&mut self, timeout: Duration) -> Result<()> {

@@ -373,9 +373,9 @@ impl FioChild {
     }
 }
 
-/// A write-then-verify fio job on `dev`: `size` bytes in `bs` blocks, crc32c.
-pub fn verify_job(dev: &str, rw: &str, bs: &str, size: &str, iodepth: u32) -> Vec<String> {
-    vec![
+/// One fio io_uring job with O_DIRECT on `dev`, plus `more` options.
+fn job(dev: &str, rw: &str, bs: &str, iodepth: u32, more: &[String]) -> Vec<String> {
+    let mut v = vec![
         format!("--name={rw}-{bs}"),
         format!("--filename={dev}"),
         "--ioengine=io_uring".into(),
@@ -383,28 +383,41 @@ pub fn verify_job(dev: &str, rw: &str, bs: &str, size: &str, iodepth: u32) -> Ve
         format!("--rw={rw}"),
         format!("--bs={bs}"),
         format!("--iodepth={iodepth}"),
+    ];
+    v.extend_from_slice(more);
+    v
+}
+
+/// A write-then-verify fio job on `dev`: `size` bytes in `bs` blocks, crc32c.
+pub fn verify_job(dev: &str, rw: &str, bs: &str, size: &str, iodepth: u32) -> Vec<String> {
+    let verify = [
         format!("--size={size}"),
         "--verify=crc32c".into(),
         "--do_verify=1".into(),
         "--verify_fatal=1".into(),
         "--verify_state_save=0".into(),
-    ]
+    ];
+    job(dev, rw, bs, iodepth, &verify)
 }
 
 /// Standard fio options for a short random-IO run against `dev`.
 pub fn fio_job(dev: &str, rw: &str, bs: &str, iodepth: u32, seconds: u32) -> Vec<String> {
-    vec![
-        format!("--name={rw}-{bs}"),
-        format!("--filename={dev}"),
-        "--ioengine=io_uring".into(),
-        "--direct=1".into(),
-        format!("--rw={rw}"),
-        format!("--bs={bs}"),
-        format!("--iodepth={iodepth}"),
+    let timed = [
         "--time_based".into(),
         format!("--runtime={seconds}"),
         "--numjobs=1".into(),
-    ]
+    ];
+    job(dev, rw, bs, iodepth, &timed)
+}
+
+/// FNV-1a of the first `len` bytes of `path`: compares two reads of a device.
+pub fn checksum(path: &str, len: usize) -> u64 {
+    let mut f = std::fs::File::open(path).expect("open for checksum");
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).expect("read for checksum");
+    buf.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
 }
 
 /// Waits until `path` no longer exists (device nodes go away with the disk).

@@ -5,7 +5,6 @@
 
 use serde_json::Value;
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use ublkd_tests::*;
@@ -34,16 +33,6 @@ fn entry(d: &Daemon, id: u64) -> Value {
         .into_iter()
         .find(|e| e["id"].as_u64() == Some(id))
         .unwrap_or_else(|| panic!("device {id} is not listed:\n{}", d.log_text()))
-}
-
-/// crc32-free checksum good enough to compare two reads of a device: FNV-1a.
-fn checksum(path: &str, len: usize) -> u64 {
-    let mut f = File::open(path).unwrap();
-    let mut buf = vec![0u8; len];
-    f.read_exact(&mut buf).unwrap();
-    buf.iter().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
-    })
 }
 
 /// fio writes and verifies 256 MiB in 4k blocks while the daemon is taken away by

@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -121,15 +121,6 @@ fn fresh_start() {
     systemctl(&["start", UNIT]);
     wait_active(0);
     assert_eq!(list().len(), 0);
-}
-
-fn checksum(path: &str, len: usize) -> u64 {
-    let mut f = File::open(path).unwrap();
-    let mut buf = vec![0u8; len];
-    f.read_exact(&mut buf).unwrap();
-    buf.iter().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
-    })
 }
 
 #[test]
