@@ -27,6 +27,8 @@ pub enum Fault {
     CloseInHandshake,
     /// Advertises an export of size 0.
     ZeroSize,
+    /// Never answers (but keeps the connection and answers the requests before it).
+    NeverAnswers,
     /// Answers everything correctly, but writes each reply in small pieces (5-byte
     /// pieces of the header, 1000-byte pieces of a payload) and reads requests through
     /// a small receive buffer: the client sees partial headers and payloads, and its
@@ -113,6 +115,9 @@ fn session(mut c: TcpStream, fault: Fault, disk: &Mutex<Vec<u8>>) -> std::io::Re
             .checked_add(len as u64)
             .is_some_and(|end| end <= SIZE);
         let faulty = offset >= FAULT_OFFSET;
+        if faulty && fault == Fault::NeverAnswers {
+            continue;
+        }
         let mut reply = Vec::with_capacity(16);
         let magic: u32 = if faulty && fault == Fault::BadMagic {
             0xdead_beef
