@@ -182,6 +182,11 @@ pub(super) struct NbdQueue {
     plan: Vec<RecvItem>,
     /// Requests between start and finish.
     active: usize,
+    /// Requests sent on this connection whose reply header has not come, and how many
+    /// of them are reads; reads waiting in `send_queue`.
+    awaiting: usize,
+    awaiting_reads: usize,
+    queued_reads: usize,
     tick_ts: Box<types::Timespec>,
     tick_armed: bool,
     /// Timeout ticks so far, and how many mean a request waited the request timeout.
@@ -298,6 +303,9 @@ impl NbdQueue {
             plan: Vec::with_capacity(2 * MAX_CHAIN + 2),
 
             active: 0,
+            awaiting: 0,
+            awaiting_reads: 0,
+            queued_reads: 0,
             tick_ts: Box::new(timespec(tick)),
             tick_armed: false,
             ticks: 0,
@@ -341,6 +349,9 @@ impl NbdQueue {
         self.active += 1;
         // Sent with the others of this turn of the queue loop (`end_turn`).
         self.send_queue.push_back(io.tag);
+        if self.is_read(io.tag) {
+            self.queued_reads += 1;
+        }
         Outcome::Queued
     }
 
@@ -400,6 +411,11 @@ impl NbdQueue {
             let t = usize::from(tag);
             let Some(io) = self.tags[t].io else { continue };
             self.tags[t].sent = true;
+            self.awaiting += 1;
+            if self.is_read(tag) {
+                self.awaiting_reads += 1;
+                self.queued_reads -= 1;
+            }
             let hdr = self.headers[t].as_ptr();
             self.iovecs[iov] = libc::iovec {
                 iov_base: hdr as *mut libc::c_void,
@@ -603,15 +619,22 @@ impl NbdQueue {
     /// Requests sent on this connection whose reply has not been seen: how many, and
     /// whether one of them is a read (whose reply carries a payload).
     fn awaiting(&self) -> (usize, bool) {
-        let mut n = 0;
-        let mut read = false;
-        for t in &self.tags {
-            if let Some(io) = t.io.filter(|_| t.sent && !t.replied && t.result.is_none()) {
-                n += 1;
-                read |= matches!(io.op, BlockOp::Read);
-            }
-        }
-        (n, read)
+        debug_assert_eq!(
+            (self.awaiting, self.awaiting_reads > 0),
+            {
+                let mut n = 0;
+                let mut read = false;
+                for t in &self.tags {
+                    if let Some(io) = t.io.filter(|_| t.sent && !t.replied && t.result.is_none()) {
+                        n += 1;
+                        read |= matches!(io.op, BlockOp::Read);
+                    }
+                }
+                (n, read)
+            },
+            "reply counters"
+        );
+        (self.awaiting, self.awaiting_reads > 0)
     }
 
     /// Posts the receive of the next reply headers: exactly one header when a read may
@@ -619,7 +642,7 @@ impl NbdQueue {
     /// one header per request waiting for its reply (see `multi`).
     fn post_header_recv(&mut self, ring: &mut dyn Ring) {
         let (waiting, read) = self.awaiting();
-        let read_queued = self.send_queue.iter().any(|&t| self.is_read(t));
+        let read_queued = self.queued_reads > 0;
         let multi = waiting > 1 && !read && !read_queued;
         let want = if multi {
             (waiting * proto::REPLY_LEN).min(self.hdrs.len())
@@ -658,6 +681,10 @@ impl NbdQueue {
             .ok_or_else(|| format!("reply with unknown cookie {:#x}", reply.cookie))?;
         let t = usize::from(tag);
         self.tags[t].replied = true;
+        self.awaiting -= 1;
+        if self.is_read(tag) {
+            self.awaiting_reads -= 1;
+        }
         let Some(io) = self.tags[t].io else {
             return Ok(None);
         };
@@ -929,6 +956,9 @@ impl NbdQueue {
                 resend.push_back(tag);
             }
         }
+        self.awaiting = 0;
+        self.awaiting_reads = 0;
+        self.queued_reads = resend.iter().filter(|&&t| self.is_read(t)).count();
         self.send_queue = resend;
         *self.handoff.lock().unwrap_or_else(|p| p.into_inner()) = None;
         match self.wake.try_clone() {
@@ -957,6 +987,9 @@ impl NbdQueue {
         self.link = Link::Failed;
         self.state.store(CONN_FAILED, Ordering::Relaxed);
         self.send_queue.clear();
+        self.awaiting = 0;
+        self.awaiting_reads = 0;
+        self.queued_reads = 0;
         self.send_expect.clear();
         self.recv_items.clear();
         self.hdrs_have = 0;
