@@ -87,6 +87,10 @@ enum AddTarget {
         /// sent again, then fail with EIO. 0 fails them at once.
         #[arg(long, default_value_t = 30)]
         reconnect_timeout: u32,
+        /// Seconds a request may wait for its reply; a server that stays connected but
+        /// does not answer in time counts as lost (reconnect and resend). 0: no limit.
+        #[arg(long, default_value_t = 30)]
+        request_timeout: u32,
         #[command(flatten)]
         common: CommonAddArgs,
     },
@@ -169,6 +173,7 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
             uri,
             connections,
             reconnect_timeout,
+            request_timeout,
             mut common,
         } => {
             match (connections, common.queues) {
@@ -182,6 +187,7 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
                 TargetSpec::Nbd {
                     uri,
                     reconnect_timeout: Some(reconnect_timeout),
+                    request_timeout: Some(request_timeout),
                 },
                 common,
             )

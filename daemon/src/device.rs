@@ -175,15 +175,15 @@ fn build_target(spec: &TargetSpec, geometry: &Geometry) -> Result<Arc<dyn Target
         TargetSpec::Nbd {
             uri,
             reconnect_timeout,
+            request_timeout,
         } => {
             let uri: NbdUri = uri.parse()?;
             let timeout = Duration::from_secs(u64::from(reconnect_timeout.unwrap_or(30)));
-            Ok(Arc::new(NbdTarget::connect(
-                &uri,
-                geometry.queues,
-                block_size,
-                timeout,
-            )?))
+            let request = Duration::from_secs(u64::from(request_timeout.unwrap_or(30)));
+            Ok(Arc::new(
+                NbdTarget::connect(&uri, geometry.queues, block_size, timeout)?
+                    .with_request_timeout(request),
+            ))
         }
     }
 }
@@ -833,6 +833,7 @@ mod tests {
             &TargetSpec::Nbd {
                 uri: "nbds://h/e".into(),
                 reconnect_timeout: None,
+                request_timeout: None,
             },
             &geo(512),
         )

@@ -67,6 +67,10 @@ pub enum TargetSpec {
         /// 30 when left out.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reconnect_timeout: Option<u32>,
+        /// Seconds a request may wait for its reply before the connection counts as lost
+        /// (0: no limit); 30 when left out.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_timeout: Option<u32>,
     },
     /// Exports a regular file or a block device.
     Loop {

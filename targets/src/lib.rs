@@ -61,6 +61,17 @@ pub trait Ring {
     /// returns: for targets whose answers do not arrive on the request's own SQEs. The
     /// target must have no SQE of that request still in flight.
     fn finish(&mut self, tag: u16, result: i32);
+
+    /// Makes sure the next `n` pushes fit in the submission queue without it being
+    /// submitted in between (submitting what is already queued if needed), so that a
+    /// chain of linked SQEs (IOSQE_IO_LINK) reaches the kernel whole. False when there
+    /// is no room for `n`. A zero-copy queue may put one SQE of its own in front of a
+    /// request's first SQE: count two for each request whose buffer a chain touches.
+    /// The default (a ring that cannot promise this) is false.
+    fn reserve(&mut self, n: usize) -> bool {
+        let _ = n;
+        false
+    }
 }
 
 /// Serves the requests of one hardware queue. Lives on that queue's thread.
@@ -74,6 +85,13 @@ pub trait QueueTarget {
     /// Called once on the queue thread before the first request, to post target-wide
     /// SQEs (a receive loop).
     fn start(&mut self, ring: &mut dyn Ring) {
+        let _ = ring;
+    }
+
+    /// Called once per turn of the queue loop, after that turn's completions and requests
+    /// were handled and before the ring is submitted: a target that collects work during
+    /// the turn (a network target's sends) can push it here in one go.
+    fn end_turn(&mut self, ring: &mut dyn Ring) {
         let _ = ring;
     }
 

@@ -27,6 +27,13 @@ pub enum Fault {
     CloseInHandshake,
     /// Advertises an export of size 0.
     ZeroSize,
+    /// Never answers (but keeps the connection and answers the requests before it).
+    NeverAnswers,
+    /// Answers everything correctly, but writes each reply in small pieces (5-byte
+    /// pieces of the header, 1000-byte pieces of a payload) and reads requests through
+    /// a small receive buffer: the client sees partial headers and payloads, and its
+    /// sends are held up by a small window.
+    Dribble,
 }
 
 const SIZE: u64 = 16 << 20;
@@ -35,6 +42,20 @@ const SIZE: u64 = 16 << 20;
 /// background, for as long as the test process lives.
 pub fn serve(port: u16, fault: Fault) -> JoinHandle<()> {
     let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind fake NBD server");
+    if fault == Fault::Dribble {
+        // Inherited by accepted connections.
+        let small: libc::c_int = 4096;
+        // SAFETY: setsockopt with a live int on a socket we own.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&listener),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
     let disk = Arc::new(Mutex::new(vec![0u8; SIZE as usize]));
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
@@ -94,6 +115,9 @@ fn session(mut c: TcpStream, fault: Fault, disk: &Mutex<Vec<u8>>) -> std::io::Re
             .checked_add(len as u64)
             .is_some_and(|end| end <= SIZE);
         let faulty = offset >= FAULT_OFFSET;
+        if faulty && fault == Fault::NeverAnswers {
+            continue;
+        }
         let mut reply = Vec::with_capacity(16);
         let magic: u32 = if faulty && fault == Fault::BadMagic {
             0xdead_beef
@@ -125,6 +149,14 @@ fn session(mut c: TcpStream, fault: Fault, disk: &Mutex<Vec<u8>>) -> std::io::Re
                 1 => d[range].copy_from_slice(&payload),
                 _ => {}
             }
+        }
+        if fault == Fault::Dribble {
+            c.set_nodelay(true)?;
+            let (hdr, payload) = reply.split_at(16);
+            for piece in hdr.chunks(5).chain(payload.chunks(1000)) {
+                c.write_all(piece)?;
+            }
+            continue;
         }
         c.write_all(&reply)?;
     }

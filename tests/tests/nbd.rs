@@ -524,3 +524,130 @@ fn server_restart_within_the_timeout_is_invisible() {
     assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
     d.del(&dev);
 }
+
+/// Sets a sysctl for the life of the guard and restores it on drop.
+struct Sysctl {
+    path: &'static str,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> Sysctl {
+        let old = std::fs::read_to_string(path).unwrap();
+        std::fs::write(path, value).unwrap();
+        Sysctl { path, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, self.old.trim());
+    }
+}
+
+/// Linked send and receive chains against a server that makes everything partial: the
+/// client's socket buffers are tiny (short sends, continued inside a chain), and the
+/// server writes replies in pieces (partial headers and payloads in every peek). In every
+/// buffer mode, fio's verify passes and the connection is never reset (a chain that let
+/// requests interleave would break the stream and show up as a reset).
+#[test]
+fn chains_survive_partial_sends_and_replies() {
+    use ublkd_tests::fake_nbd::{serve, Fault};
+    require_ublk();
+    serve(10940, Fault::Dribble);
+    let d = Daemon::start("nbd-dribble");
+    for mode in ["copy", "fixed", "zc", "auto-zc"] {
+        let dev = {
+            let _w = Sysctl::set("/proc/sys/net/ipv4/tcp_wmem", "4096 4096 4096");
+            let _r = Sysctl::set("/proc/sys/net/ipv4/tcp_rmem", "4096 4096 4096");
+            add_nbd(&d, "nbd://127.0.0.1:10940/", &["--buffer", mode])
+        };
+        verify(&dev, "8M");
+        let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
+        assert_eq!(q["errors"].as_u64(), Some(0), "{mode}: {q}");
+        let log = d.log_text();
+        assert!(
+            !log.contains("connection lost"),
+            "{mode}: the connection was reset:\n{log}"
+        );
+        d.del(&dev);
+    }
+}
+
+/// A server that stays connected but never answers a request: after the request timeout
+/// the connection counts as lost, the request is sent again on new connections, and after
+/// too many it fails with EIO; requests the server does answer keep working.
+#[test]
+fn a_server_that_never_answers_times_out() {
+    use ublkd_tests::fake_nbd::{serve, Fault, FAULT_OFFSET};
+    require_ublk();
+    serve(10941, Fault::NeverAnswers);
+    let d = Daemon::start("nbd-silent");
+    let dev = add_nbd(
+        &d,
+        "nbd://127.0.0.1:10941/",
+        &["--request-timeout", "2", "--reconnect-timeout", "10"],
+    );
+    let show = d.show_json(dev_id(&dev)).to_string();
+    assert!(show.contains("request timeout"), "{show}");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags_direct()
+        .open(&dev)
+        .unwrap();
+    let mut b = AlignedBuf::zeroed(4096);
+    f.read_exact_at(b.as_mut_slice(), 0).unwrap();
+    let started = Instant::now();
+    let e = f
+        .read_exact_at(b.as_mut_slice(), FAULT_OFFSET)
+        .expect_err("a read the server never answered succeeded");
+    let took = started.elapsed();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // Four connections, 2 s each plus the timeout's tick and the reconnects.
+    assert!(
+        took >= Duration::from_secs(6) && took < Duration::from_secs(25),
+        "took {took:?}"
+    );
+    let log = d.log_text();
+    assert!(
+        log.contains("no reply within the request timeout (2 s) to a Read of 4096 bytes"),
+        "{log}"
+    );
+    assert!(log.contains("reconnected"), "{log}");
+    assert!(log.contains("failing it with EIO"), "{log}");
+    // The connection serves what the server answers.
+    f.read_exact_at(b.as_mut_slice(), 0).unwrap();
+    drop(f);
+    d.del(&dev);
+}
+
+/// Deleting a device whose server never answers a request in flight: `del` does not wait
+/// for the request timeout (30 s by default); the request fails with EIO.
+#[test]
+fn del_does_not_wait_for_a_silent_server() {
+    use ublkd_tests::fake_nbd::{serve, Fault, FAULT_OFFSET};
+    require_ublk();
+    serve(10942, Fault::NeverAnswers);
+    let d = Daemon::start("nbd-silent-del");
+    let dev = add_nbd(&d, "nbd://127.0.0.1:10942/", &[]);
+    let path = dev.clone();
+    let reader = std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags_direct()
+            .open(&path)
+            .unwrap();
+        let mut b = AlignedBuf::zeroed(4096);
+        f.read_exact_at(b.as_mut_slice(), FAULT_OFFSET)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!reader.is_finished(), "the unanswered read completed");
+    let started = Instant::now();
+    d.del(&dev);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "del took {took:?}");
+    let r = reader.join().unwrap();
+    assert!(r.is_err(), "the unanswered read succeeded");
+    let log = d.log_text();
+    assert!(log.contains("the device is being deleted"), "{log}");
+}

@@ -20,6 +20,11 @@
 //! - `auto-zc`: the driver registers the request's pages at index = tag before it
 //!   delivers the request and unregisters them at commit; when it cannot, it says so
 //!   (UBLK_IO_F_NEED_REG_BUF) and the queue registers by hand as in `zc`.
+//!
+//! Zero-copy sends (IORING_OP_SEND_ZC) a target pushes complete twice: the result, with
+//! IORING_CQE_F_MORE, goes to the target; the notification (IORING_CQE_F_NOTIF) that the
+//! network no longer holds the buffer stays here. A request whose buffer is still held
+//! that way is committed only when the last of its notifications has arrived.
 
 mod stats;
 mod uapi;
@@ -180,6 +185,11 @@ struct TagState {
     needs_reg: bool,
     /// Zero copy: the request's pages are registered by us and must be unregistered.
     registered: bool,
+    /// Zero-copy sends of this request whose notification has not arrived yet.
+    notifs: u32,
+    /// The result of a request the target finished while `notifs` was not 0: committed
+    /// when the last notification arrives.
+    deferred: Option<i32>,
 }
 
 struct Queue {
@@ -205,7 +215,8 @@ struct Queue {
     detach: Arc<AtomicBool>,
     wake: Arc<OwnedFd>,
     wake_buf: Box<u64>,
-    cqes: Vec<(u64, i32)>,
+    /// (user_data, result, flags) of the completions being handled.
+    cqes: Vec<(u64, i32, u32)>,
     /// Requests the target finished by tag during a call (see `Ring::finish`).
     finished: Vec<(u16, i32)>,
     /// Commands with the driver.
@@ -292,6 +303,10 @@ impl Ring for TargetRing<'_> {
 
     fn finish(&mut self, tag: u16, result: i32) {
         self.finished.push((tag, result));
+    }
+
+    fn reserve(&mut self, n: usize) -> bool {
+        ensure_room(self.ring, n)
     }
 }
 
@@ -499,6 +514,7 @@ impl Queue {
     fn run(&mut self) -> io::Result<()> {
         loop {
             self.flush_backlog();
+            self.call_target(|t, ring| t.end_turn(ring));
             if self.finished() {
                 self.ring.submit()?;
                 return Ok(());
@@ -511,11 +527,14 @@ impl Queue {
                 Err(e) => return Err(e),
             }
             self.cqes.clear();
-            self.cqes
-                .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            self.cqes.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
             for i in 0..self.cqes.len() {
-                let (data, res) = self.cqes[i];
-                self.handle_cqe(data, res);
+                let (data, res, flags) = self.cqes[i];
+                self.handle_cqe(data, res, flags);
             }
         }
     }
@@ -554,7 +573,7 @@ impl Queue {
         }
     }
 
-    fn handle_cqe(&mut self, data: u64, res: i32) {
+    fn handle_cqe(&mut self, data: u64, res: i32, flags: u32) {
         let (dev, q) = (self.spec.dev_id, self.spec.qid);
         let Some(ud) = decode(data) else {
             log::error!(
@@ -571,7 +590,14 @@ impl Queue {
         }
         match ud.kind {
             Kind::Command => self.command_done(ud.tag, res),
-            Kind::Target => self.target_done(ud.tag, ud.step, res),
+            Kind::Target if io_uring::cqueue::notif(flags) => self.notif_done(ud.tag),
+            Kind::Target => {
+                if io_uring::cqueue::more(flags) {
+                    // A zero-copy send: its notification follows.
+                    self.tags[usize::from(ud.tag)].notifs += 1;
+                }
+                self.target_done(ud.tag, ud.step, res)
+            }
             Kind::Wake => {
                 if !self.stop_requested() && !self.arm_wake() {
                     log::error!("dev {dev} queue {q}: cannot re-arm the wake-up");
@@ -579,13 +605,19 @@ impl Queue {
             }
             Kind::RegBuf => {
                 // Only failures complete (SKIP_SUCCESS); the target's SQE behind it fails
-                // too and the request completes with that error.
-                log::error!(
-                    "dev {dev} queue {q} tag {}: registering the request buffer failed: {}",
-                    ud.tag,
-                    io::Error::from_raw_os_error(-res)
-                );
-                self.tags[usize::from(ud.tag)].registered = false;
+                // too and the request completes with that error. Cancelled (an earlier
+                // SQE of the target's chain failed) is not an error of its own; the
+                // target may try again, so the next SQE registers again.
+                if res != -libc::ECANCELED {
+                    log::error!(
+                        "dev {dev} queue {q} tag {}: registering the request buffer failed: {}",
+                        ud.tag,
+                        io::Error::from_raw_os_error(-res)
+                    );
+                }
+                let t = &mut self.tags[usize::from(ud.tag)];
+                t.registered = false;
+                t.needs_reg = t.io.is_some();
             }
             Kind::TargetEvent => self.call_target(|t, ring| t.event(ud.step, res, ring)),
             Kind::UnregBuf => log::error!(
@@ -712,7 +744,6 @@ impl Queue {
         let Some(io) = self.tags[usize::from(tag)].io.take() else {
             return;
         };
-        self.in_target -= 1;
         self.counters.finished(&io, res);
         if res < 0 {
             log::debug!(
@@ -725,8 +756,30 @@ impl Queue {
                 io::Error::from_raw_os_error(-res)
             );
         }
+        if self.tags[usize::from(tag)].notifs > 0 {
+            // The network still holds the buffer (zero-copy send): commit on the last
+            // notification.
+            self.tags[usize::from(tag)].deferred = Some(res);
+            return;
+        }
+        self.in_target -= 1;
         if !self.push_cmd(uapi::COMMIT_AND_FETCH_REQ, tag, res) {
             self.pending_commits.push_back((tag, res));
+        }
+    }
+
+    /// A zero-copy send's notification: its buffer is free again.
+    fn notif_done(&mut self, tag: u16) {
+        let t = &mut self.tags[usize::from(tag)];
+        t.notifs = t.notifs.saturating_sub(1);
+        if t.notifs > 0 {
+            return;
+        }
+        if let Some(res) = t.deferred.take() {
+            self.in_target -= 1;
+            if !self.push_cmd(uapi::COMMIT_AND_FETCH_REQ, tag, res) {
+                self.pending_commits.push_back((tag, res));
+            }
         }
     }
 }

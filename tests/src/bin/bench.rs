@@ -6,7 +6,11 @@
 //! device in turn, so slow phases of the (emulated) machine hit all devices alike. The
 //! table shows the median of the rounds and the spread (min-max) of IOPS.
 //!
-//! Usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N]
+//! Usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT]
+//!        [--export nbdkit|qemu]
+//!
+//! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
+//! `--export` keeps one of the nbd exports.
 
 use std::process::Command;
 use ublkd_tests::{fio, Daemon};
@@ -48,6 +52,22 @@ const LOOP_ROWS: [Row; 4] = [
 struct Settings {
     runtime: u32,
     rounds: usize,
+    /// Only workloads whose name contains this.
+    only: Option<String>,
+    /// nbd: only the export whose label starts with this.
+    export: Option<String>,
+}
+
+impl Settings {
+    fn rows<'a>(&self, rows: &'a [Row]) -> Vec<&'a Row> {
+        rows.iter()
+            .filter(|r| {
+                self.only
+                    .as_ref()
+                    .is_none_or(|o| r.name.contains(o.as_str()))
+            })
+            .collect()
+    }
 }
 
 /// One measurement: IOPS and MB/s.
@@ -86,6 +106,7 @@ fn median(v: &mut [f64]) -> f64 {
 /// Measures every row on every device (`(label, path)`, the first is the reference) and
 /// prints the table.
 fn compare(devices: &[(String, String)], rows: &[Row], s: &Settings) {
+    let rows = s.rows(rows);
     // samples[row][dev] = [(iops, mbps)] over the rounds
     let mut samples = vec![vec![Vec::new(); devices.len()]; rows.len()];
     for round in 0..s.rounds {
@@ -286,6 +307,12 @@ fn bench_nbd(s: &Settings) {
         ("qemu-nbd file", 10810, "disk"),
     ];
     for (n, (label, port, export)) in exports.iter().enumerate() {
+        if s.export
+            .as_ref()
+            .is_some_and(|e| !label.starts_with(e.as_str()))
+        {
+            continue;
+        }
         let kdev = format!("/dev/nbd{n}");
         let out = Command::new("/usr/sbin/nbd-client")
             .args([
@@ -348,16 +375,24 @@ fn main() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(default)
     };
+    let text = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let s = Settings {
         runtime: opt("--runtime", 4) as u32,
         rounds: opt("--rounds", 3).max(1),
+        only: text("--only"),
+        export: text("--export"),
     };
     match args.first().map(String::as_str) {
         Some("null") => bench_null(&s),
         Some("loop") => bench_loop(&s),
         Some("nbd") => bench_nbd(&s),
         _ => {
-            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N]");
+            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu]");
             std::process::exit(2);
         }
     }
