@@ -322,13 +322,7 @@ impl Device {
     /// driver holds its requests (state quiesced) until END_USER_RECOVERY.
     fn recover(record: &Record) -> Result<Device> {
         let id = record.id;
-        ensure_ctrl_ring()?;
-        let ctrl = UblkCtrlBuilder::default()
-            .name(record.add.target.name())
-            .id(id as i32)
-            .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
-            .build()
-            .map_err(|e| anyhow!("cannot read the kernel's device {id}: {}", describe(&e)))?;
+        let ctrl = existing_ctrl(id, record.add.target.name())?;
         let info = wait_released(&ctrl, id)?;
         match u32::from(info.state) {
             sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO => {}
@@ -686,19 +680,25 @@ fn wait_released(ctrl: &UblkCtrl, id: u32) -> Result<sys::ublksrv_ctrl_dev_info>
     }
 }
 
+/// A control handle on a device the kernel already has (it reads the device's info);
+/// dropping it leaves the device alone.
+fn existing_ctrl(id: u32, name: &str) -> Result<UblkCtrl> {
+    ensure_ctrl_ring()?;
+    UblkCtrlBuilder::default()
+        .name(name)
+        .id(id as i32)
+        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+        .build()
+        .map_err(|e| anyhow!("cannot read the kernel's device {id}: {}", describe(&e)))
+}
+
 /// Removes a device of this id from the kernel, if there is one, whatever its state.
 /// Requests it still holds fail.
 pub fn delete_from_kernel(id: u32) -> Result<()> {
     if !kernel_has(id) {
         return Ok(());
     }
-    ensure_ctrl_ring()?;
-    let ctrl = UblkCtrlBuilder::default()
-        .name("ublkd")
-        .id(id as i32)
-        .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
-        .build()
-        .map_err(|e| anyhow!("cannot read the kernel's device {id}: {}", describe(&e)))?;
+    let ctrl = existing_ctrl(id, "ublkd")?;
     if u32::from(ctrl.dev_info().state) != sys::UBLK_S_DEV_DEAD {
         if let Err(e) = ctrl.kill_dev() {
             log::warn!("dev {id}: STOP_DEV: {}", describe(&e));

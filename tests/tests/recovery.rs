@@ -215,10 +215,18 @@ fn a_device_that_cannot_be_restored_is_listed_and_the_others_served() {
     }
 }
 
-#[test]
-fn a_crashed_device_whose_recovery_fails_holds_its_io_until_recover() {
-    require_ublk();
-    let test = "rec-held";
+/// A loop device whose daemon crashed and whose backing file was then moved away: a
+/// new daemon lists it as failed, and the fio job writing to it waits in the kernel.
+struct Held {
+    d: Daemon,
+    dev: String,
+    id: u64,
+    file: PathBuf,
+    moved: PathBuf,
+    fio: FioChild,
+}
+
+fn crash_and_move_the_backing_file(test: &str) -> Held {
     let mut d = Daemon::start(test);
     let file = backing(test, 32 << 20);
     let moved = PathBuf::from(format!("{}.moved", file.display()));
@@ -227,50 +235,51 @@ fn a_crashed_device_whose_recovery_fails_holds_its_io_until_recover() {
     d.kill9();
     std::fs::rename(&file, &moved).unwrap();
     // IO issued while no daemon serves the device waits in the kernel.
-    let job = verify_job(&dev, "randwrite", "4k", "8M", 8);
-    let mut fio = FioChild::start(&job);
+    let mut fio = FioChild::start(&verify_job(&dev, "randwrite", "4k", "8M", 8));
     let d = Daemon::start_with(test, &[]);
     let e = entry(&d, id);
     assert_eq!(e["state"], "failed", "{e}");
     std::thread::sleep(Duration::from_millis(500));
     assert!(fio.running(), "IO must wait for the device, not fail");
-    std::fs::rename(&moved, &file).unwrap();
-    d.ctl_ok(&["recover", &id.to_string()]);
+    Held {
+        d,
+        dev,
+        id,
+        file,
+        moved,
+        fio,
+    }
+}
+
+#[test]
+fn a_crashed_device_whose_recovery_fails_holds_its_io_until_recover() {
+    require_ublk();
+    let h = crash_and_move_the_backing_file("rec-held");
+    std::fs::rename(&h.moved, &h.file).unwrap();
+    h.d.ctl_ok(&["recover", &h.id.to_string()]);
     let started = Instant::now();
-    fio.wait();
+    h.fio.wait();
     assert!(started.elapsed() < Duration::from_secs(120));
-    assert_eq!(entry(&d, id)["state"], "live");
-    d.del(&dev);
-    std::fs::remove_file(&file).unwrap();
+    assert_eq!(entry(&h.d, h.id)["state"], "live");
+    h.d.del(&h.dev);
+    std::fs::remove_file(&h.file).unwrap();
 }
 
 #[test]
 fn del_gives_up_a_crashed_device_that_cannot_be_recovered() {
     require_ublk();
     let test = "rec-giveup";
-    let mut d = Daemon::start(test);
-    let file = backing(test, 32 << 20);
-    let dev = d.add(&["loop", "--file", file.to_str().unwrap()]);
-    let id = dev_id(&dev);
-    d.kill9();
-    std::fs::remove_file(&file).unwrap();
-    let mut held = FioChild::start(&verify_job(&dev, "randwrite", "4k", "8M", 8));
-    let d = Daemon::start_with(test, &[]);
-    assert_eq!(entry(&d, id)["state"], "failed");
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        held.running(),
-        "IO must wait while the device is not recovered"
-    );
+    let mut h = crash_and_move_the_backing_file(test);
     // del removes the device from the kernel: the held IO fails, nothing hangs.
     let started = Instant::now();
-    d.del(&dev);
+    h.d.del(&h.dev);
     assert!(started.elapsed() < Duration::from_secs(15));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while held.running() {
+    while h.fio.running() {
         assert!(Instant::now() < deadline, "fio still waits after del");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(!record_path(test, id).exists());
-    assert!(d.list_json().is_empty());
+    assert!(!record_path(test, h.id).exists());
+    assert!(h.d.list_json().is_empty());
+    std::fs::remove_file(&h.moved).unwrap();
 }

@@ -116,6 +116,18 @@ enum SendSeg {
     },
 }
 
+/// Ends the SENDMSG being filled, `(owner, first iovec, bytes)`, at iovec `end`.
+fn close_run(segs: &mut Vec<SendSeg>, run: Option<(u16, usize, usize)>, end: usize) {
+    if let Some((owner, first, bytes)) = run {
+        segs.push(SendSeg::Msg {
+            owner,
+            first,
+            count: end - first,
+            bytes,
+        });
+    }
+}
+
 /// What a send SQE of the chain in flight must achieve.
 #[derive(Debug, Clone, Copy)]
 enum Sent {
@@ -443,14 +455,7 @@ impl NbdQueue {
                     run = Some((o, f, b + payload));
                 }
             } else if let Some(IoBuf::Fixed { addr, index, .. }) = self.tags[t].buf {
-                if let Some((owner, first, bytes)) = run.take() {
-                    self.segs.push(SendSeg::Msg {
-                        owner,
-                        first,
-                        count: iov - first,
-                        bytes,
-                    });
-                }
+                close_run(&mut self.segs, run.take(), iov);
                 self.segs.push(SendSeg::Fixed {
                     tag,
                     index,
@@ -464,14 +469,7 @@ impl NbdQueue {
                 }
             }
         }
-        if let Some((owner, first, bytes)) = run.take() {
-            self.segs.push(SendSeg::Msg {
-                owner,
-                first,
-                count: iov - first,
-                bytes,
-            });
-        }
+        close_run(&mut self.segs, run.take(), iov);
         self.send_queue.drain(..taken);
 
         let generation = self.generation;
