@@ -7,10 +7,11 @@
 //! table shows the median of the rounds and the spread (min-max) of IOPS.
 //!
 //! Usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT]
-//!        [--export nbdkit|qemu]
+//!        [--export nbdkit|qemu] [--buffers MODE,...]
 //!
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
-//! `--export` keeps one of the nbd exports.
+//! `--export` keeps one of the nbd exports; `--buffers copy,auto-zc` measures ublkd's nbd
+//! target in those buffer modes (default: the daemon's default mode).
 
 use std::process::Command;
 use ublkd_tests::{fio, Daemon};
@@ -56,6 +57,8 @@ struct Settings {
     only: Option<String>,
     /// nbd: only the export whose label starts with this.
     export: Option<String>,
+    /// nbd: the buffer modes to measure (empty: the default mode only).
+    buffers: Vec<String>,
 }
 
 impl Settings {
@@ -332,33 +335,43 @@ fn bench_nbd(s: &Settings) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let udev = d.add(&[
-            "nbd",
-            "--uri",
-            &format!("nbd://127.0.0.1:{port}/{export}"),
-            "--depth",
-            "128",
-        ]);
-        let buffer = d.show_json(ublkd_tests::dev_id(&udev))["buffer"]
-            .as_str()
-            .unwrap_or("?")
-            .to_string();
-        println!("{label} export on 127.0.0.1:{port}: kernel nbd client ({kdev}, nbd-client) vs ublkd nbd ({udev}, 1 queue, depth 128, {buffer})");
+        let uri = format!("nbd://127.0.0.1:{port}/{export}");
+        let mut devices = vec![("kernel nbd".to_string(), kdev.clone())];
+        let modes: Vec<Option<&str>> = if s.buffers.is_empty() {
+            vec![None]
+        } else {
+            s.buffers.iter().map(|b| Some(b.as_str())).collect()
+        };
+        for mode in modes {
+            let mut args = vec!["nbd", "--uri", &uri, "--depth", "128"];
+            if let Some(m) = mode {
+                args.extend(["--buffer", m]);
+            }
+            let udev = d.add(&args);
+            let buffer = d.show_json(ublkd_tests::dev_id(&udev))["buffer"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string();
+            devices.push((format!("ublkd {buffer}"), udev));
+        }
+        let modes: Vec<&str> = devices[1..].iter().map(|(l, _)| &l[6..]).collect();
+        println!(
+            "{label} export on 127.0.0.1:{port}: kernel nbd client ({kdev}, nbd-client) vs ublkd nbd (1 queue, depth 128, buffers: {})",
+            modes.join(", ")
+        );
         println!(
             "fio io_uring, direct, 1 job, {} s per run (+1 s ramp), {} rounds, median shown; ratio = device / kernel nbd",
             s.runtime, s.rounds
         );
         println!();
-        let devices = [
-            ("kernel nbd".to_string(), kdev.clone()),
-            (format!("ublkd {buffer}"), udev.clone()),
-        ];
         compare(&devices, &LOOP_ROWS, s);
         println!();
         let _ = Command::new("/usr/sbin/nbd-client")
             .args(["-d", &kdev])
             .status();
-        d.ctl_ok(&["del", &ublkd_tests::dev_id(&udev).to_string()]);
+        for (_, udev) in &devices[1..] {
+            d.ctl_ok(&["del", &ublkd_tests::dev_id(udev).to_string()]);
+        }
     }
     for srv in &mut servers {
         let _ = srv.kill();
@@ -386,13 +399,16 @@ fn main() {
         rounds: opt("--rounds", 3).max(1),
         only: text("--only"),
         export: text("--export"),
+        buffers: text("--buffers")
+            .map(|b| b.split(',').map(str::to_string).collect())
+            .unwrap_or_default(),
     };
     match args.first().map(String::as_str) {
         Some("null") => bench_null(&s),
         Some("loop") => bench_loop(&s),
         Some("nbd") => bench_nbd(&s),
         _ => {
-            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu]");
+            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...]");
             std::process::exit(2);
         }
     }
