@@ -104,14 +104,23 @@ pub fn choose_buffer(
 /// its requests, and gives them to the next ublkd once it has recovered the device.
 const RECOVERY_FLAGS: u32 = sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE;
 
-/// ADD_DEV flags for a buffer mode, with user recovery where the kernel has it.
-fn device_flags(mode: BufferMode, kernel: &KernelInfo) -> u64 {
+/// ADD_DEV flags for a buffer mode, with user recovery where the kernel has it, and
+/// user copy for a target that copies into requests' pages in the zero-copy modes
+/// (`copies_in`; in copy and fixed mode the driver itself copies, which user copy
+/// would turn off).
+fn device_flags(mode: BufferMode, kernel: &KernelInfo, copies_in: bool) -> u64 {
     let mut flags = sys::UBLK_F_CMD_IOCTL_ENCODE;
     flags |= match mode {
         BufferMode::Copy | BufferMode::Fixed => 0,
         BufferMode::Zc => sys::UBLK_F_SUPPORT_ZERO_COPY,
         BufferMode::AutoZc => sys::UBLK_F_AUTO_BUF_REG,
     };
+    if copies_in
+        && matches!(mode, BufferMode::Zc | BufferMode::AutoZc)
+        && has(kernel, sys::UBLK_F_USER_COPY)
+    {
+        flags |= sys::UBLK_F_USER_COPY;
+    }
     if has(kernel, RECOVERY_FLAGS) {
         flags |= RECOVERY_FLAGS;
     }
@@ -265,16 +274,32 @@ impl Device {
             }
             None => -1,
         };
-        let ctrl = UblkCtrlBuilder::default()
-            .name(target.name())
-            .id(requested_id)
-            .nr_queues(geometry.queues)
-            .depth(geometry.depth)
-            .io_buf_bytes(MAX_IO_BYTES)
-            .ctrl_flags(device_flags(buffer, kernel))
-            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-            .build()
-            .map_err(|e| anyhow!("the kernel refused to add the device: {}", describe(&e)))?;
+        let add = |flags: u64| {
+            UblkCtrlBuilder::default()
+                .name(target.name())
+                .id(requested_id)
+                .nr_queues(geometry.queues)
+                .depth(geometry.depth)
+                .io_buf_bytes(MAX_IO_BYTES)
+                .ctrl_flags(flags)
+                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+                .build()
+        };
+        let flags = device_flags(buffer, kernel, target.copies_in());
+        let user_copy = u64::from(sys::UBLK_F_USER_COPY);
+        let ctrl = match add(flags) {
+            // A kernel that does not take user copy together with zero copy: without it
+            // the target receives straight into each request's pages.
+            Err(e) if flags & user_copy != 0 => {
+                log::info!(
+                    "the kernel refused user copy with {buffer} buffers ({}); adding without",
+                    describe(&e)
+                );
+                add(flags & !user_copy)
+            }
+            r => r,
+        }
+        .map_err(|e| anyhow!("the kernel refused to add the device: {}", describe(&e)))?;
         let id = ctrl.dev_info().dev_id;
         let record = Record::new(id, req, buffer);
         log::info!(
@@ -445,6 +470,7 @@ impl Device {
                 max_io_bytes: MAX_IO_BYTES,
                 cdev_fd,
                 buffer: self.buffer,
+                user_copy: dev.dev_info.flags & u64::from(sys::UBLK_F_USER_COPY) != 0,
             };
             let handle = queue::spawn(spec, self.target.clone(), tx.clone())
                 .with_context(|| format!("cannot start the thread of queue {qid}"))?;
@@ -797,14 +823,38 @@ mod tests {
         let zc = u64::from(sys::UBLK_F_SUPPORT_ZERO_COPY);
         let auto = u64::from(sys::UBLK_F_AUTO_BUF_REG);
         let k = kernel(sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG);
-        assert_eq!(device_flags(BufferMode::Copy, &k) & (zc | auto), 0);
-        assert_eq!(device_flags(BufferMode::Fixed, &k) & (zc | auto), 0);
-        assert_eq!(device_flags(BufferMode::Zc, &k) & (zc | auto), zc);
-        assert_eq!(device_flags(BufferMode::AutoZc, &k) & (zc | auto), auto);
+        assert_eq!(device_flags(BufferMode::Copy, &k, false) & (zc | auto), 0);
+        assert_eq!(device_flags(BufferMode::Fixed, &k, false) & (zc | auto), 0);
+        assert_eq!(device_flags(BufferMode::Zc, &k, false) & (zc | auto), zc);
+        assert_eq!(
+            device_flags(BufferMode::AutoZc, &k, false) & (zc | auto),
+            auto
+        );
         let recovery = u64::from(RECOVERY_FLAGS);
-        assert_eq!(device_flags(BufferMode::Copy, &k) & recovery, 0);
+        assert_eq!(device_flags(BufferMode::Copy, &k, false) & recovery, 0);
         let k = kernel(RECOVERY_FLAGS);
-        assert_eq!(device_flags(BufferMode::Copy, &k) & recovery, recovery);
+        assert_eq!(
+            device_flags(BufferMode::Copy, &k, false) & recovery,
+            recovery
+        );
+    }
+
+    #[test]
+    fn user_copy_only_for_zero_copy_modes_of_targets_that_copy_in() {
+        let uc = u64::from(sys::UBLK_F_USER_COPY);
+        let all = kernel(
+            sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_COPY,
+        );
+        for mode in [BufferMode::Zc, BufferMode::AutoZc] {
+            assert_eq!(device_flags(mode, &all, true) & uc, uc, "{mode}");
+            assert_eq!(device_flags(mode, &all, false) & uc, 0, "{mode}");
+        }
+        // In copy and fixed mode user copy would stop the driver's own copying.
+        for mode in [BufferMode::Copy, BufferMode::Fixed] {
+            assert_eq!(device_flags(mode, &all, true) & uc, 0, "{mode}");
+        }
+        let no_uc = kernel(sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG);
+        assert_eq!(device_flags(BufferMode::AutoZc, &no_uc, true) & uc, 0);
     }
 
     #[test]

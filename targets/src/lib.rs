@@ -158,6 +158,21 @@ pub struct QueueContext {
     pub depth: u16,
     /// Index in the ring's registered file table of the first of [`Target::files`].
     pub first_file: u32,
+    /// The device's `/dev/ublkcN` when the daemon may copy data into a request's pages
+    /// with `pwrite` at [`user_copy_pos`] (UBLK_F_USER_COPY): given only to targets that
+    /// ask for it ([`Target::copies_in`]) in the zero-copy buffer modes, where a
+    /// request's pages are not mapped into the daemon.
+    pub user_copy_fd: Option<std::os::fd::RawFd>,
+}
+
+/// The `/dev/ublkcN` file position of byte `offset` of request `tag` of queue `qid`,
+/// for reads and writes with UBLK_F_USER_COPY (`include/uapi/linux/ublk_cmd.h`).
+pub fn user_copy_pos(qid: u16, tag: u16, offset: u32) -> u64 {
+    const IO_BUF_OFFSET: u64 = 0x8000_0000;
+    const TAG_OFF: u32 = 25; // UBLK_IO_BUF_BITS
+    const QID_OFF: u32 = TAG_OFF + 16; // + UBLK_TAG_BITS
+    debug_assert!(offset < 1 << TAG_OFF);
+    IO_BUF_OFFSET + ((u64::from(qid) << QID_OFF) | (u64::from(tag) << TAG_OFF) | u64::from(offset))
 }
 
 /// A device's backend: its shape and one [`QueueTarget`] per hardware queue.
@@ -172,6 +187,12 @@ pub trait Target: Send + Sync {
     fn files(&self) -> Vec<std::os::fd::RawFd> {
         Vec::new()
     }
+    /// Whether the target wants to copy data into requests' pages itself in the
+    /// zero-copy modes ([`QueueContext::user_copy_fd`]): a network target that receives
+    /// many small replies in one buffer.
+    fn copies_in(&self) -> bool {
+        false
+    }
     /// The handler for one queue, created on that queue's thread.
     fn queue(&self, ctx: QueueContext) -> std::io::Result<Box<dyn QueueTarget>>;
 
@@ -183,6 +204,16 @@ pub trait Target: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_copy_positions_follow_the_uapi() {
+        // UBLKSRV_IO_BUF_OFFSET + (qid << UBLK_QID_OFF | tag << UBLK_TAG_OFF | offset)
+        assert_eq!(user_copy_pos(0, 0, 0), 0x8000_0000);
+        assert_eq!(
+            user_copy_pos(3, 5, 4096),
+            0x8000_0000 + (3u64 << 41) + (5u64 << 25) + 4096
+        );
+    }
 
     /// Records which method was called.
     #[derive(Default)]

@@ -580,6 +580,7 @@ mod tests {
                 qid: 0,
                 depth: 4,
                 first_file: 0,
+                user_copy_fd: None,
             })
             .unwrap();
 
@@ -686,6 +687,7 @@ mod tests {
                 qid: 0,
                 depth: 1,
                 first_file: 0,
+                user_copy_fd: None,
             })
             .unwrap();
         let wr = IoDesc {

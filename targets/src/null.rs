@@ -91,6 +91,7 @@ mod tests {
                 qid: 0,
                 depth: 1,
                 first_file: 1,
+                user_copy_fd: None,
             })
             .unwrap();
         for (op, expect) in [

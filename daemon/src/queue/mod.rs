@@ -56,6 +56,9 @@ pub struct QueueSpec {
     /// The open `/dev/ublkcN`; it outlives the queue thread.
     pub cdev_fd: RawFd,
     pub buffer: BufferMode,
+    /// The device has UBLK_F_USER_COPY: the target may write into requests' pages
+    /// through `cdev_fd`.
+    pub user_copy: bool,
 }
 
 /// The daemon's side of a running queue thread.
@@ -384,6 +387,7 @@ impl Queue {
             qid: spec.qid,
             depth: spec.depth,
             first_file: 1,
+            user_copy_fd: spec.user_copy.then_some(spec.cdev_fd),
         };
         let handler = target
             .queue(ctx)
