@@ -272,6 +272,11 @@ impl Target for NbdTarget {
         ]
     }
 
+    /// Small reads' replies are received many at a time and copied into the requests.
+    fn copies_in(&self) -> bool {
+        true
+    }
+
     fn queue(&self, ctx: QueueContext) -> io::Result<Box<dyn QueueTarget>> {
         let q = usize::from(ctx.qid);
         let sock = self
@@ -306,6 +311,7 @@ impl Target for NbdTarget {
             wake,
             Arc::new(Mutex::new(None)),
             matches!(self.uri.address, Address::Tcp { .. }),
+            ctx.user_copy_fd.map(|fd| (fd, ctx.qid)),
         )))
     }
 

@@ -9,16 +9,19 @@
 //! each starts when the one before has sent all of its bytes, and a failed or short one
 //! cancels the rest, so requests never interleave on the wire.
 //!
-//! Receiving: reply headers land in `hdrs`. While no read can be answered (every
-//! request waiting for its reply is a write, flush or trim) one receive takes as many
-//! headers as have arrived, up to one per waiting request, and reads wait to be sent
-//! until it is done. Otherwise a receive takes exactly one header; for a read, the
-//! payload goes straight into the request's buffer: RECV with MSG_WAITALL into daemon
-//! memory, linked with the next header's receive (one round trip per read reply), or
-//! READ_FIXED into the request's registered pages. A READ_FIXED on a socket can be short
-//! and a short one does not fail its link (seen on Linux 7.2: the linked receive took
-//! payload bytes), so nothing is linked behind it: the rest of a short one is received
-//! on its own, then the next header.
+//! Receiving: replies land in `rbuf`, a staging buffer, as many as have arrived in one
+//! RECV (up to `RBUF_LEN`): every reply header in it is matched, and a read's payload
+//! is copied from it into the request's buffer: `memcpy` when that is daemon memory
+//! (copy, fixed), `pwrite` to `/dev/ublkcN` at the request's user-copy position when it
+//! is the request's own pages (zc, auto-zc; UBLK_F_USER_COPY). Replies to small reads
+//! thus cost no ring round trip each. A large read's payload (from `DIRECT_MIN` bytes on)
+//! goes straight into the request's buffer instead: RECV with MSG_WAITALL into daemon
+//! memory, or READ_FIXED into the registered pages; while such a read may answer, a
+//! receive takes exactly one header, so its payload never passes through `rbuf`, and
+//! such reads wait to be sent while a staging receive is in flight. Without user copy
+//! (a kernel that refuses it), every read in the zero-copy modes is received that way.
+//! A READ_FIXED on a socket can be short, and a short one does not fail an IO_LINK
+//! (seen on Linux 7.2), so receives are never linked: one is in flight at a time.
 //!
 //! Requests that have no answer within the request timeout count as a lost connection
 //! (reconnect and resend); deleting the device fails what is left unanswered after a
@@ -55,8 +58,13 @@ pub(super) fn split_step(step: u16) -> (u16, u16) {
     (step & 0xf, step >> 4)
 }
 
-/// Most requests one send chain carries, and most replies one receive chain takes.
+/// Most requests one send chain carries.
 const MAX_CHAIN: usize = 64;
+/// The staging buffer for replies: what one receive can take.
+const RBUF_LEN: usize = 256 << 10;
+/// Reads of at least this many bytes receive their payload straight into the request's
+/// buffer, not through `rbuf` (one copy fewer, one ring round trip more).
+const DIRECT_MIN: usize = 64 << 10;
 /// After the device's deletion began, how long unanswered requests may still get an
 /// answer before they fail with EIO.
 const ABORT_GRACE: Duration = Duration::from_secs(1);
@@ -86,6 +94,9 @@ struct TagIo {
     /// Unanswered when the device's deletion began or at the last abort timer: fails
     /// with EIO at the next one.
     doomed: bool,
+    /// Copying part of its payload into the request's pages failed: fails with EIO once
+    /// the rest of the payload has been taken off the connection.
+    copy_failed: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,12 +153,13 @@ enum Sent {
     },
 }
 
-/// One SQE of a receive chain, in chain order (completions come back in that order).
+/// The receive in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RecvItem {
-    /// Receives reply headers into `hdrs`: `len` bytes, all of them unless `multi`.
-    Header { len: usize, multi: bool },
-    /// Receives the rest of a read's payload into the request's buffer.
+    /// Replies into `rbuf`: `len` bytes at most, exactly `len` when `all` (MSG_WAITALL:
+    /// the rest of one header).
+    Staged { len: usize, all: bool },
+    /// The rest of a read's payload, straight into the request's buffer.
     Payload(u16),
 }
 
@@ -183,22 +195,27 @@ pub(super) struct NbdQueue {
     zc_send: bool,
     /// Send SQEs in flight, of any connection: the next chain waits for zero.
     send_inflight: u32,
-    /// What each SQE of the current connection's receive chain does, in order.
-    recv_items: VecDeque<RecvItem>,
+    /// The receive of the current connection in flight, if any.
+    recv_item: Option<RecvItem>,
     /// Receive SQEs in flight, of any connection: the next receive waits for zero.
     recv_inflight: u32,
-    /// Reply headers being received (boxed: receive SQEs point into it), and how many
-    /// bytes of it are filled (a partial header waits there for its rest).
-    hdrs: Box<[u8]>,
-    hdrs_have: usize,
-    plan: Vec<RecvItem>,
+    /// Replies received and not yet handled (boxed: receive SQEs point into it): the
+    /// first `rhave` bytes; between receives only a partial header stays.
+    rbuf: Box<[u8]>,
+    rhave: usize,
+    /// The read whose payload is being received.
+    partial: Option<u16>,
+    /// `/dev/ublkcN` and this queue's id, when payloads may be copied into requests'
+    /// own pages (user copy).
+    user_copy: Option<(libc::c_int, u16)>,
     /// Requests between start and finish.
     active: usize,
     /// Requests sent on this connection whose reply header has not come, and how many
-    /// of them are reads; reads waiting in `send_queue`.
+    /// of them are reads whose payload is received directly (`is_direct`); such reads
+    /// waiting in `send_queue`.
     awaiting: usize,
-    awaiting_reads: usize,
-    queued_reads: usize,
+    awaiting_direct: usize,
+    queued_direct: usize,
     tick_ts: Box<types::Timespec>,
     tick_armed: bool,
     /// Timeout ticks so far, and how many mean a request waited the request timeout.
@@ -279,6 +296,7 @@ impl NbdQueue {
         wake: OwnedFd,
         handoff: Handoff,
         zc_send: bool,
+        user_copy: Option<(libc::c_int, u16)>,
     ) -> Self {
         // SAFETY: iovec and msghdr are plain C structs for which all-zero is valid.
         let zero_iov: libc::iovec = unsafe { std::mem::zeroed() };
@@ -308,16 +326,17 @@ impl NbdQueue {
             send_expect: VecDeque::with_capacity(2 * MAX_CHAIN + 1),
             send_inflight: 0,
             zc_send,
-            recv_items: VecDeque::with_capacity(2 * MAX_CHAIN + 2),
+            recv_item: None,
             recv_inflight: 0,
-            hdrs: vec![0u8; MAX_CHAIN * proto::REPLY_LEN].into_boxed_slice(),
-            hdrs_have: 0,
-            plan: Vec::with_capacity(2 * MAX_CHAIN + 2),
+            rbuf: vec![0u8; RBUF_LEN].into_boxed_slice(),
+            rhave: 0,
+            partial: None,
+            user_copy,
 
             active: 0,
             awaiting: 0,
-            awaiting_reads: 0,
-            queued_reads: 0,
+            awaiting_direct: 0,
+            queued_direct: 0,
             tick_ts: Box::new(timespec(tick)),
             tick_armed: false,
             ticks: 0,
@@ -361,8 +380,8 @@ impl NbdQueue {
         self.active += 1;
         // Sent with the others of this turn of the queue loop (`end_turn`).
         self.send_queue.push_back(io.tag);
-        if self.is_read(io.tag) {
-            self.queued_reads += 1;
+        if self.is_direct(io.tag) {
+            self.queued_direct += 1;
         }
         Outcome::Queued
     }
@@ -378,7 +397,7 @@ impl NbdQueue {
             self.pump_send(ring);
         }
         if self.recv_inflight == 0 {
-            self.post_header_recv(ring);
+            self.post_recv(ring);
         }
         if !self.abort_armed && self.active > 0 && self.abort.load(Ordering::Acquire) {
             let sqe = opcode::Timeout::new(&*self.abort_ts).build();
@@ -409,14 +428,12 @@ impl NbdQueue {
         // The SENDMSG being filled: (owner, first iovec, bytes).
         let mut run: Option<(u16, usize, usize)> = None;
         let mut taken = 0;
-        // While a receive may take several headers, a read's reply (with its payload)
-        // must not arrive: reads wait for that receive to end.
-        let multi = self
-            .recv_items
-            .iter()
-            .any(|i| matches!(i, RecvItem::Header { multi: true, .. }));
+        // While a receive into `rbuf` may take several replies, the reply of a read
+        // whose payload must go straight to its buffer must not arrive: such reads wait
+        // for that receive to end.
+        let staging = matches!(self.recv_item, Some(RecvItem::Staged { all: false, .. }));
         for &tag in self.send_queue.iter().take(n) {
-            if multi && self.is_read(tag) {
+            if staging && self.is_direct(tag) {
                 break;
             }
             taken += 1;
@@ -424,9 +441,9 @@ impl NbdQueue {
             let Some(io) = self.tags[t].io else { continue };
             self.tags[t].sent = true;
             self.awaiting += 1;
-            if self.is_read(tag) {
-                self.awaiting_reads += 1;
-                self.queued_reads -= 1;
+            if self.is_direct(tag) {
+                self.awaiting_direct += 1;
+                self.queued_direct -= 1;
             }
             let hdr = self.headers[t].as_ptr();
             self.iovecs[iov] = libc::iovec {
@@ -615,48 +632,76 @@ impl NbdQueue {
     }
 
     /// Requests sent on this connection whose reply has not been seen: how many, and
-    /// whether one of them is a read (whose reply carries a payload).
+    /// whether one of them is a read whose payload must go straight to its buffer.
     fn awaiting(&self) -> (usize, bool) {
         debug_assert_eq!(
-            (self.awaiting, self.awaiting_reads > 0),
+            (self.awaiting, self.awaiting_direct > 0),
             {
                 let mut n = 0;
-                let mut read = false;
-                for t in &self.tags {
-                    if let Some(io) = t.io.filter(|_| t.sent && !t.replied && t.result.is_none()) {
+                let mut direct = false;
+                for (tag, t) in self.tags.iter().enumerate() {
+                    if t.io.is_some() && t.sent && !t.replied && t.result.is_none() {
                         n += 1;
-                        read |= matches!(io.op, BlockOp::Read);
+                        direct |= self.is_direct(tag as u16);
                     }
                 }
-                (n, read)
+                (n, direct)
             },
             "reply counters"
         );
-        (self.awaiting, self.awaiting_reads > 0)
+        (self.awaiting, self.awaiting_direct > 0)
     }
 
-    /// Posts the receive of the next reply headers: exactly one header when a read may
-    /// answer (its payload must go to the request's buffer, not to `hdrs`), else up to
-    /// one header per request waiting for its reply (see `multi`).
-    fn post_header_recv(&mut self, ring: &mut dyn Ring) {
-        let (waiting, read) = self.awaiting();
-        let read_queued = self.queued_reads > 0;
-        let multi = waiting > 1 && !read && !read_queued;
-        let want = if multi {
-            (waiting * proto::REPLY_LEN).min(self.hdrs.len())
+    /// Posts the next receive: the rest of a large read's payload into its buffer, else
+    /// replies into `rbuf`: as many as have arrived when every awaited reply may pass
+    /// through it, exactly one header otherwise.
+    fn post_recv(&mut self, ring: &mut dyn Ring) {
+        if let Some(tag) = self.partial {
+            let t = &self.tags[usize::from(tag)];
+            let left = t.io.map_or(0, |io| io.len as usize) - t.got;
+            if left >= DIRECT_MIN || !self.can_stage(tag) {
+                debug_assert_eq!(self.rhave, 0, "payload bytes staged for a direct read");
+                return self.post_recv_item(RecvItem::Payload(tag), ring);
+            }
+        }
+        let (waiting, direct) = self.awaiting();
+        let bulk = self.partial.is_some() || (waiting > 0 && !direct && self.queued_direct == 0);
+        let item = if bulk {
+            RecvItem::Staged {
+                len: RBUF_LEN - self.rhave,
+                all: false,
+            }
         } else {
-            proto::REPLY_LEN
+            RecvItem::Staged {
+                len: proto::REPLY_LEN - self.rhave,
+                all: true,
+            }
         };
-        let len = want.saturating_sub(self.hdrs_have);
-        self.plan.clear();
-        self.plan.push(RecvItem::Header { len, multi });
-        self.post_chain(ring);
+        self.post_recv_item(item, ring);
     }
 
     fn is_read(&self, tag: u16) -> bool {
         self.tags[usize::from(tag)]
             .io
             .is_some_and(|io| matches!(io.op, BlockOp::Read) && io.len > 0)
+    }
+
+    /// Whether `tag`'s payload can be copied from `rbuf` into its buffer.
+    fn can_stage(&self, tag: u16) -> bool {
+        match self.tags[usize::from(tag)].buf {
+            Some(IoBuf::Fixed { addr: 0, .. }) => self.user_copy.is_some(),
+            _ => true,
+        }
+    }
+
+    /// A read whose payload is received straight into its buffer, never through `rbuf`:
+    /// a large one, or one whose buffer `rbuf` cannot be copied into.
+    fn is_direct(&self, tag: u16) -> bool {
+        self.is_read(tag)
+            && (!self.can_stage(tag)
+                || self.tags[usize::from(tag)]
+                    .io
+                    .is_some_and(|io| io.len as usize >= DIRECT_MIN))
     }
 
     /// Whether `cookie` names a request that is waiting for its reply.
@@ -678,11 +723,11 @@ impl NbdQueue {
             .expects_reply(reply.cookie)
             .ok_or_else(|| format!("reply with unknown cookie {:#x}", reply.cookie))?;
         let t = usize::from(tag);
+        if self.is_direct(tag) {
+            self.awaiting_direct -= 1;
+        }
         self.tags[t].replied = true;
         self.awaiting -= 1;
-        if self.is_read(tag) {
-            self.awaiting_reads -= 1;
-        }
         let Some(io) = self.tags[t].io else {
             return Ok(None);
         };
@@ -708,102 +753,148 @@ impl NbdQueue {
         }
     }
 
-    /// Header bytes arrived: handle every complete header, keep a partial one.
-    fn headers_received(&mut self, ring: &mut dyn Ring) {
+    /// Copies `rbuf[at..at + len]` into `tag`'s buffer at its payload offset `got`.
+    fn copy_in(&mut self, tag: u16, at: usize, len: usize) {
+        let t = &self.tags[usize::from(tag)];
+        let got = t.got;
+        let src = &self.rbuf[at..at + len];
+        let ok = match t.buf {
+            Some(IoBuf::User { addr, .. }) => {
+                // SAFETY: the request's buffer holds io.len bytes (checked at start) and
+                // got + len <= io.len; it is daemon memory that nothing else writes while
+                // the request is in this target.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr.add(got), len) };
+                true
+            }
+            Some(IoBuf::Fixed { addr, .. }) if addr != 0 => {
+                // SAFETY: as above, for the registered arena slot of the request.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.as_ptr(), (addr as *mut u8).add(got), len)
+                };
+                true
+            }
+            Some(IoBuf::Fixed { .. }) => match self.user_copy {
+                Some((fd, qid)) => {
+                    let pos = crate::user_copy_pos(qid, tag, got as u32);
+                    // SAFETY: writes `len` bytes from a live buffer to the ublk char
+                    // device, which copies them into the request's pages.
+                    let n = unsafe { libc::pwrite(fd, src.as_ptr().cast(), len, pos as i64) };
+                    if n != len as isize {
+                        let why = if n < 0 {
+                            io::Error::last_os_error().to_string()
+                        } else {
+                            format!("{n} of {len} bytes")
+                        };
+                        log::error!(
+                            "{}: tag {tag}: copying the read payload into the request failed: {why}",
+                            self.uri
+                        );
+                    }
+                    n == len as isize
+                }
+                None => false,
+            },
+            _ => false,
+        };
+        if !ok {
+            self.tags[usize::from(tag)].copy_failed = true;
+        }
+    }
+
+    /// A read's payload is complete: its result.
+    fn payload_done(&mut self, tag: u16) -> i32 {
+        let t = &mut self.tags[usize::from(tag)];
+        let len = t.io.map_or(0, |io| io.len as i32);
+        if std::mem::take(&mut t.copy_failed) {
+            -libc::EIO
+        } else {
+            len
+        }
+    }
+
+    /// Handles what `rbuf` holds: payload for the read in progress, then every
+    /// complete reply; keeps a partial header.
+    fn replies_received(&mut self, ring: &mut dyn Ring) {
         let mut pos = 0;
-        while self.hdrs_have - pos >= proto::REPLY_LEN {
+        loop {
+            if let Some(tag) = self.partial {
+                let t = &self.tags[usize::from(tag)];
+                let len = t.io.map_or(0, |io| io.len as usize);
+                let n = (len - t.got).min(self.rhave - pos);
+                if n > 0 {
+                    if !self.can_stage(tag) {
+                        // Cannot happen: such a read's reply is received header only.
+                        return self
+                            .connection_lost("read payload bytes in the staging buffer", ring);
+                    }
+                    self.copy_in(tag, pos, n);
+                    self.tags[usize::from(tag)].got += n;
+                    pos += n;
+                }
+                if self.tags[usize::from(tag)].got < len {
+                    break;
+                }
+                self.partial = None;
+                let r = self.payload_done(tag);
+                self.settle(tag, r, ring);
+                continue;
+            }
+            if self.rhave - pos < proto::REPLY_LEN {
+                break;
+            }
             let mut hdr = [0u8; proto::REPLY_LEN];
-            hdr.copy_from_slice(&self.hdrs[pos..pos + proto::REPLY_LEN]);
+            hdr.copy_from_slice(&self.rbuf[pos..pos + proto::REPLY_LEN]);
             pos += proto::REPLY_LEN;
             match self.accept_reply(&hdr, ring) {
                 Err(why) => return self.connection_lost(&why, ring),
                 Ok(None) => {}
                 Ok(Some(tag)) => {
-                    if pos != self.hdrs_have {
-                        // Only a single-header receive can end in a read's reply.
-                        return self.connection_lost("reply bytes after a read reply", ring);
-                    }
-                    self.hdrs_have = 0;
-                    self.plan.clear();
-                    self.plan.push(RecvItem::Payload(tag));
-                    if self.payload_waits_all(tag) {
-                        // Then (linked) the next header: one round trip.
-                        self.plan.push(RecvItem::Header {
-                            len: proto::REPLY_LEN,
-                            multi: false,
-                        });
-                    }
-                    return self.post_chain(ring);
+                    self.tags[usize::from(tag)].got = 0;
+                    self.partial = Some(tag);
                 }
             }
         }
-        self.hdrs.copy_within(pos..self.hdrs_have, 0);
-        self.hdrs_have -= pos;
+        self.rbuf.copy_within(pos..self.rhave, 0);
+        self.rhave -= pos;
     }
 
-    /// Pushes the receive chain in `plan`, linked in order.
-    fn post_chain(&mut self, ring: &mut dyn Ring) {
-        if !ring.reserve(2 * self.plan.len()) {
+    /// Pushes one receive.
+    fn post_recv_item(&mut self, item: RecvItem, ring: &mut dyn Ring) {
+        if !ring.reserve(2) {
             return self.give_up("the ring is full: cannot post a receive", ring);
         }
-        let last = self.plan.len().saturating_sub(1);
         let generation = self.generation;
-        for i in 0..self.plan.len() {
-            let item = self.plan[i];
-            let sqe = match item {
-                RecvItem::Header { len, multi } => {
-                    let at = self.hdrs[self.hdrs_have..].as_mut_ptr();
-                    // One header: all of it (MSG_WAITALL). Several: what is there.
-                    let flags = if multi { 0 } else { libc::MSG_WAITALL };
-                    opcode::Recv::new(self.fd, at, len as u32)
-                        .flags(flags)
-                        .build()
-                }
-                RecvItem::Payload(tag) => match self.payload_sqe(tag) {
-                    Some(sqe) => sqe,
-                    None => {
-                        return self
-                            .connection_lost("a read reply for a request without a buffer", ring)
-                    }
-                },
-            };
-            let sqe = if i < last {
-                sqe.flags(squeue::Flags::IO_LINK)
-            } else {
-                sqe
-            };
-            let pushed = match item {
-                RecvItem::Payload(tag) => {
-                    // SAFETY: a payload's buffer stays valid until its request is
-                    // finished, which waits for this SQE's completion.
-                    let r = unsafe { ring.push(tag, step(STEP_PAYLOAD, generation), sqe) };
-                    if r.is_ok() {
-                        self.tags[usize::from(tag)].sqes += 1;
-                    }
-                    r
-                }
-                // SAFETY: `hdrs` is boxed and owned by this handler, which outlives the
-                // ring; a header receive is linked behind a payload only when `hdrs` is
-                // empty, so nothing else writes there meanwhile.
-                _ => unsafe { ring.push_event(step(EVENT_RECV, generation), sqe) },
-            };
-            if pushed.is_err() {
-                // Cannot happen after `reserve`; fail safe if it does.
-                return self.give_up("the ring is full in the middle of a receive", ring);
+        let pushed = match item {
+            RecvItem::Staged { len, all } => {
+                let at = self.rbuf[self.rhave..].as_mut_ptr();
+                let flags = if all { libc::MSG_WAITALL } else { 0 };
+                let sqe = opcode::Recv::new(self.fd, at, len as u32)
+                    .flags(flags)
+                    .build();
+                // SAFETY: `rbuf` is boxed and owned by this handler, which outlives the
+                // ring; nothing else writes there while the receive is in flight.
+                unsafe { ring.push_event(step(EVENT_RECV, generation), sqe) }
             }
-            self.recv_inflight += 1;
-            self.recv_items.push_back(item);
+            RecvItem::Payload(tag) => {
+                let Some(sqe) = self.payload_sqe(tag) else {
+                    return self
+                        .connection_lost("a read reply for a request without a buffer", ring);
+                };
+                // SAFETY: a payload's buffer stays valid until its request is finished,
+                // which waits for this SQE's completion.
+                let r = unsafe { ring.push(tag, step(STEP_PAYLOAD, generation), sqe) };
+                if r.is_ok() {
+                    self.tags[usize::from(tag)].sqes += 1;
+                }
+                r
+            }
+        };
+        if pushed.is_err() {
+            // Cannot happen after `reserve`; fail safe if it does.
+            return self.give_up("the ring is full: cannot post a receive", ring);
         }
-    }
-
-    /// Whether `tag`'s payload is received with MSG_WAITALL (all of it or an error), so
-    /// that a receive may be linked behind it.
-    fn payload_waits_all(&self, tag: u16) -> bool {
-        match self.tags[usize::from(tag)].buf {
-            Some(IoBuf::User { .. }) => true,
-            Some(IoBuf::Fixed { addr, .. }) => addr != 0,
-            _ => false,
-        }
+        self.recv_inflight += 1;
+        self.recv_item = Some(item);
     }
 
     /// The SQE that receives the rest of `tag`'s payload into its buffer.
@@ -821,7 +912,7 @@ impl NbdQueue {
                     .flags(libc::MSG_WAITALL)
                     .build()
             }
-            // Can be short: never linked to anything behind it (see the module comment).
+            // Can be short: continued on its own.
             IoBuf::Fixed { addr, index, .. } => {
                 opcode::ReadFixed::new(self.fd, (addr + got as u64) as *mut u8, left, index)
                     .offset(u64::MAX)
@@ -831,24 +922,22 @@ impl NbdQueue {
         })
     }
 
-    /// A receive SQE of the current connection completed (`tag`: a payload's request).
+    /// The receive of the current connection completed (`tag`: a payload's request).
     fn recv_done(&mut self, tag: Option<u16>, res: i32, ring: &mut dyn Ring) {
-        let Some(item) = self.recv_items.pop_front() else {
+        let Some(item) = self.recv_item.take() else {
             return self.connection_lost("a receive completion nobody waited for", ring);
         };
         match (item, tag) {
-            (RecvItem::Header { len, multi }, None) => {
-                let retry = res == -libc::EAGAIN || res == -libc::EINTR;
-                if retry && self.recv_items.is_empty() {
+            (RecvItem::Staged { len, all }, None) => {
+                if res == -libc::EAGAIN || res == -libc::EINTR {
                     return; // nothing was taken: `kick` receives again
                 }
-                if res <= 0 || (!multi && res as usize != len) {
+                if res <= 0 || (all && res as usize != len) {
                     let why = recv_failure(res, len);
                     return self.connection_lost(&why, ring);
                 }
-                self.hdrs_have += res as usize;
-
-                self.headers_received(ring);
+                self.rhave += res as usize;
+                self.replies_received(ring);
             }
             (RecvItem::Payload(want), Some(tag)) if want == tag => {
                 let t = usize::from(tag);
@@ -860,17 +949,12 @@ impl NbdQueue {
                     );
                 }
                 self.tags[t].got += res as usize;
-                if self.tags[t].got < len {
-                    if !self.recv_items.is_empty() {
-                        // A receive linked behind it may have taken payload bytes.
-                        return self.connection_lost("a short receive inside a chain", ring);
-                    }
-                    // The rest, on its own.
-                    self.plan.clear();
-                    self.plan.push(RecvItem::Payload(tag));
-                    return self.post_chain(ring);
+                if self.tags[t].got >= len {
+                    // The SQE's own completion (`complete`) finishes the request.
+                    self.partial = None;
+                    self.tags[t].result = Some(self.payload_done(tag));
                 }
-                self.tags[t].result = Some(len as i32);
+                // Else `kick` receives the rest.
             }
             _ => self.connection_lost("receive completions out of order", ring),
         }
@@ -934,12 +1018,14 @@ impl NbdQueue {
         self.link = Link::Reconnecting;
         self.state.store(CONN_RECONNECTING, Ordering::Relaxed);
         self.send_expect.clear();
-        self.recv_items.clear();
-        self.hdrs_have = 0;
+        self.recv_item = None;
+        self.rhave = 0;
+        self.partial = None;
         let mut resend = VecDeque::new();
         for tag in self.unanswered() {
             let t = &mut self.tags[usize::from(tag)];
             t.got = 0;
+            t.copy_failed = false;
             t.sent = false;
             t.replied = false;
             t.resends += 1;
@@ -955,8 +1041,8 @@ impl NbdQueue {
             }
         }
         self.awaiting = 0;
-        self.awaiting_reads = 0;
-        self.queued_reads = resend.iter().filter(|&&t| self.is_read(t)).count();
+        self.awaiting_direct = 0;
+        self.queued_direct = resend.iter().filter(|&&t| self.is_direct(t)).count();
         self.send_queue = resend;
         *self.handoff.lock().unwrap_or_else(|p| p.into_inner()) = None;
         match self.wake.try_clone() {
@@ -986,11 +1072,12 @@ impl NbdQueue {
         self.state.store(CONN_FAILED, Ordering::Relaxed);
         self.send_queue.clear();
         self.awaiting = 0;
-        self.awaiting_reads = 0;
-        self.queued_reads = 0;
+        self.awaiting_direct = 0;
+        self.queued_direct = 0;
         self.send_expect.clear();
-        self.recv_items.clear();
-        self.hdrs_have = 0;
+        self.recv_item = None;
+        self.rhave = 0;
+        self.partial = None;
         for tag in self.unanswered() {
             self.settle(tag, -libc::EIO, ring);
         }
