@@ -8,7 +8,7 @@ mod queue;
 mod service;
 mod state;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use daemon::ExitMode;
 use sd_notify::NotifyState;
@@ -36,6 +36,11 @@ struct Args {
     /// hand-over when systemd stops the service to restart it, remove otherwise.
     #[arg(long, value_enum, default_value_t = OnExit::Auto)]
     on_exit: OnExit,
+    /// Act as if the ublk driver lacked these features (names as `ublkctl features`
+    /// prints them, comma-separated, e.g. USER_COPY,AUTO_BUF_REG): to try the fallbacks
+    /// for older kernels.
+    #[arg(long, value_delimiter = ',', value_name = "FEATURES")]
+    without_features: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -56,7 +61,18 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let kernel = kernel::KernelInfo::probe()?;
+    let mut hidden = 0u64;
+    for name in &args.without_features {
+        let Some(&(bit, _)) = ublkd_proto::features::FEATURES
+            .iter()
+            .find(|(_, n)| n.eq_ignore_ascii_case(name.trim_start_matches("UBLK_F_")))
+        else {
+            bail!("--without-features: unknown feature '{name}' (see 'ublkctl features')");
+        };
+        hidden |= 1u64 << bit;
+    }
+    let mut kernel = kernel::KernelInfo::probe()?;
+    kernel.features &= !hidden;
     let (names, _) = ublkd_proto::features::decode(kernel.features);
     log::info!(
         "ublk driver features {:#x} ({}); up to {} queues per device",

@@ -651,3 +651,52 @@ fn del_does_not_wait_for_a_silent_server() {
     let log = d.log_text();
     assert!(log.contains("the device is being deleted"), "{log}");
 }
+
+/// In the zero-copy modes small reads' payloads are received many replies at a time and
+/// copied into the requests' pages with user copy (the device has UBLK_F_USER_COPY); on
+/// a kernel without it (emulated with --without-features) every payload goes straight
+/// into the request's pages. Both verify, with read sizes on both sides of the size
+/// from which payloads always go straight to the request.
+#[test]
+fn reads_with_and_without_user_copy() {
+    require_ublk();
+    let server = Server::nbdkit_memory(Listen::Tcp(10907), "256M", &[]);
+    for user_copy in [true, false] {
+        let name = format!("nbd-user-copy-{user_copy}");
+        let _ = std::fs::remove_dir_all(format!("/tmp/ublkd-{name}/state"));
+        let d = if user_copy {
+            Daemon::start(&name)
+        } else {
+            Daemon::start_with(&name, &["--without-features", "USER_COPY"])
+        };
+        for mode in ["zc", "auto-zc"] {
+            let dev = add_nbd(&d, &server.uri, &["--buffer", mode]);
+            let show = d.show_json(dev_id(&dev));
+            let flags: Vec<&str> = show["kernel"]["flag_names"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|f| f.as_str())
+                .collect();
+            assert_eq!(flags.contains(&"USER_COPY"), user_copy, "{mode}: {show}");
+            verify(&dev, "16M");
+            fio(&[
+                "--name=mixed".into(),
+                format!("--filename={dev}"),
+                "--ioengine=io_uring".into(),
+                "--direct=1".into(),
+                "--rw=randwrite".into(),
+                "--bsrange=512-256k".into(),
+                "--iodepth=16".into(),
+                "--size=16M".into(),
+                "--verify=crc32c".into(),
+                "--do_verify=1".into(),
+                "--verify_fatal=1".into(),
+                "--verify_state_save=0".into(),
+            ]);
+            let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
+            assert_eq!(q["errors"].as_u64(), Some(0), "{mode}: {q}");
+            d.del(&dev);
+        }
+    }
+}
