@@ -374,21 +374,24 @@ impl FioChild {
 }
 
 /// One fio io_uring job with O_DIRECT on `dev`, plus `more` options.
+/// `bs` is one block size ("4k") or a range of them ("128k-512k", fio's `--bsrange`).
 fn job(dev: &str, rw: &str, bs: &str, iodepth: u32, more: &[String]) -> Vec<String> {
+    let bs_opt = if bs.contains('-') { "bsrange" } else { "bs" };
     let mut v = vec![
         format!("--name={rw}-{bs}"),
         format!("--filename={dev}"),
         "--ioengine=io_uring".into(),
         "--direct=1".into(),
         format!("--rw={rw}"),
-        format!("--bs={bs}"),
+        format!("--{bs_opt}={bs}"),
         format!("--iodepth={iodepth}"),
     ];
     v.extend_from_slice(more);
     v
 }
 
-/// A write-then-verify fio job on `dev`: `size` bytes in `bs` blocks, crc32c.
+/// A write-then-verify fio job on `dev`: `size` bytes in `bs` blocks (or a range of
+/// sizes, "128k-512k"), crc32c.
 pub fn verify_job(dev: &str, rw: &str, bs: &str, size: &str, iodepth: u32) -> Vec<String> {
     let verify = [
         format!("--size={size}"),

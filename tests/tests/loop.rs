@@ -45,24 +45,6 @@ fn add_loop(d: &Daemon, file: &Path, mode: &str, extra: &[&str]) -> String {
     dev
 }
 
-fn verify_job(dev: &str, name: &str, rw: &str, bs: &[&str], iodepth: u32) -> Vec<String> {
-    let mut v: Vec<String> = vec![
-        format!("--name={name}"),
-        format!("--filename={dev}"),
-        "--ioengine=io_uring".into(),
-        "--direct=1".into(),
-        format!("--rw={rw}"),
-        format!("--iodepth={iodepth}"),
-        "--size=256M".into(),
-        "--verify=crc32c".into(),
-        "--do_verify=1".into(),
-        "--verify_fatal=1".into(),
-        "--verify_state_save=0".into(),
-    ];
-    v.extend(bs.iter().map(|s| s.to_string()));
-    v
-}
-
 /// fio writes 256 MiB with 4k random writes, then with 128k-512k sequential writes, and
 /// reads everything back checking crc32c.
 fn fio_verify(mode: &str) {
@@ -70,14 +52,14 @@ fn fio_verify(mode: &str) {
     let d = Daemon::start(&format!("loop-fio-{mode}"));
     let file = backing(&format!("fio-{mode}"), 320 << 20);
     let dev = add_loop(&d, &file, mode, &[]);
-    let rand = verify_job(&dev, "rand4k", "randwrite", &["--bs=4k"], 32);
+    let rand = verify_job(&dev, "randwrite", "4k", "256M", 32);
     let run = fio(&rand);
     assert!(
         run.total_ios() >= 2 * 65536,
         "wrote and verified 256 MiB in 4k: {}",
         run.total_ios()
     );
-    let seq = verify_job(&dev, "seq", "write", &["--bsrange=128k-512k"], 8);
+    let seq = verify_job(&dev, "write", "128k-512k", "256M", 8);
     fio(&seq);
     let show = d.show_json(dev_id(&dev));
     for q in show["queue_stats"].as_array().unwrap() {

@@ -117,26 +117,8 @@ impl Drop for Server {
 
 /// fio crc32c verify as in the loop tests: 4k random writes, then 128k-512k sequential.
 fn verify(dev: &str, size: &str) {
-    for (name, rw, bs, qd) in [
-        ("rand4k", "randwrite", "--bs=4k", 32),
-        ("seq", "write", "--bsrange=128k-512k", 8),
-    ] {
-        let job: Vec<String> = vec![
-            format!("--name={name}"),
-            format!("--filename={dev}"),
-            "--ioengine=io_uring".into(),
-            "--direct=1".into(),
-            format!("--rw={rw}"),
-            bs.into(),
-            format!("--iodepth={qd}"),
-            format!("--size={size}"),
-            "--verify=crc32c".into(),
-            "--do_verify=1".into(),
-            "--verify_fatal=1".into(),
-            "--verify_state_save=0".into(),
-        ];
-        fio(&job);
-    }
+    fio(&verify_job(dev, "randwrite", "4k", size, 32));
+    fio(&verify_job(dev, "write", "128k-512k", size, 8));
 }
 
 fn add_nbd(d: &Daemon, uri: &str, extra: &[&str]) -> String {
@@ -680,20 +662,7 @@ fn reads_with_and_without_user_copy() {
                 .collect();
             assert_eq!(flags.contains(&"USER_COPY"), user_copy, "{mode}: {show}");
             verify(&dev, "16M");
-            fio(&[
-                "--name=mixed".into(),
-                format!("--filename={dev}"),
-                "--ioengine=io_uring".into(),
-                "--direct=1".into(),
-                "--rw=randwrite".into(),
-                "--bsrange=512-256k".into(),
-                "--iodepth=16".into(),
-                "--size=16M".into(),
-                "--verify=crc32c".into(),
-                "--do_verify=1".into(),
-                "--verify_fatal=1".into(),
-                "--verify_state_save=0".into(),
-            ]);
+            fio(&verify_job(&dev, "randwrite", "512-256k", "16M", 16));
             let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
             assert_eq!(q["errors"].as_u64(), Some(0), "{mode}: {q}");
             d.del(&dev);
