@@ -2,7 +2,7 @@
 # Benchmarks ublkd against the kernel's own drivers, side by side in one VM run, and
 # prints a table of ratios. Not a test: nothing here passes or fails on speed.
 #
-# Usage: scripts/bench.sh null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...]
+# Usage: scripts/bench.sh null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--connections N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

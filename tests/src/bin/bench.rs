@@ -7,11 +7,15 @@
 //! table shows the median of the rounds and the spread (min-max) of IOPS.
 //!
 //! Usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT]
-//!        [--export nbdkit|qemu] [--buffers MODE,...]
+//!        [--export nbdkit|qemu] [--buffers MODE,...] [--connections N]
 //!
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
 //! `--export` keeps one of the nbd exports; `--buffers copy,auto-zc` measures ublkd's nbd
-//! target in those buffer modes (default: the daemon's default mode).
+//! target in those buffer modes (default: the daemon's default mode). `--connections N`
+//! gives both nbd clients N connections (`nbd-client -C N`, `ublkctl add nbd --connections
+//! N`, one per hardware queue on both) and splits each workload's queue depth over N fio
+//! jobs, one per CPU, so that every queue and connection carries IO; it needs an export
+//! that advertises multi-conn.
 
 use std::process::Command;
 use ublkd_tests::{fio, Daemon};
@@ -59,6 +63,9 @@ struct Settings {
     export: Option<String>,
     /// nbd: the buffer modes to measure (empty: the default mode only).
     buffers: Vec<String>,
+    /// fio jobs per workload, one per CPU, sharing its queue depth (nbd: also the
+    /// connections of each client).
+    jobs: u32,
 }
 
 impl Settings {
@@ -74,7 +81,8 @@ impl Settings {
 }
 
 /// One measurement: IOPS and MB/s.
-fn measure(dev: &str, row: &Row, runtime: u32) -> (f64, f64) {
+fn measure(dev: &str, row: &Row, s: &Settings) -> (f64, f64) {
+    let jobs = s.jobs.max(1);
     let run = fio(&[
         "--name=bench",
         &format!("--filename={dev}"),
@@ -82,10 +90,13 @@ fn measure(dev: &str, row: &Row, runtime: u32) -> (f64, f64) {
         "--direct=1",
         &format!("--rw={}", row.rw),
         &format!("--bs={}", row.bs),
-        &format!("--iodepth={}", row.iodepth),
-        "--numjobs=1",
+        &format!("--iodepth={}", (row.iodepth / jobs).max(1)),
+        &format!("--numjobs={jobs}"),
+        &format!("--cpus_allowed=0-{}", jobs - 1),
+        "--cpus_allowed_policy=split",
+        "--group_reporting",
         "--time_based",
-        &format!("--runtime={runtime}"),
+        &format!("--runtime={}", s.runtime),
         "--ramp_time=1",
     ]);
     let dir = if row.rw.contains("write") {
@@ -116,7 +127,7 @@ fn compare(devices: &[(String, String)], rows: &[Row], s: &Settings) {
         eprintln!("round {}/{}", round + 1, s.rounds);
         for (r, row) in rows.iter().enumerate() {
             for (d, (_, path)) in devices.iter().enumerate() {
-                samples[r][d].push(measure(path, row, s.runtime));
+                samples[r][d].push(measure(path, row, s));
             }
         }
     }
@@ -317,6 +328,22 @@ fn bench_nbd(s: &Settings) {
             continue;
         }
         let kdev = format!("/dev/nbd{n}");
+        let conns = s.jobs.to_string();
+        let uri = format!("nbd://127.0.0.1:{port}/{export}");
+        if s.jobs > 1 {
+            // More than one connection needs multi-conn: ask ublkd, which checks.
+            let probe = d.ctl(&["add", "nbd", "--uri", &uri, "--connections", &conns]);
+            if !probe.status.success() {
+                println!(
+                    "{label} export: skipped: {}",
+                    String::from_utf8_lossy(&probe.stderr).trim()
+                );
+                println!();
+                continue;
+            }
+            let path = String::from_utf8_lossy(&probe.stdout).trim().to_string();
+            d.del(&path);
+        }
         let out = Command::new("/usr/sbin/nbd-client")
             .args([
                 "127.0.0.1",
@@ -326,6 +353,8 @@ fn bench_nbd(s: &Settings) {
                 export,
                 "-b",
                 "512",
+                "-C",
+                &conns,
             ])
             .output()
             .expect("run nbd-client");
@@ -335,7 +364,6 @@ fn bench_nbd(s: &Settings) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        let uri = format!("nbd://127.0.0.1:{port}/{export}");
         let mut devices = vec![("kernel nbd".to_string(), kdev.clone())];
         let modes: Vec<Option<&str>> = if s.buffers.is_empty() {
             vec![None]
@@ -343,7 +371,15 @@ fn bench_nbd(s: &Settings) {
             s.buffers.iter().map(|b| Some(b.as_str())).collect()
         };
         for mode in modes {
-            let mut args = vec!["nbd", "--uri", &uri, "--depth", "128"];
+            let mut args = vec![
+                "nbd",
+                "--uri",
+                &uri,
+                "--depth",
+                "128",
+                "--connections",
+                &conns,
+            ];
             if let Some(m) = mode {
                 args.extend(["--buffer", m]);
             }
@@ -356,12 +392,12 @@ fn bench_nbd(s: &Settings) {
         }
         let modes: Vec<&str> = devices[1..].iter().map(|(l, _)| &l[6..]).collect();
         println!(
-            "{label} export on 127.0.0.1:{port}: kernel nbd client ({kdev}, nbd-client) vs ublkd nbd (1 queue, depth 128, buffers: {})",
+            "{label} export on 127.0.0.1:{port}: kernel nbd client ({kdev}, nbd-client -C {conns}) vs ublkd nbd ({conns} queue(s) and connection(s), depth 128, buffers: {})",
             modes.join(", ")
         );
         println!(
-            "fio io_uring, direct, 1 job, {} s per run (+1 s ramp), {} rounds, median shown; ratio = device / kernel nbd",
-            s.runtime, s.rounds
+            "fio io_uring, direct, {} job(s) sharing the queue depth, {} s per run (+1 s ramp), {} rounds, median shown; ratio = device / kernel nbd",
+            s.jobs, s.runtime, s.rounds
         );
         println!();
         compare(&devices, &LOOP_ROWS, s);
@@ -402,13 +438,14 @@ fn main() {
         buffers: text("--buffers")
             .map(|b| b.split(',').map(str::to_string).collect())
             .unwrap_or_default(),
+        jobs: opt("--connections", 1).max(1) as u32,
     };
     match args.first().map(String::as_str) {
         Some("null") => bench_null(&s),
         Some("loop") => bench_loop(&s),
         Some("nbd") => bench_nbd(&s),
         _ => {
-            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...]");
+            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--connections N]");
             std::process::exit(2);
         }
     }
