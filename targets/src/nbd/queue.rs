@@ -21,7 +21,10 @@
 //! such reads wait to be sent while a staging receive is in flight. Without user copy
 //! (a kernel that refuses it), every read in the zero-copy modes is received that way.
 //! A READ_FIXED on a socket can be short, and a short one does not fail an IO_LINK
-//! (seen on Linux 7.2), so receives are never linked: one is in flight at a time.
+//! (seen on Linux 7.2), so receives are never linked to each other: one is in flight at
+//! a time. A READ_FIXED goes behind a linked POLL_ADD that waits, through SO_RCVLOWAT,
+//! for the rest of the payload to be queued, so that a large payload still arriving is
+//! not taken in many short pieces, a ring round trip each.
 //!
 //! Requests that have no answer within the request timeout count as a lost connection
 //! (reconnect and resend); deleting the device fails what is left unanswered after a
@@ -44,6 +47,8 @@ use std::time::Duration;
 /// Per request (`Ring::push`):
 const STEP_SEND: u16 = 1;
 const STEP_PAYLOAD: u16 = 2;
+/// The POLL_ADD linked in front of a READ_FIXED payload receive (see `post_recv_item`).
+const STEP_POLL: u16 = 3;
 /// Target-wide (`Ring::push_event`):
 const EVENT_RECV: u16 = 1;
 const EVENT_WAKE: u16 = 2;
@@ -65,6 +70,9 @@ const RBUF_LEN: usize = 256 << 10;
 /// Reads of at least this many bytes receive their payload straight into the request's
 /// buffer, not through `rbuf` (one copy fewer, one ring round trip more).
 const DIRECT_MIN: usize = 64 << 10;
+/// The most a READ_FIXED payload receive waits to have in the socket before it starts
+/// (SO_RCVLOWAT); a larger payload is received in pieces of this size.
+const LOWAT_MAX: usize = 1 << 20;
 /// After the device's deletion began, how long unanswered requests may still get an
 /// answer before they fail with EIO.
 const ABORT_GRACE: Duration = Duration::from_secs(1);
@@ -205,6 +213,8 @@ pub(super) struct NbdQueue {
     rhave: usize,
     /// The read whose payload is being received.
     partial: Option<u16>,
+    /// The socket's SO_RCVLOWAT as last set (a new socket's is 1).
+    lowat: usize,
     /// `/dev/ublkcN` and this queue's id, when payloads may be copied into requests'
     /// own pages (user copy).
     user_copy: Option<(libc::c_int, u16)>,
@@ -331,6 +341,7 @@ impl NbdQueue {
             rbuf: vec![0u8; RBUF_LEN].into_boxed_slice(),
             rhave: 0,
             partial: None,
+            lowat: 1,
             user_copy,
 
             active: 0,
@@ -858,14 +869,51 @@ impl NbdQueue {
         self.rhave -= pos;
     }
 
-    /// Pushes one receive.
+    /// Sets the socket's SO_RCVLOWAT: how many bytes must be queued before it polls
+    /// readable. Best effort: if the kernel refuses, receives only take more turns.
+    fn set_lowat(&mut self, n: usize) {
+        if self.lowat == n {
+            return;
+        }
+        let v = n as libc::c_int;
+        // SAFETY: setsockopt on a socket we own, reading one live c_int.
+        let r = unsafe {
+            libc::setsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            self.lowat = n;
+        } else {
+            log::debug!(
+                "{}: SO_RCVLOWAT {n}: {}",
+                self.uri,
+                io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Pushes one receive. Replies into `rbuf` are taken as soon as a byte is there
+    /// (SO_RCVLOWAT 1). A READ_FIXED of a payload into the request's pages stops at
+    /// whatever the socket holds when it runs, which for a large payload that is still
+    /// arriving means many short reads, each a ring round trip; so it goes behind a
+    /// linked POLL_ADD that completes once SO_RCVLOWAT (the rest of the payload, at most
+    /// `LOWAT_MAX`) bytes are queued (TCP honours it; on a Unix socket the poll
+    /// completes on any data and short reads continue as before). A RECV into daemon
+    /// memory needs none of this: MSG_WAITALL keeps it going inside the kernel.
     fn post_recv_item(&mut self, item: RecvItem, ring: &mut dyn Ring) {
-        if !ring.reserve(2) {
+        // A zero-copy registration, the poll and the receive.
+        if !ring.reserve(3) {
             return self.give_up("the ring is full: cannot post a receive", ring);
         }
         let generation = self.generation;
         let pushed = match item {
             RecvItem::Staged { len, all } => {
+                self.set_lowat(1);
                 let at = self.rbuf[self.rhave..].as_mut_ptr();
                 let flags = if all { libc::MSG_WAITALL } else { 0 };
                 let sqe = opcode::Recv::new(self.fd, at, len as u32)
@@ -880,6 +928,21 @@ impl NbdQueue {
                     return self
                         .connection_lost("a read reply for a request without a buffer", ring);
                 };
+                let t = &self.tags[usize::from(tag)];
+                if let Some(IoBuf::Fixed { addr: 0, .. }) = t.buf {
+                    let left = t.io.map_or(0, |io| io.len as usize) - t.got;
+                    self.set_lowat(left.min(LOWAT_MAX));
+                    let poll = opcode::PollAdd::new(self.fd, libc::POLLIN as u32)
+                        .build()
+                        .flags(squeue::Flags::IO_LINK);
+                    // Pushed for the request, so that a zero-copy registration goes in
+                    // front of the poll, not between the poll and the read.
+                    // SAFETY: a poll points to no memory.
+                    if unsafe { ring.push(tag, step(STEP_POLL, generation), poll) }.is_err() {
+                        return self.give_up("the ring is full: cannot post a receive", ring);
+                    }
+                    self.tags[usize::from(tag)].sqes += 1;
+                }
                 // SAFETY: a payload's buffer stays valid until its request is finished,
                 // which waits for this SQE's completion.
                 let r = unsafe { ring.push(tag, step(STEP_PAYLOAD, generation), sqe) };
@@ -943,10 +1006,8 @@ impl NbdQueue {
                 let t = usize::from(tag);
                 let len = self.tags[t].io.map_or(0, |io| io.len as usize);
                 if res <= 0 {
-                    return self.connection_lost(
-                        "the server closed the connection in the middle of a read reply",
-                        ring,
-                    );
+                    let left = len - self.tags[t].got;
+                    return self.connection_lost(&recv_failure(res, left), ring);
                 }
                 self.tags[t].got += res as usize;
                 if self.tags[t].got >= len {
@@ -1097,6 +1158,7 @@ impl NbdQueue {
             Some(Ok(sock)) => {
                 self.fd = types::Fd(sock.as_raw_fd());
                 self.sock = sock;
+                self.lowat = 1;
                 self.generation = self.generation.wrapping_add(1);
                 self.link = Link::Up;
                 self.state.store(CONN_UP, Ordering::Relaxed);
@@ -1293,7 +1355,7 @@ mod tests {
     #[test]
     fn steps_carry_the_generation() {
         for g in [0u16, 1, 0x0fff, 0x1000, 0xffff] {
-            for k in [STEP_SEND, STEP_PAYLOAD, EVENT_RECV, EVENT_TICK] {
+            for k in [STEP_SEND, STEP_PAYLOAD, STEP_POLL, EVENT_RECV, EVENT_TICK] {
                 assert_eq!(split_step(step(k, g)), (k, g & 0x0fff));
             }
         }
