@@ -83,7 +83,7 @@ impl Settings {
 
 /// One measurement: IOPS and MB/s.
 fn measure(dev: &str, row: &Row, s: &Settings) -> (f64, f64) {
-    let jobs = s.jobs.max(1);
+    let jobs = s.jobs;
     let run = fio(&[
         "--name=bench",
         &format!("--filename={dev}"),
