@@ -1,15 +1,22 @@
 //! The daemon's devices and the requests that act on them.
 //!
-//! Every device has a record in the state directory from `add` until `del`. A device is
-//! either served (`Entry::Live`) or recorded but not served (`Entry::Failed`: its
-//! restore or recovery failed, or its record cannot be read), with the reason, which
-//! `list` shows. `recover` tries a failed one again.
+//! Every device has a record in the state directory from `add` until `del`, and an entry
+//! in the device table under its id for as long as it has a record. An entry is served
+//! (`Live`), recorded but not served (`Failed`, with the reason `list` shows; `recover`
+//! tries again), or owned by one piece of work under way (restore at start, add,
+//! recover, del), which no other request may change meanwhile.
+//!
+//! Ids are never taken over: `add` without `--id` gets the lowest id that has neither a
+//! kernel device nor an entry (so not the id of a failed or restoring device), reserved
+//! in the table before the kernel is asked, and `add --id N` is refused while N has an
+//! entry. Requests that change devices are refused until the records have been restored.
 
-use crate::device::{self, Device, Persist};
+use crate::device::{self, Device, IdTaken, Persist};
+use crate::fault;
 use crate::kernel::KernelInfo;
 use crate::state::{Record, StateDir};
 use anyhow::{anyhow, bail, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -23,27 +30,55 @@ enum Entry {
         record: Option<Record>,
         error: String,
     },
+    /// Recorded, waiting for its turn in the restore at start.
+    Restoring(Record),
+    /// An `add` holds the id while the kernel creates the device.
+    Adding(AddDevice),
     /// A `recover` is under way.
     Recovering(Record),
+    /// A `del` is under way.
+    Deleting(Option<Record>),
 }
 
 impl Entry {
-    fn name(&self) -> Option<&str> {
-        let record = match self {
+    fn record(&self) -> Option<&Record> {
+        match self {
             Entry::Live(d) => Some(&d.record),
-            Entry::Failed { record, .. } => record.as_ref(),
-            Entry::Recovering(r) => Some(r),
-        };
-        record.and_then(|r| r.add.name.as_deref())
+            Entry::Failed { record, .. } | Entry::Deleting(record) => record.as_ref(),
+            Entry::Restoring(r) | Entry::Recovering(r) => Some(r),
+            Entry::Adding(_) => None,
+        }
+    }
+
+    fn add_request(&self) -> Option<&AddDevice> {
+        match self {
+            Entry::Adding(add) => Some(add),
+            other => other.record().map(|r| &r.add),
+        }
+    }
+
+    fn name(&self) -> Option<&str> {
+        self.add_request().and_then(|a| a.name.as_deref())
+    }
+
+    /// The work under way that owns the entry, if any.
+    fn busy(&self) -> Option<&'static str> {
+        match self {
+            Entry::Live(_) | Entry::Failed { .. } => None,
+            Entry::Restoring(_) => Some("restoring"),
+            Entry::Adding(_) => Some("adding"),
+            Entry::Recovering(_) => Some("recovering"),
+            Entry::Deleting(_) => Some("deleting"),
+        }
     }
 
     fn info(&self, id: u32) -> DeviceInfo {
-        let (record, state, error) = match self {
+        let (state, error) = match self {
             Entry::Live(d) => return d.info(),
-            Entry::Failed { record, error } => (record.as_ref(), "failed", Some(error.clone())),
-            Entry::Recovering(r) => (Some(r), "recovering", None),
+            Entry::Failed { error, .. } => ("failed", Some(error.clone())),
+            other => (other.busy().unwrap_or("unknown"), None),
         };
-        let add = record.map(|r| &r.add);
+        let add = self.add_request();
         DeviceInfo {
             id,
             target: add.map_or("?", |a| a.target.name()).to_string(),
@@ -54,11 +89,28 @@ impl Entry {
             block_size: add.and_then(|a| a.block_size).unwrap_or(DEFAULT_BLOCK_SIZE),
             queues: add.and_then(|a| a.queues).unwrap_or(DEFAULT_QUEUES),
             depth: add.and_then(|a| a.depth).unwrap_or(DEFAULT_DEPTH),
-            buffer: record.map_or(BufferMode::Copy, |r| r.buffer),
+            buffer: self.record().map_or(
+                add.and_then(|a| a.buffer).unwrap_or(BufferMode::Copy),
+                |r| r.buffer,
+            ),
             state: state.to_string(),
             path: format!("/dev/ublkb{id}"),
             name: add.and_then(|a| a.name.clone()),
             error,
+        }
+    }
+
+    /// Who holds an id, for an error message.
+    fn holder(&self, id: u32) -> String {
+        let target = self.add_request().map_or("?", |a| a.target.name());
+        let state = match self {
+            Entry::Live(_) => "live",
+            Entry::Failed { .. } => "failed",
+            other => other.busy().unwrap_or("unknown"),
+        };
+        match self.name() {
+            Some(name) => format!("device {id} '{name}' ({target}, {state})"),
+            None => format!("device {id} ({target}, {state})"),
         }
     }
 }
@@ -78,6 +130,8 @@ pub struct Daemon {
     kernel: KernelInfo,
     state: StateDir,
     devices: Mutex<BTreeMap<u32, Entry>>,
+    /// Set until `restore_all` has run: requests that change devices are refused.
+    restoring: AtomicBool,
     shutting_down: AtomicBool,
     /// Adds under way, so shutdown can wait for them.
     adding: (Mutex<usize>, Condvar),
@@ -89,6 +143,7 @@ impl Daemon {
             kernel,
             state,
             devices: Mutex::new(BTreeMap::new()),
+            restoring: AtomicBool::new(true),
             shutting_down: AtomicBool::new(false),
             adding: (Mutex::new(0), Condvar::new()),
         }
@@ -106,17 +161,30 @@ impl Daemon {
     }
 
     /// Brings back every recorded device: recovers those the kernel still has, adds the
-    /// others again under their ids. A device that fails is logged and listed as
-    /// failed; the others are served regardless. Returns (served, failed).
+    /// others again under their ids, and finishes deletes a crash interrupted. A device
+    /// that fails is logged and listed as failed; the others are served regardless.
+    /// Until this returns, requests that change devices are refused. Returns (served,
+    /// failed).
     pub fn restore_all(&self) -> Result<(usize, usize)> {
+        let result = self.restore_records();
+        self.restoring.store(false, Ordering::Release);
+        result
+    }
+
+    fn restore_records(&self) -> Result<(usize, usize)> {
         let (records, bad) = self.state.load()?;
         let mut failed = 0;
-        for b in bad {
-            failed += 1;
-            log::error!("device record {}: {}", b.path.display(), b.error);
-            if let Some(id) = b.id {
+        {
+            let mut devices = self.devices();
+            for b in bad {
+                let Some(id) = b.id else {
+                    log::warn!("{}: {}", b.path.display(), b.error);
+                    continue;
+                };
+                failed += 1;
+                log::error!("device record {}: {}", b.path.display(), b.error);
                 let error = format!("the record {} is unusable: {}", b.path.display(), b.error);
-                self.devices().insert(
+                devices.insert(
                     id,
                     Entry::Failed {
                         record: None,
@@ -124,10 +192,28 @@ impl Daemon {
                     },
                 );
             }
+            // Every recorded id is held from the start, so nothing can take one over.
+            for record in &records {
+                devices.insert(record.id, Entry::Restoring(record.clone()));
+            }
         }
         let mut served = 0;
         for record in records {
             let id = record.id;
+            if record.deleting {
+                log::info!("dev {id}: finishing a delete that was under way when ublkd ended");
+                match self.delete_recorded(id, None) {
+                    Ok(()) => {
+                        self.devices().remove(&id);
+                        continue;
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        self.fail(id, Some(record), format!("{e:#}"));
+                        continue;
+                    }
+                }
+            }
             match Device::restore(&record, &self.kernel, &self.state) {
                 Ok(dev) => {
                     served += 1;
@@ -136,22 +222,31 @@ impl Daemon {
                 Err(e) => {
                     failed += 1;
                     log::error!("dev {id}: cannot be restored: {e:#}");
-                    let error = format!("{e:#}");
-                    self.devices().insert(
-                        id,
-                        Entry::Failed {
-                            record: Some(record),
-                            error,
-                        },
-                    );
+                    self.fail(id, Some(record), format!("{e:#}"));
                 }
             }
         }
         Ok((served, failed))
     }
 
+    /// Lists the device as recorded but not served, with the reason.
+    fn fail(&self, id: u32, record: Option<Record>, error: String) {
+        self.devices().insert(id, Entry::Failed { record, error });
+    }
+
     /// Serves one control request.
     pub fn handle(&self, req: Request) -> Response {
+        let changes = matches!(
+            req,
+            Request::Add(_) | Request::Del { .. } | Request::DelAll | Request::Recover { .. }
+        );
+        if changes && self.restoring.load(Ordering::Acquire) {
+            return Response::Error(
+                "ublkd is restoring its devices; try again in a moment \
+                 ('ublkctl list' shows which are still restoring)"
+                    .into(),
+            );
+        }
         let result = match req {
             Request::Add(add) => self.add(&add).map(Response::Added),
             Request::Del { ids } => self.del(&ids).map(|ids| Response::Deleted { ids }),
@@ -184,30 +279,19 @@ impl Daemon {
         }
     }
 
-    fn check_name(&self, name: Option<&str>) -> Result<()> {
-        if let Some(name) = name {
-            validate::device_name(name)?;
-            if let Some((id, _)) = self.devices().iter().find(|(_, e)| e.name() == Some(name)) {
-                bail!("the name '{name}' is taken by device {id}");
-            }
-        }
-        Ok(())
-    }
-
     fn add(&self, req: &AddDevice) -> Result<DeviceInfo> {
         if self.shutting_down.load(Ordering::Acquire) {
             bail!("ublkd is shutting down");
         }
-        self.check_name(req.name.as_deref())?;
+        if let Some(name) = &req.name {
+            validate::device_name(name)?;
+        }
         if let Some(id) = req.id {
-            if self.devices().contains_key(&id) {
-                bail!("device id {id} is in use (see 'ublkctl list')");
-            }
+            validate::device_id(id)?;
         }
         let (count, cv) = &self.adding;
         *count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        let result = Device::create(req, &self.kernel, &self.state, Persist::New)
-            .and_then(|dev| self.insert_new(dev));
+        let result = self.add_reserved(req);
         *count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
         cv.notify_all();
         if let Err(e) = &result {
@@ -216,26 +300,82 @@ impl Daemon {
         result
     }
 
-    /// Enters a just-created device, unless the daemon began shutting down or another
-    /// add took its name meanwhile.
+    /// Reserves an id, has the kernel create the device under it, and enters the
+    /// device. An id another ublk server took meanwhile is skipped, unless it was asked
+    /// for.
+    fn add_reserved(&self, req: &AddDevice) -> Result<DeviceInfo> {
+        let mut taken = BTreeSet::new();
+        loop {
+            let id = self.reserve(req, &taken)?;
+            let with_id = AddDevice {
+                id: Some(id),
+                ..req.clone()
+            };
+            match Device::create(&with_id, &self.kernel, &self.state, Persist::New) {
+                Ok(dev) => return self.insert_new(dev),
+                Err(e) => {
+                    self.devices().remove(&id);
+                    let retry = req.id.is_none()
+                        && taken.len() < 16
+                        && e.downcast_ref::<IdTaken>().is_some();
+                    if !retry {
+                        return Err(e);
+                    }
+                    log::info!(
+                        "dev {id}: taken by another ublk server meanwhile; trying the next id"
+                    );
+                    taken.insert(id);
+                }
+            }
+        }
+    }
+
+    /// Holds an id for an add: the one asked for, or the lowest id with neither a kernel
+    /// device nor an entry.
+    fn reserve(&self, req: &AddDevice, skip: &BTreeSet<u32>) -> Result<u32> {
+        let mut devices = self.devices();
+        if let Some(name) = req.name.as_deref() {
+            if let Some((id, _)) = devices.iter().find(|(_, e)| e.name() == Some(name)) {
+                bail!("the name '{name}' is taken by device {id}");
+            }
+        }
+        let id = match req.id {
+            Some(id) => {
+                if let Some(e) = devices.get(&id) {
+                    bail!(
+                        "device id {id} is in use: it belongs to {} (see 'ublkctl list')",
+                        e.holder(id)
+                    );
+                }
+                if device::kernel_has(id) {
+                    bail!(
+                        "device id {id} is in use by another ublk server (/dev/ublkc{id} exists)"
+                    );
+                }
+                id
+            }
+            None => (0..validate::MAX_DEVICE_ID)
+                .find(|id| {
+                    !devices.contains_key(id) && !skip.contains(id) && !device::kernel_has(*id)
+                })
+                .ok_or_else(|| anyhow!("every device id is in use"))?,
+        };
+        devices.insert(id, Entry::Adding(req.clone()));
+        Ok(id)
+    }
+
+    /// Enters a just-created device in place of its reservation, unless the daemon began
+    /// shutting down meanwhile.
     fn insert_new(&self, dev: Device) -> Result<DeviceInfo> {
         let info = dev.info();
         let mut devices = self.devices();
-        let clash = info
-            .name
-            .as_deref()
-            .and_then(|n| devices.values().find(|e| e.name() == Some(n)).map(|_| n));
-        let why = if self.shutting_down.load(Ordering::Acquire) {
-            Some("ublkd is shutting down".to_string())
-        } else {
-            clash.map(|n| format!("the name '{n}' was taken meanwhile"))
-        };
-        if let Some(why) = why {
+        if self.shutting_down.load(Ordering::Acquire) {
+            devices.remove(&dev.id);
             drop(devices);
             let id = dev.id;
             dev.shutdown()?;
             self.state.remove(id)?;
-            bail!("{why}");
+            bail!("ublkd is shutting down");
         }
         devices.insert(dev.id, Entry::Live(Box::new(dev)));
         Ok(info)
@@ -251,14 +391,23 @@ impl Daemon {
             let record = match devices.get(&id) {
                 None => return Err(no_device(id)),
                 Some(Entry::Live(_)) => bail!("device {id} is already served"),
-                Some(Entry::Recovering(_)) => bail!("device {id} is being recovered already"),
                 Some(Entry::Failed {
                     record: None,
                     error,
                 }) => bail!("{error}"),
                 Some(Entry::Failed {
                     record: Some(r), ..
+                }) if r.deleting => bail!(
+                    "device {id} is being deleted (a delete failed half-way); \
+                     finish it with 'ublkctl del {id}'"
+                ),
+                Some(Entry::Failed {
+                    record: Some(r), ..
                 }) => r.clone(),
+                Some(e) => bail!(
+                    "device {id} is {}; try again when that is done",
+                    e.busy().unwrap_or("busy")
+                ),
             };
             devices.insert(id, Entry::Recovering(record.clone()));
             record
@@ -272,50 +421,70 @@ impl Daemon {
             }
             Err(e) => {
                 let error = format!("{e:#}");
-                self.devices().insert(
-                    id,
-                    Entry::Failed {
-                        record: Some(record),
-                        error: error.clone(),
-                    },
-                );
+                self.fail(id, Some(record), error.clone());
                 bail!("device {id}: {error}")
             }
         }
     }
 
     /// `ublkctl del`: removes the devices from the kernel and forgets their records.
+    /// Each record is marked first, so a daemon that dies half-way is followed by one
+    /// that finishes the delete. A device whose delete fails stays listed (failed, with
+    /// the reason), and `del` may be tried again.
     fn del(&self, ids: &[u32]) -> Result<Vec<u32>> {
         if ids.is_empty() {
             bail!("no device id given");
         }
-        let removed: Vec<(u32, Entry)> = {
+        let ids: BTreeSet<u32> = ids.iter().copied().collect();
+        let taken: Vec<(u32, Entry)> = {
             let mut devices = self.devices();
-            if let Some(id) = ids.iter().find(|id| !devices.contains_key(id)) {
-                return Err(no_device(*id));
-            }
-            if let Some(id) = ids
-                .iter()
-                .find(|id| matches!(devices.get(id), Some(Entry::Recovering(_))))
-            {
-                bail!("device {id} is being recovered; try again when that is done");
+            for id in &ids {
+                match devices.get(id) {
+                    None => return Err(no_device(*id)),
+                    Some(e) => {
+                        if let Some(busy) = e.busy() {
+                            bail!("device {id} is {busy}; try again when that is done");
+                        }
+                    }
+                }
             }
             ids.iter()
-                .filter_map(|id| devices.remove_entry(id))
+                .filter_map(|id| {
+                    let record = devices.get(id)?.record().cloned();
+                    let old = devices.insert(*id, Entry::Deleting(record))?;
+                    Some((*id, old))
+                })
                 .collect()
         };
         let mut deleted = Vec::new();
         let mut failures = Vec::new();
-        for (id, entry) in removed {
-            let gone = match entry {
-                Entry::Live(dev) => dev.shutdown(),
-                // Not served, but the kernel may still hold it (a failed recovery).
-                _ => device::delete_from_kernel(id),
+        for (id, entry) in taken {
+            let mut record = entry.record().cloned();
+            if let Some(r) = record.as_mut().filter(|r| !r.deleting) {
+                r.deleting = true;
+                if let Err(e) = self.state.save(r) {
+                    // Nothing was touched yet: the device stays as it was.
+                    self.devices().insert(id, entry);
+                    failures.push(format!("device {id}: {e:#}"));
+                    continue;
+                }
             }
-            .and_then(|()| self.state.remove(id));
-            match gone {
-                Ok(()) => deleted.push(id),
-                Err(e) => failures.push(format!("device {id}: {e:#}")),
+            fault::crash_point("del-marked");
+            let device = match entry {
+                Entry::Live(dev) => Some(*dev),
+                _ => None,
+            };
+            match self.delete_recorded(id, device) {
+                Ok(()) => {
+                    self.devices().remove(&id);
+                    deleted.push(id);
+                }
+                Err(e) => {
+                    let error = format!("delete failed: {e:#}; 'ublkctl del {id}' tries again");
+                    log::error!("dev {id}: {error}");
+                    self.fail(id, record, error);
+                    failures.push(format!("device {id}: {e:#}"));
+                }
             }
         }
         if failures.is_empty() {
@@ -323,6 +492,17 @@ impl Daemon {
         } else {
             bail!("{}", failures.join("; "))
         }
+    }
+
+    /// Removes a device from the kernel (through its queues when it is served, which
+    /// drains its IO first), then its record.
+    fn delete_recorded(&self, id: u32, device: Option<Device>) -> Result<()> {
+        match device {
+            Some(dev) => dev.shutdown()?,
+            // Not served, but the kernel may still hold it (a crash, a failed recovery).
+            None => device::delete_from_kernel(id)?,
+        }
+        self.state.remove(id)
     }
 
     /// Refuses new devices, waits (bounded) for adds under way, then ends every served
@@ -355,11 +535,11 @@ impl Daemon {
     /// Served and failed device counts, for the service status line.
     pub fn counts(&self) -> (usize, usize) {
         let devices = self.devices();
-        let live = devices
-            .values()
-            .filter(|e| matches!(e, Entry::Live(_)))
-            .count();
-        (live, devices.len() - live)
+        let count = |f: fn(&Entry) -> bool| devices.values().filter(|e| f(e)).count();
+        (
+            count(|e| matches!(e, Entry::Live(_))),
+            count(|e| matches!(e, Entry::Failed { .. })),
+        )
     }
 }
 

@@ -12,7 +12,8 @@
 //! serve), stop and join the queues, close the char device, DEL_DEV_ASYNC. Detaching
 //! (for the next ublkd) leaves the device in the kernel instead.
 
-use crate::kernel::{describe, ensure_ctrl_ring, state_name, KernelInfo};
+use crate::fault;
+use crate::kernel::{describe, ensure_ctrl_ring, errno, state_name, KernelInfo};
 use crate::queue::{self, QueueCounters, QueueHandle, QueueSpec};
 use crate::state::{Record, StateDir};
 use anyhow::{anyhow, bail, Context, Result};
@@ -148,6 +149,11 @@ pub fn kernel_has(id: u32) -> bool {
     std::path::Path::new(&format!("/dev/ublkc{id}")).exists()
 }
 
+/// The kernel has a device with the id an add asked for: another ublk server took it.
+#[derive(Debug, thiserror::Error)]
+#[error("device id {0} is in use by another ublk server (/dev/ublkc{0} exists)")]
+pub struct IdTaken(pub u32);
+
 /// A device the kernel has that was added but never started.
 #[derive(Debug, thiserror::Error)]
 #[error("the kernel's device {0} was added but never started")]
@@ -268,7 +274,7 @@ impl Device {
             Some(id) => {
                 validate::device_id(id)?;
                 if kernel_has(id) {
-                    bail!("device id {id} is in use (/dev/ublkc{id} exists)");
+                    return Err(IdTaken(id).into());
                 }
                 id as i32
             }
@@ -299,7 +305,10 @@ impl Device {
             }
             r => r,
         }
-        .map_err(|e| anyhow!("the kernel refused to add the device: {}", describe(&e)))?;
+        .map_err(|e| match (req.id, errno(&e)) {
+            (Some(id), Some(libc::EEXIST)) => IdTaken(id).into(),
+            _ => anyhow!("the kernel refused to add the device: {}", describe(&e)),
+        })?;
         let id = ctrl.dev_info().dev_id;
         let record = Record::new(id, req, buffer);
         log::info!(
@@ -401,6 +410,7 @@ impl Device {
                 describe(&e)
             )
         })?;
+        fault::crash_point("recovering");
         log::info!(
             "dev {id}: recovering ({} target, {} bytes, {} queues x depth {}, {buffer} buffers)",
             target.name(),

@@ -87,6 +87,15 @@ pub fn describe(e: &UblkError) -> String {
     }
 }
 
+/// The errno of a failed control command, when it has one.
+pub fn errno(e: &UblkError) -> Option<i32> {
+    match e {
+        UblkError::OtherError(n) | UblkError::UringIOError(n) => Some(n.abs()),
+        UblkError::IOError(e) => e.raw_os_error(),
+        _ => None,
+    }
+}
+
 /// The driver's device state in words.
 pub fn state_name(state: u16) -> &'static str {
     match u32::from(state) {

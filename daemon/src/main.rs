@@ -3,6 +3,7 @@
 mod control;
 mod daemon;
 mod device;
+mod fault;
 mod kernel;
 mod queue;
 mod service;
@@ -41,6 +42,9 @@ struct Args {
     /// for older kernels.
     #[arg(long, value_delimiter = ',', value_name = "FEATURES")]
     without_features: Vec<String>,
+    /// Test hook: make the daemon fail at a chosen point (see daemon/src/fault.rs).
+    #[arg(long, hide = true, value_name = "FAULT")]
+    inject_fault: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,6 +65,7 @@ fn main() {
 }
 
 fn run(args: &Args) -> Result<()> {
+    fault::arm(fault::parse(&args.inject_fault)?);
     let mut hidden = 0u64;
     for name in &args.without_features {
         let Some(&(bit, _)) = ublkd_proto::features::FEATURES
@@ -80,6 +85,7 @@ fn run(args: &Args) -> Result<()> {
         names.join(" "),
         kernel.max_queues
     );
+    lock_memory();
     let state = state::StateDir::open(&args.state_dir)?;
 
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
@@ -147,6 +153,23 @@ fn run(args: &Args) -> Result<()> {
     }
     log::info!("exit");
     Ok(())
+}
+
+/// Keeps the daemon's memory resident: a page of ublkd's swapped out, or its code
+/// dropped from the page cache, could need IO that waits on one of its own devices under
+/// memory pressure. Pages are locked as they are first touched (MCL_ONFAULT), so thread
+/// stacks and unused heap cost nothing; the request buffers are locked whole when a
+/// queue starts.
+fn lock_memory() {
+    // SAFETY: mlockall takes flags only.
+    let r = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
+    if r != 0 {
+        log::warn!(
+            "cannot lock the daemon's memory (mlockall: {}); raise the memory lock limit \
+             (LimitMEMLOCK=infinity in the unit, or run as root)",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// The service's status line (`systemctl status ublkd`).

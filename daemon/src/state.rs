@@ -30,6 +30,11 @@ pub struct Record {
     /// The buffer mode the device was created with. Recovery must use it: the
     /// zero-copy modes are fixed in the kernel's device when it is added.
     pub buffer: BufferMode,
+    /// `del` has begun: the record is marked before the device is stopped, so a daemon
+    /// that dies half-way through is followed by one that finishes the delete instead of
+    /// bringing the device back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
 }
 
 impl Record {
@@ -42,6 +47,7 @@ impl Record {
                 ..add.clone()
             },
             buffer,
+            deleting: false,
         }
     }
 }
@@ -127,15 +133,23 @@ impl StateDir {
                 let _ = fs::remove_file(&path);
                 continue;
             }
-            let Some(stem) = name.strip_suffix(".json") else {
+            // Only canonical names are records: "7.json", not "07.json" or "+7.json",
+            // so that one id never has two files.
+            let Some(id) = record_id(&name) else {
+                bad.push(BadRecord {
+                    path,
+                    id: None,
+                    error: "not a device record (records are named ID.json); \
+                            move it out of the records folder"
+                        .into(),
+                });
                 continue;
             };
-            let id = stem.parse::<u32>().ok();
-            match read_record(&path, id) {
+            match read_record(&path, Some(id)) {
                 Ok(r) => good.push(r),
                 Err(e) => bad.push(BadRecord {
                     path,
-                    id,
+                    id: Some(id),
                     error: format!("{e:#}"),
                 }),
             }
@@ -144,6 +158,13 @@ impl StateDir {
         bad.sort_by(|a, b| a.path.cmp(&b.path));
         Ok((good, bad))
     }
+}
+
+/// The device id of a record file name, if it is a canonical `ID.json`.
+fn record_id(name: &str) -> Option<u32> {
+    let stem = name.strip_suffix(".json")?;
+    let id = stem.parse::<u32>().ok()?;
+    (id.to_string() == stem).then_some(id)
 }
 
 fn read_record(path: &Path, id: Option<u32>) -> Result<Record> {
@@ -239,11 +260,16 @@ mod tests {
         fs::write(dir.join("5.json"), &full).unwrap(); // says id 0 inside
         fs::write(dir.join("6.json"), r#"{"version":1,"id":6}"#).unwrap();
         fs::write(dir.join(".7.json.tmp"), "half a wri").unwrap();
-        fs::write(dir.join("notes.txt"), "not a record").unwrap();
+        // Names that are not canonical ID.json never become an id.
+        for odd in ["notes.txt", "07.json", "+8.json", "9.json.bak"] {
+            fs::write(dir.join(odd), &full).unwrap();
+        }
 
         let (records, bad) = state.load().unwrap();
         assert_eq!(records, vec![good]);
-        let got: Vec<(Option<u32>, &str)> = bad.iter().map(|b| (b.id, b.error.as_str())).collect();
+        let (named, odd): (Vec<_>, Vec<_>) = bad.iter().partition(|b| b.id.is_some());
+        let got: Vec<(Option<u32>, &str)> =
+            named.iter().map(|b| (b.id, b.error.as_str())).collect();
         assert_eq!(got.len(), 6, "{got:?}");
         let expect = [
             (1, "truncated or corrupt"),
@@ -257,7 +283,31 @@ mod tests {
             assert_eq!(*id, Some(want_id));
             assert!(err.contains(want), "record {want_id}: {err}");
         }
+        let odd: Vec<String> = odd
+            .iter()
+            .map(|b| {
+                assert!(b.error.contains("records are named ID.json"), "{b:?}");
+                b.path.file_name().unwrap().to_string_lossy().into_owned()
+            })
+            .collect();
+        assert_eq!(odd, ["+8.json", "07.json", "9.json.bak", "notes.txt"]);
         assert!(!dir.join(".7.json.tmp").exists(), "stale temp file removed");
+    }
+
+    #[test]
+    fn a_delete_mark_survives_a_reload() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(tmp.path()).unwrap();
+        let mut r = Record::new(4, &add(), BufferMode::AutoZc);
+        state.save(&r).unwrap();
+        let text = fs::read_to_string(state.path(4)).unwrap();
+        assert!(
+            !text.contains("deleting"),
+            "unmarked records stay as before: {text}"
+        );
+        r.deleting = true;
+        state.save(&r).unwrap();
+        assert_eq!(state.load().unwrap().0, vec![r]);
     }
 
     #[test]

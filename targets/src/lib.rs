@@ -12,8 +12,10 @@ mod io;
 pub mod r#loop;
 pub mod nbd;
 pub mod null;
+mod thread;
 
 pub use io::{BlockOp, IoBuf, IoDesc, IoFlags};
+pub use thread::io_flusher;
 
 use io_uring::squeue;
 use std::fmt;

@@ -137,6 +137,9 @@ pub fn spawn(
         let tid = unsafe { libc::gettid() };
         c.set_tid(tid);
         let (dev, q) = (spec.dev_id, spec.qid);
+        if let Err(e) = ublkd_targets::io_flusher() {
+            log::warn!("dev {dev} queue {q}: {e}");
+        }
         let queue = Queue::new(spec, target, c, s, d, w);
         let mut queue = match queue.and_then(|mut q| {
             q.fetch_all()
@@ -154,7 +157,19 @@ pub fn spawn(
         log::debug!("dev {dev} queue {q}: serving (tid {tid})");
         match queue.run() {
             Ok(()) => log::debug!("dev {dev} queue {q}: done"),
-            Err(e) => log::error!("dev {dev} queue {q}: stopped on ring error: {e}"),
+            // A queue that cannot go on would leave its device looking live while its IO
+            // hangs, and the kernel does not let a live device be recovered. Ending the
+            // process hands every device to the kernel's user recovery instead: it holds
+            // their IO, and the next ublkd (systemd restarts it) recovers them and gets
+            // the held requests reissued. Panics end the process the same way
+            // (panic = "abort").
+            Err(e) => {
+                log::error!(
+                    "dev {dev} queue {q}: stopped on ring error: {e}; aborting so that \
+                     the devices are recovered by the next ublkd"
+                );
+                std::process::abort();
+            }
         }
     })?;
     Ok(QueueHandle {
@@ -226,6 +241,8 @@ struct Queue {
     active_cmds: usize,
     /// Requests the target holds.
     in_target: usize,
+    /// Fault injection: fail as on a ring error after this many requests.
+    fail_after: Option<u64>,
 }
 
 /// Makes sure the submission queue has room for `n` more SQEs, flushing it once.
@@ -410,6 +427,7 @@ impl Queue {
             finished: Vec::new(),
             active_cmds: 0,
             in_target: 0,
+            fail_after: crate::fault::queue_error_after(),
             spec,
         })
     }
@@ -517,6 +535,14 @@ impl Queue {
 
     fn run(&mut self) -> io::Result<()> {
         loop {
+            if self
+                .fail_after
+                .is_some_and(|n| self.counters.completed() >= n)
+            {
+                return Err(io::Error::other(
+                    "injected fault (--inject-fault queue-error)",
+                ));
+            }
             self.flush_backlog();
             self.call_target(|t, ring| t.end_turn(ring));
             if self.finished() {

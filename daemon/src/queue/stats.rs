@@ -54,6 +54,13 @@ impl QueueCounters {
         };
     }
 
+    /// Requests committed back so far.
+    pub fn completed(&self) -> u64 {
+        self.requests
+            .load(Relaxed)
+            .saturating_sub(self.inflight.load(Relaxed))
+    }
+
     pub fn snapshot(&self, queue: u32) -> QueueStats {
         QueueStats {
             queue,

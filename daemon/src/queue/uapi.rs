@@ -153,7 +153,7 @@ impl Drop for IoDescTable {
 }
 
 /// One buffer per tag, owned by the daemon, handed to the driver by address (`copy`
-/// mode) or registered with the ring (`fixed` mode). Anonymous memory, reserved lazily.
+/// mode) or registered with the ring (`fixed` mode). Anonymous memory, locked.
 pub struct BufferArena {
     base: NonNull<u8>,
     per_tag: usize,
@@ -184,6 +184,17 @@ impl BufferArena {
         }
         let base =
             NonNull::new(addr.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        // Locked and populated now, so serving a request never waits for memory (or, in
+        // copy mode, for swap-in) while the system may be reclaiming through this device.
+        // SAFETY: addr..addr+len is the mapping just made.
+        if unsafe { libc::mlock(addr, len) } != 0 {
+            log::warn!(
+                "cannot lock {} MiB of request buffers in memory: {}; raise the memory \
+                 lock limit (LimitMEMLOCK=infinity in the unit, or run as root)",
+                len >> 20,
+                io::Error::last_os_error()
+            );
+        }
         Ok(BufferArena {
             base,
             per_tag,
