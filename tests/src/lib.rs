@@ -2,6 +2,7 @@
 //! JSON report. The tests themselves are in `vm/tests.rs` and run inside the test VM.
 
 pub mod fake_nbd;
+pub mod nbd_server;
 
 use serde_json::Value;
 use std::io::Read;
@@ -22,28 +23,72 @@ pub struct Daemon {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     log: PathBuf,
+    /// How many times the log said "ready" before this process started.
+    readies_before: usize,
     child: Option<Child>,
 }
+
+/// What ublkd logs once it has restored its recorded devices.
+const READY: &str = "INFO  ublkd] ready:";
 
 impl Daemon {
     /// Starts `ublkd` for test `name`, with an empty state directory, and waits until
     /// its socket accepts connections.
     pub fn start(name: &str) -> Daemon {
+        Daemon::start_clean(name, &[])
+    }
+
+    /// `start` with extra arguments.
+    pub fn start_clean(name: &str, extra: &[&str]) -> Daemon {
         let _ = std::fs::remove_dir_all(format!("/tmp/ublkd-{name}/state"));
         let _ = std::fs::remove_file(format!("/tmp/ublkd-{name}.log"));
-        Daemon::start_with(name, &[])
+        Daemon::start_with(name, extra)
     }
 
     /// Starts `ublkd` for test `name` with extra arguments, keeping the state directory
-    /// (the devices an earlier daemon of this test recorded), and waits until its socket
-    /// accepts connections.
+    /// (the devices an earlier daemon of this test recorded), and waits until it is
+    /// ready: it logs so once it has restored the recorded devices.
     pub fn start_with(name: &str, extra: &[&str]) -> Daemon {
+        let mut d = Daemon::spawn_with(name, extra);
+        d.wait_ready();
+        d
+    }
+
+    /// Waits until this daemon has logged that it is ready.
+    pub fn wait_ready(&mut self) {
+        let d = self;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while d.log_text().matches(READY).count() <= d.readies_before {
+            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("ublkd exited early ({status}):\n{}", d.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "ublkd did not get ready in time:\n{}",
+                d.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            UnixStream::connect(&d.socket).is_ok(),
+            "ready but not listening"
+        );
+    }
+
+    /// The path of device `id`'s record.
+    pub fn record_path(&self, id: u64) -> PathBuf {
+        self.state_dir.join(format!("devices/{id}.json"))
+    }
+
+    /// Starts `ublkd` as `start_with` does, but returns as soon as the process runs:
+    /// for daemons that are meant to die, or to be talked to while they restore.
+    pub fn spawn_with(name: &str, extra: &[&str]) -> Daemon {
         let socket = PathBuf::from(format!("/tmp/ublkd-{name}/ublkd.sock"));
         let state_dir = PathBuf::from(format!("/tmp/ublkd-{name}/state"));
         let log = PathBuf::from(format!("/tmp/ublkd-{name}.log"));
         let readies_before = std::fs::read_to_string(&log)
             .unwrap_or_default()
-            .matches("INFO  ublkd] ready:")
+            .matches(READY)
             .count();
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -65,31 +110,29 @@ impl Daemon {
             .stderr(log_file)
             .spawn()
             .expect("spawn ublkd");
-        let mut d = Daemon {
+        Daemon {
             socket,
             state_dir,
             log,
+            readies_before,
             child: Some(child),
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        // Ready: it logs so once it has restored the recorded devices (its socket
-        // answers before that).
-        while d.log_text().matches("INFO  ublkd] ready:").count() <= readies_before {
-            if let Some(status) = d.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("ublkd exited early ({status}):\n{}", d.log_text());
+        }
+    }
+
+    /// Waits (at most `within`) for the daemon to end by itself; returns how it ended.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = self.child.as_mut()?.try_wait().ok().flatten();
+            if status.is_some() {
+                self.child = None;
+                return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "ublkd did not get ready in time:\n{}",
-                d.log_text()
-            );
+            if Instant::now() > deadline {
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(
-            UnixStream::connect(&d.socket).is_ok(),
-            "ready but not listening"
-        );
-        d
     }
 
     pub fn log_text(&self) -> String {
@@ -265,6 +308,32 @@ pub fn expect_one_line_error(out: &Output, what: &str) -> String {
     lines[0].to_string()
 }
 
+/// Fails the test at once outside the test VM: real-kernel tests never skip.
+pub fn require_ublk() {
+    assert!(
+        Path::new("/dev/ublk-control").exists(),
+        "/dev/ublk-control is missing: these tests must run in the test VM (tests/run-vm-tests.sh)"
+    );
+}
+
+/// A sparse file of `size` bytes at `/tmp/backing-NAME.img`, replacing any older one.
+pub fn backing_file(name: &str, size: u64) -> String {
+    let path = format!("/tmp/backing-{name}.img");
+    let _ = std::fs::remove_file(&path);
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(size))
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    path
+}
+
+/// The entry of device `id` in `list --json`.
+pub fn list_entry(d: &Daemon, id: u64) -> Value {
+    d.list_json()
+        .into_iter()
+        .find(|e| e["id"].as_u64() == Some(id))
+        .unwrap_or_else(|| panic!("device {id} is not listed:\n{}", d.log_text()))
+}
+
 /// The id in `/dev/ublkbN`.
 pub fn dev_id(path: &str) -> u64 {
     path.trim_start_matches("/dev/ublkb")
@@ -361,6 +430,22 @@ impl FioChild {
         }
     }
 
+    /// Waits (at most `within`) for fio to end, however it ends; false (after killing
+    /// it) if it did not. For runs that are meant to fail, such as a device deleted
+    /// under them.
+    pub fn ended_within(mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+
     /// Whether fio is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -401,6 +486,27 @@ pub fn verify_job(dev: &str, rw: &str, bs: &str, size: &str, iodepth: u32) -> Ve
         "--verify_state_save=0".into(),
     ];
     job(dev, rw, bs, iodepth, &verify)
+}
+
+/// Load for stress tests: `jobs` fio jobs of random reads and writes of mixed sizes
+/// (4 KiB to 256 KiB) at queue depth 64 each, for at most `seconds`; no verification.
+pub fn load_job(dev: &str, jobs: u32, seconds: u32) -> Vec<String> {
+    let timed = [
+        "--time_based".into(),
+        format!("--runtime={seconds}"),
+        format!("--numjobs={jobs}"),
+        "--size=64M".into(),
+    ];
+    job(dev, "randrw", "4k-256k", 64, &timed)
+}
+
+/// A write-then-verify job with `jobs` fio jobs, each on its own `size` region of the
+/// device (job n starts at n x size).
+pub fn parallel_verify_job(dev: &str, jobs: u32, size: &str, iodepth: u32) -> Vec<String> {
+    let mut v = verify_job(dev, "randwrite", "4k", size, iodepth);
+    v.push(format!("--numjobs={jobs}"));
+    v.push(format!("--offset_increment={size}"));
+    v
 }
 
 /// Standard fio options for a short random-IO run against `dev`.

@@ -1,0 +1,264 @@
+//! The stress tier: deletes and crashes under heavy load, on every target and buffer
+//! mode, in the spirit of the kernel's ublk selftests (test_stress_*). Every wait is
+//! bounded: a hang is a failure. They run inside the test VM (tests/run-vm-tests.sh);
+//! without /dev/ublk-control they fail, never skip.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use ublkd_tests::nbd_server::{Listen, Server};
+use ublkd_tests::*;
+
+const MODES: [&str; 4] = ["copy", "fixed", "zc", "auto-zc"];
+
+/// A device that must keep serving while others are deleted or crash: reads its first
+/// MiB with O_DIRECT within a bound.
+fn assert_serves(dev: &str) {
+    let start = Instant::now();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap_or_else(|e| panic!("{dev}: {e}"));
+    let mut buf = AlignedBuf::zeroed(1 << 20);
+    f.read_exact(buf.as_mut_slice())
+        .unwrap_or_else(|e| panic!("{dev}: {e}"));
+    assert!(start.elapsed() < Duration::from_secs(10), "{dev} is slow");
+}
+
+/// `del` while two fio jobs (mixed sizes, QD 64) run, for every target, buffer mode and
+/// 1 or 2 queues: `del` returns, fio ends, and the daemon keeps serving its other device.
+#[test]
+fn del_under_load_every_target_and_mode() {
+    require_ublk();
+    let d = Daemon::start("stress-del");
+    let sentinel = d.add(&["null", "--size", "64M"]);
+    let sock = "/tmp/stress-del-nbd.sock".to_string();
+    let server = Server::nbdkit_memory(Listen::Unix(sock), "128M", &[]);
+    let file = backing_file("stress-del", 128 << 20);
+    for target in ["null", "loop", "nbd"] {
+        for mode in MODES {
+            for queues in ["1", "2"] {
+                let what = format!("{target} {mode} queues {queues}");
+                let mut args = match target {
+                    "null" => vec!["null", "--size", "128M"],
+                    "loop" => vec!["loop", "--file", &file],
+                    _ => vec!["nbd", "--uri", &server.uri],
+                };
+                args.extend(["--buffer", mode, "--queues", queues]);
+                let dev = d.add(&args);
+                let fio = FioChild::start(&load_job(&dev, 2, 60));
+                std::thread::sleep(Duration::from_millis(1000));
+                let start = Instant::now();
+                let out = d.ctl(&["del", &dev_id(&dev).to_string()]);
+                assert!(
+                    out.status.success(),
+                    "{what}: del failed: {}\n{}",
+                    String::from_utf8_lossy(&out.stderr),
+                    d.log_text()
+                );
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "{what}: del took {:?}",
+                    start.elapsed()
+                );
+                assert!(
+                    wait_gone(&dev, Duration::from_secs(10)),
+                    "{what}: {dev} stayed"
+                );
+                assert!(
+                    fio.ended_within(Duration::from_secs(30)),
+                    "{what}: fio hung after del"
+                );
+                assert_serves(&sentinel);
+            }
+        }
+    }
+    assert_eq!(d.list_json().len(), 1, "{:?}", d.list_json());
+    d.del(&sentinel);
+}
+
+/// `kill -9` of the daemon five times in a row while two fio jobs write and verify on a
+/// two-queue device: every block verifies.
+fn kill9_five_times(mode: &str) {
+    require_ublk();
+    let test = format!("stress-kill-{mode}");
+    let mut d = Daemon::start(&test);
+    let file = backing_file(&test, 256 << 20);
+    let dev = d.add(&["loop", "--file", &file, "--queues", "2", "--buffer", mode]);
+    let mut fio = FioChild::start(&parallel_verify_job(&dev, 2, "128M", 32));
+    for round in 0..5 {
+        std::thread::sleep(Duration::from_millis(800));
+        assert!(fio.running(), "fio ended before kill {round}");
+        d.kill9();
+        d = Daemon::start_with(&test, &[]);
+    }
+    let run = fio.wait();
+    assert!(run.total_ios() >= 2 * 2 * 32768, "{}", run.total_ios());
+    assert_eq!(list_entry(&d, dev_id(&dev))["state"], "live");
+    d.del(&dev);
+}
+
+#[test]
+fn kill9_five_times_under_verify_copy() {
+    kill9_five_times("copy");
+}
+
+#[test]
+fn kill9_five_times_under_verify_fixed() {
+    kill9_five_times("fixed");
+}
+
+#[test]
+fn kill9_five_times_under_verify_zc() {
+    kill9_five_times("zc");
+}
+
+#[test]
+fn kill9_five_times_under_verify_auto_zc() {
+    kill9_five_times("auto-zc");
+}
+
+/// Several devices under load: one is deleted, then the daemon is killed; the others
+/// verify every block.
+#[test]
+fn several_devices_one_deleted_then_a_crash() {
+    require_ublk();
+    let test = "stress-many";
+    let mut d = Daemon::start(test);
+    let mut verifies = Vec::new();
+    let mut devs = Vec::new();
+    for (i, mode) in ["copy", "zc", "auto-zc"].iter().enumerate() {
+        let file = backing_file(&format!("{test}-{i}"), 64 << 20);
+        let dev = d.add(&["loop", "--file", &file, "--buffer", mode]);
+        verifies.push(FioChild::start(&verify_job(
+            &dev,
+            "randwrite",
+            "4k",
+            "64M",
+            16,
+        )));
+        devs.push(dev);
+    }
+    let victim = d.add(&["null", "--size", "128M", "--queues", "2"]);
+    let load = FioChild::start(&load_job(&victim, 2, 60));
+    std::thread::sleep(Duration::from_millis(1000));
+    d.del(&victim);
+    assert!(
+        load.ended_within(Duration::from_secs(30)),
+        "fio hung after del"
+    );
+    for dev in &devs {
+        assert_serves(dev);
+    }
+    d.kill9();
+    let d = Daemon::start_with(test, &[]);
+    for fio in verifies {
+        fio.wait();
+    }
+    for dev in &devs {
+        assert_eq!(list_entry(&d, dev_id(dev))["state"], "live");
+        d.del(dev);
+    }
+}
+
+/// Files written and fsynced by an application thread; the names of those whose fsync
+/// (and the directory's) returned.
+struct FsyncWorkload {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<u32>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn file_data(i: u32) -> Vec<u8> {
+    pattern(u64::from(i) + 1, 16384 + 4096 * (i as usize % 7))
+}
+
+impl FsyncWorkload {
+    fn start(dir: &str) -> FsyncWorkload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let (s, a, dir) = (stop.clone(), acked.clone(), dir.to_string());
+        let thread = std::thread::spawn(move || {
+            let d = std::fs::File::open(&dir).unwrap();
+            let mut i = 0u32;
+            while !s.load(Ordering::Relaxed) {
+                let path = format!("{dir}/f{i}");
+                let mut f = std::fs::File::create(&path).unwrap();
+                f.write_all(&file_data(i)).unwrap();
+                f.sync_all().unwrap_or_else(|e| panic!("fsync {path}: {e}"));
+                d.sync_all().unwrap_or_else(|e| panic!("fsync {dir}: {e}"));
+                a.lock().unwrap().push(i);
+                i += 1;
+            }
+        });
+        FsyncWorkload {
+            stop,
+            acked,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the workload; the files it acknowledged.
+    fn finish(mut self) -> Vec<u32> {
+        self.stop.store(true, Ordering::Relaxed);
+        let t = self.thread.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !t.is_finished() {
+            assert!(Instant::now() < deadline, "the fsync workload hung");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t.join().expect("the fsync workload failed");
+        std::mem::take(&mut *self.acked.lock().unwrap())
+    }
+}
+
+fn check_files(dir: &str, acked: &[u32]) {
+    for &i in acked {
+        let got = std::fs::read(format!("{dir}/f{i}"))
+            .unwrap_or_else(|e| panic!("fsynced file f{i} is gone: {e}"));
+        assert!(got == file_data(i), "fsynced file f{i} has other data");
+    }
+}
+
+/// An application on ext4 fsyncs files while ublkd is killed three times: every file
+/// whose fsync returned is there, also after the device is re-created from its backing
+/// file, and fsck finds nothing wrong.
+#[test]
+fn fsynced_files_survive_daemon_crashes() {
+    require_ublk();
+    let test = "stress-fsync";
+    let mut d = Daemon::start(test);
+    let file = backing_file(test, 256 << 20);
+    let dev = d.add(&["loop", "--file", &file, "--queues", "2"]);
+    run_ok("/usr/sbin/mkfs.ext4", &["-q", "-F", &dev]);
+    let mnt = format!("/tmp/{test}-mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run_ok("/bin/mount", &["-t", "ext4", &dev, &mnt]);
+    let work = FsyncWorkload::start(&mnt);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(1500));
+        d.kill9();
+        d = Daemon::start_with(test, &[]);
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let acked = work.finish();
+    assert!(acked.len() > 10, "only {} files were fsynced", acked.len());
+    check_files(&mnt, &acked);
+    run_ok("/bin/umount", &[&mnt]);
+    run_ok("/usr/sbin/e2fsck", &["-fn", &dev]);
+
+    // Stop removes the device; start adds it again from the backing file.
+    assert_eq!(d.stop(), Some(0));
+    assert!(wait_gone(&dev, Duration::from_secs(10)));
+    let d = Daemon::start_with(test, &[]);
+    assert!(Path::new(&dev).exists());
+    run_ok("/bin/mount", &["-t", "ext4", &dev, &mnt]);
+    check_files(&mnt, &acked);
+    run_ok("/bin/umount", &[&mnt]);
+    run_ok("/usr/sbin/e2fsck", &["-fn", &dev]);
+    d.del(&dev);
+}
