@@ -430,20 +430,21 @@ impl FioChild {
         }
     }
 
-    /// Waits (at most `within`) for fio to end, however it ends; false (after killing
-    /// it) if it did not. For runs that are meant to fail, such as a device deleted
-    /// under them.
-    pub fn ended_within(mut self, within: Duration) -> bool {
+    /// Waits (at most `within`) for fio to end, however it ends. For runs that are meant
+    /// to fail, such as a device deleted under them. If fio is still there, returns
+    /// where its processes wait in the kernel (after killing them).
+    pub fn ended_within(mut self, within: Duration) -> Result<(), String> {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if !matches!(self.child.try_wait(), Ok(None)) {
-                return true;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let stacks = kernel_stacks(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
-        false
+        Err(format!("fio did not end within {within:?}:\n{stacks}"))
     }
 
     /// Whether fio is still running.
@@ -475,6 +476,72 @@ fn job(dev: &str, rw: &str, bs: &str, iodepth: u32, more: &[String]) -> Vec<Stri
     v
 }
 
+/// Waits (10 s at most) until block device `dev` (/dev/NAME) has completed `ios`
+/// requests since it appeared: the load on it has really started.
+pub fn wait_io(dev: &str, ios: u64) {
+    let stat = format!("/sys/block/{}/stat", dev.trim_start_matches("/dev/"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&stat).unwrap_or_default();
+        let f: Vec<u64> = text
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        // Fields 1 and 5: reads and writes completed.
+        if f.len() > 4 && f[0] + f[4] >= ios {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no IO reached {dev}: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The kernel stacks and states of process `pid`'s threads and of its children's: where
+/// a hung process waits.
+pub fn kernel_stacks(pid: u32) -> String {
+    let mut pids = vec![pid];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 2..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            pids.extend(
+                entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok()),
+            );
+        }
+    }
+    let mut out = String::new();
+    for p in pids {
+        for task in std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let dir = task.path();
+            let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+            let state = read("status")
+                .lines()
+                .find(|l| l.starts_with("State:"))
+                .unwrap_or("")
+                .to_string();
+            out += &format!(
+                "{} {} {state}\n{}",
+                dir.display(),
+                read("comm").trim(),
+                read("stack")
+            );
+        }
+    }
+    out
+}
+
 /// A write-then-verify fio job on `dev`: `size` bytes in `bs` blocks (or a range of
 /// sizes, "128k-512k"), crc32c.
 pub fn verify_job(dev: &str, rw: &str, bs: &str, size: &str, iodepth: u32) -> Vec<String> {
@@ -496,6 +563,8 @@ pub fn load_job(dev: &str, jobs: u32, seconds: u32) -> Vec<String> {
         format!("--runtime={seconds}"),
         format!("--numjobs={jobs}"),
         "--size=64M".into(),
+        // Never a regular file in /dev if the device is already gone.
+        "--allow_file_create=0".into(),
     ];
     job(dev, "randrw", "4k-256k", 64, &timed)
 }

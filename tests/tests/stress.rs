@@ -36,22 +36,25 @@ fn del_under_load_every_target_and_mode() {
     require_ublk();
     let d = Daemon::start("stress-del");
     let sentinel = d.add(&["null", "--size", "64M"]);
-    let sock = "/tmp/stress-del-nbd.sock".to_string();
-    let server = Server::nbdkit_memory(Listen::Unix(sock), "128M", &[]);
     let file = backing_file("stress-del", 128 << 20);
     for target in ["null", "loop", "nbd"] {
         for mode in MODES {
             for queues in ["1", "2"] {
                 let what = format!("{target} {mode} queues {queues}");
+                // A server per device: a del that gives up on requests cuts their
+                // connections mid-request, which some nbdkit versions do not survive.
+                let sock = "/tmp/stress-del-nbd.sock".to_string();
+                let server = (target == "nbd")
+                    .then(|| Server::nbdkit_memory(Listen::Unix(sock), "128M", &[]));
                 let mut args = match target {
                     "null" => vec!["null", "--size", "128M"],
                     "loop" => vec!["loop", "--file", &file],
-                    _ => vec!["nbd", "--uri", &server.uri],
+                    _ => vec!["nbd", "--uri", &server.as_ref().unwrap().uri],
                 };
                 args.extend(["--buffer", mode, "--queues", queues]);
                 let dev = d.add(&args);
                 let fio = FioChild::start(&load_job(&dev, 2, 60));
-                std::thread::sleep(Duration::from_millis(1000));
+                wait_io(&dev, 200);
                 let start = Instant::now();
                 let out = d.ctl(&["del", &dev_id(&dev).to_string()]);
                 assert!(
@@ -69,10 +72,9 @@ fn del_under_load_every_target_and_mode() {
                     wait_gone(&dev, Duration::from_secs(10)),
                     "{what}: {dev} stayed"
                 );
-                assert!(
-                    fio.ended_within(Duration::from_secs(30)),
-                    "{what}: fio hung after del"
-                );
+                if let Err(e) = fio.ended_within(Duration::from_secs(30)) {
+                    panic!("{what}: {e}\n{}", d.log_text());
+                }
                 assert_serves(&sentinel);
             }
         }
@@ -145,12 +147,15 @@ fn several_devices_one_deleted_then_a_crash() {
     }
     let victim = d.add(&["null", "--size", "128M", "--queues", "2"]);
     let load = FioChild::start(&load_job(&victim, 2, 60));
-    std::thread::sleep(Duration::from_millis(1000));
+    wait_io(&victim, 200);
     d.del(&victim);
-    assert!(
-        load.ended_within(Duration::from_secs(30)),
-        "fio hung after del"
-    );
+    if let Err(e) = load.ended_within(Duration::from_secs(30)) {
+        panic!(
+            "after del: {e}
+{}",
+            d.log_text()
+        );
+    }
     for dev in &devs {
         assert_serves(dev);
     }
