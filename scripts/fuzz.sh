@@ -57,7 +57,7 @@ for t in "${targets[@]}"; do
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     if [ -z "$runs" ]; then
         # No final stats (a crash): the last progress line's count.
-        runs=$(grep -o '^#[0-9]*' "$log" | tail -1 | tr -d '#')
+        runs=$(grep -ao '^#[0-9]*' "$log" | tail -1 | tr -d '#')
     fi
     corpus=$(find "$scratch/$t" -type f | wc -l)
     if [ "$status" -eq 0 ]; then
@@ -66,8 +66,8 @@ for t in "${targets[@]}"; do
     else
         failed=$((failed + 1))
         line="$t: FAILED (exit $status) after ${runs:-?} runs"
-        grep -E 'panicked at|^SUMMARY|ERROR: libFuzzer|==ERROR' "$log" | head -5 || true
-        grep -A3 'panicked at' "$log" | head -8 || true
+        grep -aE 'panicked at|^SUMMARY|ERROR: libFuzzer|==ERROR' "$log" | head -5 || true
+        grep -a -A3 'panicked at' "$log" | head -8 || true
         artifact=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -1)
         if [ -n "$artifact" ]; then
             echo "reproduce: (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run $t $artifact)"

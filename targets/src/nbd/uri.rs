@@ -312,4 +312,24 @@ mod tests {
         assert_eq!(unix.to_string(), "nbd+unix:///%3F?socket=/tmp/a%26b%20c");
         assert_eq!(unix.to_string().parse(), Ok(unix));
     }
+
+    /// Every character in an export name or a socket path prints and parses back.
+    #[test]
+    fn every_character_round_trips() {
+        let chars = (0u8..0x80).map(char::from).chain(['é', '€', '😀']);
+        for c in chars {
+            let text = format!("a{c}{c}b");
+            for uri in [
+                tcp("h", 10809, &text),
+                tcp("::1", 1, &text),
+                NbdUri {
+                    address: Address::Unix(format!("/tmp/{text}").into()),
+                    export: text.clone(),
+                },
+            ] {
+                let shown = uri.to_string();
+                assert_eq!(shown.parse(), Ok(uri), "{c:?} shows as {shown:?}");
+            }
+        }
+    }
 }
