@@ -13,9 +13,9 @@ fuzz_target!(|data: &[u8]| {
     match text.parse::<NbdUri>() {
         Ok(uri) => {
             let shown = uri.to_string();
-            let again: NbdUri = shown
-                .parse()
-                .unwrap_or_else(|e| panic!("{text:?} shows as {shown:?}, which does not parse: {e}"));
+            let again: NbdUri = shown.parse().unwrap_or_else(|e| {
+                panic!("{text:?} shows as {shown:?}, which does not parse: {e}")
+            });
             assert_eq!(again, uri, "{text:?} shows as {shown:?}");
         }
         Err(e) => {
