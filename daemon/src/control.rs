@@ -96,14 +96,8 @@ fn read_request(stream: &UnixStream) -> Result<Option<Request>> {
 }
 
 pub fn parse_request(line: &[u8]) -> Result<Request> {
-    if line.len() > MAX_REQUEST_BYTES {
-        bail!("malformed request: longer than {MAX_REQUEST_BYTES} bytes");
-    }
-    let text = std::str::from_utf8(line).context("malformed request: not UTF-8")?;
-    if text.trim().is_empty() {
-        bail!("malformed request: empty");
-    }
-    serde_json::from_str(text.trim()).context("malformed request")
+    // In the protocol crate, so that the fuzzer (fuzz/) runs the same code.
+    Ok(ublkd_proto::parse_request(line)?)
 }
 
 #[cfg(test)]

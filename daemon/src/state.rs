@@ -188,6 +188,14 @@ fn read_record(path: &Path, id: Option<u32>) -> Result<Record> {
             record.id
         );
     }
+    // Recovery adds the device with the add request's id (found by fuzzing).
+    if record.add.id != Some(record.id) {
+        let asked = record
+            .add
+            .id
+            .map_or("any device".into(), |i| format!("device {i}"));
+        bail!("its add request is for {asked}, not device {}", record.id);
+    }
     Ok(record)
 }
 
@@ -292,6 +300,22 @@ mod tests {
             .collect();
         assert_eq!(odd, ["+8.json", "07.json", "9.json.bak", "notes.txt"]);
         assert!(!dir.join(".7.json.tmp").exists(), "stale temp file removed");
+    }
+
+    /// Found by fuzz/fuzz_targets/device_record.rs: record 7 whose add request said
+    /// device 6 loaded, and recovery would have created device 6 for entry 7.
+    #[test]
+    fn the_add_request_must_be_for_the_same_device() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(tmp.path()).unwrap();
+        let mut r = Record::new(7, &add(), BufferMode::Copy);
+        for other in [Some(6), None] {
+            r.add.id = other;
+            state.save(&r).unwrap();
+            let (good, bad) = state.load().unwrap();
+            assert!(good.is_empty(), "{good:?}");
+            assert!(bad[0].error.contains("add request is for"), "{bad:?}");
+        }
     }
 
     #[test]

@@ -275,6 +275,32 @@ pub struct FeatureReport {
     pub unknown_bits: u64,
 }
 
+/// Why a control request line was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("malformed request: longer than {} bytes", crate::MAX_REQUEST_BYTES)]
+    TooLong,
+    #[error("malformed request: not UTF-8 ({0})")]
+    NotUtf8(std::str::Utf8Error),
+    #[error("malformed request: empty")]
+    Empty,
+    #[error("malformed request: {0}")]
+    Json(serde_json::Error),
+}
+
+/// Parses one request line as the daemon reads it from its control socket (with or
+/// without the newline). Never panics, whatever the bytes.
+pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
+    if line.len() > crate::MAX_REQUEST_BYTES {
+        return Err(RequestError::TooLong);
+    }
+    let text = std::str::from_utf8(line).map_err(RequestError::NotUtf8)?;
+    if text.trim().is_empty() {
+        return Err(RequestError::Empty);
+    }
+    serde_json::from_str(text.trim()).map_err(RequestError::Json)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

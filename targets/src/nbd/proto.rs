@@ -500,6 +500,32 @@ mod tests {
         assert!(matches!(run(huge, "").0, Err(HandshakeError::Protocol(_))));
     }
 
+    /// A server that stops anywhere in a good handshake is an I/O error, never a
+    /// panic or a half-read export (the fuzz target nbd_handshake goes further).
+    #[test]
+    fn every_truncated_handshake_is_an_error() {
+        let mut server = greeting(FLAG_FIXED_NEWSTYLE);
+        server.extend(opt_reply(REP_ERR_UNSUP, &[]));
+        server.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        server.extend_from_slice(&TFLAG_HAS_FLAGS.to_be_bytes());
+        server.extend_from_slice(&[0u8; 124]);
+        let mut go = greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+        go.extend(opt_reply(REP_INFO, &info_export(1 << 20, 1)));
+        let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for v in [512u32, 4096, 1 << 20] {
+            bs.extend_from_slice(&v.to_be_bytes());
+        }
+        go.extend(opt_reply(REP_INFO, &bs));
+        go.extend(opt_reply(REP_ACK, &[]));
+        for full in [server, go] {
+            assert!(run(full.clone(), "e").0.is_ok());
+            for n in 0..full.len() {
+                let r = run(full[..n].to_vec(), "e").0;
+                assert!(matches!(r, Err(HandshakeError::Io(_))), "{n}: {r:?}");
+            }
+        }
+    }
+
     #[test]
     fn requests_and_replies() {
         let r = request(CMD_FLAG_FUA, CMD_WRITE, 0x0102, 4096, 8192);

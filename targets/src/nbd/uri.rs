@@ -28,6 +28,8 @@ pub enum UriError {
     Scheme(String, String),
     #[error("{0}: no host")]
     NoHost(String),
+    #[error("{0}: bad host '{1}' (use a host name, an IPv4 address or [IPv6])")]
+    Host(String, String),
     #[error("{0}: bad port '{1}'")]
     Port(String, String),
     #[error("{0}: nbd+unix needs ?socket=PATH and no host")]
@@ -44,6 +46,7 @@ fn percent_decode(s: &str, uri: &str) -> Result<String, UriError> {
         if bytes[i] == b'%' {
             let hex = s
                 .get(i + 1..i + 3)
+                .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
                 .ok_or_else(|| UriError::Encoding(uri.into()))?;
             out.push(u8::from_str_radix(hex, 16).map_err(|_| UriError::Encoding(uri.into()))?);
             i += 3;
@@ -53,6 +56,26 @@ fn percent_decode(s: &str, uri: &str) -> Result<String, UriError> {
         }
     }
     String::from_utf8(out).map_err(|_| UriError::Encoding(uri.into()))
+}
+
+/// Percent-encodes all but unreserved characters and `keep`, so that the text reads back
+/// as itself in its part of the URI.
+fn percent_encode(s: &str, keep: &[u8]) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A host name or IPv4 address (no ':', no '@', nothing to escape).
+fn plain_host(h: &str) -> bool {
+    h.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
 impl std::str::FromStr for NbdUri {
@@ -96,6 +119,11 @@ impl std::str::FromStr for NbdUri {
             let (host, after) = v6
                 .split_once(']')
                 .ok_or_else(|| UriError::NoHost(uri.into()))?;
+            if host.parse::<std::net::Ipv6Addr>().is_err()
+                || !after.is_empty() && !after.starts_with(':')
+            {
+                return Err(UriError::Host(uri.into(), authority.into()));
+            }
             (host, after.strip_prefix(':'))
         } else {
             match authority.rsplit_once(':') {
@@ -105,6 +133,9 @@ impl std::str::FromStr for NbdUri {
         };
         if host.is_empty() {
             return Err(UriError::NoHost(uri.into()));
+        }
+        if !authority.starts_with('[') && !plain_host(host) {
+            return Err(UriError::Host(uri.into(), host.into()));
         }
         let port = match port {
             None => DEFAULT_PORT,
@@ -122,14 +153,19 @@ impl std::str::FromStr for NbdUri {
     }
 }
 
+/// Prints a URI that parses back to the same `NbdUri` (found by fuzzing).
 impl std::fmt::Display for NbdUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let export = percent_encode(&self.export, b"/:@!$&'()*+,;=");
         match &self.address {
             Address::Tcp { host, port } if host.contains(':') => {
-                write!(f, "nbd://[{host}]:{port}/{}", self.export)
+                write!(f, "nbd://[{host}]:{port}/{export}")
             }
-            Address::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{}", self.export),
-            Address::Unix(p) => write!(f, "nbd+unix:///{}?socket={}", self.export, p.display()),
+            Address::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{export}"),
+            Address::Unix(p) => {
+                let socket = percent_encode(&p.to_string_lossy(), b"/:@!$'()*+,;=");
+                write!(f, "nbd+unix:///{export}?socket={socket}")
+            }
         }
     }
 }
@@ -237,6 +273,63 @@ mod tests {
             let p: NbdUri = u.parse().unwrap();
             assert_eq!(p.to_string(), u);
             assert_eq!(p.to_string().parse::<NbdUri>().unwrap(), p);
+        }
+    }
+
+    /// Found by fuzz/fuzz_targets/nbd_uri.rs: a host with ':' and '[' outside brackets
+    /// was taken and printed as another URI. Found while fixing that: other hosts no
+    /// server can have, `%+1` decoded as `%01`, and an export or socket path with `%`,
+    /// `?` or `&` printed as a URI for another export or socket.
+    #[test]
+    fn fuzz_regressions() {
+        for bad in [
+            "nbd://\0\0\0\u{f}[f:ee:10%25eth0]:10809/x",
+            "nbd://user@example.com/disk",
+            "nbd://::1/x",
+            "nbd://a b/x",
+            "nbd://[::1]x/e",
+            "nbd://[zz]/e",
+            "nbd://[]/e",
+        ] {
+            assert!(
+                matches!(bad.parse::<NbdUri>(), Err(UriError::Host(..))),
+                "{bad:?}: {:?}",
+                bad.parse::<NbdUri>()
+            );
+        }
+        assert!(matches!(
+            "nbd://h/%+1".parse::<NbdUri>(),
+            Err(UriError::Encoding(_))
+        ));
+
+        let odd = tcp("h", 1, "%41 a?b#c&d/ü");
+        assert_eq!(odd.to_string(), "nbd://h:1/%2541%20a%3Fb%23c&d/%C3%BC");
+        assert_eq!(odd.to_string().parse(), Ok(odd));
+        let unix = NbdUri {
+            address: Address::Unix("/tmp/a&b c".into()),
+            export: "?".into(),
+        };
+        assert_eq!(unix.to_string(), "nbd+unix:///%3F?socket=/tmp/a%26b%20c");
+        assert_eq!(unix.to_string().parse(), Ok(unix));
+    }
+
+    /// Every character in an export name or a socket path prints and parses back.
+    #[test]
+    fn every_character_round_trips() {
+        let chars = (0u8..0x80).map(char::from).chain(['é', '€', '😀']);
+        for c in chars {
+            let text = format!("a{c}{c}b");
+            for uri in [
+                tcp("h", 10809, &text),
+                tcp("::1", 1, &text),
+                NbdUri {
+                    address: Address::Unix(format!("/tmp/{text}").into()),
+                    export: text.clone(),
+                },
+            ] {
+                let shown = uri.to_string();
+                assert_eq!(shown.parse(), Ok(uri), "{c:?} shows as {shown:?}");
+            }
         }
     }
 }
