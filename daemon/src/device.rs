@@ -197,6 +197,27 @@ fn build_target(spec: &TargetSpec, geometry: &Geometry) -> Result<Arc<dyn Target
     }
 }
 
+/// Refuses to serve a recorded device from another file than the one it was created on
+/// (the path now names another inode): that would hand its users different data.
+fn check_backing(record: &Record, target: &dyn Target) -> Result<()> {
+    let (Some(was), Some(now)) = (record.backing, target.backing_id()) else {
+        return Ok(());
+    };
+    if was.same_as(&now) {
+        return Ok(());
+    }
+    let id = record.id;
+    let path = match &record.add.target {
+        TargetSpec::Loop { file, .. } => file.as_str(),
+        _ => "",
+    };
+    bail!(
+        "the backing file {path} is no longer the file this device was created on \
+         ({was}, now {now}); put that file back and run 'ublkctl recover {id}', \
+         or 'ublkctl del {id}' to forget the device"
+    )
+}
+
 /// The device parameters the kernel gets (UBLK_U_CMD_SET_PARAMS).
 fn params(shape: &DeviceShape, block_size: u32) -> sys::ublk_params {
     let lbs_shift = block_size.trailing_zeros() as u8;
@@ -257,10 +278,24 @@ impl Device {
         state: &StateDir,
         persist: Persist,
     ) -> Result<Device> {
+        Device::create_from(req, None, kernel, state, persist)
+    }
+
+    /// `create`, for a recorded device when `restoring` is its record.
+    fn create_from(
+        req: &AddDevice,
+        restoring: Option<&Record>,
+        kernel: &KernelInfo,
+        state: &StateDir,
+        persist: Persist,
+    ) -> Result<Device> {
         let geometry =
             validate::geometry(req.queues, req.depth, req.block_size, kernel.max_queues)?;
         let buffer = choose_buffer(req.buffer, kernel, geometry.depth)?;
         let target = build_target(&req.target, &geometry)?;
+        if let Some(record) = restoring {
+            check_backing(record, &*target)?;
+        }
         let shape = target.shape();
 
         ensure_ctrl_ring()?;
@@ -301,7 +336,8 @@ impl Device {
         }
         .map_err(|e| anyhow!("the kernel refused to add the device: {}", describe(&e)))?;
         let id = ctrl.dev_info().dev_id;
-        let record = Record::new(id, req, buffer);
+        let mut record = Record::new(id, req, buffer);
+        record.backing = target.backing_id();
         log::info!(
             "dev {id}: added ({} target, {} bytes, {} queues x depth {}, {} buffers)",
             target.name(),
@@ -340,7 +376,7 @@ impl Device {
                 result => return result,
             }
         }
-        Device::create(&record.add, kernel, state, Persist::Restore)
+        Device::create_from(&record.add, Some(record), kernel, state, Persist::Restore)
     }
 
     /// Serves again a device the kernel kept after the previous ublkd ended: the
@@ -375,6 +411,7 @@ impl Device {
         };
         let buffer = recovered_buffer(info.flags, record.buffer);
         let target = build_target(&record.add.target, &geometry)?;
+        check_backing(record, &*target)?;
         let shape = target.shape();
         let mut params = sys::ublk_params {
             len: std::mem::size_of::<sys::ublk_params>() as u32,
