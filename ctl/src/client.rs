@@ -16,7 +16,9 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 " (is ublkd running?)"
             }
-            std::io::ErrorKind::PermissionDenied => " (ublkctl needs root)",
+            std::io::ErrorKind::PermissionDenied => {
+                " (ublkctl needs root, or the group given to ublkd --socket-group)"
+            }
             _ => "",
         };
         anyhow!("cannot connect to ublkd at {}: {e}{hint}", socket.display())
