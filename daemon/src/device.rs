@@ -213,8 +213,9 @@ fn check_backing(record: &Record, target: &dyn Target) -> Result<()> {
     };
     bail!(
         "the backing file {path} is no longer the file this device was created on \
-         ({was}, now {now}); put that file back and run 'ublkctl recover {id}', \
-         or 'ublkctl del {id}' to forget the device"
+         ({was}, now {now}); if the file was moved, put it back and run 'ublkctl recover \
+         {id}'; to serve the file now there, 'ublkctl del {id}' to forget the device and \
+         add it again"
     )
 }
 
