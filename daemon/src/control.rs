@@ -93,8 +93,13 @@ pub fn bind(path: &Path, group: Option<&SocketGroup>) -> Result<UnixListener> {
         UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
     let mode = match group {
         Some(g) => {
-            std::os::unix::fs::chown(path, None, Some(g.gid))
-                .with_context(|| format!("cannot give {} to group '{}'", path.display(), g.name))?;
+            std::os::unix::fs::chown(path, None, Some(g.gid)).with_context(|| {
+                format!(
+                    "cannot give {} to group '{}' (ublkd needs CAP_CHOWN for --socket-group)",
+                    path.display(),
+                    g.name
+                )
+            })?;
             0o660
         }
         None => 0o600,
