@@ -253,11 +253,9 @@ fn params(shape: &DeviceShape, block_size: u32) -> sys::ublk_params {
         p.types |= sys::UBLK_PARAM_TYPE_DISCARD;
         p.discard = sys::ublk_param_discard {
             discard_alignment: 0,
-            discard_granularity: if shape.discard {
-                block_size.max(4096)
-            } else {
-                0
-            },
+            // The driver refuses a discard parameter block with granularity 0, even
+            // when only write-zeroes is offered (a block device as loop backing).
+            discard_granularity: block_size.max(4096),
             max_discard_sectors: if shape.discard { u32::MAX >> 9 } else { 0 },
             max_write_zeroes_sectors: if shape.write_zeroes { u32::MAX >> 9 } else { 0 },
             max_discard_segments: 1,
