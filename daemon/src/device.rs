@@ -200,7 +200,7 @@ fn build_target(spec: &TargetSpec, geometry: &Geometry) -> Result<Arc<dyn Target
 /// Refuses to serve a recorded device from another file than the one it was created on
 /// (the path now names another inode): that would hand its users different data.
 fn check_backing(record: &Record, target: &dyn Target) -> Result<()> {
-    let (Some(was), Some(now)) = (record.backing, target.backing_id()) else {
+    let (Some(was), Some(now)) = (&record.backing, target.backing_id()) else {
         return Ok(());
     };
     if was.same_as(&now) {

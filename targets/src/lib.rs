@@ -210,14 +210,20 @@ pub trait Target: Send + Sync {
 /// The identity of a backing file or block device, as found by `fstat` on the open
 /// descriptor: what a device record keeps so that a restore never serves a different
 /// file that took the recorded one's path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum BackingId {
     /// A regular file: its file system's device number, inode number, and inode
     /// generation (FS_IOC_GETVERSION; 0 where the file system has none).
     File { dev: u64, ino: u64, generation: u64 },
-    /// A block device: its device number (major:minor).
-    BlockDevice { rdev: u64 },
+    /// A block device: its device number (major:minor), and the boot it was taken in
+    /// (`/proc/sys/kernel/random/boot_id`): device numbers are handed out anew at
+    /// every boot, so they are compared only within one.
+    BlockDevice {
+        rdev: u64,
+        #[serde(default)]
+        boot: String,
+    },
 }
 
 impl BackingId {
@@ -242,9 +248,13 @@ impl BackingId {
                     generation: generation2,
                 },
             ) => ino == ino2 && generation == generation2 && (*generation != 0 || dev == dev2),
-            (BackingId::BlockDevice { rdev }, BackingId::BlockDevice { rdev: rdev2 }) => {
-                rdev == rdev2
-            }
+            (
+                BackingId::BlockDevice { rdev, boot },
+                BackingId::BlockDevice {
+                    rdev: rdev2,
+                    boot: boot2,
+                },
+            ) => rdev == rdev2 || (!boot.is_empty() && !boot2.is_empty() && boot != boot2),
             _ => false,
         }
     }
@@ -259,7 +269,7 @@ impl fmt::Display for BackingId {
             BackingId::File {
                 ino, generation, ..
             } => write!(f, "inode {ino} generation {generation}"),
-            BackingId::BlockDevice { rdev } => write!(
+            BackingId::BlockDevice { rdev, .. } => write!(
                 f,
                 "block device {}:{}",
                 libc::major(*rdev as libc::dev_t),
@@ -290,11 +300,17 @@ mod tests {
         // Without generations the device number has to do.
         assert!(!file(1, 12, 0).same_as(&file(2, 12, 0)));
         assert!(file(1, 12, 0).same_as(&file(1, 12, 0)));
-        let disk = BackingId::BlockDevice {
-            rdev: libc::makedev(8, 16),
+        let disk = |major, boot: &str| BackingId::BlockDevice {
+            rdev: libc::makedev(major, 16),
+            boot: boot.into(),
         };
-        assert!(disk.same_as(&disk));
-        assert!(!disk.same_as(&file(8, 16, 0)));
+        assert!(disk(8, "a").same_as(&disk(8, "a")));
+        assert!(!disk(8, "a").same_as(&disk(9, "a")));
+        // After a reboot, a device number says nothing.
+        assert!(disk(8, "a").same_as(&disk(9, "b")));
+        assert!(!disk(8, "").same_as(&disk(9, "b")));
+        assert!(!disk(8, "a").same_as(&file(8, 16, 0)));
+        let disk = disk(8, "a");
         assert_eq!(disk.to_string(), "block device 8:16");
         assert_eq!(file(1, 12, 0).to_string(), "inode 12");
         assert_eq!(file(1, 12, 7).to_string(), "inode 12 generation 7");

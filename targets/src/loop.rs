@@ -188,7 +188,11 @@ fn set_direct(file: &File, on: bool) -> io::Result<()> {
 fn backing_id(file: &File, block_device: bool) -> io::Result<BackingId> {
     let meta = file.metadata()?;
     if block_device {
-        return Ok(BackingId::BlockDevice { rdev: meta.rdev() });
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        return Ok(BackingId::BlockDevice {
+            rdev: meta.rdev(),
+            boot: boot.trim().to_string(),
+        });
     }
     let mut generation: libc::c_long = 0;
     // SAFETY: FS_IOC_GETVERSION writes one long to the pointer, which points at
@@ -379,7 +383,7 @@ impl Target for LoopTarget {
     }
 
     fn backing_id(&self) -> Option<BackingId> {
-        Some(self.id)
+        Some(self.id.clone())
     }
 
     fn queue(&self, ctx: QueueContext) -> io::Result<Box<dyn QueueTarget>> {
