@@ -16,7 +16,9 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 " (is ublkd running?)"
             }
-            std::io::ErrorKind::PermissionDenied => " (ublkctl needs root)",
+            std::io::ErrorKind::PermissionDenied => {
+                " (ublkctl needs root, or the group given to ublkd --socket-group)"
+            }
             _ => "",
         };
         anyhow!("cannot connect to ublkd at {}: {e}{hint}", socket.display())
@@ -24,14 +26,14 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
-    stream
-        .write_all(line.as_bytes())
-        .context("cannot send the request to ublkd")?;
+    // A refusal (permission, too many connections) may come and the connection close
+    // before the request is sent: the answer is still there to read.
+    let sent = stream.write_all(line.as_bytes());
     let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .context("no answer from ublkd")?;
+    let read = BufReader::new(&stream).read_line(&mut answer);
     if answer.is_empty() {
+        sent.context("cannot send the request to ublkd")?;
+        read.context("no answer from ublkd")?;
         return Err(anyhow!("ublkd closed the connection without answering"));
     }
     serde_json::from_str(&answer)

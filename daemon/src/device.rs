@@ -203,6 +203,28 @@ fn build_target(spec: &TargetSpec, geometry: &Geometry) -> Result<Arc<dyn Target
     }
 }
 
+/// Refuses to serve a recorded device from another file than the one it was created on
+/// (the path now names another inode): that would hand its users different data.
+fn check_backing(record: &Record, target: &dyn Target) -> Result<()> {
+    let (Some(was), Some(now)) = (&record.backing, target.backing_id()) else {
+        return Ok(());
+    };
+    if was.same_as(&now) {
+        return Ok(());
+    }
+    let id = record.id;
+    let path = match &record.add.target {
+        TargetSpec::Loop { file, .. } => file.as_str(),
+        _ => "",
+    };
+    bail!(
+        "the backing file {path} is no longer the file this device was created on \
+         ({was}, now {now}); if the file was moved, put it back and run 'ublkctl recover \
+         {id}'; to serve the file now there, 'ublkctl del {id}' to forget the device and \
+         add it again"
+    )
+}
+
 /// The device parameters the kernel gets (UBLK_U_CMD_SET_PARAMS).
 fn params(shape: &DeviceShape, block_size: u32) -> sys::ublk_params {
     let lbs_shift = block_size.trailing_zeros() as u8;
@@ -237,11 +259,9 @@ fn params(shape: &DeviceShape, block_size: u32) -> sys::ublk_params {
         p.types |= sys::UBLK_PARAM_TYPE_DISCARD;
         p.discard = sys::ublk_param_discard {
             discard_alignment: 0,
-            discard_granularity: if shape.discard {
-                block_size.max(4096)
-            } else {
-                0
-            },
+            // The driver refuses a discard parameter block with granularity 0, even
+            // when only write-zeroes is offered (a block device as loop backing).
+            discard_granularity: block_size.max(4096),
             max_discard_sectors: if shape.discard { u32::MAX >> 9 } else { 0 },
             max_write_zeroes_sectors: if shape.write_zeroes { u32::MAX >> 9 } else { 0 },
             max_discard_segments: 1,
@@ -263,10 +283,24 @@ impl Device {
         state: &StateDir,
         persist: Persist,
     ) -> Result<Device> {
+        Device::create_from(req, None, kernel, state, persist)
+    }
+
+    /// `create`, for a recorded device when `restoring` is its record.
+    fn create_from(
+        req: &AddDevice,
+        restoring: Option<&Record>,
+        kernel: &KernelInfo,
+        state: &StateDir,
+        persist: Persist,
+    ) -> Result<Device> {
         let geometry =
             validate::geometry(req.queues, req.depth, req.block_size, kernel.max_queues)?;
         let buffer = choose_buffer(req.buffer, kernel, geometry.depth)?;
         let target = build_target(&req.target, &geometry)?;
+        if let Some(record) = restoring {
+            check_backing(record, &*target)?;
+        }
         let shape = target.shape();
 
         ensure_ctrl_ring()?;
@@ -310,7 +344,8 @@ impl Device {
             _ => anyhow!("the kernel refused to add the device: {}", describe(&e)),
         })?;
         let id = ctrl.dev_info().dev_id;
-        let record = Record::new(id, req, buffer);
+        let mut record = Record::new(id, req, buffer);
+        record.backing = target.backing_id();
         log::info!(
             "dev {id}: added ({} target, {} bytes, {} queues x depth {}, {} buffers)",
             target.name(),
@@ -349,7 +384,7 @@ impl Device {
                 result => return result,
             }
         }
-        Device::create(&record.add, kernel, state, Persist::Restore)
+        Device::create_from(&record.add, Some(record), kernel, state, Persist::Restore)
     }
 
     /// Serves again a device the kernel kept after the previous ublkd ended: the
@@ -384,6 +419,7 @@ impl Device {
         };
         let buffer = recovered_buffer(info.flags, record.buffer);
         let target = build_target(&record.add.target, &geometry)?;
+        check_backing(record, &*target)?;
         let shape = target.shape();
         let mut params = sys::ublk_params {
             len: std::mem::size_of::<sys::ublk_params>() as u32,

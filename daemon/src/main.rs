@@ -29,6 +29,10 @@ struct Args {
     /// Control socket that ublkctl connects to.
     #[arg(long, default_value = ublkd_proto::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// Let the members of GROUP use the control socket too (it is then mode 0660 with
+    /// that group); without it only root may.
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
     /// Directory for the daemon's state (device records).
     #[arg(long, default_value = "/var/lib/ublkd")]
     state_dir: PathBuf,
@@ -76,6 +80,10 @@ fn run(args: &Args) -> Result<()> {
         };
         hidden |= 1u64 << bit;
     }
+    let group = match &args.socket_group {
+        Some(name) => Some(control::SocketGroup::lookup(name)?),
+        None => None,
+    };
     let mut kernel = kernel::KernelInfo::probe()?;
     kernel.features &= !hidden;
     let (names, _) = ublkd_proto::features::decode(kernel.features);
@@ -90,14 +98,21 @@ fn run(args: &Args) -> Result<()> {
 
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
     let daemon = Arc::new(daemon::Daemon::new(kernel, state));
-    let listener = control::bind(&args.socket)?;
-    log::info!("listening on {}", args.socket.display());
+    let listener = control::bind(&args.socket, group.as_ref())?;
+    match &group {
+        Some(g) => log::info!(
+            "listening on {} (root and group '{}')",
+            args.socket.display(),
+            g.name
+        ),
+        None => log::info!("listening on {} (root only)", args.socket.display()),
+    }
     {
         let daemon = daemon.clone();
         let path = args.socket.clone();
         std::thread::Builder::new()
             .name("ublkd-accept".into())
-            .spawn(move || control::serve(listener, daemon, path))
+            .spawn(move || control::serve(listener, daemon, path, group))
             .context("cannot start the accept thread")?;
     }
 

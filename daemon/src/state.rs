@@ -15,6 +15,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use ublkd_proto::{AddDevice, BufferMode};
+use ublkd_targets::BackingId;
 
 /// Format version of the record files this build writes and reads.
 const VERSION: u32 = 1;
@@ -30,6 +31,12 @@ pub struct Record {
     /// The buffer mode the device was created with. Recovery must use it: the
     /// zero-copy modes are fixed in the kernel's device when it is added.
     pub buffer: BufferMode,
+    /// What a loop device's backing path named when the device was added: a restore
+    /// refuses to serve another file that has taken its place. Records written before
+    /// ublkd kept it have none; they are restored unchecked and get it on their next
+    /// save.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<BackingId>,
     /// `del` has begun: the record is marked before the device is stopped, so a daemon
     /// that dies half-way through is followed by one that finishes the delete instead of
     /// bringing the device back.
@@ -47,6 +54,7 @@ impl Record {
                 ..add.clone()
             },
             buffer,
+            backing: None,
             deleting: false,
         }
     }

@@ -6,13 +6,15 @@
 //! hole, WRITE_ZEROES zeroes the range. Short transfers are continued and -EAGAIN is
 //! retried; any other error completes the request with that errno.
 
-use crate::{DeviceShape, IoBuf, IoDesc, Outcome, QueueContext, QueueTarget, Ring, Target};
+use crate::{
+    BackingId, DeviceShape, IoBuf, IoDesc, Outcome, QueueContext, QueueTarget, Ring, Target,
+};
 use io_uring::{opcode, squeue, types};
-use nix::fcntl::{fallocate, FallocateFlags};
+use nix::fcntl::{fallocate, fcntl, FallocateFlags, FcntlArg, OFlag};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 use ublkd_proto::DirectIo;
@@ -23,8 +25,12 @@ pub enum LoopError {
     Missing(PathBuf),
     #[error("{0} is a directory, not a file or block device")]
     Directory(PathBuf),
-    #[error("{0} is not a regular file or block device")]
-    NotFileOrBlock(PathBuf),
+    #[error("{path} is a {kind}, not a regular file or block device")]
+    NotFileOrBlock { path: PathBuf, kind: &'static str },
+    #[error("{0} is in use (mounted, or held by another user such as md, LVM or another ublk device); unmount or release it first")]
+    InUse(PathBuf),
+    #[error("cannot reopen {path} through /proc/self/fd: {source} (ublkd needs /proc mounted)")]
+    NoProc { path: PathBuf, source: io::Error },
     #[error("cannot open {path} for writing: {source} (use --read-only to export it read-only)")]
     OpenForWrite { path: PathBuf, source: io::Error },
     #[error("cannot open {path}: {source}")]
@@ -57,6 +63,8 @@ pub struct LoopOptions {
 pub struct LoopTarget {
     file: File,
     path: PathBuf,
+    /// What `file` is (see [`BackingId`]).
+    id: BackingId,
     size: u64,
     direct: bool,
     read_only: bool,
@@ -65,16 +73,140 @@ pub struct LoopTarget {
     zero_range: bool,
 }
 
-fn open_file(path: &Path, write: bool, direct: bool) -> io::Result<File> {
-    let mut flags = libc::O_CLOEXEC;
-    if direct {
-        flags |= libc::O_DIRECT;
-    }
-    OpenOptions::new()
+/// Opens the backing store so that what is checked is what is served.
+///
+/// `path` is first opened with O_PATH: that never blocks (a FIFO with no writer would
+/// hang a plain open) and never runs a driver's open (a terminal, a rewinding tape), and
+/// `fstat` on that descriptor says what the path named at that moment. Only a regular
+/// file or a block device is then opened for IO, through `/proc/self/fd/N`, which
+/// reaches the inode the O_PATH descriptor holds, whatever has been renamed over `path`
+/// in between: no check-then-open race. A block device is opened with O_EXCL, which the
+/// kernel refuses (EBUSY) while it is mounted or held by md, LVM, another loop or ublk
+/// device, and which keeps them away while ublkd serves it.
+fn open_backing(path: &Path, write: bool) -> Result<(File, bool), LoopError> {
+    let located = OpenOptions::new()
         .read(true)
-        .write(write)
-        .custom_flags(flags)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
         .open(path)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => LoopError::Missing(path.into()),
+            _ => LoopError::Open {
+                path: path.into(),
+                source: e,
+            },
+        })?;
+    let ft = located
+        .metadata()
+        .map_err(|source| LoopError::Open {
+            path: path.into(),
+            source,
+        })?
+        .file_type();
+    let block_device = ft.is_block_device();
+    let kind = if ft.is_dir() {
+        return Err(LoopError::Directory(path.into()));
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_file() || block_device {
+        ""
+    } else {
+        "special file"
+    };
+    if !kind.is_empty() {
+        return Err(LoopError::NotFileOrBlock {
+            path: path.into(),
+            kind,
+        });
+    }
+    let mut flags = libc::O_CLOEXEC;
+    if block_device {
+        flags |= libc::O_EXCL;
+    }
+    let reopen = PathBuf::from(format!("/proc/self/fd/{}", located.as_raw_fd()));
+    let open = || {
+        OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(flags)
+            .open(&reopen)
+    };
+    let mut result = open();
+    // A device the previous ublkd served is released when that process's files are
+    // closed, which can come just after the kernel reports the ublk device free.
+    for _ in 0..10 {
+        match &result {
+            Err(e) if block_device && e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                result = open();
+            }
+            _ => break,
+        }
+    }
+    let file = result.map_err(|source| {
+        if block_device && source.raw_os_error() == Some(libc::EBUSY) {
+            LoopError::InUse(path.into())
+        } else if source.kind() == io::ErrorKind::NotFound {
+            LoopError::NoProc {
+                path: path.into(),
+                source,
+            }
+        } else if write {
+            LoopError::OpenForWrite {
+                path: path.into(),
+                source,
+            }
+        } else {
+            LoopError::Open {
+                path: path.into(),
+                source,
+            }
+        }
+    })?;
+    Ok((file, block_device))
+}
+
+/// Turns O_DIRECT on or off on an open file (F_SETFL checks, as open does, that the
+/// file system can do direct IO): one descriptor, so a block device's O_EXCL open is
+/// never needed twice.
+fn set_direct(file: &File, on: bool) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    let flags = if on {
+        flags | OFlag::O_DIRECT
+    } else {
+        flags & !OFlag::O_DIRECT
+    };
+    fcntl(fd, FcntlArg::F_SETFL(flags))?;
+    Ok(())
+}
+
+/// The identity of what `file` is: see [`BackingId`].
+fn backing_id(file: &File, block_device: bool) -> io::Result<BackingId> {
+    let meta = file.metadata()?;
+    if block_device {
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        return Ok(BackingId::BlockDevice {
+            rdev: meta.rdev(),
+            boot: boot.trim().to_string(),
+        });
+    }
+    let mut generation: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETVERSION writes one long to the pointer, which points at
+    // `generation` for the duration of the call; the fd is open.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETVERSION, &mut generation) };
+    if r < 0 {
+        // The file system keeps no generations (tmpfs): the device number stands in.
+        generation = 0;
+    }
+    Ok(BackingId::File {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        generation: generation as u32 as u64,
+    })
 }
 
 /// Reads one block with O_DIRECT into an aligned buffer: fails with EINVAL when the
@@ -109,41 +241,16 @@ impl LoopTarget {
     /// Opens and checks the backing file.
     pub fn open(opts: &LoopOptions) -> Result<Self, LoopError> {
         let path = opts.path.clone();
-        let meta = std::fs::metadata(&path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => LoopError::Missing(path.clone()),
-            _ => LoopError::Open {
-                path: path.clone(),
-                source: e,
-            },
-        })?;
-        let ft = meta.file_type();
-        if ft.is_dir() {
-            return Err(LoopError::Directory(path));
-        }
-        let block_device = ft.is_block_device();
-        if !ft.is_file() && !block_device {
-            return Err(LoopError::NotFileOrBlock(path));
-        }
         let write = !opts.read_only;
-        let buffered = open_file(&path, write, false).map_err(|source| match write {
-            true => LoopError::OpenForWrite {
-                path: path.clone(),
-                source,
-            },
-            false => LoopError::Open {
-                path: path.clone(),
-                source,
-            },
-        })?;
+        let (file, block_device) = open_backing(&path, write)?;
+        let size_error = |source| LoopError::Size {
+            path: path.clone(),
+            source,
+        };
         let size = if block_device {
-            (&buffered)
-                .seek(SeekFrom::End(0))
-                .map_err(|source| LoopError::Size {
-                    path: path.clone(),
-                    source,
-                })?
+            (&file).seek(SeekFrom::End(0)).map_err(size_error)?
         } else {
-            meta.len()
+            file.metadata().map_err(size_error)?.len()
         };
         if size == 0 {
             return Err(LoopError::Empty(path));
@@ -155,18 +262,17 @@ impl LoopTarget {
                 block_size: opts.block_size,
             });
         }
+        let id = backing_id(&file, block_device).map_err(size_error)?;
 
-        let (file, direct) = match opts.direct_io {
-            DirectIo::Off => (buffered, false),
+        let direct = match opts.direct_io {
+            DirectIo::Off => false,
             DirectIo::On => {
-                let f = open_file(&path, write, true).map_err(|source| {
-                    LoopError::DirectUnsupported {
-                        path: path.clone(),
-                        source,
-                    }
+                set_direct(&file, true).map_err(|source| LoopError::DirectUnsupported {
+                    path: path.clone(),
+                    source,
                 })?;
-                match probe_direct_read(&f, opts.block_size) {
-                    Ok(()) => (f, true),
+                match probe_direct_read(&file, opts.block_size) {
+                    Ok(()) => true,
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                         return Err(LoopError::DirectAlignment {
                             path,
@@ -176,16 +282,21 @@ impl LoopTarget {
                     Err(source) => return Err(LoopError::DirectUnsupported { path, source }),
                 }
             }
-            DirectIo::Auto => match open_file(&path, write, true) {
-                Ok(f) if probe_direct_read(&f, opts.block_size).is_ok() => (f, true),
-                _ => {
+            DirectIo::Auto => {
+                let ok = set_direct(&file, true).is_ok()
+                    && probe_direct_read(&file, opts.block_size).is_ok();
+                if !ok {
                     log::info!(
                         "{}: O_DIRECT not possible, using buffered IO",
                         path.display()
                     );
-                    (buffered, false)
+                    set_direct(&file, false).map_err(|source| LoopError::Open {
+                        path: path.clone(),
+                        source,
+                    })?;
                 }
-            },
+                ok
+            }
         };
 
         let (punch_hole, zero_range) = if block_device {
@@ -213,6 +324,7 @@ impl LoopTarget {
         Ok(LoopTarget {
             file,
             path,
+            id,
             size,
             direct,
             read_only: opts.read_only,
@@ -268,6 +380,10 @@ impl Target for LoopTarget {
 
     fn files(&self) -> Vec<RawFd> {
         vec![self.file.as_raw_fd()]
+    }
+
+    fn backing_id(&self) -> Option<BackingId> {
+        Some(self.id.clone())
     }
 
     fn queue(&self, ctx: QueueContext) -> io::Result<Box<dyn QueueTarget>> {
@@ -523,10 +639,71 @@ mod tests {
         let e = LoopTarget::open(&opts(Path::new("/dev/null")))
             .err()
             .unwrap();
-        assert!(
-            e.to_string().contains("not a regular file or block device"),
-            "{e}"
+        assert_eq!(
+            e.to_string(),
+            "/dev/null is a character device, not a regular file or block device"
         );
+    }
+
+    #[test]
+    fn fifos_and_sockets_are_refused_without_blocking() {
+        let fifo = tmp("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // A plain open of a FIFO with no writer would block here forever.
+        let e = LoopTarget::open(&opts(&fifo)).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} is a FIFO, not a regular file or block device",
+                fifo.display()
+            )
+        );
+        let e = LoopTarget::open(&LoopOptions {
+            read_only: true,
+            ..opts(&fifo)
+        })
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("is a FIFO"), "{e}");
+
+        let sock = tmp("sock");
+        let _ = std::fs::remove_file(&sock);
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let e = LoopTarget::open(&opts(&sock)).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} is a socket, not a regular file or block device",
+                sock.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_regular_file_is_served_and_known_by_its_inode() {
+        let path = tmp("identity");
+        File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let t = LoopTarget::open(&opts(&path)).unwrap();
+        assert_eq!(t.shape().size, 1 << 20);
+        let id = t.backing_id().unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        match id {
+            BackingId::File { dev, ino, .. } => {
+                assert_eq!((dev, ino), (meta.dev(), meta.ino()));
+            }
+            other => panic!("a file has a file identity, got {other:?}"),
+        }
+        // Reopened: the same file.
+        let again = LoopTarget::open(&opts(&path)).unwrap();
+        assert!(id.same_as(&again.backing_id().unwrap()));
+        // Replaced by another file at the same path: another identity, even where the
+        // file system reuses the inode number (the generation differs then).
+        drop((t, again));
+        std::fs::remove_file(&path).unwrap();
+        File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let other = LoopTarget::open(&opts(&path)).unwrap();
+        assert!(!id.same_as(&other.backing_id().unwrap()), "{id:?}");
     }
 
     /// Runs one request through a real io_uring against a real file.

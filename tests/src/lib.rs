@@ -272,6 +272,36 @@ impl Drop for Daemon {
     }
 }
 
+/// The ublkd binary the tests run (`UBLKD_BIN`, else `ublkd` on PATH).
+pub fn ublkd_bin() -> String {
+    bin("ublkd", "UBLKD_BIN")
+}
+
+/// Runs `ublkctl --socket SOCKET args...` as user `uid`, group `gid`, with exactly the
+/// supplementary `groups` (the tests run as root).
+pub fn ctl_as(socket: &Path, uid: u32, gid: u32, groups: &[u32], args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    let mut cmd = Command::new(bin("ublkctl", "UBLKCTL_BIN"));
+    cmd.arg("--socket").arg(socket).args(args);
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // setgroups, setgid and setuid, which are async-signal-safe, on memory the child
+    // owns (its copy of `groups`). It drops root itself: Command's own uid() would
+    // do it before this closure runs, and setgroups then fails.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().expect("run ublkctl")
+}
+
 /// Runs `ublkctl --socket SOCKET args...`.
 pub fn ctl_at(socket: &Path, args: &[&str]) -> Output {
     Command::new(bin("ublkctl", "UBLKCTL_BIN"))

@@ -168,7 +168,9 @@ fn a_device_that_cannot_be_restored_is_listed_and_the_others_served() {
     let gone_dev = d.add(&["loop", "--file", gone.to_str().unwrap(), "--name", "lost"]);
     let gone_id = dev_id(&gone_dev);
     assert_eq!(d.stop(), Some(0));
-    std::fs::remove_file(&gone).unwrap();
+    // Moved away (a new file at the path would be another file: tests/security.rs).
+    let moved = gone.with_extension("moved");
+    std::fs::rename(&gone, &moved).unwrap();
     // And a record that is cut short, as a crash of the file system might leave it.
     std::fs::write(
         record_path(test, 9),
@@ -201,7 +203,7 @@ fn a_device_that_cannot_be_restored_is_listed_and_the_others_served() {
     let err = d.ctl_err(&["recover", &gone_id.to_string()]);
     assert!(err.contains(gone.to_str().unwrap()), "{err}");
     // Put the file back: recover serves the device under its id.
-    File::create(&gone).unwrap().set_len(32 << 20).unwrap();
+    std::fs::rename(&moved, &gone).unwrap();
     let out = d.ctl_ok(&["recover", &gone_id.to_string()]);
     assert_eq!(out.trim(), gone_dev);
     fio(&verify_job(&gone_dev, "randwrite", "4k", "16M", 16));

@@ -317,3 +317,52 @@ fn a_lost_backing_file_fails_one_device_only() {
     ctl_ok(&["del", &dev_id(&good_dev).to_string()]);
     std::fs::remove_file(&good).unwrap();
 }
+
+/// Removes the socket-group drop-in again, whatever the test did.
+struct DropIn(&'static str);
+
+impl Drop for DropIn {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+        let _ = run("/usr/bin/systemctl", &["daemon-reload"]);
+        let _ = run("/usr/bin/systemctl", &["restart", UNIT]);
+    }
+}
+
+/// The drop-in example of the README (systemd/ublkd-socket-group.conf) as a user
+/// installs it: the group's members may use ublkctl, others may not. The unit's
+/// capability bounding set needs the drop-in's CAP_CHOWN for this.
+#[test]
+fn the_socket_group_drop_in_lets_the_group_in() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let _ = run("/usr/sbin/groupadd", &["--gid", "990", "ublk"]);
+    let dir = "/etc/systemd/system/ublkd.service.d";
+    std::fs::create_dir_all(dir).unwrap();
+    let guard = DropIn("/etc/systemd/system/ublkd.service.d/socket-group.conf");
+    std::fs::write(
+        guard.0,
+        include_str!("../../systemd/ublkd-socket-group.conf"),
+    )
+    .unwrap();
+    systemctl(&["daemon-reload"]);
+    fresh_start();
+    let meta = std::fs::metadata(SOCKET).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 990);
+    // nobody, with ublk as a supplementary group: served.
+    let out = ctl_as(Path::new(SOCKET), 65534, 65534, &[990], &["list"]);
+    assert!(
+        out.status.success(),
+        "{}\n---- journal ----\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        journal()
+    );
+    // nobody alone: refused, in one line.
+    let out = ctl_as(Path::new(SOCKET), 65534, 65534, &[], &["list"]);
+    let line = expect_one_line_error(&out, "list as nobody");
+    assert!(line.contains("Permission denied"), "{line}");
+    drop(guard);
+    wait_active(0);
+    let mode = std::fs::metadata(SOCKET).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
