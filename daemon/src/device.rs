@@ -660,6 +660,8 @@ impl Device {
         // on its own when its backend is unreachable or too slow (`Target::stopping`).
         self.target.stopping();
         if self.started {
+            // STOP_DEV fails what the kernel writes back after it began: write it back now.
+            crate::writeback::write_back(self.id);
             if let Err(e) = ctrl.kill_dev() {
                 result = Err(anyhow!("STOP_DEV failed: {}", describe(&e)));
             }
