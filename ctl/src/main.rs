@@ -32,6 +32,10 @@ enum Command {
         target: AddTarget,
     },
     /// Delete devices.
+    ///
+    /// Each device's dirty pages are written back and its requests drained first. An nbd
+    /// device waits for a connected server up to its request timeout (30 s by default),
+    /// and not at all for one that is unreachable; what is left then fails with EIO.
     Del {
         /// Ids of the devices to delete.
         #[arg(required_unless_present = "all", conflicts_with = "all")]

@@ -16,8 +16,14 @@
 //! the request timeout) is shut down and reconnected in the background for up to the
 //! reconnect timeout; requests without an answer are sent again on the new connection,
 //! so applications see no error. After the timeout, or with the timeout 0, they and every
-//! later one complete with -EIO. Deleting the device stops the waiting at once, and
-//! fails requests a server leaves unanswered, so `del` never waits on a dead server.
+//! later one complete with -EIO. Before a resend the lost socket is closed with a reset,
+//! so it cannot deliver the rest of a timed-out write after the resend (`queue.rs`).
+//!
+//! Connecting and the handshake share one deadline (CONNECT_TIMEOUT), at add and at each
+//! reconnect. Deleting the device (`stopping`) keeps serving while the kernel drains it,
+//! and aborts (fails what is left with -EIO, stops a reconnect and its handshake) once a
+//! connection is down or after the drain grace, so `del` never waits on a dead server
+//! and a slow one still gets the final writeback.
 
 pub mod proto;
 mod queue;

@@ -27,8 +27,8 @@
 //! not taken in many short pieces, a ring round trip each.
 //!
 //! Requests that have no answer within the request timeout count as a lost connection
-//! (reconnect and resend); deleting the device fails what is left unanswered after a
-//! short grace, so `del` never waits on a server that stopped answering.
+//! (reconnect and resend); once the device's deletion aborts (see `NbdTarget::stopping`),
+//! what is left unanswered fails after a short grace.
 
 use super::proto;
 use super::{spawn_reconnect, Handoff, NbdUri, CONN_FAILED, CONN_RECONNECTING, CONN_UP};
