@@ -520,3 +520,61 @@ fn spawn_reconnect(
         log::error!("cannot start the reconnect thread: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A server that accepts and then sends a byte of its greeting every 500 ms (none
+    /// when `mute`), for `secs`.
+    fn slow_server(secs: u64, mute: bool) -> NbdUri {
+        use std::io::Write;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            for b in b"NBDMAGICIHAVEOPT".iter().cycle().take(2 * secs as usize) {
+                if !mute {
+                    let _ = c.write_all(&[*b]);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        format!("nbd://127.0.0.1:{port}/x").parse().unwrap()
+    }
+
+    #[test]
+    fn deleting_stops_a_handshake_that_hangs() {
+        let uri = slow_server(5, true);
+        let abort = Arc::new(AtomicBool::new(false));
+        let a = abort.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            a.store(true, Ordering::Release);
+        });
+        let started = Instant::now();
+        let err = connect_one(&uri, &abort).unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(1), "{err}");
+        assert!(err.contains("the device is being deleted"), "{err}");
+    }
+
+    #[test]
+    fn the_handshake_has_one_deadline() {
+        // Trickling: every read gets a byte in time, the handshake as a whole does not.
+        let uri = slow_server(CONNECT_TIMEOUT.as_secs() + 5, false);
+        let started = Instant::now();
+        let err = connect_one(&uri, &AtomicBool::new(false))
+            .unwrap_err()
+            .to_string();
+        let took = started.elapsed();
+        assert!(
+            took >= CONNECT_TIMEOUT && took < CONNECT_TIMEOUT + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert!(
+            err.contains("did not finish the NBD handshake within 10 s"),
+            "{err}"
+        );
+    }
+}
