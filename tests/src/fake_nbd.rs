@@ -258,6 +258,8 @@ fn session(
         let error: u32 = match fault {
             Fault::Error(e) if faulty => e,
             _ if !in_range => 22,
+            // NBD_CMD_FLUSH must have offset and length 0 (nbdkit insists too).
+            _ if cmd == 3 && (offset != 0 || len != 0) => 22,
             Fault::MaxBlockSize(max) if cmd <= 1 && len > max as usize => 22,
             _ => 0,
         };

@@ -378,12 +378,14 @@ impl NbdQueue {
             return Outcome::Done(-libc::EIO);
         }
         let t = usize::from(io.tag);
-        let len = if matches!(io.op, BlockOp::Flush) {
-            0
+        // A FLUSH must have offset and length 0 (the NBD spec; nbdkit refuses anything
+        // else with EINVAL), whatever position the kernel's flush request carries.
+        let (offset, len) = if matches!(io.op, BlockOp::Flush) {
+            (0, 0)
         } else {
-            io.len
+            (io.offset, io.len)
         };
-        self.headers[t] = proto::request(flags, cmd, u64::from(io.tag), io.offset, len);
+        self.headers[t] = proto::request(flags, cmd, u64::from(io.tag), offset, len);
         let sqes = self.tags[t].sqes;
         self.tags[t] = TagIo {
             io: Some(*io),
