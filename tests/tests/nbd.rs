@@ -895,3 +895,20 @@ fn a_timed_out_write_is_resent_only_after_the_old_connection_is_gone() {
     drop(f);
     d.del(&dev);
 }
+
+/// `fsync` on the device reaches the server as an NBD_CMD_FLUSH it accepts (offset and
+/// length 0: nbdkit refuses anything else).
+#[test]
+fn fsync_is_a_flush_the_server_accepts() {
+    require_ublk();
+    let server = Server::nbdkit_memory(Listen::Tcp(10949), "64M", &[]);
+    let d = Daemon::start("nbd-flush");
+    let dev = add_nbd(&d, &server.uri, &[]);
+    let f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
+    f.write_all_at(&pattern(49, 64 << 10), 1 << 20).unwrap();
+    f.sync_all().expect("fsync of the nbd device failed");
+    drop(f);
+    let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
+    assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
+    d.del(&dev);
+}
