@@ -93,6 +93,7 @@ enum AddTarget {
         reconnect_timeout: u32,
         /// Seconds a request may wait for its reply; a server that stays connected but
         /// does not answer in time counts as lost (reconnect and resend). 0: no limit.
+        /// Also the longest `del` waits for a connected server (30 s when 0).
         #[arg(long, default_value_t = 30)]
         request_timeout: u32,
         #[command(flatten)]
