@@ -35,7 +35,8 @@ pub enum Fault {
     /// a small receive buffer: the client sees partial headers and payloads, and its
     /// sends are held up by a small window.
     Dribble,
-    /// Answers every write only after `SLOW_WRITE` (a slow but healthy server).
+    /// Answers every write only after `SLOW_WRITE` (a slow but healthy server) while
+    /// [`Stats::slow`] is set (it starts set).
     SlowWrites,
     /// Sends its greeting one byte every 800 ms (about 14 s in all), then behaves.
     SlowGreeting,
@@ -71,6 +72,8 @@ pub struct Stats {
     /// [`Fault::StallOldWrite`]: bytes of the stalled write's payload the first
     /// connection delivered after the resend was answered.
     pub stale_bytes: Mutex<Option<usize>>,
+    /// [`Fault::SlowWrites`] is slow while this is set.
+    pub slow: AtomicBool,
     old_conn: Mutex<Option<TcpStream>>,
     resent: AtomicBool,
 }
@@ -115,6 +118,7 @@ pub fn serve(port: u16, fault: Fault) -> Arc<Stats> {
     }
     let disk = Arc::new(Mutex::new(vec![0u8; SIZE as usize]));
     let stats = Arc::new(Stats::default());
+    stats.slow.store(true, Ordering::SeqCst);
     let st = stats.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
@@ -284,7 +288,7 @@ fn session(
                 _ => {}
             }
         }
-        if fault == Fault::SlowWrites && cmd == 1 {
+        if fault == Fault::SlowWrites && cmd == 1 && stats.slow.load(Ordering::SeqCst) {
             std::thread::sleep(SLOW_WRITE);
         }
         if fault == Fault::StallOldWrite && cmd == 1 && faulty {

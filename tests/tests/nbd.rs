@@ -912,3 +912,52 @@ fn fsync_is_a_flush_the_server_accepts() {
     assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
     d.del(&dev);
 }
+
+/// `del` of a device with a mounted ext4 file system holding data not yet written back,
+/// on a slow but healthy server (each write answered after 2 s): the file system is
+/// written back during the deletion, and a new device on the same export mounts with
+/// the file intact.
+#[test]
+fn del_writes_back_a_mounted_file_system_to_a_slow_server() {
+    use std::sync::atomic::Ordering;
+    use ublkd_tests::fake_nbd::{serve, Fault, SLOW_WRITE};
+    require_ublk();
+    let stats = serve(10950, Fault::SlowWrites);
+    stats.slow.store(false, Ordering::SeqCst);
+    let d = Daemon::start("nbd-slow-fs");
+    let uri = "nbd://127.0.0.1:10950/";
+    let dev = add_nbd(&d, uri, &["--request-timeout", "60"]);
+    run_ok("/usr/sbin/mkfs.ext4", &["-q", "-F", &dev]);
+    let mnt = "/tmp/mnt-nbd-slow-fs";
+    std::fs::create_dir_all(mnt).unwrap();
+    run_ok("/bin/mount", &["-t", "ext4", &dev, mnt]);
+    let data = pattern(50, 300_001);
+    let file = format!("{mnt}/file");
+    std::fs::write(&file, &data).unwrap();
+    stats.slow.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    d.del(&dev);
+    let took = started.elapsed();
+    // The file system was shut down with its device; unmounting still works.
+    run_ok("/bin/umount", &[mnt]);
+    stats.slow.store(false, Ordering::SeqCst);
+    assert!(
+        took >= SLOW_WRITE,
+        "del took {took:?}: nothing was written back during it"
+    );
+    let log = d.log_text();
+    assert!(
+        !log.contains("EIO") && !log.contains("writing back"),
+        "a request failed:\n{log}"
+    );
+    let dev = add_nbd(&d, uri, &[]);
+    run_ok("/bin/mount", &["-t", "ext4", &dev, mnt]);
+    let got = std::fs::read(&file);
+    run_ok("/bin/umount", &[mnt]);
+    assert!(
+        got.as_deref().ok() == Some(&data[..]),
+        "the file written back during del is not intact: {:?}",
+        got.map(|g| g.len())
+    );
+    d.del(&dev);
+}
