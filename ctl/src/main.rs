@@ -32,6 +32,10 @@ enum Command {
         target: AddTarget,
     },
     /// Delete devices.
+    ///
+    /// Each device's dirty pages are written back and its requests drained first. An nbd
+    /// device waits for a connected server up to its request timeout (30 s by default),
+    /// and not at all for one that is unreachable; what is left then fails with EIO.
     Del {
         /// Ids of the devices to delete.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -89,6 +93,7 @@ enum AddTarget {
         reconnect_timeout: u32,
         /// Seconds a request may wait for its reply; a server that stays connected but
         /// does not answer in time counts as lost (reconnect and resend). 0: no limit.
+        /// Also the longest `del` waits for a connected server (30 s when 0).
         #[arg(long, default_value_t = 30)]
         request_timeout: u32,
         #[command(flatten)]

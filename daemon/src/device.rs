@@ -226,7 +226,7 @@ fn check_backing(record: &Record, target: &dyn Target) -> Result<()> {
 }
 
 /// The device parameters the kernel gets (UBLK_U_CMD_SET_PARAMS).
-fn params(shape: &DeviceShape, block_size: u32) -> sys::ublk_params {
+fn params(shape: &DeviceShape, block_size: u32, max_io: Option<u32>) -> sys::ublk_params {
     let lbs_shift = block_size.trailing_zeros() as u8;
     let mut attrs = 0;
     if shape.read_only {
@@ -249,7 +249,7 @@ fn params(shape: &DeviceShape, block_size: u32) -> sys::ublk_params {
             physical_bs_shift: lbs_shift.max(12),
             io_opt_shift: lbs_shift.max(12),
             io_min_shift: lbs_shift,
-            max_sectors: MAX_IO_BYTES >> 9,
+            max_sectors: max_io_bytes(max_io, block_size) >> 9,
             dev_sectors: shape.size >> 9,
             ..Default::default()
         },
@@ -269,6 +269,13 @@ fn params(shape: &DeviceShape, block_size: u32) -> sys::ublk_params {
         };
     }
     p
+}
+
+/// The most bytes one request carries: MAX_IO_BYTES, or the target's own limit if lower,
+/// a whole number of blocks and at least one page.
+fn max_io_bytes(target_max: Option<u32>, block_size: u32) -> u32 {
+    let max = target_max.map_or(MAX_IO_BYTES, |m| m.min(MAX_IO_BYTES));
+    (max - max % block_size).max(block_size.max(4096))
 }
 
 impl Device {
@@ -490,7 +497,8 @@ impl Device {
         let Some(ctrl) = self.ctrl.as_ref() else {
             bail!("device {} was already deleted", self.id);
         };
-        let params = params(&self.shape, self.geometry.block_size);
+        let max_io = self.target.max_io_bytes();
+        let params = params(&self.shape, self.geometry.block_size, max_io);
         let size = self.shape.size;
         let dev = UblkDev::new(
             self.target.name().to_string(),
@@ -694,12 +702,17 @@ impl Device {
         };
         ensure_ctrl_ring()?;
         let mut result = Ok(());
-        self.target.abort();
+        // STOP_DEV drains the device while the queues still serve; the target gives up
+        // on its own when its backend is unreachable or too slow (`Target::stopping`).
+        self.target.stopping();
         if self.started {
+            // STOP_DEV fails what the kernel writes back after it began: write it back now.
+            crate::writeback::write_back(self.id);
             if let Err(e) = ctrl.kill_dev() {
                 result = Err(anyhow!("STOP_DEV failed: {}", describe(&e)));
             }
         }
+        self.target.abort();
         for q in &self.queues {
             q.request_stop();
         }
@@ -807,7 +820,7 @@ mod tests {
 
     #[test]
     fn params_describe_the_shape() {
-        let p = params(&shape(true, true), 4096);
+        let p = params(&shape(true, true), 4096, None);
         assert_eq!(
             p.types,
             sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD
@@ -822,14 +835,24 @@ mod tests {
         assert!(p.discard.max_discard_sectors > 0 && p.discard.max_write_zeroes_sectors > 0);
         assert_eq!(p.discard.max_discard_segments, 1);
 
-        let p = params(&shape(false, false), 512);
+        let p = params(&shape(false, false), 512, None);
         assert_eq!(p.types, sys::UBLK_PARAM_TYPE_BASIC);
         assert_eq!(p.basic.logical_bs_shift, 9);
         assert_eq!(p.basic.physical_bs_shift, 12);
 
-        let p = params(&shape(false, true), 512);
+        let p = params(&shape(false, true), 512, None);
         assert_eq!(p.discard.max_discard_sectors, 0);
         assert!(p.discard.max_write_zeroes_sectors > 0);
+    }
+
+    #[test]
+    fn a_target_limit_caps_the_request_size() {
+        assert_eq!(max_io_bytes(None, 512), MAX_IO_BYTES);
+        assert_eq!(max_io_bytes(Some(64 << 10), 512), 64 << 10);
+        assert_eq!(max_io_bytes(Some(u32::MAX), 4096), MAX_IO_BYTES);
+        assert_eq!(max_io_bytes(Some(65535), 4096), 61440);
+        let p = params(&shape(false, false), 4096, Some(64 << 10));
+        assert_eq!(p.basic.max_sectors, 128);
     }
 
     fn kernel(features: u32) -> KernelInfo {

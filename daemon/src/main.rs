@@ -8,6 +8,7 @@ mod kernel;
 mod queue;
 mod service;
 mod state;
+mod writeback;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};

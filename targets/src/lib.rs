@@ -198,6 +198,19 @@ pub trait Target: Send + Sync {
     /// The handler for one queue, created on that queue's thread.
     fn queue(&self, ctx: QueueContext) -> std::io::Result<Box<dyn QueueTarget>>;
 
+    /// The most bytes one read or write may carry, when the backend has a limit below
+    /// the daemon's own (an NBD server's maximum block size).
+    fn max_io_bytes(&self) -> Option<u32> {
+        None
+    }
+
+    /// The device is being deleted and the kernel drains it (in-flight requests and
+    /// the writeback of dirty pages) while the queues keep serving. A target that may
+    /// wait on something slow calls [`Target::abort`] on itself when waiting is no
+    /// longer worth it (a server that is unreachable); `abort` also follows once the
+    /// kernel has stopped the device. The default: nothing to watch.
+    fn stopping(&self) {}
+
     /// The device is being deleted: stop waiting for anything that may never come (a
     /// server that is down), so in-flight requests can complete.
     fn abort(&self) {}

@@ -5,8 +5,9 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Requests at or beyond this offset get the fault.
 pub const FAULT_OFFSET: u64 = 1 << 20;
@@ -34,15 +35,74 @@ pub enum Fault {
     /// a small receive buffer: the client sees partial headers and payloads, and its
     /// sends are held up by a small window.
     Dribble,
+    /// Answers every write only after `SLOW_WRITE` (a slow but healthy server) while
+    /// [`Stats::slow`] is set (it starts set).
+    SlowWrites,
+    /// Sends its greeting one byte every 800 ms (about 14 s in all), then behaves.
+    SlowGreeting,
+    /// The first connection closes at a request at or beyond FAULT_OFFSET; every later
+    /// connection is accepted but the server never says a word on it.
+    HangOnReconnect,
+    /// Advertises this maximum block size (NBD_INFO_BLOCK_SIZE) and fails longer
+    /// requests with EINVAL.
+    MaxBlockSize(u32),
+    /// On the first connection, a write at or beyond FAULT_OFFSET: the server takes its
+    /// header, then reads nothing more (through a small receive buffer) until the write
+    /// was sent again on a later connection and answered there; then it reads what the
+    /// first connection still delivers. Later connections behave.
+    StallOldWrite,
+}
+
+/// How long [`Fault::SlowWrites`] takes to answer a write.
+pub const SLOW_WRITE: Duration = Duration::from_secs(2);
+
+/// What the server saw, for the tests to check.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections accepted.
+    pub connections: AtomicUsize,
+    /// Connections on which the server never spoke ([`Fault::HangOnReconnect`]) that
+    /// the client has closed.
+    pub silent_closed: AtomicUsize,
+    /// The longest read or write request seen.
+    pub max_len: AtomicUsize,
+    /// [`Fault::StallOldWrite`]: the first connection's TCP state (as in TCP_INFO; 1 is
+    /// ESTABLISHED) when the stalled write arrived again on a later connection.
+    pub old_state_at_resend: Mutex<Option<u8>>,
+    /// [`Fault::StallOldWrite`]: bytes of the stalled write's payload the first
+    /// connection delivered after the resend was answered.
+    pub stale_bytes: Mutex<Option<usize>>,
+    /// [`Fault::SlowWrites`] is slow while this is set.
+    pub slow: AtomicBool,
+    old_conn: Mutex<Option<TcpStream>>,
+    resent: AtomicBool,
+}
+
+/// The TCP state of `c` (TCP_INFO's tcpi_state).
+fn tcp_state(c: &TcpStream) -> Option<u8> {
+    // SAFETY: all-zero is a valid tcp_info.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt into a live struct of `len` bytes on a socket we own.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(c),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(info.tcpi_state)
 }
 
 const SIZE: u64 = 16 << 20;
 
 /// Listens on 127.0.0.1:`port` and serves every connection with `fault`, in the
 /// background, for as long as the test process lives.
-pub fn serve(port: u16, fault: Fault) -> JoinHandle<()> {
+pub fn serve(port: u16, fault: Fault) -> Arc<Stats> {
     let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind fake NBD server");
-    if fault == Fault::Dribble {
+    if matches!(fault, Fault::Dribble | Fault::StallOldWrite) {
         // Inherited by accepted connections.
         let small: libc::c_int = 4096;
         // SAFETY: setsockopt with a live int on a socket we own.
@@ -57,14 +117,49 @@ pub fn serve(port: u16, fault: Fault) -> JoinHandle<()> {
         };
     }
     let disk = Arc::new(Mutex::new(vec![0u8; SIZE as usize]));
+    let stats = Arc::new(Stats::default());
+    stats.slow.store(true, Ordering::SeqCst);
+    let st = stats.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
             let disk = disk.clone();
+            let n = st.connections.fetch_add(1, Ordering::SeqCst);
+            let st = st.clone();
             std::thread::spawn(move || {
-                let _ = session(conn, fault, &disk);
+                if fault == Fault::HangOnReconnect && n > 0 {
+                    return silent(conn, &st);
+                }
+                let _ = session(conn, fault, n, &disk, &st);
             });
         }
-    })
+    });
+    stats
+}
+
+/// Says nothing; counts the connection once the client closes it.
+fn silent(mut c: TcpStream, stats: &Stats) {
+    let mut b = [0u8; 64];
+    while matches!(c.read(&mut b), Ok(n) if n > 0) {}
+    stats.silent_closed.fetch_add(1, Ordering::SeqCst);
+}
+
+/// [`Fault::StallOldWrite`] on the first connection: waits until the stalled write was
+/// answered on another connection, then counts what `c` still delivers of `len` bytes.
+fn stall(c: &mut TcpStream, len: usize, stats: &Stats) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !stats.resent.load(Ordering::SeqCst) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut got = 0;
+    let mut b = vec![0u8; 64 << 10];
+    while got < len {
+        match c.read(&mut b) {
+            Ok(n) if n > 0 => got += n,
+            _ => break,
+        }
+    }
+    *stats.stale_bytes.lock().unwrap_or_else(|p| p.into_inner()) = Some(got.min(len));
 }
 
 fn read_n<const N: usize>(c: &mut TcpStream) -> std::io::Result<[u8; N]> {
@@ -73,10 +168,24 @@ fn read_n<const N: usize>(c: &mut TcpStream) -> std::io::Result<[u8; N]> {
     Ok(b)
 }
 
-fn session(mut c: TcpStream, fault: Fault, disk: &Mutex<Vec<u8>>) -> std::io::Result<()> {
-    c.write_all(b"NBDMAGIC")?;
-    c.write_all(b"IHAVEOPT")?;
-    c.write_all(&3u16.to_be_bytes())?; // FIXED_NEWSTYLE | NO_ZEROES
+fn session(
+    mut c: TcpStream,
+    fault: Fault,
+    conn: usize,
+    disk: &Mutex<Vec<u8>>,
+    stats: &Stats,
+) -> std::io::Result<()> {
+    let mut greeting = b"NBDMAGICIHAVEOPT".to_vec();
+    greeting.extend_from_slice(&3u16.to_be_bytes()); // FIXED_NEWSTYLE | NO_ZEROES
+    if fault == Fault::SlowGreeting {
+        c.set_nodelay(true)?;
+        for b in greeting.chunks(1) {
+            c.write_all(b)?;
+            std::thread::sleep(Duration::from_millis(800));
+        }
+    } else {
+        c.write_all(&greeting)?;
+    }
     let _client_flags = read_n::<4>(&mut c)?;
     loop {
         let hdr = read_n::<16>(&mut c)?;
@@ -97,6 +206,13 @@ fn session(mut c: TcpStream, fault: Fault, disk: &Mutex<Vec<u8>>) -> std::io::Re
         info.extend_from_slice(&size.to_be_bytes());
         info.extend_from_slice(&(1u16 | 4).to_be_bytes()); // HAS_FLAGS | SEND_FLUSH
         reply_opt(&mut c, opt, 3, &info)?;
+        if let Fault::MaxBlockSize(max) = fault {
+            let mut bs = 3u16.to_be_bytes().to_vec(); // NBD_INFO_BLOCK_SIZE
+            for v in [1u32, 4096, max] {
+                bs.extend_from_slice(&v.to_be_bytes());
+            }
+            reply_opt(&mut c, opt, 3, &bs)?;
+        }
         reply_opt(&mut c, opt, 1, &[])?;
         break;
     }
@@ -109,12 +225,31 @@ fn session(mut c: TcpStream, fault: Fault, disk: &Mutex<Vec<u8>>) -> std::io::Re
         if cmd == 2 {
             return Ok(()); // NBD_CMD_DISC
         }
+        if cmd <= 1 {
+            stats.max_len.fetch_max(len, Ordering::SeqCst);
+        }
+        let faulty = offset >= FAULT_OFFSET;
+        if fault == Fault::HangOnReconnect && faulty {
+            return Ok(());
+        }
+        if fault == Fault::StallOldWrite && cmd == 1 && faulty {
+            if conn == 0 {
+                *stats.old_conn.lock().unwrap_or_else(|p| p.into_inner()) = c.try_clone().ok();
+                stall(&mut c, len, stats);
+                return Ok(());
+            }
+            let old = stats.old_conn.lock().unwrap_or_else(|p| p.into_inner());
+            let state = old.as_ref().and_then(tcp_state);
+            *stats
+                .old_state_at_resend
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = state;
+        }
         let mut payload = vec![0u8; if cmd == 1 { len } else { 0 }];
         c.read_exact(&mut payload)?;
         let in_range = offset
             .checked_add(len as u64)
             .is_some_and(|end| end <= SIZE);
-        let faulty = offset >= FAULT_OFFSET;
         if faulty && fault == Fault::NeverAnswers {
             continue;
         }
@@ -127,6 +262,9 @@ fn session(mut c: TcpStream, fault: Fault, disk: &Mutex<Vec<u8>>) -> std::io::Re
         let error: u32 = match fault {
             Fault::Error(e) if faulty => e,
             _ if !in_range => 22,
+            // NBD_CMD_FLUSH must have offset and length 0 (nbdkit insists too).
+            _ if cmd == 3 && (offset != 0 || len != 0) => 22,
+            Fault::MaxBlockSize(max) if cmd <= 1 && len > max as usize => 22,
             _ => 0,
         };
         let cookie = if faulty && fault == Fault::UnknownCookie {
@@ -149,6 +287,14 @@ fn session(mut c: TcpStream, fault: Fault, disk: &Mutex<Vec<u8>>) -> std::io::Re
                 1 => d[range].copy_from_slice(&payload),
                 _ => {}
             }
+        }
+        if fault == Fault::SlowWrites && cmd == 1 && stats.slow.load(Ordering::SeqCst) {
+            std::thread::sleep(SLOW_WRITE);
+        }
+        if fault == Fault::StallOldWrite && cmd == 1 && faulty {
+            c.write_all(&reply)?;
+            stats.resent.store(true, Ordering::SeqCst);
+            continue;
         }
         if fault == Fault::Dribble {
             c.set_nodelay(true)?;

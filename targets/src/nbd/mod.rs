@@ -16,8 +16,14 @@
 //! the request timeout) is shut down and reconnected in the background for up to the
 //! reconnect timeout; requests without an answer are sent again on the new connection,
 //! so applications see no error. After the timeout, or with the timeout 0, they and every
-//! later one complete with -EIO. Deleting the device stops the waiting at once, and
-//! fails requests a server leaves unanswered, so `del` never waits on a dead server.
+//! later one complete with -EIO. Before a resend the lost socket is closed with a reset,
+//! so it cannot deliver the rest of a timed-out write after the resend (`queue.rs`).
+//!
+//! Connecting and the handshake share one deadline (CONNECT_TIMEOUT), at add and at each
+//! reconnect. Deleting the device (`stopping`) keeps serving while the kernel drains it,
+//! and aborts (fails what is left with -EIO, stops a reconnect and its handshake) once a
+//! connection is down or after the drain grace, so `del` never waits on a dead server
+//! and a slow one still gets the final writeback.
 
 pub mod proto;
 mod queue;
@@ -31,15 +37,18 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use thiserror::Error;
 pub use uri::{Address, NbdUri};
 
-/// How long connecting and the handshake may take.
+/// How long connecting and the whole handshake may take, at add and at each reconnect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a request may wait for its reply before the connection counts as lost.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How often the drain watchdog (see `NbdTarget::stopping`) looks at the connections.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Error)]
 pub enum NbdError {
@@ -53,6 +62,8 @@ pub enum NbdError {
     NoMultiConn { uri: String },
     #[error("{uri}: the export needs a block size of at least {min} (use --block-size 4096)")]
     BlockSize { uri: String, min: u32 },
+    #[error("{uri}: the server takes requests of at most {max} bytes, less than the device's block size or the kernel's smallest limit of 4096 bytes")]
+    MaxBlockSize { uri: String, max: u32 },
     #[error("{uri}: the export size {size} is not a multiple of the block size {block_size}")]
     SizeNotAligned {
         uri: String,
@@ -92,23 +103,85 @@ impl Stream for UnixStream {
     }
 }
 
-/// Runs the handshake on `s` within CONNECT_TIMEOUT, then hands the socket over.
-fn negotiate<S: Stream>(mut s: S, uri: &NbdUri) -> Result<(OwnedFd, ExportInfo), NbdError> {
+/// How often a handshake that is waiting for the server checks `abort`.
+const HANDSHAKE_POLL: Duration = Duration::from_millis(100);
+
+/// A stream whose reads and writes fail once `deadline` has passed or `abort` is set:
+/// connecting and the whole handshake share one deadline, however slowly the server
+/// trickles its bytes, and deleting the device stops a reconnect's handshake.
+struct Bounded<'a, S> {
+    s: S,
+    deadline: Instant,
+    abort: &'a AtomicBool,
+}
+
+impl<S: Stream> Bounded<'_, S> {
+    fn run<T>(&mut self, mut op: impl FnMut(&mut S) -> io::Result<T>) -> io::Result<T> {
+        loop {
+            if self.abort.load(Ordering::Acquire) {
+                return Err(io::Error::other("the device is being deleted"));
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the server did not finish the NBD handshake within {} s",
+                        CONNECT_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            self.s.set_timeouts(Some(left.min(HANDSHAKE_POLL)))?;
+            match op(&mut self.s) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                r => return r,
+            }
+        }
+    }
+}
+
+impl<S: Stream> io::Read for Bounded<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.run(|s| s.read(buf))
+    }
+}
+
+impl<S: Stream> io::Write for Bounded<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.run(|s| s.write(buf))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.run(|s| s.flush())
+    }
+}
+
+/// Runs the handshake on `s` until `deadline`, then hands the socket over.
+fn negotiate<S: Stream>(
+    s: S,
+    uri: &NbdUri,
+    deadline: Instant,
+    abort: &AtomicBool,
+) -> Result<(OwnedFd, ExportInfo), NbdError> {
     let u = uri.to_string();
-    let io_err = |source| NbdError::Connect {
-        uri: u.clone(),
-        source,
-    };
-    s.set_timeouts(Some(CONNECT_TIMEOUT)).map_err(io_err)?;
-    let info = proto::handshake(&mut s, &uri.export).map_err(|source| NbdError::Handshake {
+    let mut b = Bounded { s, deadline, abort };
+    let info = proto::handshake(&mut b, &uri.export).map_err(|source| NbdError::Handshake {
         uri: u.clone(),
         source,
     })?;
-    s.set_timeouts(None).map_err(io_err)?;
-    Ok((s.into(), info))
+    b.s.set_timeouts(None)
+        .map_err(|source| NbdError::Connect { uri: u, source })?;
+    Ok((b.s.into(), info))
 }
 
-fn connect_one(uri: &NbdUri) -> Result<(OwnedFd, ExportInfo), NbdError> {
+/// Connects and negotiates within CONNECT_TIMEOUT in all; gives up when `abort` is set.
+fn connect_one(uri: &NbdUri, abort: &AtomicBool) -> Result<(OwnedFd, ExportInfo), NbdError> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
     let connect_err = |source| NbdError::Connect {
         uri: uri.to_string(),
         source,
@@ -121,17 +194,36 @@ fn connect_one(uri: &NbdUri) -> Result<(OwnedFd, ExportInfo), NbdError> {
                 .collect();
             let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
             for addr in addrs {
-                match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || abort.load(Ordering::Acquire) {
+                    break;
+                }
+                match TcpStream::connect_timeout(&addr, left) {
                     Ok(s) => {
                         s.set_nodelay(true).map_err(connect_err)?;
-                        return negotiate(s, uri);
+                        return negotiate(s, uri, deadline, abort);
                     }
                     Err(e) => last = e,
                 }
             }
             Err(connect_err(last))
         }
-        Address::Unix(path) => negotiate(UnixStream::connect(path).map_err(connect_err)?, uri),
+        Address::Unix(path) => negotiate(
+            UnixStream::connect(path).map_err(connect_err)?,
+            uri,
+            deadline,
+            abort,
+        ),
+    }
+}
+
+/// Fails every request still waiting on the server: sets `abort` and wakes the queues.
+fn abort_all(abort: &AtomicBool, wakes: &Mutex<Vec<OwnedFd>>) {
+    abort.store(true, Ordering::Release);
+    let one = 1u64.to_ne_bytes();
+    for w in wakes.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        // SAFETY: writing 8 bytes from a live buffer to an eventfd we own.
+        unsafe { libc::write(w.as_raw_fd(), one.as_ptr().cast(), one.len()) };
     }
 }
 
@@ -146,7 +238,7 @@ pub struct NbdTarget {
     states: Vec<Arc<AtomicU8>>,
     request_timeout: Duration,
     /// The queues' wake-up eventfds (see `abort`).
-    wakes: Mutex<Vec<OwnedFd>>,
+    wakes: Arc<Mutex<Vec<OwnedFd>>>,
 }
 
 impl NbdTarget {
@@ -158,13 +250,17 @@ impl NbdTarget {
         reconnect_timeout: Duration,
     ) -> Result<Self, NbdError> {
         let u = uri.to_string();
-        let (first, info) = connect_one(uri)?;
+        let no_abort = AtomicBool::new(false);
+        let (first, info) = connect_one(uri, &no_abort)?;
         if connections > 1 && !info.has(proto::TFLAG_CAN_MULTI_CONN) {
             return Err(NbdError::NoMultiConn { uri: u });
         }
-        if let Some((min, _, _)) = info.block_size {
+        if let Some((min, _, max)) = info.block_size {
             if min > block_size {
                 return Err(NbdError::BlockSize { uri: u, min });
+            }
+            if max < block_size.max(4096) {
+                return Err(NbdError::MaxBlockSize { uri: u, max });
             }
         }
         if info.size % u64::from(block_size) != 0 {
@@ -176,7 +272,7 @@ impl NbdTarget {
         }
         let mut conns = vec![Some(first)];
         for n in 1..usize::from(connections) {
-            let (fd, other) = connect_one(uri)?;
+            let (fd, other) = connect_one(uri, &no_abort)?;
             if other.size != info.size || other.flags != info.flags {
                 return Err(NbdError::Mismatch {
                     uri: u,
@@ -203,7 +299,7 @@ impl NbdTarget {
                 .collect(),
             conns: Mutex::new(conns),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
-            wakes: Mutex::new(Vec::new()),
+            wakes: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
@@ -212,6 +308,16 @@ impl NbdTarget {
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
+    }
+
+    /// How long deleting the device waits for a connected server to answer what the
+    /// kernel still writes back: the request timeout, or the default when that is 0.
+    pub fn drain_grace(&self) -> Duration {
+        if self.request_timeout.is_zero() {
+            DEFAULT_REQUEST_TIMEOUT
+        } else {
+            self.request_timeout
+        }
     }
 }
 
@@ -315,14 +421,46 @@ impl Target for NbdTarget {
         )))
     }
 
-    fn abort(&self) {
-        self.abort.store(true, Ordering::Release);
-        // Wake every queue: requests a server leaves unanswered must not hold up `del`.
-        let one = 1u64.to_ne_bytes();
-        for w in self.wakes.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            // SAFETY: writing 8 bytes from a live buffer to an eventfd we own.
-            unsafe { libc::write(w.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    fn max_io_bytes(&self) -> Option<u32> {
+        self.info.block_size.map(|(_, _, max)| max)
+    }
+
+    /// Keeps serving while the kernel drains the device (its writeback of dirty pages
+    /// goes to the server), and aborts once a connection is down (reconnecting or
+    /// failed: the server is unreachable) or after the drain grace.
+    fn stopping(&self) {
+        let grace = self.drain_grace();
+        let (abort, wakes, states) = (self.abort.clone(), self.wakes.clone(), self.states.clone());
+        let uri = self.uri.clone();
+        let watch = move || {
+            let started = Instant::now();
+            while !abort.load(Ordering::Acquire) {
+                let down = states.iter().any(|s| s.load(Ordering::Relaxed) != CONN_UP);
+                let late = started.elapsed() >= grace;
+                if down || late {
+                    if late {
+                        log::warn!(
+                            "{uri}: the device is being deleted and the server has not answered everything within {} s: failing what is left with EIO",
+                            grace.as_secs()
+                        );
+                    }
+                    return abort_all(&abort, &wakes);
+                }
+                std::thread::sleep(DRAIN_POLL);
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("nbd-drain".into())
+            .spawn(watch)
+        {
+            log::error!("{}: cannot start the drain watchdog: {e}", self.uri);
+            self.abort();
         }
+    }
+
+    fn abort(&self) {
+        // Wake every queue: requests a server leaves unanswered must not hold up `del`.
+        abort_all(&self.abort, &self.wakes);
     }
 }
 
@@ -348,7 +486,7 @@ fn spawn_reconnect(
                 if abort.load(Ordering::Acquire) {
                     break Err("the device is being deleted".to_string());
                 }
-                match connect_one(&uri) {
+                match connect_one(&uri, &abort) {
                     Ok((fd, info)) if info.size == export.size && info.flags == export.flags => {
                         break Ok(fd)
                     }
@@ -380,5 +518,63 @@ fn spawn_reconnect(
         });
     if let Err(e) = spawned {
         log::error!("cannot start the reconnect thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A server that accepts and then sends a byte of its greeting every 500 ms (none
+    /// when `mute`), for `secs`.
+    fn slow_server(secs: u64, mute: bool) -> NbdUri {
+        use std::io::Write;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            for b in b"NBDMAGICIHAVEOPT".iter().cycle().take(2 * secs as usize) {
+                if !mute {
+                    let _ = c.write_all(&[*b]);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        format!("nbd://127.0.0.1:{port}/x").parse().unwrap()
+    }
+
+    #[test]
+    fn deleting_stops_a_handshake_that_hangs() {
+        let uri = slow_server(5, true);
+        let abort = Arc::new(AtomicBool::new(false));
+        let a = abort.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            a.store(true, Ordering::Release);
+        });
+        let started = Instant::now();
+        let err = connect_one(&uri, &abort).unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(1), "{err}");
+        assert!(err.contains("the device is being deleted"), "{err}");
+    }
+
+    #[test]
+    fn the_handshake_has_one_deadline() {
+        // Trickling: every read gets a byte in time, the handshake as a whole does not.
+        let uri = slow_server(CONNECT_TIMEOUT.as_secs() + 5, false);
+        let started = Instant::now();
+        let err = connect_one(&uri, &AtomicBool::new(false))
+            .unwrap_err()
+            .to_string();
+        let took = started.elapsed();
+        assert!(
+            took >= CONNECT_TIMEOUT && took < CONNECT_TIMEOUT + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert!(
+            err.contains("did not finish the NBD handshake within 10 s"),
+            "{err}"
+        );
     }
 }

@@ -27,8 +27,8 @@
 //! not taken in many short pieces, a ring round trip each.
 //!
 //! Requests that have no answer within the request timeout count as a lost connection
-//! (reconnect and resend); deleting the device fails what is left unanswered after a
-//! short grace, so `del` never waits on a server that stopped answering.
+//! (reconnect and resend); once the device's deletion aborts (see `NbdTarget::stopping`),
+//! what is left unanswered fails after a short grace.
 
 use super::proto;
 use super::{spawn_reconnect, Handoff, NbdUri, CONN_FAILED, CONN_RECONNECTING, CONN_UP};
@@ -173,6 +173,9 @@ enum RecvItem {
 
 pub(super) struct NbdQueue {
     pub(super) sock: OwnedFd,
+    /// The lost connection's socket after a reconnect, shut down, closed once none of
+    /// its SQEs is in flight; nothing is resent before (see `close_old`).
+    old_sock: Option<OwnedFd>,
     pub(super) fd: types::Fd,
     pub(super) generation: u16,
     pub(super) link: Link,
@@ -316,6 +319,7 @@ impl NbdQueue {
         NbdQueue {
             fd: types::Fd(sock.as_raw_fd()),
             sock,
+            old_sock: None,
             generation: 0,
             link: Link::Up,
             state,
@@ -374,12 +378,14 @@ impl NbdQueue {
             return Outcome::Done(-libc::EIO);
         }
         let t = usize::from(io.tag);
-        let len = if matches!(io.op, BlockOp::Flush) {
-            0
+        // A FLUSH must have offset and length 0 (the NBD spec; nbdkit refuses anything
+        // else with EINVAL), whatever position the kernel's flush request carries.
+        let (offset, len) = if matches!(io.op, BlockOp::Flush) {
+            (0, 0)
         } else {
-            io.len
+            (io.offset, io.len)
         };
-        self.headers[t] = proto::request(flags, cmd, u64::from(io.tag), io.offset, len);
+        self.headers[t] = proto::request(flags, cmd, u64::from(io.tag), offset, len);
         let sqes = self.tags[t].sqes;
         self.tags[t] = TagIo {
             io: Some(*io),
@@ -401,10 +407,11 @@ impl NbdQueue {
     /// Called at the end of each turn of the queue loop, so that a chain carries all the
     /// requests that came in during the turn.
     fn kick(&mut self, ring: &mut dyn Ring) {
+        self.close_old();
         if self.link != Link::Up {
             return;
         }
-        if self.send_inflight == 0 && !self.send_queue.is_empty() {
+        if self.send_inflight == 0 && self.old_sock.is_none() && !self.send_queue.is_empty() {
             self.pump_send(ring);
         }
         if self.recv_inflight == 0 {
@@ -1065,9 +1072,7 @@ impl NbdQueue {
         if self.link != Link::Up {
             return;
         }
-        // Pending receives and sends complete (with errors) once the socket is down.
-        // SAFETY: shutdown on a socket we own.
-        unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+        self.shut_down();
         if self.reconnect_timeout.is_zero() || self.abort.load(Ordering::Acquire) {
             return self.give_up(why, ring);
         }
@@ -1119,6 +1124,40 @@ impl NbdQueue {
         }
     }
 
+    /// Shuts the connection down: pending receives and sends complete (with errors), the
+    /// socket sends nothing more, and closing it later resets the connection (SO_LINGER
+    /// 0) and drops whatever it still had queued for the server, such as the rest of a
+    /// write that timed out, so that write cannot reach the server after its resend.
+    fn shut_down(&self) {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        let fd = self.sock.as_raw_fd();
+        // SAFETY: setsockopt on a socket we own, reading one live struct.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        // SAFETY: shutdown on a socket we own.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+
+    /// Closes the lost connection's socket once none of its SQEs is in flight (they
+    /// all complete soon after `shut_down`), so the kernel really closes it now (an
+    /// SQE in flight holds the socket open) and resets the connection before any
+    /// request is sent again on the new one.
+    fn close_old(&mut self) {
+        if self.old_sock.is_some() && self.send_inflight == 0 && self.recv_inflight == 0 {
+            self.old_sock = None;
+        }
+    }
+
     /// The connection is gone for good: fail every request on it and every later one.
     pub(super) fn give_up(&mut self, why: &str, ring: &mut dyn Ring) {
         if self.link != Link::Failed {
@@ -1126,8 +1165,7 @@ impl NbdQueue {
                 "{}: connection failed: {why}; failing its requests with EIO",
                 self.uri
             );
-            // SAFETY: shutdown on a socket we own.
-            unsafe { libc::shutdown(self.sock.as_raw_fd(), libc::SHUT_RDWR) };
+            self.shut_down();
         }
         self.link = Link::Failed;
         self.state.store(CONN_FAILED, Ordering::Relaxed);
@@ -1157,7 +1195,7 @@ impl NbdQueue {
             Some(_) if self.link != Link::Reconnecting => {}
             Some(Ok(sock)) => {
                 self.fd = types::Fd(sock.as_raw_fd());
-                self.sock = sock;
+                self.old_sock = Some(std::mem::replace(&mut self.sock, sock));
                 self.lowat = 1;
                 self.generation = self.generation.wrapping_add(1);
                 self.link = Link::Up;
