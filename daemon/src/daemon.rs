@@ -519,17 +519,26 @@ impl Daemon {
         }
         drop(guard);
         let entries = std::mem::take(&mut *self.devices());
-        for (id, entry) in entries {
-            let Entry::Live(dev) = entry else { continue };
-            match mode {
-                ExitMode::RemoveDevices => {
-                    if let Err(e) = dev.shutdown() {
-                        log::error!("dev {id}: {e:#}");
+        // All at once: each device may wait its own grace for a slow backend (an NBD
+        // server's request timeout), and those waits must not add up against systemd's
+        // stop timeout.
+        std::thread::scope(|scope| {
+            for (id, entry) in entries {
+                let Entry::Live(dev) = entry else { continue };
+                let end = move || match mode {
+                    ExitMode::RemoveDevices => {
+                        if let Err(e) = dev.shutdown() {
+                            log::error!("dev {id}: {e:#}");
+                        }
                     }
-                }
-                ExitMode::HandOver => dev.detach(),
+                    ExitMode::HandOver => dev.detach(),
+                };
+                // A thread that cannot be started aborts the daemon (panic = "abort"):
+                // the kernel then keeps the devices for the next ublkd, which is safe
+                // for either mode.
+                scope.spawn(end);
             }
-        }
+        });
     }
 
     /// Served and failed device counts, for the service status line.

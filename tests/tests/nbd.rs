@@ -2,12 +2,10 @@
 //! loopback and Unix sockets. They run inside the test VM (tests/run-vm-tests.sh);
 //! without /dev/ublk-control they fail, never skip.
 
-use std::net::TcpStream;
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use ublkd_tests::nbd_server::{Listen, Server};
 use ublkd_tests::*;
 
 fn require_ublk() {
@@ -15,104 +13,6 @@ fn require_ublk() {
         Path::new("/dev/ublk-control").exists(),
         "/dev/ublk-control is missing: these tests must run in the test VM (tests/run-vm-tests.sh)"
     );
-}
-
-/// A running NBD server, killed on drop.
-struct Server {
-    child: Child,
-    uri: String,
-}
-
-enum Listen {
-    Tcp(u16),
-    Unix(String),
-}
-
-impl Server {
-    fn spawn(program: &str, args: &[String], listen: Listen, uri: String) -> Server {
-        let child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{program}: {e}"));
-        let s = Server { child, uri };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let up = match &listen {
-                Listen::Tcp(port) => TcpStream::connect(("127.0.0.1", *port)).is_ok(),
-                Listen::Unix(path) => UnixStream::connect(path).is_ok(),
-            };
-            if up {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{program} did not start listening"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// nbdkit's memory plugin: a RAM disk of `size` (multi-conn capable).
-    fn nbdkit_memory(listen: Listen, size: &str, extra: &[&str]) -> Server {
-        let mut args: Vec<String> = vec!["-f".into(), "--exit-with-parent".into()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let uri = match &listen {
-            Listen::Tcp(port) => {
-                args.extend([
-                    "-i".into(),
-                    "127.0.0.1".into(),
-                    "-p".into(),
-                    port.to_string(),
-                ]);
-                format!("nbd://127.0.0.1:{port}/")
-            }
-            Listen::Unix(path) => {
-                let _ = std::fs::remove_file(path);
-                args.extend(["-U".into(), path.clone()]);
-                format!("nbd+unix:///?socket={path}")
-            }
-        };
-        args.extend(["memory".into(), format!("size={size}")]);
-        Server::spawn("/usr/bin/nbdkit", &args, listen, uri)
-    }
-
-    /// qemu-nbd exporting a raw file as export "disk".
-    fn qemu_nbd(listen: Listen, file: &str) -> Server {
-        let mut args: Vec<String> = vec!["-f".into(), "raw".into(), "-x".into(), "disk".into()];
-        args.extend(["-t".into(), "-e".into(), "4".into(), "--cache=none".into()]);
-        let uri = match &listen {
-            Listen::Tcp(port) => {
-                args.extend([
-                    "-b".into(),
-                    "127.0.0.1".into(),
-                    "-p".into(),
-                    port.to_string(),
-                ]);
-                format!("nbd://127.0.0.1:{port}/disk")
-            }
-            Listen::Unix(path) => {
-                let _ = std::fs::remove_file(path);
-                args.extend(["-k".into(), path.clone()]);
-                format!("nbd+unix:///disk?socket={path}")
-            }
-        };
-        args.push(file.into());
-        Server::spawn("/usr/bin/qemu-nbd", &args, listen, uri)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 /// fio crc32c verify as in the loop tests: 4k random writes, then 128k-512k sequential.

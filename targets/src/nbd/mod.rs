@@ -480,6 +480,10 @@ fn spawn_reconnect(
     let spawned = std::thread::Builder::new()
         .name("nbd-reconnect".into())
         .spawn(move || {
+            // The device's requests wait on this thread: it must not wait on them.
+            if let Err(e) = crate::io_flusher() {
+                log::warn!("{uri}: {e}");
+            }
             let deadline = std::time::Instant::now() + timeout;
             let mut delay = Duration::from_millis(100);
             let result = loop {
