@@ -346,14 +346,25 @@ pub fn require_ublk() {
     );
 }
 
-/// A sparse file of `size` bytes at `/tmp/backing-NAME.img`, replacing any older one.
-pub fn backing_file(name: &str, size: u64) -> String {
+/// A sparse file of `size` bytes at `/tmp/backing-NAME.img`, replacing any older one;
+/// it is removed when the returned guard is dropped, also when the test fails: the
+/// guest's /tmp is memory, and files left behind would fill it for later tests.
+pub fn backing_file(name: &str, size: u64) -> (String, RemoveOnDrop) {
     let path = format!("/tmp/backing-{name}.img");
     let _ = std::fs::remove_file(&path);
     std::fs::File::create(&path)
         .and_then(|f| f.set_len(size))
         .unwrap_or_else(|e| panic!("{path}: {e}"));
-    path
+    (path.clone(), RemoveOnDrop(path))
+}
+
+/// Removes a file when dropped.
+pub struct RemoveOnDrop(pub String);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The entry of device `id` in `list --json`.

@@ -35,8 +35,8 @@ fn a_failed_device_keeps_its_id_and_record() {
     require_ublk();
     let test = "safe-ids";
     let mut d = Daemon::start(test);
-    let a = backing_file("safe-ids-a", 32 << 20);
-    let b = backing_file("safe-ids-b", 32 << 20);
+    let (a, _a) = backing_file("safe-ids-a", 32 << 20);
+    let (b, _b) = backing_file("safe-ids-b", 32 << 20);
     let da = d.add(&["loop", "--file", &a]);
     let db = d.add(&["loop", "--file", &b, "--name", "bee"]);
     let (ia, ib) = (dev_id(&da), dev_id(&db));
@@ -185,7 +185,7 @@ fn a_delete_cut_short_by_a_crash_is_finished_at_the_next_start() {
     require_ublk();
     let test = "safe-delcrash";
     let mut d = Daemon::start_clean(test, &["--inject-fault", "crash:del-marked"]);
-    let file = backing_file(test, 32 << 20);
+    let (file, _file) = backing_file(test, 32 << 20);
     let dev = d.add(&["loop", "--file", &file]);
     let id = dev_id(&dev);
     assert!(!d.ctl(&["del", &id.to_string()]).status.success());
@@ -215,7 +215,7 @@ fn a_queue_that_fails_ends_the_daemon_and_the_device_recovers() {
     require_ublk();
     let test = "safe-queue-error";
     let mut d = Daemon::start_clean(test, &["--inject-fault", "queue-error:3000"]);
-    let file = backing_file(test, 128 << 20);
+    let (file, _file) = backing_file(test, 128 << 20);
     let dev = d.add(&["loop", "--file", &file]);
     let fio = FioChild::start(&verify_job(&dev, "randwrite", "4k", "128M", 32));
     assert_aborted(&mut d, Duration::from_secs(60));
@@ -240,7 +240,7 @@ fn a_crash_during_recovery_is_recovered_by_the_next_daemon() {
     require_ublk();
     let test = "safe-recover-crash";
     let mut d = Daemon::start(test);
-    let file = backing_file(test, 128 << 20);
+    let (file, _file) = backing_file(test, 128 << 20);
     let dev = d.add(&["loop", "--file", &file]);
     let fio = FioChild::start(&verify_job(&dev, "randwrite", "4k", "128M", 32));
     std::thread::sleep(Duration::from_millis(1500));

@@ -36,7 +36,7 @@ fn del_under_load_every_target_and_mode() {
     require_ublk();
     let d = Daemon::start("stress-del");
     let sentinel = d.add(&["null", "--size", "64M"]);
-    let file = backing_file("stress-del", 128 << 20);
+    let (file, _file) = backing_file("stress-del", 128 << 20);
     for target in ["null", "loop", "nbd"] {
         for mode in MODES {
             for queues in ["1", "2"] {
@@ -89,7 +89,7 @@ fn kill9_five_times(mode: &str) {
     require_ublk();
     let test = format!("stress-kill-{mode}");
     let mut d = Daemon::start(&test);
-    let file = backing_file(&test, 256 << 20);
+    let (file, _file) = backing_file(&test, 256 << 20);
     let dev = d.add(&["loop", "--file", &file, "--queues", "2", "--buffer", mode]);
     let mut fio = FioChild::start(&parallel_verify_job(&dev, 2, "128M", 32));
     for round in 0..5 {
@@ -133,8 +133,10 @@ fn several_devices_one_deleted_then_a_crash() {
     let mut d = Daemon::start(test);
     let mut verifies = Vec::new();
     let mut devs = Vec::new();
+    let mut files = Vec::new();
     for (i, mode) in ["copy", "zc", "auto-zc"].iter().enumerate() {
-        let file = backing_file(&format!("{test}-{i}"), 64 << 20);
+        let (file, cleanup) = backing_file(&format!("{test}-{i}"), 64 << 20);
+        files.push(cleanup);
         let dev = d.add(&["loop", "--file", &file, "--buffer", mode]);
         verifies.push(FioChild::start(&verify_job(
             &dev,
@@ -237,7 +239,7 @@ fn fsynced_files_survive_daemon_crashes() {
     require_ublk();
     let test = "stress-fsync";
     let mut d = Daemon::start(test);
-    let file = backing_file(test, 256 << 20);
+    let (file, _file) = backing_file(test, 256 << 20);
     let dev = d.add(&["loop", "--file", &file, "--queues", "2"]);
     run_ok("/usr/sbin/mkfs.ext4", &["-q", "-F", &dev]);
     let mnt = format!("/tmp/{test}-mnt");
