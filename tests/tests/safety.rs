@@ -101,7 +101,7 @@ fn changes_wait_for_the_restore() {
     let _ = std::fs::remove_dir_all(format!("/tmp/ublkd-{test}"));
     // An NBD server that accepts connections and never says a word: restoring a device
     // of it takes until the handshake's deadline.
-    let silent = std::net::TcpListener::bind("127.0.0.1:10950").unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:10960").unwrap();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = done.clone();
     let hold = std::thread::spawn(move || {
@@ -119,7 +119,7 @@ fn changes_wait_for_the_restore() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         format!("{dir}/9.json"),
-        r#"{"version":1,"id":9,"add":{"target":{"type":"nbd","uri":"nbd://127.0.0.1:10950/x"},"id":9},"buffer":"auto-zc"}"#,
+        r#"{"version":1,"id":9,"add":{"target":{"type":"nbd","uri":"nbd://127.0.0.1:10960/x"},"id":9},"buffer":"auto-zc"}"#,
     )
     .unwrap();
     let mut d = Daemon::spawn_with(test, &[]);
