@@ -72,12 +72,22 @@ impl Entry {
         }
     }
 
+    /// The entry's state in a word, as `list` shows it for entries not served.
+    fn state(&self) -> &'static str {
+        match self {
+            Entry::Live(_) => "live",
+            Entry::Failed { .. } => "failed",
+            other => other.busy().unwrap_or("unknown"),
+        }
+    }
+
     fn info(&self, id: u32) -> DeviceInfo {
-        let (state, error) = match self {
+        let error = match self {
             Entry::Live(d) => return d.info(),
-            Entry::Failed { error, .. } => ("failed", Some(error.clone())),
-            other => (other.busy().unwrap_or("unknown"), None),
+            Entry::Failed { error, .. } => Some(error.clone()),
+            _ => None,
         };
+        let state = self.state();
         let add = self.add_request();
         DeviceInfo {
             id,
@@ -103,11 +113,7 @@ impl Entry {
     /// Who holds an id, for an error message.
     fn holder(&self, id: u32) -> String {
         let target = self.add_request().map_or("?", |a| a.target.name());
-        let state = match self {
-            Entry::Live(_) => "live",
-            Entry::Failed { .. } => "failed",
-            other => other.busy().unwrap_or("unknown"),
-        };
+        let state = self.state();
         match self.name() {
             Some(name) => format!("device {id} '{name}' ({target}, {state})"),
             None => format!("device {id} ({target}, {state})"),
