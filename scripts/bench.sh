@@ -1,21 +1,41 @@
 #!/usr/bin/env bash
-# Benchmarks ublkd against the kernel's own drivers, side by side in one VM run, and
-# prints a table of ratios. Not a test: nothing here passes or fails on speed.
+# Benchmarks ublkd against the kernel's own drivers and (null, loop) against rublk, side
+# by side in one VM run, and prints a table of ratios. Not a test: nothing here passes or
+# fails on speed.
 #
-# Usage: scripts/bench.sh null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--connections N]
+# Usage: scripts/bench.sh null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--connections N] [--rublk-multi-cpus]
+#
+# rublk (https://github.com/ublk-org/rublk, a ublk daemon on libublk) is installed from
+# crates.io with `cargo install` into $UBLKD_BENCH_RUBLK_ROOT (default
+# /var/cache/ublkd-bench/rublk) the first time, and reused after. Pinned to 0.2.15 (on
+# libublk 0.4.7), so numbers from different runs compare; --no-default-features leaves out
+# its vram target, which needs OpenCL, and the benchmark uses only null and loop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+RUBLK_VERSION=0.2.15
+rublk_root=${UBLKD_BENCH_RUBLK_ROOT:-/var/cache/ublkd-bench/rublk}
+rublk=$rublk_root/bin/rublk
 
 suite=${1:-null}
 shift || true
 tests/vm/setup-host.sh
 cargo build --release --locked -p ublkd -p ublkctl -p ublkd-tests --bins
+if [[ $("$rublk" --version 2>/dev/null) != "rublk $RUBLK_VERSION" ]]; then
+    mkdir -p "$rublk_root" || {
+        echo "bench.sh: cannot create $rublk_root for rublk; set UBLKD_BENCH_RUBLK_ROOT to a writable directory" >&2
+        exit 1
+    }
+    cargo install --locked --no-default-features --version "$RUBLK_VERSION" \
+        --root "$rublk_root" rublk
+fi
 if [ -e /dev/ublk-control ]; then
     echo "note: running in the VM anyway, so both sides see the same (emulated) machine" >&2
 fi
 plugins=$(nbdkit --dump-config | sed -n 's/^plugindir=//p')
 tests/vm/run.sh --timeout 1800 --mem 3G \
     --bin target/release/ublkd --bin target/release/ublkctl --bin target/release/ublkd-bench \
+    --bin "$rublk" \
     --tool /usr/bin/nbdkit --tool /usr/bin/qemu-nbd --tool /usr/sbin/nbd-client \
     --tool "$plugins/nbdkit-memory-plugin.so" \
     -- ublkd-bench "$suite" "$@" | tr -d '\r'

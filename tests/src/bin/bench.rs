@@ -1,17 +1,23 @@
 //! ublkd-bench: runs inside the test VM (scripts/bench.sh) and prints ublkd against the
-//! kernel's own drivers, measured side by side in one run. Not a test: it checks no
-//! threshold, it reports.
+//! kernel's own drivers and, for null and loop, against rublk (its `-z` mode), measured
+//! side by side in one run. Not a test: it checks no threshold, it reports.
 //!
-//! Every cell is measured in several rounds; within a round each workload runs on every
-//! device in turn, so slow phases of the (emulated) machine hit all devices alike. The
-//! table shows the median of the rounds and the spread (min-max) of IOPS.
+//! All devices are created first. Every cell is measured in several rounds; within a
+//! round each workload runs on every device in turn, the order rotating by one device
+//! each round, so slow phases of the (emulated) machine hit all devices alike. The table
+//! shows the median of the rounds, the spread (min-max) of IOPS, and the ratio of the
+//! medians to the kernel's device and (null, loop) to rublk -z.
 //!
 //! Usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT]
 //!        [--export nbdkit|qemu] [--buffers MODE,...] [--connections N]
+//!        [--rublk-multi-cpus]
 //!
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
-//! `--export` keeps one of the nbd exports; `--buffers copy,auto-zc` measures ublkd's nbd
-//! target in those buffer modes (default: the daemon's default mode). `--connections N`
+//! `--export` keeps one of the nbd exports; `--buffers copy,auto-zc` measures ublkd's
+//! loop or nbd target in those buffer modes (default: the daemon's default mode).
+//! rublk (`/usr/local/bin/rublk`, copied in by scripts/bench.sh) pins each queue thread
+//! to one CPU by default; `--rublk-multi-cpus` adds a second rublk device created with
+//! `--multi-cpus-affinity` (queue threads on all CPUs of the queue's mask, like ublkd). `--connections N`
 //! gives both nbd clients N connections (`nbd-client -C N`, `ublkctl add nbd --connections
 //! N`, one per hardware queue on both) and splits each workload's queue depth over N fio
 //! jobs, so that more than one queue and connection carries IO (the jobs are not pinned
@@ -67,6 +73,8 @@ struct Settings {
     /// fio jobs per workload, sharing its queue depth (nbd: also the connections of
     /// each client).
     jobs: u32,
+    /// null, loop: also measure rublk with `--multi-cpus-affinity`.
+    rublk_multi: bool,
 }
 
 impl Settings {
@@ -116,48 +124,128 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// Measures every row on every device (`(label, path)`, the first is the reference) and
-/// prints the table.
-fn compare(devices: &[(String, String)], rows: &[Row], s: &Settings) {
+/// Measures every row on every device (`(label, path)`) and prints the table, with the
+/// ratio of each device's median to that of every device in `refs` (`(index, column
+/// name)`).
+fn compare(devices: &[(String, String)], refs: &[(usize, &str)], rows: &[Row], s: &Settings) {
     let rows = s.rows(rows);
+    let n = devices.len();
     // samples[row][dev] = [(iops, mbps)] over the rounds
-    let mut samples = vec![vec![Vec::new(); devices.len()]; rows.len()];
+    let mut samples = vec![vec![Vec::new(); n]; rows.len()];
     for round in 0..s.rounds {
         eprintln!("round {}/{}", round + 1, s.rounds);
         for (r, row) in rows.iter().enumerate() {
-            for (d, (_, path)) in devices.iter().enumerate() {
-                samples[r][d].push(measure(path, row, s));
+            // Each round starts one device later, so no device always runs first.
+            for i in 0..n {
+                let d = (i + round) % n;
+                samples[r][d].push(measure(&devices[d].1, row, s));
             }
         }
     }
-    println!(
-        "| {:<18} | {:<14} | {:>9} | {:>15} | {:>9} | {:>8} |",
-        "workload", "device", "IOPS", "IOPS min-max", "MB/s", "ratio"
+    let mut header = format!(
+        "| {:<18} | {:<16} | {:>9} | {:>15} | {:>9} |",
+        "workload", "device", "IOPS", "IOPS min-max", "MB/s"
     );
-    println!(
-        "|{:-<20}|{:-<16}|{:->10}:|{:->16}:|{:->10}:|{:->9}:|",
-        "", "", "", "", "", ""
+    let mut rule = format!(
+        "|{:-<20}|{:-<18}|{:->10}:|{:->16}:|{:->10}:|",
+        "", "", "", "", ""
     );
+    for (_, name) in refs {
+        header.push_str(&format!(" {name:>9} |"));
+        rule.push_str(&format!("{:->10}:|", ""));
+    }
+    println!("{header}");
+    println!("{rule}");
     for (r, row) in rows.iter().enumerate() {
-        let mut reference = 0.0;
+        let medians: Vec<(f64, f64)> = samples[r]
+            .iter()
+            .map(|v| {
+                let mut iops: Vec<f64> = v.iter().map(|x| x.0).collect();
+                let mut mbps: Vec<f64> = v.iter().map(|x| x.1).collect();
+                (median(&mut iops), median(&mut mbps))
+            })
+            .collect();
         for (d, (label, _)) in devices.iter().enumerate() {
-            let mut iops: Vec<f64> = samples[r][d].iter().map(|x| x.0).collect();
-            let mut mbps: Vec<f64> = samples[r][d].iter().map(|x| x.1).collect();
+            let iops = samples[r][d].iter().map(|x| x.0);
             let (lo, hi) = (
-                iops.iter().copied().fold(f64::INFINITY, f64::min),
-                iops.iter().copied().fold(0.0, f64::max),
+                iops.clone().fold(f64::INFINITY, f64::min),
+                iops.fold(0.0, f64::max),
             );
-            let (mi, mb) = (median(&mut iops), median(&mut mbps));
-            if d == 0 {
-                reference = mi;
-            }
+            let (mi, mb) = medians[d];
             let spread = format!("{lo:.0}-{hi:.0}");
-            let ratio = format!("{:.2}x", mi / reference);
-            println!(
-                "| {:<18} | {label:<14} | {mi:>9.0} | {spread:>15} | {mb:>9.1} | {ratio:>8} |",
+            let mut line = format!(
+                "| {:<18} | {label:<16} | {mi:>9.0} | {spread:>15} | {mb:>9.1} |",
                 row.name
             );
+            for (i, _) in refs {
+                line.push_str(&format!(" {:>9} |", format!("{:.2}x", mi / medians[*i].0)));
+            }
+            println!("{line}");
         }
+    }
+}
+
+/// rublk, the peer daemon (`/usr/local/bin/rublk`): its devices get fixed ids from
+/// `RUBLK_FIRST_ID` on, clear of the ids ublkd assigns (from 0) in these runs.
+const RUBLK: &str = "/usr/local/bin/rublk";
+const RUBLK_FIRST_ID: u32 = 10;
+
+/// Creates rublk devices of `target` (`null`, or `loop` with `extra` = `-f FILE`):
+/// 1 queue, depth 128, auto-buf-reg zero copy (`-z`, rublk's fastest mode), pinned (its
+/// default), and with `--rublk-multi-cpus` also one unpinned. Returns `(label, path)`.
+fn rublk_add(target: &str, extra: &[&str], s: &Settings) -> Vec<(String, String)> {
+    let mut kinds = vec![("rublk -z", false)];
+    if s.rublk_multi {
+        kinds.push(("rublk -z multi", true));
+    }
+    let mut devices = Vec::new();
+    for (n, (label, multi)) in kinds.into_iter().enumerate() {
+        let id = (RUBLK_FIRST_ID + n as u32).to_string();
+        let mut args = vec![
+            "add", target, "-n", &id, "-q", "1", "-d", "128", "-z", "--quiet",
+        ];
+        if multi {
+            args.push("--multi-cpus-affinity");
+        }
+        args.extend_from_slice(extra);
+        let out = Command::new(RUBLK).args(&args).output().expect("run rublk");
+        assert!(
+            out.status.success(),
+            "rublk {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = format!("/dev/ublkb{id}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !std::path::Path::new(&path).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rublk {}: {path} did not appear",
+                args.join(" ")
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        devices.push((label.to_string(), path));
+    }
+    devices
+}
+
+/// Deletes the rublk devices `rublk_add` made.
+fn rublk_del(devices: &[(String, String)]) {
+    for (_, path) in devices {
+        if let Some(id) = path.strip_prefix("/dev/ublkb") {
+            let _ = Command::new(RUBLK).args(["del", "-n", id]).status();
+        }
+    }
+}
+
+/// The ublkd buffer modes to measure: `--buffers`, or the daemon's default (`None`).
+fn ublkd_modes(s: &Settings) -> Vec<Option<&str>> {
+    if s.buffers.is_empty() {
+        vec![None]
+    } else {
+        s.buffers.iter().map(|b| Some(b.as_str())).collect()
     }
 }
 
@@ -183,17 +271,23 @@ fn bench_null(s: &Settings) {
         .as_str()
         .unwrap_or("?")
         .to_string();
-    println!("ublkd null ({dev}: 1 queue, depth 128, {buffer} buffers) vs null_blk (/dev/nullb0: queue_mode=2 irqmode=0)");
+    let rublk = rublk_add("null", &[], s);
+    println!("null_blk (/dev/nullb0: queue_mode=2 irqmode=0) vs rublk null (250 GiB, 1 queue, depth 128, -z; pinned to one CPU unless \"multi\") vs ublkd null ({dev}: 250 GiB, 1 queue, depth 128, {buffer} buffers)");
     println!(
-        "fio io_uring, direct, 1 job, {} s per run (+1 s ramp), {} rounds, median shown; ratio = ublkd / null_blk",
+        "fio io_uring, direct, 1 job, {} s per run (+1 s ramp), {} rounds, order rotating, median shown; ratios = device / null_blk, device / rublk -z",
         s.runtime, s.rounds
     );
     println!();
-    let devices = [
-        ("null_blk".to_string(), "/dev/nullb0".to_string()),
-        (format!("ublkd {buffer}"), dev),
-    ];
-    compare(&devices, &LOOP_ROWS[..3], s);
+    let mut devices = vec![("null_blk".to_string(), "/dev/nullb0".to_string())];
+    devices.extend(rublk.iter().cloned());
+    devices.push((format!("ublkd {buffer}"), dev));
+    compare(
+        &devices,
+        &[(0, "vs kernel"), (1, "vs rublk")],
+        &LOOP_ROWS[..3],
+        s,
+    );
+    rublk_del(&rublk);
 }
 
 fn bench_loop(s: &Settings) {
@@ -220,15 +314,15 @@ fn bench_loop(s: &Settings) {
     let name = kloop.trim_start_matches("/dev/");
     let dio = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap_or_default();
 
+    let rublk = rublk_add("loop", &["-f", file], s);
     let d = Daemon::start("bench-loop");
     let mut devices = vec![("kernel loop".to_string(), kloop.clone())];
-    for mode in ["copy", "fixed", "zc", "auto-zc"] {
-        let args = [
+    devices.extend(rublk.iter().cloned());
+    for mode in ublkd_modes(s) {
+        let mut args = vec![
             "loop",
             "--file",
             file,
-            "--buffer",
-            mode,
             "--direct-io",
             "on",
             "--queues",
@@ -236,19 +330,38 @@ fn bench_loop(s: &Settings) {
             "--depth",
             "128",
         ];
-        devices.push((format!("ublkd {mode}"), d.add(&args)));
+        if let Some(m) = mode {
+            args.extend(["--buffer", m]);
+        }
+        let udev = d.add(&args);
+        let buffer = d.show_json(ublkd_tests::dev_id(&udev))["buffer"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
+        devices.push((format!("ublkd {buffer}"), udev));
     }
+    let modes: Vec<&str> = devices[1 + rublk.len()..]
+        .iter()
+        .map(|(l, _)| &l[6..])
+        .collect();
     println!(
-        "kernel loop ({kloop}: --direct-io=on, dio={}) vs ublkd loop (1 queue, depth 128, O_DIRECT) in each buffer mode",
-        dio.trim()
+        "kernel loop ({kloop}: --direct-io=on, dio={}) vs rublk loop (1 queue, depth 128, -z, direct IO; pinned to one CPU unless \"multi\") vs ublkd loop (1 queue, depth 128, O_DIRECT, buffers: {})",
+        dio.trim(),
+        modes.join(", ")
     );
     println!(
-        "same 512 MiB backing file on tmpfs; fio io_uring, direct, 1 job, {} s per run (+1 s ramp), {} rounds, median shown; ratio = device / kernel loop",
+        "same 512 MiB backing file on tmpfs; fio io_uring, direct, 1 job, {} s per run (+1 s ramp), {} rounds, order rotating, median shown; ratios = device / kernel loop, device / rublk -z",
         s.runtime, s.rounds
     );
     println!();
-    compare(&devices, &LOOP_ROWS, s);
+    compare(
+        &devices,
+        &[(0, "vs kernel"), (1, "vs rublk")],
+        &LOOP_ROWS,
+        s,
+    );
     d.ctl_ok(&["del", "--all"]);
+    rublk_del(&rublk);
     let _ = Command::new("/usr/sbin/losetup")
         .args(["-d", &kloop])
         .status();
@@ -364,12 +477,7 @@ fn bench_nbd(s: &Settings) {
             String::from_utf8_lossy(&out.stderr)
         );
         let mut devices = vec![("kernel nbd".to_string(), kdev.clone())];
-        let modes: Vec<Option<&str>> = if s.buffers.is_empty() {
-            vec![None]
-        } else {
-            s.buffers.iter().map(|b| Some(b.as_str())).collect()
-        };
-        for mode in modes {
+        for mode in ublkd_modes(s) {
             let mut args = vec![
                 "nbd",
                 "--uri",
@@ -399,7 +507,7 @@ fn bench_nbd(s: &Settings) {
             s.jobs, s.runtime, s.rounds
         );
         println!();
-        compare(&devices, &LOOP_ROWS, s);
+        compare(&devices, &[(0, "vs kernel")], &LOOP_ROWS, s);
         println!();
         let _ = Command::new("/usr/sbin/nbd-client")
             .args(["-d", &kdev])
@@ -438,13 +546,14 @@ fn main() {
             .map(|b| b.split(',').map(str::to_string).collect())
             .unwrap_or_default(),
         jobs: opt("--connections", 1).max(1) as u32,
+        rublk_multi: args.iter().any(|a| a == "--rublk-multi-cpus"),
     };
     match args.first().map(String::as_str) {
         Some("null") => bench_null(&s),
         Some("loop") => bench_loop(&s),
         Some("nbd") => bench_nbd(&s),
         _ => {
-            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--connections N]");
+            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--connections N] [--rublk-multi-cpus]");
             std::process::exit(2);
         }
     }
