@@ -319,7 +319,7 @@ fn bench_loop(s: &Settings) {
     let mut devices = vec![("kernel loop".to_string(), kloop.clone())];
     devices.extend(rublk.iter().cloned());
     for mode in ublkd_modes(s) {
-        let mut args = vec![
+        let args = vec![
             "loop",
             "--file",
             file,
@@ -330,15 +330,7 @@ fn bench_loop(s: &Settings) {
             "--depth",
             "128",
         ];
-        if let Some(m) = mode {
-            args.extend(["--buffer", m]);
-        }
-        let udev = d.add(&args);
-        let buffer = d.show_json(ublkd_tests::dev_id(&udev))["buffer"]
-            .as_str()
-            .unwrap_or("?")
-            .to_string();
-        devices.push((format!("ublkd {buffer}"), udev));
+        devices.push(add_ublkd(&d, args, mode));
     }
     let modes: Vec<&str> = devices[1 + rublk.len()..]
         .iter()
@@ -478,7 +470,7 @@ fn bench_nbd(s: &Settings) {
         );
         let mut devices = vec![("kernel nbd".to_string(), kdev.clone())];
         for mode in ublkd_modes(s) {
-            let mut args = vec![
+            let args = vec![
                 "nbd",
                 "--uri",
                 &uri,
@@ -487,15 +479,7 @@ fn bench_nbd(s: &Settings) {
                 "--connections",
                 &conns,
             ];
-            if let Some(m) = mode {
-                args.extend(["--buffer", m]);
-            }
-            let udev = d.add(&args);
-            let buffer = d.show_json(ublkd_tests::dev_id(&udev))["buffer"]
-                .as_str()
-                .unwrap_or("?")
-                .to_string();
-            devices.push((format!("ublkd {buffer}"), udev));
+            devices.push(add_ublkd(&d, args, mode));
         }
         let modes: Vec<&str> = devices[1..].iter().map(|(l, _)| &l[6..]).collect();
         println!(
@@ -557,4 +541,18 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// Adds a ublkd device with `args` (plus `--buffer MODE` when given); its label names
+/// the buffer mode the daemon chose, and its path.
+fn add_ublkd<'a>(d: &Daemon, mut args: Vec<&'a str>, mode: Option<&'a str>) -> (String, String) {
+    if let Some(m) = mode {
+        args.extend(["--buffer", m]);
+    }
+    let udev = d.add(&args);
+    let buffer = d.show_json(ublkd_tests::dev_id(&udev))["buffer"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string();
+    (format!("ublkd {buffer}"), udev)
 }
