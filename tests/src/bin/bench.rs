@@ -9,12 +9,14 @@
 //! medians to the kernel's device and (null, loop) to rublk -z.
 //!
 //! Usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT]
-//!        [--export nbdkit|qemu] [--buffers MODE,...] [--connections N]
-//!        [--rublk-multi-cpus]
+//!        [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd "ARGS;ARGS"]
+//!        [--connections N] [--rublk-multi-cpus]
 //!
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
-//! `--export` keeps one of the nbd exports; `--buffers copy,auto-zc` measures ublkd's
-//! loop or nbd target in those buffer modes (default: the daemon's default mode).
+//! `--export` keeps one of the nbd exports; `--buffers copy,auto-zc` measures a ublkd
+//! device in each of those buffer modes, and `--ublkd "ARGS;ARGS"` one device per
+//! `;`-separated set of extra `ublkctl add` arguments (`--ublkd ";--no-batch"`: the
+//! defaults beside `--no-batch`); neither given: one device with the daemon's defaults.
 //! rublk (`/usr/local/bin/rublk`, copied in by scripts/bench.sh) pins each queue thread
 //! to one CPU by default; `--rublk-multi-cpus` adds a second rublk device created with
 //! `--multi-cpus-affinity` (queue threads on all CPUs of the queue's mask, like ublkd). `--connections N`
@@ -68,8 +70,9 @@ struct Settings {
     only: Option<String>,
     /// nbd: only the export whose label starts with this.
     export: Option<String>,
-    /// nbd: the buffer modes to measure (empty: the default mode only).
-    buffers: Vec<String>,
+    /// The ublkd devices to measure, each as extra `ublkctl add` arguments: one per
+    /// `--buffers` mode and one per `--ublkd` variant (none given: the defaults).
+    variants: Vec<Vec<String>>,
     /// fio jobs per workload, sharing its queue depth (nbd: also the connections of
     /// each client).
     jobs: u32,
@@ -240,13 +243,25 @@ fn rublk_del(devices: &[(String, String)]) {
     }
 }
 
-/// The ublkd buffer modes to measure: `--buffers`, or the daemon's default (`None`).
-fn ublkd_modes(s: &Settings) -> Vec<Option<&str>> {
-    if s.buffers.is_empty() {
-        vec![None]
-    } else {
-        s.buffers.iter().map(|b| Some(b.as_str())).collect()
+/// `--buffers a,b` and `--ublkd "ARGS;ARGS"` as lists of extra `ublkctl add` arguments;
+/// one empty list (the daemon's defaults) when neither is given.
+fn variants(buffers: Option<String>, ublkd: Option<String>) -> Vec<Vec<String>> {
+    let mut v: Vec<Vec<String>> = buffers
+        .iter()
+        .flat_map(|b| b.split(','))
+        .filter(|m| !m.is_empty())
+        .map(|m| vec!["--buffer".to_string(), m.to_string()])
+        .collect();
+    v.extend(
+        ublkd
+            .iter()
+            .flat_map(|u| u.split(';'))
+            .map(|a| a.split_whitespace().map(str::to_string).collect()),
+    );
+    if v.is_empty() {
+        v.push(Vec::new());
     }
+    v
 }
 
 fn insmod(module: &str, params: &[&str]) {
@@ -266,27 +281,30 @@ fn insmod(module: &str, params: &[&str]) {
 fn bench_null(s: &Settings) {
     insmod("null_blk", &["nr_devices=1", "queue_mode=2", "irqmode=0"]);
     let d = Daemon::start("bench");
-    let dev = d.add(&["null", "--size", "250G", "--queues", "1", "--depth", "128"]);
-    let buffer = d.list_json()[0]["buffer"]
-        .as_str()
-        .unwrap_or("?")
-        .to_string();
     let rublk = rublk_add("null", &[], s);
-    println!("null_blk (/dev/nullb0: queue_mode=2 irqmode=0) vs rublk null (250 GiB, 1 queue, depth 128, -z; pinned to one CPU unless \"multi\") vs ublkd null ({dev}: 250 GiB, 1 queue, depth 128, {buffer} buffers)");
+    let mut devices = vec![("null_blk".to_string(), "/dev/nullb0".to_string())];
+    devices.extend(rublk.iter().cloned());
+    for extra in &s.variants {
+        let args = vec!["null", "--size", "250G", "--queues", "1", "--depth", "128"];
+        devices.push(add_ublkd(&d, args, extra));
+    }
+    let labels: Vec<&str> = devices[1 + rublk.len()..]
+        .iter()
+        .map(|(l, _)| &l[6..])
+        .collect();
+    println!("null_blk (/dev/nullb0: queue_mode=2 irqmode=0) vs rublk null (250 GiB, 1 queue, depth 128, -z; pinned to one CPU unless \"multi\") vs ublkd null (250 GiB, 1 queue, depth 128, buffers: {})", labels.join(", "));
     println!(
         "fio io_uring, direct, 1 job, {} s per run (+1 s ramp), {} rounds, order rotating, median shown; ratios = device / null_blk, device / rublk -z",
         s.runtime, s.rounds
     );
     println!();
-    let mut devices = vec![("null_blk".to_string(), "/dev/nullb0".to_string())];
-    devices.extend(rublk.iter().cloned());
-    devices.push((format!("ublkd {buffer}"), dev));
     compare(
         &devices,
         &[(0, "vs kernel"), (1, "vs rublk")],
         &LOOP_ROWS[..3],
         s,
     );
+    d.ctl_ok(&["del", "--all"]);
     rublk_del(&rublk);
 }
 
@@ -318,7 +336,7 @@ fn bench_loop(s: &Settings) {
     let d = Daemon::start("bench-loop");
     let mut devices = vec![("kernel loop".to_string(), kloop.clone())];
     devices.extend(rublk.iter().cloned());
-    for mode in ublkd_modes(s) {
+    for extra in &s.variants {
         let args = vec![
             "loop",
             "--file",
@@ -330,7 +348,7 @@ fn bench_loop(s: &Settings) {
             "--depth",
             "128",
         ];
-        devices.push(add_ublkd(&d, args, mode));
+        devices.push(add_ublkd(&d, args, extra));
     }
     let modes: Vec<&str> = devices[1 + rublk.len()..]
         .iter()
@@ -469,7 +487,7 @@ fn bench_nbd(s: &Settings) {
             String::from_utf8_lossy(&out.stderr)
         );
         let mut devices = vec![("kernel nbd".to_string(), kdev.clone())];
-        for mode in ublkd_modes(s) {
+        for extra in &s.variants {
             let args = vec![
                 "nbd",
                 "--uri",
@@ -479,7 +497,7 @@ fn bench_nbd(s: &Settings) {
                 "--connections",
                 &conns,
             ];
-            devices.push(add_ublkd(&d, args, mode));
+            devices.push(add_ublkd(&d, args, extra));
         }
         let modes: Vec<&str> = devices[1..].iter().map(|(l, _)| &l[6..]).collect();
         println!(
@@ -526,9 +544,7 @@ fn main() {
         rounds: opt("--rounds", 3).max(1),
         only: text("--only"),
         export: text("--export"),
-        buffers: text("--buffers")
-            .map(|b| b.split(',').map(str::to_string).collect())
-            .unwrap_or_default(),
+        variants: variants(text("--buffers"), text("--ublkd")),
         jobs: opt("--connections", 1).max(1) as u32,
         rublk_multi: args.iter().any(|a| a == "--rublk-multi-cpus"),
     };
@@ -537,22 +553,53 @@ fn main() {
         Some("loop") => bench_loop(&s),
         Some("nbd") => bench_nbd(&s),
         _ => {
-            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--connections N] [--rublk-multi-cpus]");
+            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd \"ARGS;ARGS\"] [--connections N] [--rublk-multi-cpus]");
             std::process::exit(2);
         }
     }
 }
 
-/// Adds a ublkd device with `args` (plus `--buffer MODE` when given); its label names
-/// the buffer mode the daemon chose, and its path.
-fn add_ublkd<'a>(d: &Daemon, mut args: Vec<&'a str>, mode: Option<&'a str>) -> (String, String) {
-    if let Some(m) = mode {
-        args.extend(["--buffer", m]);
-    }
-    let udev = d.add(&args);
+/// Adds a ublkd device with `args` plus the variant's `extra` arguments; its label names
+/// the buffer mode the daemon chose and the variant's other arguments, and its path.
+fn add_ublkd(d: &Daemon, args: Vec<&str>, extra: &[String]) -> (String, String) {
+    let mut all = args;
+    all.extend(extra.iter().map(String::as_str));
+    let udev = d.add(&all);
     let buffer = d.show_json(ublkd_tests::dev_id(&udev))["buffer"]
         .as_str()
         .unwrap_or("?")
         .to_string();
-    (format!("ublkd {buffer}"), udev)
+    let mut label = format!("ublkd {buffer}");
+    let mut rest = extra.iter().peekable();
+    while let Some(a) = rest.next() {
+        if a == "--buffer" {
+            rest.next();
+        } else {
+            label.push(' ');
+            label.push_str(a);
+        }
+    }
+    (label, udev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::variants;
+
+    #[test]
+    fn variants_come_from_buffers_and_ublkd_args() {
+        assert_eq!(variants(None, None), vec![Vec::<String>::new()]);
+        assert_eq!(
+            variants(
+                Some("copy,auto-zc".into()),
+                Some(";--no-batch --depth 64".into())
+            ),
+            vec![
+                vec!["--buffer".to_string(), "copy".into()],
+                vec!["--buffer".into(), "auto-zc".into()],
+                vec![],
+                vec!["--no-batch".into(), "--depth".into(), "64".into()],
+            ]
+        );
+    }
 }
