@@ -477,6 +477,6 @@ fn queue_threads_are_placed_as_asked() {
 
     // Every placement serves IO.
     for dev in pinned.iter().chain([&set, &off]) {
-        fio(&verify_job(dev, "randwrite", "4k", "16M", 16));
+        fio(&fio_job(dev, "randrw", "4k", 16, 1));
     }
 }
