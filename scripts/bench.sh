@@ -33,9 +33,10 @@ if [ -e /dev/ublk-control ]; then
     echo "note: running in the VM anyway, so both sides see the same (emulated) machine" >&2
 fi
 plugins=$(nbdkit --dump-config | sed -n 's/^plugindir=//p')
+# The guest runs the command with sh -c: quote the arguments (--ublkd has ';' and spaces).
 tests/vm/run.sh --timeout 1800 --mem 3G \
     --bin target/release/ublkd --bin target/release/ublkctl --bin target/release/ublkd-bench \
     --bin "$rublk" \
     --tool /usr/bin/nbdkit --tool /usr/bin/qemu-nbd --tool /usr/sbin/nbd-client \
     --tool "$plugins/nbdkit-memory-plugin.so" \
-    -- ublkd-bench "$suite" "$@" | tr -d '\r'
+    -- "$(printf '%q ' ublkd-bench "$suite" "$@")" | tr -d '\r'
