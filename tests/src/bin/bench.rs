@@ -474,12 +474,14 @@ fn loop_backing_dir(s: &Settings) -> &'static str {
         std::fs::write(format!("{dev}/{attr}"), value)
             .unwrap_or_else(|e| panic!("null_blk {attr}={value}: {e}"));
     }
-    run("/usr/sbin/mkfs.ext4", &["-q", "-F", "/dev/nullb7"]);
+    // Newer kernels name a configfs null_blk device after its directory.
+    let node = ["/dev/loopbench", "/dev/nullb7"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("the null_blk device for the loop backing file did not appear");
+    run("/usr/sbin/mkfs.ext4", &["-q", "-F", node]);
     std::fs::create_dir_all("/mnt/loopbench").expect("create /mnt/loopbench");
-    run(
-        "/bin/mount",
-        &["-t", "ext4", "/dev/nullb7", "/mnt/loopbench"],
-    );
+    run("/bin/mount", &["-t", "ext4", node, "/mnt/loopbench"]);
     "/mnt/loopbench"
 }
 
