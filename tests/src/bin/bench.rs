@@ -9,11 +9,12 @@
 //! medians to the kernel's device and (null, loop) to rublk -z.
 //!
 //! Usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT]
-//!        [--export nbdkit|qemu] [--buffers MODE,...] [--connections N]
+//!        [--export nbdkit|nbdkit-tcp|nbdkit-unix|qemu] [--buffers MODE,...] [--connections N]
 //!        [--rublk-multi-cpus]
 //!
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
-//! `--export` keeps one of the nbd exports; `--buffers copy,auto-zc` measures ublkd's
+//! `--export` keeps the nbd exports whose key starts with it (`nbdkit-tcp`, `nbdkit-unix`,
+//! `qemu-tcp`; `nbdkit` keeps both nbdkit ones); `--buffers copy,auto-zc` measures ublkd's
 //! loop or nbd target in those buffer modes (default: the daemon's default mode).
 //! rublk (`/usr/local/bin/rublk`, copied in by scripts/bench.sh) pins each queue thread
 //! to one CPU by default; `--rublk-multi-cpus` adds a second rublk device created with
@@ -66,7 +67,7 @@ struct Settings {
     rounds: usize,
     /// Only workloads whose name contains this.
     only: Option<String>,
-    /// nbd: only the export whose label starts with this.
+    /// nbd: only the exports whose key starts with this.
     export: Option<String>,
     /// nbd: the buffer modes to measure (empty: the default mode only).
     buffers: Vec<String>,
@@ -359,14 +360,53 @@ fn bench_loop(s: &Settings) {
         .status();
 }
 
+/// Where an NBD server listens.
+#[derive(Clone, Copy)]
+enum Listen {
+    Tcp(u16),
+    Unix(&'static str),
+}
+
+impl Listen {
+    fn accepts(self) -> bool {
+        match self {
+            Listen::Tcp(port) => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            Listen::Unix(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
+        }
+    }
+
+    /// ublkd's URI for `export` on this address.
+    fn uri(self, export: &str) -> String {
+        match self {
+            Listen::Tcp(port) => format!("nbd://127.0.0.1:{port}/{export}"),
+            Listen::Unix(path) => format!("nbd+unix:///{export}?socket={path}"),
+        }
+    }
+
+    /// nbd-client's arguments before the device for this address.
+    fn nbd_client_args(self) -> Vec<String> {
+        match self {
+            Listen::Tcp(port) => vec!["127.0.0.1".into(), port.to_string()],
+            Listen::Unix(path) => vec!["-u".into(), path.into()],
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Listen::Tcp(port) => format!("127.0.0.1:{port} (TCP)"),
+            Listen::Unix(path) => format!("{path} (unix socket)"),
+        }
+    }
+}
+
 /// Starts an NBD server in the background and waits until it accepts connections.
-fn start_server(program: &str, args: &[&str], port: u16) -> std::process::Child {
+fn start_server(program: &str, args: &[&str], at: Listen) -> std::process::Child {
     let child = Command::new(program)
         .args(args)
         .spawn()
         .expect("start NBD server");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !at.accepts() {
         assert!(
             std::time::Instant::now() < deadline,
             "{program} did not listen"
@@ -376,6 +416,19 @@ fn start_server(program: &str, args: &[&str], port: u16) -> std::process::Child 
     child
 }
 
+/// The nbd exports: `(key for --export, label, address, export name)`. `--export TEXT`
+/// keeps those whose key starts with TEXT: `nbdkit` both nbdkit ones, `nbdkit-unix` one.
+const NBD_EXPORTS: [(&str, &str, Listen, &str); 3] = [
+    ("nbdkit-tcp", "nbdkit memory", Listen::Tcp(10809), ""),
+    (
+        "nbdkit-unix",
+        "nbdkit memory",
+        Listen::Unix("/tmp/bench-nbdkit.sock"),
+        "",
+    ),
+    ("qemu-tcp", "qemu-nbd file", Listen::Tcp(10810), "disk"),
+];
+
 fn bench_nbd(s: &Settings) {
     let file = "/tmp/bench-nbd.img";
     let chunk = vec![0x5au8; 1 << 20];
@@ -384,62 +437,66 @@ fn bench_nbd(s: &Settings) {
         std::io::Write::write_all(&mut f, &chunk).expect("fill export file");
     }
     drop(f);
-    let mut servers = vec![
-        start_server(
-            "/usr/bin/nbdkit",
-            &[
-                "-f",
-                "--exit-with-parent",
-                "-i",
-                "127.0.0.1",
-                "-p",
-                "10809",
-                "memory",
-                "size=512M",
-            ],
-            10809,
-        ),
-        start_server(
-            "/usr/bin/qemu-nbd",
-            &[
-                "-f",
-                "raw",
-                "-x",
-                "disk",
-                "-t",
-                "-e",
-                "4",
-                "--cache=none",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                "10810",
-                file,
-            ],
-            10810,
-        ),
-    ];
+    let wanted: Vec<_> = NBD_EXPORTS
+        .iter()
+        .filter(|(key, ..)| s.export.as_ref().is_none_or(|e| key.starts_with(e.as_str())))
+        .collect();
+    let mut servers = Vec::new();
+    for (key, _, at, _) in &wanted {
+        let child = match (*key, *at) {
+            (_, Listen::Tcp(port)) if key.starts_with("nbdkit") => start_server(
+                "/usr/bin/nbdkit",
+                &[
+                    "-f",
+                    "--exit-with-parent",
+                    "-i",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "memory",
+                    "size=512M",
+                ],
+                *at,
+            ),
+            (_, Listen::Unix(path)) => start_server(
+                "/usr/bin/nbdkit",
+                &["-f", "--exit-with-parent", "-U", path, "memory", "size=512M"],
+                *at,
+            ),
+            (_, Listen::Tcp(port)) => start_server(
+                "/usr/bin/qemu-nbd",
+                &[
+                    "-f",
+                    "raw",
+                    "-x",
+                    "disk",
+                    "-t",
+                    "-e",
+                    "4",
+                    "--cache=none",
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    file,
+                ],
+                *at,
+            ),
+        };
+        servers.push(child);
+    }
     let d = Daemon::start("bench-nbd");
-    let exports = [
-        ("nbdkit memory", 10809u16, ""),
-        ("qemu-nbd file", 10810, "disk"),
-    ];
-    for (n, (label, port, export)) in exports.iter().enumerate() {
-        if s.export
-            .as_ref()
-            .is_some_and(|e| !label.starts_with(e.as_str()))
-        {
-            continue;
-        }
+    for (n, (_, label, at, export)) in wanted.iter().enumerate() {
         let kdev = format!("/dev/nbd{n}");
         let conns = s.jobs.to_string();
-        let uri = format!("nbd://127.0.0.1:{port}/{export}");
+        let uri = at.uri(export);
         if s.jobs > 1 {
             // More than one connection needs multi-conn: ask ublkd, which checks.
             let probe = d.ctl(&["add", "nbd", "--uri", &uri, "--connections", &conns]);
             if !probe.status.success() {
                 println!(
-                    "{label} export: skipped: {}",
+                    "{label} export on {}: skipped: {}",
+                    at.describe(),
                     String::from_utf8_lossy(&probe.stderr).trim()
                 );
                 println!();
@@ -448,23 +505,24 @@ fn bench_nbd(s: &Settings) {
             let path = String::from_utf8_lossy(&probe.stdout).trim().to_string();
             d.del(&path);
         }
+        let mut client = at.nbd_client_args();
+        client.extend([
+            kdev.clone(),
+            "-N".into(),
+            export.to_string(),
+            "-b".into(),
+            "512".into(),
+            "-C".into(),
+            conns.clone(),
+        ]);
         let out = Command::new("/usr/sbin/nbd-client")
-            .args([
-                "127.0.0.1",
-                &port.to_string(),
-                &kdev,
-                "-N",
-                export,
-                "-b",
-                "512",
-                "-C",
-                &conns,
-            ])
+            .args(&client)
             .output()
             .expect("run nbd-client");
         assert!(
             out.status.success(),
-            "nbd-client: {}{}",
+            "nbd-client {}: {}{}",
+            client.join(" "),
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -483,7 +541,8 @@ fn bench_nbd(s: &Settings) {
         }
         let modes: Vec<&str> = devices[1..].iter().map(|(l, _)| &l[6..]).collect();
         println!(
-            "{label} export on 127.0.0.1:{port}: kernel nbd client ({kdev}, nbd-client -C {conns}) vs ublkd nbd ({conns} queue(s) and connection(s), depth 128, buffers: {})",
+            "{label} export on {}: kernel nbd client ({kdev}, nbd-client -C {conns}) vs ublkd nbd ({uri}: {conns} queue(s) and connection(s), depth 128, buffers: {})",
+            at.describe(),
             modes.join(", ")
         );
         println!(
