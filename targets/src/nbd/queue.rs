@@ -4,10 +4,13 @@
 //! together as the next chain. A chain is one SENDMSG of every header and payload when
 //! the payloads are in daemon memory (copy, fixed), and in the zero-copy modes, where a
 //! payload is the request's own registered pages, SENDMSG of the headers up to a write's
-//! payload, SEND_ZC of that payload from the registered buffer, SENDMSG of what follows,
-//! and so on. Every SQE of a chain has MSG_WAITALL and the chain is linked (IO_LINK):
-//! each starts when the one before has sent all of its bytes, and a failed or short one
-//! cancels the rest, so requests never interleave on the wire.
+//! payload, a send of that payload from the registered buffer (`PayloadSends::pick`:
+//! SEND, or SEND_ZC for a large one on TCP), SENDMSG of what follows, and so on. Every
+//! SQE of a chain has MSG_WAITALL and the chain is linked (IO_LINK): each starts when
+//! the one before has sent all of its bytes, and a failed or short one cancels the
+//! rest, so requests never interleave on the wire. (Kernels that cannot SEND from a
+//! registered buffer get WRITE_FIXED on Unix sockets, which can be short and so ends
+//! its chain, and SEND_ZC for every payload on TCP.)
 //!
 //! Receiving: replies land in `rbuf`, a staging buffer, as many as have arrived in one
 //! RECV (up to `RBUF_LEN`): every reply header in it is matched, and a read's payload
@@ -30,6 +33,7 @@
 //! (reconnect and resend); once the device's deletion aborts (see `NbdTarget::stopping`),
 //! what is left unanswered fails after a short grace.
 
+use super::fixed_send;
 use super::proto;
 use super::{spawn_reconnect, Handoff, NbdUri, CONN_FAILED, CONN_RECONNECTING, CONN_UP};
 use crate::{BlockOp, IoBuf, IoDesc, Outcome, QueueTarget, Ring};
@@ -65,6 +69,9 @@ pub(super) fn split_step(step: u16) -> (u16, u16) {
 
 /// Most requests one send chain carries.
 const MAX_CHAIN: usize = 64;
+/// Payloads in registered pages from this size on go out with SEND_ZC where it may be
+/// used (`PayloadSends::pick`).
+const ZC_MIN: usize = 64 << 10;
 /// The staging buffer for replies: what one receive can take.
 const RBUF_LEN: usize = 256 << 10;
 /// Reads of at least this many bytes receive their payload straight into the request's
@@ -124,15 +131,49 @@ enum SendSeg {
         count: usize,
         bytes: usize,
     },
-    /// SEND_ZC of request `tag`'s registered buffer (`zc` false: WRITE_FIXED, which
-    /// can be short, so it ends the chain).
+    /// A send of request `tag`'s payload from its registered buffer.
     Fixed {
         tag: u16,
         index: u16,
         addr: u64,
         len: u32,
-        zc: bool,
+        how: PayloadSend,
     },
+}
+
+/// How a write's payload in the request's registered pages (zc, auto-zc) is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PayloadSend {
+    /// SEND from the registered buffer with MSG_WAITALL: all or a failure, so the chain
+    /// goes on after it; completes once (see `fixed_send`).
+    Send,
+    /// SEND_ZC: all or a failure too; the request is held until its notification.
+    Zc,
+    /// WRITE_FIXED on the socket: can be short, so it ends the chain.
+    Write,
+}
+
+/// What the connection and the kernel offer for payloads in registered pages.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PayloadSends {
+    /// SEND_ZC may be used (TCP; a Unix socket copies anyway).
+    pub(super) zc: bool,
+    /// The kernel sends from registered buffers (`fixed_send::supported`).
+    pub(super) fixed: bool,
+}
+
+impl PayloadSends {
+    /// The send for a payload of `len` bytes: zero copy pays for its pinning and
+    /// notification only on large payloads (below `ZC_MIN` a copy costs less).
+    fn pick(self, len: usize) -> PayloadSend {
+        if self.zc && (len >= ZC_MIN || !self.fixed) {
+            PayloadSend::Zc
+        } else if self.fixed {
+            PayloadSend::Send
+        } else {
+            PayloadSend::Write
+        }
+    }
 }
 
 /// Ends the SENDMSG being filled, `(owner, first iovec, bytes)`, at iovec `end`.
@@ -202,8 +243,8 @@ pub(super) struct NbdQueue {
     segs: Vec<SendSeg>,
     /// What each SQE of the current connection's send chain must send, in order.
     send_expect: VecDeque<Sent>,
-    /// Zero-copy sends of registered payloads (SEND_ZC): TCP; Unix sockets have none.
-    zc_send: bool,
+    /// How payloads in registered pages may be sent.
+    payload_sends: PayloadSends,
     /// Send SQEs in flight, of any connection: the next chain waits for zero.
     send_inflight: u32,
     /// The receive of the current connection in flight, if any.
@@ -308,7 +349,7 @@ impl NbdQueue {
         abort: Arc<AtomicBool>,
         wake: OwnedFd,
         handoff: Handoff,
-        zc_send: bool,
+        payload_sends: PayloadSends,
         user_copy: Option<(libc::c_int, u16)>,
     ) -> Self {
         // SAFETY: iovec and msghdr are plain C structs for which all-zero is valid.
@@ -339,7 +380,7 @@ impl NbdQueue {
             segs: Vec::with_capacity(2 * MAX_CHAIN + 1),
             send_expect: VecDeque::with_capacity(2 * MAX_CHAIN + 1),
             send_inflight: 0,
-            zc_send,
+            payload_sends,
             recv_item: None,
             recv_inflight: 0,
             rbuf: vec![0u8; RBUF_LEN].into_boxed_slice(),
@@ -491,14 +532,15 @@ impl NbdQueue {
                 }
             } else if let Some(IoBuf::Fixed { addr, index, .. }) = self.tags[t].buf {
                 close_run(&mut self.segs, run.take(), iov);
+                let how = self.payload_sends.pick(payload);
                 self.segs.push(SendSeg::Fixed {
                     tag,
                     index,
                     addr,
                     len: payload as u32,
-                    zc: self.zc_send,
+                    how,
                 });
-                if !self.zc_send {
+                if how == PayloadSend::Write {
                     // A WRITE_FIXED can be short: nothing may follow it in the chain.
                     break;
                 }
@@ -534,7 +576,17 @@ impl NbdQueue {
                     index,
                     addr,
                     len,
-                    zc: true,
+                    how: PayloadSend::Send,
+                } => {
+                    let sqe = fixed_send::send(self.fd, index, addr, len, flags);
+                    (tag, Sent::Bytes(len as usize), sqe)
+                }
+                SendSeg::Fixed {
+                    tag,
+                    index,
+                    addr,
+                    len,
+                    how: PayloadSend::Zc,
                 } => {
                     let sqe = opcode::SendZc::new(self.fd, addr as *const u8, len)
                         .buf_index(Some(index))
@@ -547,7 +599,7 @@ impl NbdQueue {
                     index,
                     addr,
                     len,
-                    zc: false,
+                    how: PayloadSend::Write,
                 } => {
                     let sent = Sent::Write {
                         tag,
