@@ -26,6 +26,7 @@
 //! needs an export that advertises multi-conn.
 
 use std::process::Command;
+use ublkd_tests::nbd_server::{Listen, Server};
 use ublkd_tests::{fio, Daemon};
 
 struct Row {
@@ -360,73 +361,16 @@ fn bench_loop(s: &Settings) {
         .status();
 }
 
-/// Where an NBD server listens.
-#[derive(Clone, Copy)]
-enum Listen {
-    Tcp(u16),
-    Unix(&'static str),
-}
-
-impl Listen {
-    fn accepts(self) -> bool {
-        match self {
-            Listen::Tcp(port) => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-            Listen::Unix(path) => std::os::unix::net::UnixStream::connect(path).is_ok(),
-        }
-    }
-
-    /// ublkd's URI for `export` on this address.
-    fn uri(self, export: &str) -> String {
-        match self {
-            Listen::Tcp(port) => format!("nbd://127.0.0.1:{port}/{export}"),
-            Listen::Unix(path) => format!("nbd+unix:///{export}?socket={path}"),
-        }
-    }
-
-    /// nbd-client's arguments before the device for this address.
-    fn nbd_client_args(self) -> Vec<String> {
-        match self {
-            Listen::Tcp(port) => vec!["127.0.0.1".into(), port.to_string()],
-            Listen::Unix(path) => vec!["-u".into(), path.into()],
-        }
-    }
-
-    fn describe(self) -> String {
-        match self {
-            Listen::Tcp(port) => format!("127.0.0.1:{port} (TCP)"),
-            Listen::Unix(path) => format!("{path} (unix socket)"),
-        }
-    }
-}
-
-/// Starts an NBD server in the background and waits until it accepts connections.
-fn start_server(program: &str, args: &[&str], at: Listen) -> std::process::Child {
-    let child = Command::new(program)
-        .args(args)
-        .spawn()
-        .expect("start NBD server");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !at.accepts() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{program} did not listen"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    child
-}
-
-/// The nbd exports: `(key for --export, label, address, export name)`. `--export TEXT`
-/// keeps those whose key starts with TEXT: `nbdkit` both nbdkit ones, `nbdkit-unix` one.
-const NBD_EXPORTS: [(&str, &str, Listen, &str); 3] = [
-    ("nbdkit-tcp", "nbdkit memory", Listen::Tcp(10809), ""),
+/// The nbd exports: `(key for --export, label, TCP port or Unix socket)`. `--export
+/// TEXT` keeps those whose key starts with TEXT: `nbdkit` both nbdkit ones.
+const NBD_EXPORTS: [(&str, &str, Result<u16, &str>); 3] = [
+    ("nbdkit-tcp", "nbdkit memory", Ok(10809)),
     (
         "nbdkit-unix",
         "nbdkit memory",
-        Listen::Unix("/tmp/bench-nbdkit.sock"),
-        "",
+        Err("/tmp/bench-nbdkit.sock"),
     ),
-    ("qemu-tcp", "qemu-nbd file", Listen::Tcp(10810), "disk"),
+    ("qemu-tcp", "qemu-nbd file", Ok(10810)),
 ];
 
 fn bench_nbd(s: &Settings) {
@@ -439,64 +383,52 @@ fn bench_nbd(s: &Settings) {
     drop(f);
     let wanted: Vec<_> = NBD_EXPORTS
         .iter()
-        .filter(|(key, ..)| s.export.as_ref().is_none_or(|e| key.starts_with(e.as_str())))
+        .filter(|(key, ..)| {
+            s.export
+                .as_ref()
+                .is_none_or(|e| key.starts_with(e.as_str()))
+        })
         .collect();
-    let mut servers = Vec::new();
-    for (key, _, at, _) in &wanted {
-        let child = match (*key, *at) {
-            (_, Listen::Tcp(port)) if key.starts_with("nbdkit") => start_server(
-                "/usr/bin/nbdkit",
-                &[
-                    "-f",
-                    "--exit-with-parent",
-                    "-i",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    "memory",
-                    "size=512M",
-                ],
-                *at,
-            ),
-            (_, Listen::Unix(path)) => start_server(
-                "/usr/bin/nbdkit",
-                &["-f", "--exit-with-parent", "-U", path, "memory", "size=512M"],
-                *at,
-            ),
-            (_, Listen::Tcp(port)) => start_server(
-                "/usr/bin/qemu-nbd",
-                &[
-                    "-f",
-                    "raw",
-                    "-x",
-                    "disk",
-                    "-t",
-                    "-e",
-                    "4",
-                    "--cache=none",
-                    "-b",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    file,
-                ],
-                *at,
-            ),
-        };
-        servers.push(child);
-    }
+    let servers: Vec<Server> = wanted
+        .iter()
+        .map(|(key, _, at)| {
+            let listen = match at {
+                Ok(port) => Listen::Tcp(*port),
+                Err(path) => Listen::Unix(path.to_string()),
+            };
+            if key.starts_with("nbdkit") {
+                Server::nbdkit_memory(listen, "512M", &[])
+            } else {
+                Server::qemu_nbd(listen, file)
+            }
+        })
+        .collect();
     let d = Daemon::start("bench-nbd");
-    for (n, (_, label, at, export)) in wanted.iter().enumerate() {
+    for (n, ((_, label, at), server)) in wanted.iter().zip(&servers).enumerate() {
         let kdev = format!("/dev/nbd{n}");
         let conns = s.jobs.to_string();
-        let uri = at.uri(export);
+        let uri = server.uri.clone();
+        let export = if label.starts_with("qemu") {
+            "disk"
+        } else {
+            ""
+        };
+        let (mut client, place) = match at {
+            Ok(port) => (
+                vec!["127.0.0.1".to_string(), port.to_string()],
+                format!("127.0.0.1:{port} (TCP)"),
+            ),
+            Err(path) => (
+                vec!["-u".to_string(), path.to_string()],
+                format!("{path} (unix socket)"),
+            ),
+        };
         if s.jobs > 1 {
             // More than one connection needs multi-conn: ask ublkd, which checks.
             let probe = d.ctl(&["add", "nbd", "--uri", &uri, "--connections", &conns]);
             if !probe.status.success() {
                 println!(
-                    "{label} export on {}: skipped: {}",
-                    at.describe(),
+                    "{label} export on {place}: skipped: {}",
                     String::from_utf8_lossy(&probe.stderr).trim()
                 );
                 println!();
@@ -505,7 +437,6 @@ fn bench_nbd(s: &Settings) {
             let path = String::from_utf8_lossy(&probe.stdout).trim().to_string();
             d.del(&path);
         }
-        let mut client = at.nbd_client_args();
         client.extend([
             kdev.clone(),
             "-N".into(),
@@ -541,8 +472,7 @@ fn bench_nbd(s: &Settings) {
         }
         let modes: Vec<&str> = devices[1..].iter().map(|(l, _)| &l[6..]).collect();
         println!(
-            "{label} export on {}: kernel nbd client ({kdev}, nbd-client -C {conns}) vs ublkd nbd ({uri}: {conns} queue(s) and connection(s), depth 128, buffers: {})",
-            at.describe(),
+            "{label} export on {place}: kernel nbd client ({kdev}, nbd-client -C {conns}) vs ublkd nbd ({uri}: {conns} queue(s) and connection(s), depth 128, buffers: {})",
             modes.join(", ")
         );
         println!(
@@ -559,10 +489,7 @@ fn bench_nbd(s: &Settings) {
             d.ctl_ok(&["del", &ublkd_tests::dev_id(udev).to_string()]);
         }
     }
-    for srv in &mut servers {
-        let _ = srv.kill();
-        let _ = srv.wait();
-    }
+    drop(servers);
 }
 
 fn main() {
