@@ -69,6 +69,11 @@ pub(super) fn split_step(step: u16) -> (u16, u16) {
 
 /// Most requests one send chain carries.
 const MAX_CHAIN: usize = 64;
+/// Writes in registered pages up to this size are copied out (user copy) into `wstage`
+/// and sent with the headers (`stage_payload`).
+const STAGE_MAX: usize = 16 << 10;
+/// The staging buffer for small write payloads of one send chain.
+const STAGE_LEN: usize = MAX_CHAIN * 4096;
 /// Payloads in registered pages from this size on go out with SEND_ZC where it may be
 /// used (`PayloadSends::pick`).
 const ZC_MIN: usize = 64 << 10;
@@ -241,6 +246,9 @@ pub(super) struct NbdQueue {
     iovecs: Box<[libc::iovec]>,
     msgs: Box<[libc::msghdr]>,
     segs: Vec<SendSeg>,
+    /// Small write payloads copied out of requests' own pages for the chain being built
+    /// or in flight (empty without user copy).
+    wstage: Box<[u8]>,
     /// What each SQE of the current connection's send chain must send, in order.
     send_expect: VecDeque<Sent>,
     /// How payloads in registered pages may be sent.
@@ -330,6 +338,38 @@ fn recv_failure(res: i32, expected: usize) -> String {
     }
 }
 
+/// Copies a small write's payload out of the request's own pages (user copy) into the
+/// start of `room` (free space in `wstage`), so that it goes out in the chain's SENDMSG
+/// beside the headers: one SQE and one completion fewer per write than a send from the
+/// registered buffer, which is what the payload gets when this returns None.
+fn stage_payload(
+    room: &mut [u8],
+    user_copy: Option<(libc::c_int, u16)>,
+    tag: u16,
+    len: usize,
+) -> Option<*mut u8> {
+    let (fd, qid) = user_copy?;
+    if len > STAGE_MAX || len > room.len() {
+        return None;
+    }
+    let dst = room.as_mut_ptr();
+    let pos = crate::user_copy_pos(qid, tag, 0);
+    // SAFETY: reads `len` bytes into `room`, which has space for them (checked above),
+    // from the ublk char device: the request's pages. No SQE points into `wstage` now:
+    // a chain is built only when none is in flight.
+    let n = unsafe { libc::pread(fd, dst.cast(), len, pos as i64) };
+    if n != len as isize {
+        let why = if n < 0 {
+            io::Error::last_os_error().to_string()
+        } else {
+            format!("{n} of {len} bytes")
+        };
+        log::debug!("tag {tag}: copying a write payload out of the request failed ({why}): sent from its pages");
+        return None;
+    }
+    Some(dst)
+}
+
 fn timespec(d: Duration) -> types::Timespec {
     types::Timespec::new()
         .sec(d.as_secs())
@@ -378,6 +418,7 @@ impl NbdQueue {
             iovecs: vec![zero_iov; 2 * MAX_CHAIN].into_boxed_slice(),
             msgs: vec![zero_msg; MAX_CHAIN + 1].into_boxed_slice(),
             segs: Vec::with_capacity(2 * MAX_CHAIN + 1),
+            wstage: vec![0u8; if user_copy.is_some() { STAGE_LEN } else { 0 }].into_boxed_slice(),
             send_expect: VecDeque::with_capacity(2 * MAX_CHAIN + 1),
             send_inflight: 0,
             payload_sends,
@@ -487,6 +528,8 @@ impl NbdQueue {
         // The SENDMSG being filled: (owner, first iovec, bytes).
         let mut run: Option<(u16, usize, usize)> = None;
         let mut taken = 0;
+        // Bytes of `wstage` this chain uses.
+        let mut staged = 0usize;
         // While a receive into `rbuf` may take several replies, the reply of a read
         // whose payload must go straight to its buffer must not arrive: such reads wait
         // for that receive to end.
@@ -519,6 +562,10 @@ impl NbdQueue {
             let user = match self.tags[t].buf {
                 Some(IoBuf::User { addr, .. }) => Some(addr),
                 Some(IoBuf::Fixed { addr, .. }) if addr != 0 => Some(addr as *mut u8),
+                Some(IoBuf::Fixed { .. }) => {
+                    stage_payload(&mut self.wstage[staged..], self.user_copy, tag, payload)
+                        .inspect(|_| staged += payload)
+                }
                 _ => None,
             };
             if let Some(addr) = user {
