@@ -70,6 +70,7 @@ pub fn device_detail(d: &DeviceDetail) -> String {
     row("queues", i.queues.to_string());
     row("depth", i.depth.to_string());
     row("buffer", i.buffer.name().to_string());
+    row("affinity", i.affinity.name().to_string());
     row("state", d.kernel.state.clone());
     row(
         "kernel flags",
@@ -81,9 +82,10 @@ pub fn device_detail(d: &DeviceDetail) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:>5} {:>8} {:>10} {:>9} {:>9} {:>7} {:>9} {:>12} {:>12} {:>6} {:>8}",
+        "\n{:>5} {:>8} {:>5} {:>10} {:>9} {:>9} {:>7} {:>9} {:>12} {:>12} {:>6} {:>8}",
         "QUEUE",
         "TID",
+        "CPUS",
         "REQUESTS",
         "READS",
         "WRITES",
@@ -97,9 +99,10 @@ pub fn device_detail(d: &DeviceDetail) -> String {
     for q in &d.queue_stats {
         let _ = writeln!(
             out,
-            "{:>5} {:>8} {:>10} {:>9} {:>9} {:>7} {:>9} {:>12} {:>12} {:>6} {:>8}",
+            "{:>5} {:>8} {:>5} {:>10} {:>9} {:>9} {:>7} {:>9} {:>12} {:>12} {:>6} {:>8}",
             q.queue,
             q.tid,
+            if q.cpus.is_empty() { "any" } else { &q.cpus },
             q.requests,
             q.reads,
             q.writes,
@@ -154,6 +157,7 @@ mod tests {
             queues: 2,
             depth: 64,
             buffer: ublkd_proto::BufferMode::Copy,
+            affinity: ublkd_proto::QueueAffinity::Cpu,
             state: "live".into(),
             path: "/dev/ublkb3".into(),
             name: None,
