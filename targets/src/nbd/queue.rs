@@ -1490,6 +1490,63 @@ mod tests {
     use super::*;
 
     #[test]
+    fn payload_sends_pick_send_zc_only_for_large_tcp_payloads() {
+        let tcp = PayloadSends {
+            zc: true,
+            fixed: true,
+        };
+        let unix = PayloadSends {
+            zc: false,
+            fixed: true,
+        };
+        assert_eq!(tcp.pick(4096), PayloadSend::Send);
+        assert_eq!(tcp.pick(ZC_MIN - 1), PayloadSend::Send);
+        assert_eq!(tcp.pick(ZC_MIN), PayloadSend::Zc);
+        assert_eq!(unix.pick(4096), PayloadSend::Send);
+        assert_eq!(unix.pick(512 << 10), PayloadSend::Send);
+        // Without SEND from registered buffers: what the kernel has.
+        let old_tcp = PayloadSends {
+            fixed: false,
+            ..tcp
+        };
+        let old_unix = PayloadSends {
+            fixed: false,
+            ..unix
+        };
+        assert_eq!(old_tcp.pick(4096), PayloadSend::Zc);
+        assert_eq!(old_unix.pick(4096), PayloadSend::Write);
+        assert_eq!(old_unix.pick(512 << 10), PayloadSend::Write);
+    }
+
+    #[test]
+    fn only_small_payloads_that_fit_are_staged() {
+        let mut room = vec![0u8; 8192];
+        // No user copy: never staged.
+        assert!(stage_payload(&mut room, None, 0, 4096).is_none());
+        // Too large, or more than the room left: not staged (and nothing is read).
+        assert!(stage_payload(&mut room, Some((-1, 0)), 0, STAGE_MAX + 1).is_none());
+        assert!(stage_payload(&mut room[4096..], Some((-1, 0)), 0, 8192).is_none());
+        // A failing copy (a bad descriptor here) falls back to a send from the pages.
+        assert!(stage_payload(&mut room, Some((-1, 0)), 0, 4096).is_none());
+    }
+
+    /// The copy reads the request's bytes at its user-copy position (a sparse file
+    /// stands in for /dev/ublkcN).
+    #[test]
+    fn a_staged_payload_is_read_at_the_requests_position() {
+        use std::os::unix::fs::FileExt;
+        let path = std::env::temp_dir().join(format!("ublkd-stage-{}", std::process::id()));
+        let f = std::fs::File::create_new(&path).unwrap();
+        let pos = crate::user_copy_pos(1, 3, 0);
+        f.write_all_at(b"payload!", pos).unwrap();
+        let mut room = vec![0u8; 64];
+        let got = stage_payload(&mut room, Some((f.as_raw_fd(), 1)), 3, 8);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(got, Some(room.as_mut_ptr()));
+        assert_eq!(&room[..8], b"payload!");
+    }
+
+    #[test]
     fn steps_carry_the_generation() {
         for g in [0u16, 1, 0x0fff, 0x1000, 0xffff] {
             for k in [STEP_SEND, STEP_PAYLOAD, STEP_POLL, EVENT_RECV, EVENT_TICK] {
