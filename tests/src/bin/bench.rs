@@ -10,7 +10,8 @@
 //!
 //! Usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT]
 //!        [--export nbdkit|nbdkit-tcp|nbdkit-unix|qemu] [--buffers MODE,...]
-//!        [--ublkd "ARGS;ARGS"] [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs]
+//!        [--ublkd "ARGS;ARGS"] [--connections N] [--rublk-multi-cpus] [--profile]
+//!        [--backing ext4|tmpfs]
 //!
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
 //! `--export` keeps the nbd exports whose key starts with it (`nbdkit-tcp`, `nbdkit-unix`,
