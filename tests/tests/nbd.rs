@@ -101,6 +101,9 @@ server_tests! {
     qemu_nbd_unix_default => "qemu-unix", None, 0;
     nbdkit_tcp_fixed => "nbdkit-tcp", Some("fixed"), 10905;
     nbdkit_tcp_zc => "nbdkit-tcp", Some("zc"), 10906;
+    nbdkit_tcp_auto_zc => "nbdkit-tcp", Some("auto-zc"), 10908;
+    nbdkit_unix_zc => "nbdkit-unix", Some("zc"), 0;
+    nbdkit_unix_auto_zc => "nbdkit-unix", Some("auto-zc"), 0;
 }
 
 #[test]
@@ -453,6 +456,48 @@ fn chains_survive_partial_sends_and_replies() {
             "{mode}: the connection was reset:\n{log}"
         );
         d.del(&dev);
+    }
+}
+
+/// Over a Unix socket with a send buffer smaller than one write, every send of a chain
+/// goes out in pieces. In the zero-copy modes a small write's payload is copied out of
+/// the request's pages into the chain's SENDMSG (user copy), or without user copy is a
+/// SEND from the request's registered pages, as is every large payload (this kernel
+/// has it: the daemon says so): several per chain, each continued by io_uring until all
+/// of it is out (MSG_WAITALL) before the next starts. fio's verify passes and the
+/// connection is never reset.
+#[test]
+fn unix_chains_survive_a_tiny_send_buffer() {
+    require_ublk();
+    let server = Server::nbdkit_memory(Listen::Unix("/tmp/nbd-tiny.sock".into()), "64M", &[]);
+    for user_copy in [true, false] {
+        let name = format!("nbd-tiny-{user_copy}");
+        let d = if user_copy {
+            Daemon::start(&name)
+        } else {
+            Daemon::start_with(&name, &["--without-features", "USER_COPY"])
+        };
+        for mode in ["copy", "zc", "auto-zc"] {
+            let dev = {
+                // Sockets made while this is set (the daemon's connection) get it.
+                let _w = Sysctl::set("/proc/sys/net/core/wmem_default", "8192");
+                add_nbd(&d, &server.uri, &["--buffer", mode])
+            };
+            verify(&dev, "16M");
+            let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
+            assert_eq!(q["errors"].as_u64(), Some(0), "{mode}: {q}");
+            let log = d.log_text();
+            assert!(
+                !log.contains("connection lost"),
+                "{mode}: the connection was reset:\n{log}"
+            );
+            d.del(&dev);
+        }
+        let log = d.log_text();
+        assert!(
+            log.contains("sends write payloads from registered buffers"),
+            "the daemon did not find SEND from registered buffers on this kernel:\n{log}"
+        );
     }
 }
 

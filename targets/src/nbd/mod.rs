@@ -25,6 +25,7 @@
 //! connection is down or after the drain grace, so `del` never waits on a dead server
 //! and a slow one still gets the final writeback.
 
+mod fixed_send;
 pub mod proto;
 mod queue;
 pub mod uri;
@@ -416,7 +417,10 @@ impl Target for NbdTarget {
             self.abort.clone(),
             wake,
             Arc::new(Mutex::new(None)),
-            matches!(self.uri.address, Address::Tcp { .. }),
+            queue::PayloadSends {
+                zc: matches!(self.uri.address, Address::Tcp { .. }),
+                fixed: fixed_send::supported(),
+            },
             ctx.user_copy_fd.map(|fd| (fd, ctx.qid)),
         )))
     }

@@ -4,10 +4,13 @@
 //! together as the next chain. A chain is one SENDMSG of every header and payload when
 //! the payloads are in daemon memory (copy, fixed), and in the zero-copy modes, where a
 //! payload is the request's own registered pages, SENDMSG of the headers up to a write's
-//! payload, SEND_ZC of that payload from the registered buffer, SENDMSG of what follows,
-//! and so on. Every SQE of a chain has MSG_WAITALL and the chain is linked (IO_LINK):
-//! each starts when the one before has sent all of its bytes, and a failed or short one
-//! cancels the rest, so requests never interleave on the wire.
+//! payload, a send of that payload from the registered buffer (`PayloadSends::pick`:
+//! SEND, or SEND_ZC for a large one on TCP), SENDMSG of what follows, and so on. Every
+//! SQE of a chain has MSG_WAITALL and the chain is linked (IO_LINK): each starts when
+//! the one before has sent all of its bytes, and a failed or short one cancels the
+//! rest, so requests never interleave on the wire. (Kernels that cannot SEND from a
+//! registered buffer get WRITE_FIXED on Unix sockets, which can be short and so ends
+//! its chain, and SEND_ZC for every payload on TCP.)
 //!
 //! Receiving: replies land in `rbuf`, a staging buffer, as many as have arrived in one
 //! RECV (up to `RBUF_LEN`): every reply header in it is matched, and a read's payload
@@ -30,6 +33,7 @@
 //! (reconnect and resend); once the device's deletion aborts (see `NbdTarget::stopping`),
 //! what is left unanswered fails after a short grace.
 
+use super::fixed_send;
 use super::proto;
 use super::{spawn_reconnect, Handoff, NbdUri, CONN_FAILED, CONN_RECONNECTING, CONN_UP};
 use crate::{BlockOp, IoBuf, IoDesc, Outcome, QueueTarget, Ring};
@@ -65,6 +69,14 @@ pub(super) fn split_step(step: u16) -> (u16, u16) {
 
 /// Most requests one send chain carries.
 const MAX_CHAIN: usize = 64;
+/// Writes in registered pages up to this size are copied out (user copy) into `wstage`
+/// and sent with the headers (`stage_payload`).
+const STAGE_MAX: usize = 16 << 10;
+/// The staging buffer for small write payloads of one send chain.
+const STAGE_LEN: usize = MAX_CHAIN * 4096;
+/// Payloads in registered pages from this size on go out with SEND_ZC where it may be
+/// used (`PayloadSends::pick`).
+const ZC_MIN: usize = 64 << 10;
 /// The staging buffer for replies: what one receive can take.
 const RBUF_LEN: usize = 256 << 10;
 /// Reads of at least this many bytes receive their payload straight into the request's
@@ -124,15 +136,49 @@ enum SendSeg {
         count: usize,
         bytes: usize,
     },
-    /// SEND_ZC of request `tag`'s registered buffer (`zc` false: WRITE_FIXED, which
-    /// can be short, so it ends the chain).
+    /// A send of request `tag`'s payload from its registered buffer.
     Fixed {
         tag: u16,
         index: u16,
         addr: u64,
         len: u32,
-        zc: bool,
+        how: PayloadSend,
     },
+}
+
+/// How a write's payload in the request's registered pages (zc, auto-zc) is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PayloadSend {
+    /// SEND from the registered buffer with MSG_WAITALL: all or a failure, so the chain
+    /// goes on after it; completes once (see `fixed_send`).
+    Send,
+    /// SEND_ZC: all or a failure too; the request is held until its notification.
+    Zc,
+    /// WRITE_FIXED on the socket: can be short, so it ends the chain.
+    Write,
+}
+
+/// What the connection and the kernel offer for payloads in registered pages.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PayloadSends {
+    /// SEND_ZC may be used (TCP; a Unix socket copies anyway).
+    pub(super) zc: bool,
+    /// The kernel sends from registered buffers (`fixed_send::supported`).
+    pub(super) fixed: bool,
+}
+
+impl PayloadSends {
+    /// The send for a payload of `len` bytes: zero copy pays for its pinning and
+    /// notification only on large payloads (below `ZC_MIN` a copy costs less).
+    fn pick(self, len: usize) -> PayloadSend {
+        if self.zc && (len >= ZC_MIN || !self.fixed) {
+            PayloadSend::Zc
+        } else if self.fixed {
+            PayloadSend::Send
+        } else {
+            PayloadSend::Write
+        }
+    }
 }
 
 /// Ends the SENDMSG being filled, `(owner, first iovec, bytes)`, at iovec `end`.
@@ -200,10 +246,13 @@ pub(super) struct NbdQueue {
     iovecs: Box<[libc::iovec]>,
     msgs: Box<[libc::msghdr]>,
     segs: Vec<SendSeg>,
+    /// Small write payloads copied out of requests' own pages for the chain being built
+    /// or in flight (empty without user copy).
+    wstage: Box<[u8]>,
     /// What each SQE of the current connection's send chain must send, in order.
     send_expect: VecDeque<Sent>,
-    /// Zero-copy sends of registered payloads (SEND_ZC): TCP; Unix sockets have none.
-    zc_send: bool,
+    /// How payloads in registered pages may be sent.
+    payload_sends: PayloadSends,
     /// Send SQEs in flight, of any connection: the next chain waits for zero.
     send_inflight: u32,
     /// The receive of the current connection in flight, if any.
@@ -289,6 +338,38 @@ fn recv_failure(res: i32, expected: usize) -> String {
     }
 }
 
+/// Copies a small write's payload out of the request's own pages (user copy) into the
+/// start of `room` (free space in `wstage`), so that it goes out in the chain's SENDMSG
+/// beside the headers: one SQE and one completion fewer per write than a send from the
+/// registered buffer, which is what the payload gets when this returns None.
+fn stage_payload(
+    room: &mut [u8],
+    user_copy: Option<(libc::c_int, u16)>,
+    tag: u16,
+    len: usize,
+) -> Option<*mut u8> {
+    let (fd, qid) = user_copy?;
+    if len > STAGE_MAX || len > room.len() {
+        return None;
+    }
+    let dst = room.as_mut_ptr();
+    let pos = crate::user_copy_pos(qid, tag, 0);
+    // SAFETY: reads `len` bytes into `room`, which has space for them (checked above),
+    // from the ublk char device: the request's pages. No SQE points into `wstage` now:
+    // a chain is built only when none is in flight.
+    let n = unsafe { libc::pread(fd, dst.cast(), len, pos as i64) };
+    if n != len as isize {
+        let why = if n < 0 {
+            io::Error::last_os_error().to_string()
+        } else {
+            format!("{n} of {len} bytes")
+        };
+        log::debug!("tag {tag}: copying a write payload out of the request failed ({why}): sent from its pages");
+        return None;
+    }
+    Some(dst)
+}
+
 fn timespec(d: Duration) -> types::Timespec {
     types::Timespec::new()
         .sec(d.as_secs())
@@ -308,7 +389,7 @@ impl NbdQueue {
         abort: Arc<AtomicBool>,
         wake: OwnedFd,
         handoff: Handoff,
-        zc_send: bool,
+        payload_sends: PayloadSends,
         user_copy: Option<(libc::c_int, u16)>,
     ) -> Self {
         // SAFETY: iovec and msghdr are plain C structs for which all-zero is valid.
@@ -337,9 +418,10 @@ impl NbdQueue {
             iovecs: vec![zero_iov; 2 * MAX_CHAIN].into_boxed_slice(),
             msgs: vec![zero_msg; MAX_CHAIN + 1].into_boxed_slice(),
             segs: Vec::with_capacity(2 * MAX_CHAIN + 1),
+            wstage: vec![0u8; if user_copy.is_some() { STAGE_LEN } else { 0 }].into_boxed_slice(),
             send_expect: VecDeque::with_capacity(2 * MAX_CHAIN + 1),
             send_inflight: 0,
-            zc_send,
+            payload_sends,
             recv_item: None,
             recv_inflight: 0,
             rbuf: vec![0u8; RBUF_LEN].into_boxed_slice(),
@@ -446,6 +528,8 @@ impl NbdQueue {
         // The SENDMSG being filled: (owner, first iovec, bytes).
         let mut run: Option<(u16, usize, usize)> = None;
         let mut taken = 0;
+        // Bytes of `wstage` this chain uses.
+        let mut staged = 0usize;
         // While a receive into `rbuf` may take several replies, the reply of a read
         // whose payload must go straight to its buffer must not arrive: such reads wait
         // for that receive to end.
@@ -478,6 +562,10 @@ impl NbdQueue {
             let user = match self.tags[t].buf {
                 Some(IoBuf::User { addr, .. }) => Some(addr),
                 Some(IoBuf::Fixed { addr, .. }) if addr != 0 => Some(addr as *mut u8),
+                Some(IoBuf::Fixed { .. }) => {
+                    stage_payload(&mut self.wstage[staged..], self.user_copy, tag, payload)
+                        .inspect(|_| staged += payload)
+                }
                 _ => None,
             };
             if let Some(addr) = user {
@@ -491,14 +579,15 @@ impl NbdQueue {
                 }
             } else if let Some(IoBuf::Fixed { addr, index, .. }) = self.tags[t].buf {
                 close_run(&mut self.segs, run.take(), iov);
+                let how = self.payload_sends.pick(payload);
                 self.segs.push(SendSeg::Fixed {
                     tag,
                     index,
                     addr,
                     len: payload as u32,
-                    zc: self.zc_send,
+                    how,
                 });
-                if !self.zc_send {
+                if how == PayloadSend::Write {
                     // A WRITE_FIXED can be short: nothing may follow it in the chain.
                     break;
                 }
@@ -534,7 +623,17 @@ impl NbdQueue {
                     index,
                     addr,
                     len,
-                    zc: true,
+                    how: PayloadSend::Send,
+                } => {
+                    let sqe = fixed_send::send(self.fd, index, addr, len, flags);
+                    (tag, Sent::Bytes(len as usize), sqe)
+                }
+                SendSeg::Fixed {
+                    tag,
+                    index,
+                    addr,
+                    len,
+                    how: PayloadSend::Zc,
                 } => {
                     let sqe = opcode::SendZc::new(self.fd, addr as *const u8, len)
                         .buf_index(Some(index))
@@ -547,7 +646,7 @@ impl NbdQueue {
                     index,
                     addr,
                     len,
-                    zc: false,
+                    how: PayloadSend::Write,
                 } => {
                     let sent = Sent::Write {
                         tag,
@@ -1389,6 +1488,63 @@ impl Drop for NbdQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payload_sends_pick_send_zc_only_for_large_tcp_payloads() {
+        let tcp = PayloadSends {
+            zc: true,
+            fixed: true,
+        };
+        let unix = PayloadSends {
+            zc: false,
+            fixed: true,
+        };
+        assert_eq!(tcp.pick(4096), PayloadSend::Send);
+        assert_eq!(tcp.pick(ZC_MIN - 1), PayloadSend::Send);
+        assert_eq!(tcp.pick(ZC_MIN), PayloadSend::Zc);
+        assert_eq!(unix.pick(4096), PayloadSend::Send);
+        assert_eq!(unix.pick(512 << 10), PayloadSend::Send);
+        // Without SEND from registered buffers: what the kernel has.
+        let old_tcp = PayloadSends {
+            fixed: false,
+            ..tcp
+        };
+        let old_unix = PayloadSends {
+            fixed: false,
+            ..unix
+        };
+        assert_eq!(old_tcp.pick(4096), PayloadSend::Zc);
+        assert_eq!(old_unix.pick(4096), PayloadSend::Write);
+        assert_eq!(old_unix.pick(512 << 10), PayloadSend::Write);
+    }
+
+    #[test]
+    fn only_small_payloads_that_fit_are_staged() {
+        let mut room = vec![0u8; 8192];
+        // No user copy: never staged.
+        assert!(stage_payload(&mut room, None, 0, 4096).is_none());
+        // Too large, or more than the room left: not staged (and nothing is read).
+        assert!(stage_payload(&mut room, Some((-1, 0)), 0, STAGE_MAX + 1).is_none());
+        assert!(stage_payload(&mut room[4096..], Some((-1, 0)), 0, 8192).is_none());
+        // A failing copy (a bad descriptor here) falls back to a send from the pages.
+        assert!(stage_payload(&mut room, Some((-1, 0)), 0, 4096).is_none());
+    }
+
+    /// The copy reads the request's bytes at its user-copy position (a sparse file
+    /// stands in for /dev/ublkcN).
+    #[test]
+    fn a_staged_payload_is_read_at_the_requests_position() {
+        use std::os::unix::fs::FileExt;
+        let path = std::env::temp_dir().join(format!("ublkd-stage-{}", std::process::id()));
+        let f = std::fs::File::create_new(&path).unwrap();
+        let pos = crate::user_copy_pos(1, 3, 0);
+        f.write_all_at(b"payload!", pos).unwrap();
+        let mut room = vec![0u8; 64];
+        let got = stage_payload(&mut room, Some((f.as_raw_fd(), 1)), 3, 8);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(got, Some(room.as_mut_ptr()));
+        assert_eq!(&room[..8], b"payload!");
+    }
 
     #[test]
     fn steps_carry_the_generation() {

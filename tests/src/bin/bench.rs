@@ -9,11 +9,13 @@
 //! medians to the kernel's device and (null, loop) to rublk -z.
 //!
 //! Usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT]
-//!        [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd "ARGS;ARGS"]
-//!        [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs]
+//!        [--export nbdkit|nbdkit-tcp|nbdkit-unix|qemu] [--buffers MODE,...]
+//!        [--ublkd "ARGS;ARGS"] [--connections N] [--rublk-multi-cpus] [--profile]
+//!        [--backing ext4|tmpfs]
 //!
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
-//! `--export` keeps one of the nbd exports; `--buffers copy,auto-zc` measures a ublkd
+//! `--export` keeps the nbd exports whose key starts with it (`nbdkit-tcp`, `nbdkit-unix`,
+//! `qemu-tcp`; `nbdkit` keeps both nbdkit ones); `--buffers copy,auto-zc` measures a ublkd
 //! device in each of those buffer modes, and `--ublkd "ARGS;ARGS"` one device per
 //! `;`-separated set of extra `ublkctl add` arguments (`--ublkd ";--no-batch"`: the
 //! defaults beside `--no-batch`); neither given: one device with the daemon's defaults.
@@ -30,6 +32,7 @@
 //! file on tmpfs instead of ext4 on a memory-backed null_blk device.
 
 use std::process::Command;
+use ublkd_tests::nbd_server::{Listen, Server};
 use ublkd_tests::{fio, Daemon};
 
 struct Row {
@@ -71,7 +74,7 @@ struct Settings {
     rounds: usize,
     /// Only workloads whose name contains this.
     only: Option<String>,
-    /// nbd: only the export whose label starts with this.
+    /// nbd: only the exports whose key starts with this.
     export: Option<String>,
     /// The ublkd devices to measure, each as extra `ublkctl add` arguments: one per
     /// `--buffers` mode and one per `--ublkd` variant (none given: the defaults).
@@ -561,22 +564,17 @@ fn bench_loop(s: &Settings) {
         .status();
 }
 
-/// Starts an NBD server in the background and waits until it accepts connections.
-fn start_server(program: &str, args: &[&str], port: u16) -> std::process::Child {
-    let child = Command::new(program)
-        .args(args)
-        .spawn()
-        .expect("start NBD server");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{program} did not listen"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    child
-}
+/// The nbd exports: `(key for --export, label, TCP port or Unix socket)`. `--export
+/// TEXT` keeps those whose key starts with TEXT: `nbdkit` both nbdkit ones.
+const NBD_EXPORTS: [(&str, &str, Result<u16, &str>); 3] = [
+    ("nbdkit-tcp", "nbdkit memory", Ok(10809)),
+    (
+        "nbdkit-unix",
+        "nbdkit memory",
+        Err("/tmp/bench-nbdkit.sock"),
+    ),
+    ("qemu-tcp", "qemu-nbd file", Ok(10810)),
+];
 
 fn bench_nbd(s: &Settings) {
     let file = "/tmp/bench-nbd.img";
@@ -586,62 +584,54 @@ fn bench_nbd(s: &Settings) {
         std::io::Write::write_all(&mut f, &chunk).expect("fill export file");
     }
     drop(f);
-    let mut servers = vec![
-        start_server(
-            "/usr/bin/nbdkit",
-            &[
-                "-f",
-                "--exit-with-parent",
-                "-i",
-                "127.0.0.1",
-                "-p",
-                "10809",
-                "memory",
-                "size=512M",
-            ],
-            10809,
-        ),
-        start_server(
-            "/usr/bin/qemu-nbd",
-            &[
-                "-f",
-                "raw",
-                "-x",
-                "disk",
-                "-t",
-                "-e",
-                "4",
-                "--cache=none",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                "10810",
-                file,
-            ],
-            10810,
-        ),
-    ];
+    let wanted: Vec<_> = NBD_EXPORTS
+        .iter()
+        .filter(|(key, ..)| {
+            s.export
+                .as_ref()
+                .is_none_or(|e| key.starts_with(e.as_str()))
+        })
+        .collect();
+    let servers: Vec<Server> = wanted
+        .iter()
+        .map(|(key, _, at)| {
+            let listen = match at {
+                Ok(port) => Listen::Tcp(*port),
+                Err(path) => Listen::Unix(path.to_string()),
+            };
+            if key.starts_with("nbdkit") {
+                Server::nbdkit_memory(listen, "512M", &[])
+            } else {
+                Server::qemu_nbd(listen, file)
+            }
+        })
+        .collect();
     let d = Daemon::start("bench-nbd");
-    let exports = [
-        ("nbdkit memory", 10809u16, ""),
-        ("qemu-nbd file", 10810, "disk"),
-    ];
-    for (n, (label, port, export)) in exports.iter().enumerate() {
-        if s.export
-            .as_ref()
-            .is_some_and(|e| !label.starts_with(e.as_str()))
-        {
-            continue;
-        }
+    for (n, ((_, label, at), server)) in wanted.iter().zip(&servers).enumerate() {
         let kdev = format!("/dev/nbd{n}");
         let conns = s.jobs.to_string();
-        let uri = format!("nbd://127.0.0.1:{port}/{export}");
+        let uri = server.uri.clone();
+        let export = if label.starts_with("qemu") {
+            "disk"
+        } else {
+            ""
+        };
+        let (mut client, place) = match at {
+            Ok(port) => (
+                vec!["127.0.0.1".to_string(), port.to_string()],
+                format!("127.0.0.1:{port} (TCP)"),
+            ),
+            Err(path) => (
+                vec!["-u".to_string(), path.to_string()],
+                format!("{path} (unix socket)"),
+            ),
+        };
         if s.jobs > 1 {
             // More than one connection needs multi-conn: ask ublkd, which checks.
             let probe = d.ctl(&["add", "nbd", "--uri", &uri, "--connections", &conns]);
             if !probe.status.success() {
                 println!(
-                    "{label} export: skipped: {}",
+                    "{label} export on {place}: skipped: {}",
                     String::from_utf8_lossy(&probe.stderr).trim()
                 );
                 println!();
@@ -650,23 +640,23 @@ fn bench_nbd(s: &Settings) {
             let path = String::from_utf8_lossy(&probe.stdout).trim().to_string();
             d.del(&path);
         }
+        client.extend([
+            kdev.clone(),
+            "-N".into(),
+            export.to_string(),
+            "-b".into(),
+            "512".into(),
+            "-C".into(),
+            conns.clone(),
+        ]);
         let out = Command::new("/usr/sbin/nbd-client")
-            .args([
-                "127.0.0.1",
-                &port.to_string(),
-                &kdev,
-                "-N",
-                export,
-                "-b",
-                "512",
-                "-C",
-                &conns,
-            ])
+            .args(&client)
             .output()
             .expect("run nbd-client");
         assert!(
             out.status.success(),
-            "nbd-client: {}{}",
+            "nbd-client {}: {}{}",
+            client.join(" "),
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
@@ -685,7 +675,7 @@ fn bench_nbd(s: &Settings) {
         }
         let modes: Vec<&str> = devices[1..].iter().map(|(l, _)| &l[6..]).collect();
         println!(
-            "{label} export on 127.0.0.1:{port}: kernel nbd client ({kdev}, nbd-client -C {conns}) vs ublkd nbd ({conns} queue(s) and connection(s), depth 128, buffers: {})",
+            "{label} export on {place}: kernel nbd client ({kdev}, nbd-client -C {conns}) vs ublkd nbd ({uri}: {conns} queue(s) and connection(s), depth 128, buffers: {})",
             modes.join(", ")
         );
         println!(
@@ -702,10 +692,7 @@ fn bench_nbd(s: &Settings) {
             d.ctl_ok(&["del", &ublkd_tests::dev_id(udev).to_string()]);
         }
     }
-    for srv in &mut servers {
-        let _ = srv.kill();
-        let _ = srv.wait();
-    }
+    drop(servers);
 }
 
 fn main() {
