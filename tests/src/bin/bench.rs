@@ -470,7 +470,7 @@ fn loop_backing_dir(s: &Settings) -> &'static str {
     for (attr, value) in [
         ("size", "1024"),
         ("memory_backed", "1"),
-        ("blocksize", "4096"),
+        ("blocksize", "512"),
         ("index", "7"),
         ("power", "1"),
     ] {
