@@ -136,6 +136,13 @@ struct CommonAddArgs {
     /// How request data moves: copy, fixed, zc, auto-zc [default: the best the kernel supports].
     #[arg(long)]
     buffer: Option<BufferMode>,
+    /// Fetch and commit requests in batches (UBLK_F_BATCH_IO, Linux 7.0)
+    /// [default: where the kernel has it].
+    #[arg(long, conflicts_with = "no_batch")]
+    batch: bool,
+    /// One command per request (the per-tag path), even where the kernel has batch IO.
+    #[arg(long)]
+    no_batch: bool,
 }
 
 fn size_arg(s: &str) -> Result<String, String> {
@@ -206,6 +213,11 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
         depth: common.depth,
         block_size: common.block_size,
         buffer: common.buffer,
+        batch: match (common.batch, common.no_batch) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
     })
 }
 
@@ -364,6 +376,21 @@ mod tests {
         assert!(parse(&["del"]).is_err());
         assert!(parse(&["del", "1", "--all"]).is_err());
         assert!(parse(&["show"]).is_err());
+        assert!(parse(&["add", "null", "--batch", "--no-batch"]).is_err());
+    }
+
+    #[test]
+    fn batch_flags() {
+        for (args, want) in [
+            (&["add", "null"][..], None),
+            (&["add", "null", "--no-batch"][..], Some(false)),
+            (&["add", "null", "--batch"][..], Some(true)),
+        ] {
+            let Command::Add { target } = parse(args).unwrap().command else {
+                panic!()
+            };
+            assert_eq!(add_request(target).unwrap().batch, want, "{args:?}");
+        }
     }
 
     #[test]

@@ -103,6 +103,7 @@ impl Entry {
                 add.and_then(|a| a.buffer).unwrap_or(BufferMode::Copy),
                 |r| r.buffer,
             ),
+            commands: None,
             state: state.to_string(),
             path: format!("/dev/ublkb{id}"),
             name: add.and_then(|a| a.name.clone()),

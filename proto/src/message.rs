@@ -52,6 +52,10 @@ pub struct AddDevice {
     pub block_size: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buffer: Option<BufferMode>,
+    /// The batch command path (UBLK_F_BATCH_IO): `Some(false)` keeps the per-tag path;
+    /// left out, batch where the kernel has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<bool>,
 }
 
 /// Which backend serves the device, with its own options.
@@ -184,6 +188,31 @@ impl std::str::FromStr for BufferMode {
     }
 }
 
+/// How a device's queues exchange requests with the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommandMode {
+    /// One FETCH_REQ / COMMIT_AND_FETCH_REQ per request.
+    PerTag,
+    /// UBLK_F_BATCH_IO (Linux 7.0): lists of requests fetched and committed in batches.
+    Batch,
+}
+
+impl CommandMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            CommandMode::PerTag => "per-tag",
+            CommandMode::Batch => "batch",
+        }
+    }
+}
+
+impl std::fmt::Display for CommandMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The daemon's answer to one request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -208,6 +237,9 @@ pub struct DeviceInfo {
     pub queues: u32,
     pub depth: u32,
     pub buffer: BufferMode,
+    /// How the queues talk to the driver; absent while the device is not served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commands: Option<CommandMode>,
     /// The kernel's device state: `live`, `quiesced`, `fail_io`, `dead`.
     pub state: String,
     /// Block device node, e.g. `/dev/ublkb0`.
@@ -315,6 +347,7 @@ mod tests {
             depth: None,
             block_size: Some(4096),
             buffer: Some(BufferMode::Copy),
+            batch: None,
         });
         let text = serde_json::to_string(&req).unwrap();
         assert_eq!(
@@ -370,6 +403,7 @@ mod tests {
             queues: 1,
             depth: 128,
             buffer: BufferMode::Copy,
+            commands: Some(CommandMode::Batch),
             state: "live".into(),
             path: "/dev/ublkb0".into(),
             name: Some("db".into()),
@@ -413,6 +447,28 @@ mod tests {
             assert_eq!(d.name().parse::<DirectIo>().unwrap(), d);
         }
         assert!("maybe".parse::<DirectIo>().is_err());
+    }
+
+    #[test]
+    fn batch_choice_is_optional_and_recorded() {
+        let old = r#"{"cmd":"add","target":{"type":"null","size":4096}}"#;
+        let Request::Add(add) = serde_json::from_str::<Request>(old).unwrap() else {
+            panic!()
+        };
+        assert_eq!(add.batch, None);
+        let no = r#"{"cmd":"add","target":{"type":"null","size":4096},"batch":false}"#;
+        let Request::Add(add) = serde_json::from_str::<Request>(no).unwrap() else {
+            panic!()
+        };
+        assert_eq!(add.batch, Some(false));
+        assert_eq!(serde_json::to_string(&Request::Add(add)).unwrap(), no);
+        for (m, name) in [
+            (CommandMode::Batch, "batch"),
+            (CommandMode::PerTag, "per-tag"),
+        ] {
+            assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{name}\""));
+            assert_eq!(m.name(), name);
+        }
     }
 
     #[test]
