@@ -190,6 +190,19 @@ impl ElemArray {
     }
 }
 
+/// The first element of an array of `n` that a COMMIT_IO_CMDS with result `res` left
+/// for another commit: `n` when all were committed (res = the array's bytes), the
+/// number committed when the driver stopped at a refused element (res = the bytes
+/// before it), and 1 when it refused the first one (res = its errno): that element is
+/// dropped, the driver does not take it.
+fn uncommitted_from(res: i32, n: u16, elem_bytes: u8) -> u16 {
+    if res < 0 {
+        return 1.min(n);
+    }
+    let done = res as usize / usize::from(elem_bytes.max(1));
+    done.min(usize::from(n)) as u16
+}
+
 pub struct Batch {
     dev_id: u32,
     qid: u16,
@@ -476,27 +489,19 @@ impl Batch {
     fn committed(&mut self, idx: usize, res: i32) {
         let (dev, q) = (self.dev_id, self.qid);
         self.committing = false;
-        let total = self.arrays[idx].bytes();
-        let elem = usize::from(self.arrays[idx].fmt.bytes);
         let n = self.arrays[idx].len;
-        let first_left = if res < 0 {
-            if n > 0 {
-                log::error!(
-                    "dev {dev} queue {q} tag {}: the driver refused its commit: {}",
-                    self.arrays[idx].tag(0),
-                    io::Error::from_raw_os_error(-res)
-                );
-            }
-            1
-        } else if res as usize >= total {
-            0
-        } else {
-            let done = (res as usize / elem) as u16;
-            log::debug!(
-                "dev {dev} queue {q}: partial commit ({done} of {n}); committing the rest again"
+        let first_left = uncommitted_from(res, n, self.arrays[idx].fmt.bytes);
+        if res < 0 && n > 0 {
+            log::error!(
+                "dev {dev} queue {q} tag {}: the driver refused its commit: {}; dropping it",
+                self.arrays[idx].tag(0),
+                io::Error::from_raw_os_error(-res)
             );
-            done
-        };
+        } else if first_left < n {
+            log::debug!(
+                "dev {dev} queue {q}: partial commit ({first_left} of {n}); committing the rest again"
+            );
+        }
         let filling = self.filling;
         for i in first_left.min(n)..n {
             let e = self.arrays[idx].get(i);
@@ -578,6 +583,20 @@ mod tests {
 
         let zc = ElemFormat::for_mode(BufferMode::Zc);
         assert_eq!((zc.flags, zc.bytes), (0, 8));
+    }
+
+    #[test]
+    fn partial_commits_leave_the_rest() {
+        // All 5 of 16 bytes each.
+        assert_eq!(uncommitted_from(80, 5, 16), 5);
+        // Stopped at the third: the third and later go again.
+        assert_eq!(uncommitted_from(32, 5, 16), 2);
+        assert_eq!(uncommitted_from(0, 5, 8), 0);
+        // The first refused: it is dropped, the rest go again.
+        assert_eq!(uncommitted_from(-libc::EBUSY, 5, 8), 1);
+        assert_eq!(uncommitted_from(-libc::EINVAL, 0, 8), 0);
+        // A result beyond the array commits it all.
+        assert_eq!(uncommitted_from(1 << 20, 3, 8), 3);
     }
 
     #[test]

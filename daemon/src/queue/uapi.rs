@@ -327,7 +327,11 @@ mod tests {
         // SAFETY: reading the bytes of a 64-byte repr(C) SQE.
         let raw: [u8; 64] = unsafe { std::mem::transmute(sqe) };
         assert_eq!(raw[0], 46, "IORING_OP_URING_CMD");
-        assert_eq!(raw[1], 1 | (1 << 5), "IOSQE_FIXED_FILE | IOSQE_BUFFER_SELECT");
+        assert_eq!(
+            raw[1],
+            1 | (1 << 5),
+            "IOSQE_FIXED_FILE | IOSQE_BUFFER_SELECT"
+        );
         assert_eq!(
             u32::from_ne_bytes(raw[f..f + 4].try_into().unwrap()),
             1 << 1
