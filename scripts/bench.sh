@@ -3,7 +3,7 @@
 # by side in one VM run, and prints a table of ratios. Not a test: nothing here passes or
 # fails on speed.
 #
-# Usage: scripts/bench.sh null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--connections N] [--rublk-multi-cpus]
+# Usage: scripts/bench.sh null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd "ARGS;ARGS"] [--connections N] [--rublk-multi-cpus] [--profile]
 #
 # rublk (https://github.com/ublk-org/rublk, a ublk daemon on libublk) is installed from
 # crates.io with `cargo install` into $UBLKD_BENCH_RUBLK_ROOT (default
@@ -33,9 +33,10 @@ if [ -e /dev/ublk-control ]; then
     echo "note: running in the VM anyway, so both sides see the same (emulated) machine" >&2
 fi
 plugins=$(nbdkit --dump-config | sed -n 's/^plugindir=//p')
+# The guest runs the command with sh -c: quote the arguments (--ublkd has ';' and spaces).
 tests/vm/run.sh --timeout 1800 --mem 3G \
     --bin target/release/ublkd --bin target/release/ublkctl --bin target/release/ublkd-bench \
     --bin "$rublk" \
     --tool /usr/bin/nbdkit --tool /usr/bin/qemu-nbd --tool /usr/sbin/nbd-client \
     --tool "$plugins/nbdkit-memory-plugin.so" \
-    -- ublkd-bench "$suite" "$@" | tr -d '\r'
+    -- "$(printf '%q ' ublkd-bench "$suite" "$@")" | tr -d '\r'

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use ublkd_proto::size::parse_size;
 use ublkd_proto::validate::{DEFAULT_DEPTH, DEFAULT_NULL_SIZE, DEFAULT_QUEUES};
-use ublkd_proto::{AddDevice, BufferMode, DirectIo, Request, Response, TargetSpec};
+use ublkd_proto::{AddDevice, BufferMode, DirectIo, QueueAffinity, Request, Response, TargetSpec};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -143,6 +143,10 @@ struct CommonAddArgs {
     /// One command per request (the per-tag path), even where the kernel has batch IO.
     #[arg(long)]
     no_batch: bool,
+    /// Where the queue threads run: cpu (each pinned to one CPU of the CPUs the kernel
+    /// maps to its queue), set (any of those CPUs) or off (not pinned) [default: cpu].
+    #[arg(long)]
+    affinity: Option<QueueAffinity>,
 }
 
 fn size_arg(s: &str) -> Result<String, String> {
@@ -218,6 +222,7 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
             (_, true) => Some(false),
             _ => None,
         },
+        affinity: common.affinity,
     })
 }
 
@@ -316,6 +321,8 @@ mod tests {
             "4096",
             "--buffer",
             "copy",
+            "--affinity",
+            "set",
         ])
         .unwrap();
         assert_eq!(cli.socket, PathBuf::from("/tmp/s"));
@@ -329,6 +336,7 @@ mod tests {
             (Some(2), Some(64), Some(4096))
         );
         assert_eq!(req.buffer, Some(BufferMode::Copy));
+        assert_eq!(req.affinity, Some(QueueAffinity::Set));
     }
 
     #[test]

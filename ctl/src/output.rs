@@ -73,6 +73,7 @@ pub fn device_detail(d: &DeviceDetail) -> String {
     if let Some(c) = i.commands {
         row("commands", c.name().to_string());
     }
+    row("affinity", i.affinity.name().to_string());
     row("state", d.kernel.state.clone());
     row(
         "kernel flags",
@@ -84,9 +85,10 @@ pub fn device_detail(d: &DeviceDetail) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:>5} {:>8} {:>10} {:>9} {:>9} {:>7} {:>9} {:>12} {:>12} {:>6} {:>8}",
+        "\n{:>5} {:>8} {:>5} {:>10} {:>9} {:>9} {:>7} {:>9} {:>12} {:>12} {:>6} {:>8}",
         "QUEUE",
         "TID",
+        "CPUS",
         "REQUESTS",
         "READS",
         "WRITES",
@@ -100,9 +102,10 @@ pub fn device_detail(d: &DeviceDetail) -> String {
     for q in &d.queue_stats {
         let _ = writeln!(
             out,
-            "{:>5} {:>8} {:>10} {:>9} {:>9} {:>7} {:>9} {:>12} {:>12} {:>6} {:>8}",
+            "{:>5} {:>8} {:>5} {:>10} {:>9} {:>9} {:>7} {:>9} {:>12} {:>12} {:>6} {:>8}",
             q.queue,
             q.tid,
+            if q.cpus.is_empty() { "any" } else { &q.cpus },
             q.requests,
             q.reads,
             q.writes,
@@ -158,6 +161,7 @@ mod tests {
             depth: 64,
             buffer: ublkd_proto::BufferMode::Copy,
             commands: None,
+            affinity: ublkd_proto::QueueAffinity::Cpu,
             state: "live".into(),
             path: "/dev/ublkb3".into(),
             name: None,
@@ -189,6 +193,7 @@ mod tests {
             depth: 64,
             buffer: ublkd_proto::BufferMode::AutoZc,
             commands: Some(ublkd_proto::CommandMode::Batch),
+            affinity: ublkd_proto::QueueAffinity::Cpu,
             state: "live".into(),
             path: "/dev/ublkb0".into(),
             name: None,

@@ -95,6 +95,8 @@ fn run(args: &Args) -> Result<()> {
         kernel.max_queues
     );
     lock_memory();
+    // Read before any thread is pinned: the CPUs queue threads may be placed on.
+    let _ = queue::allowed_cpus();
     let state = state::StateDir::open(&args.state_dir)?;
 
     let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;

@@ -226,6 +226,7 @@ mod tests {
             block_size: None,
             buffer: None,
             batch: Some(false),
+            affinity: None,
         }
     }
 

@@ -56,6 +56,9 @@ pub struct AddDevice {
     /// left out, batch where the kernel has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<bool>,
+    /// Where the queue threads run [default: [`QueueAffinity::Cpu`]].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<QueueAffinity>,
 }
 
 /// Which backend serves the device, with its own options.
@@ -188,6 +191,51 @@ impl std::str::FromStr for BufferMode {
     }
 }
 
+/// Which CPUs a device's queue threads run on. The kernel maps every CPU to one hardware
+/// queue (UBLK_U_CMD_GET_QUEUE_AFFINITY tells which); requests submitted on those CPUs
+/// reach that queue's thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueAffinity {
+    /// Pinned to one CPU of the queue's set: the one with the fewest of the daemon's
+    /// queue threads, among the CPUs the daemon may use.
+    #[default]
+    Cpu,
+    /// Free to run on any CPU of the queue's set (that the daemon may use).
+    Set,
+    /// Not pinned: wherever the scheduler puts it.
+    Off,
+}
+
+impl QueueAffinity {
+    pub const ALL: [QueueAffinity; 3] =
+        [QueueAffinity::Cpu, QueueAffinity::Set, QueueAffinity::Off];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QueueAffinity::Cpu => "cpu",
+            QueueAffinity::Set => "set",
+            QueueAffinity::Off => "off",
+        }
+    }
+}
+
+impl std::fmt::Display for QueueAffinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for QueueAffinity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        QueueAffinity::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown queue affinity '{s}' (expected cpu, set or off)"))
+    }
+}
+
 /// How a device's queues exchange requests with the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -240,6 +288,9 @@ pub struct DeviceInfo {
     /// How the queues talk to the driver; absent while the device is not served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub commands: Option<CommandMode>,
+    /// Where the queue threads run.
+    #[serde(default)]
+    pub affinity: QueueAffinity,
     /// The kernel's device state: `live`, `quiesced`, `fail_io`, `dead`.
     pub state: String,
     /// Block device node, e.g. `/dev/ublkb0`.
@@ -283,6 +334,10 @@ pub struct QueueStats {
     pub queue: u32,
     /// Linux thread id of the queue thread.
     pub tid: i32,
+    /// The CPUs the queue thread may run on, as a CPU list (`3`, `0-1,4`); empty when it
+    /// is not pinned.
+    #[serde(default)]
+    pub cpus: String,
     pub requests: u64,
     pub reads: u64,
     pub writes: u64,
@@ -348,11 +403,12 @@ mod tests {
             block_size: Some(4096),
             buffer: Some(BufferMode::Copy),
             batch: None,
+            affinity: Some(QueueAffinity::Off),
         });
         let text = serde_json::to_string(&req).unwrap();
         assert_eq!(
             text,
-            r#"{"cmd":"add","target":{"type":"null","size":1073741824},"queues":2,"block_size":4096,"buffer":"copy"}"#
+            r#"{"cmd":"add","target":{"type":"null","size":1073741824},"queues":2,"block_size":4096,"buffer":"copy","affinity":"off"}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), req);
 
@@ -404,6 +460,7 @@ mod tests {
             depth: 128,
             buffer: BufferMode::Copy,
             commands: Some(CommandMode::Batch),
+            affinity: QueueAffinity::Cpu,
             state: "live".into(),
             path: "/dev/ublkb0".into(),
             name: Some("db".into()),

@@ -409,3 +409,74 @@ fn sigterm_deletes_devices_and_exits_zero() {
     );
     assert!(!d.socket.exists(), "socket left behind");
 }
+
+/// The CPUs a thread may run on, from /proc (`Cpus_allowed_list`).
+fn thread_cpus(tid: i64) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn queue_threads_are_placed_as_asked() {
+    require_ublk();
+    let cpus = possible_cpus() as usize;
+    assert!(
+        cpus >= 2,
+        "the test VM has {cpus} CPU(s); this test needs 2"
+    );
+    let all = format!("0-{}", cpus - 1);
+    let d = Daemon::start("affinity");
+    // One queue: the kernel maps every CPU to it.
+    let pinned: Vec<String> = (0..2)
+        .map(|_| d.add(&["null", "--size", "1G", "--queues", "1"]))
+        .collect();
+    let set = d.add(&["null", "--size", "1G", "--affinity", "set"]);
+    let off = d.add(&["null", "--size", "1G", "--affinity", "off"]);
+
+    let queue = |dev: &str| {
+        let show = d.show_json(dev_id(dev));
+        let q = show["queue_stats"][0].clone();
+        let tid = q["tid"].as_i64().unwrap();
+        (
+            show,
+            q["cpus"].as_str().unwrap().to_string(),
+            thread_cpus(tid),
+        )
+    };
+    let mut chosen = Vec::new();
+    for dev in &pinned {
+        let (show, listed, actual) = queue(dev);
+        assert_eq!(show["affinity"], "cpu", "{show}");
+        assert!(listed.parse::<usize>().is_ok_and(|c| c < cpus), "{show}");
+        assert_eq!(listed, actual, "show says {listed}, /proc says {actual}");
+        chosen.push(listed);
+    }
+    // The second device's queue goes to the CPU the first one left free.
+    assert_ne!(
+        chosen[0], chosen[1],
+        "both queues pinned to CPU {}",
+        chosen[0]
+    );
+
+    let (show, listed, actual) = queue(&set);
+    assert_eq!(show["affinity"], "set", "{show}");
+    assert_eq!(
+        (listed.as_str(), actual.as_str()),
+        (all.as_str(), all.as_str())
+    );
+    let (show, listed, actual) = queue(&off);
+    assert_eq!(show["affinity"], "off", "{show}");
+    assert_eq!((listed.as_str(), actual.as_str()), ("", all.as_str()));
+    let text = d.ctl_ok(&["show", &dev_id(&pinned[0]).to_string()]);
+    assert!(text.contains("affinity       cpu"), "{text}");
+
+    // Every placement serves IO.
+    for dev in pinned.iter().chain([&set, &off]) {
+        fio(&fio_job(dev, "randrw", "4k", 16, 1));
+    }
+}

@@ -326,7 +326,9 @@ impl Device {
         self.batch = dev.dev_info.flags & u64::from(sys::UBLK_F_BATCH_IO) != 0;
 
         let (tx, rx) = mpsc::channel();
+        let affinity = self.record.add.affinity.unwrap_or_default();
         for qid in 0..self.geometry.queues {
+            let placement = queue::place(affinity, &queue_cpus(ctrl, qid), queue::allowed_cpus());
             let spec = QueueSpec {
                 dev_id: self.id,
                 qid,
@@ -337,7 +339,7 @@ impl Device {
                 user_copy: dev.dev_info.flags & u64::from(sys::UBLK_F_USER_COPY) != 0,
                 batch: self.batch,
             };
-            let handle = queue::spawn(spec, self.target.clone(), tx.clone())
+            let handle = queue::spawn(spec, self.target.clone(), placement, tx.clone())
                 .with_context(|| format!("cannot start the thread of queue {qid}"))?;
             self.counters.push(handle.counters.clone());
             self.queues.push(handle);
@@ -425,6 +427,7 @@ impl Device {
             } else {
                 CommandMode::PerTag
             }),
+            affinity: self.record.add.affinity.unwrap_or_default(),
             state: state.to_string(),
             path: self.path(),
         }
@@ -561,6 +564,24 @@ impl Device {
 /// The kernel's view of a device whose server is gone. The driver quiesces a device
 /// once the old server's rings and char device are released, which can finish a little
 /// after the process is gone: wait for that, as long as the old server is dead.
+/// The CPUs the kernel maps to queue `qid` (UBLK_U_CMD_GET_QUEUE_AFFINITY); none when it
+/// cannot say, and then the queue is not pinned.
+fn queue_cpus(ctrl: &UblkCtrl, qid: u16) -> Vec<usize> {
+    let mut mask = libublk::ctrl::UblkQueueAffinity::new();
+    match ctrl.get_queue_affinity(u32::from(qid), &mut mask) {
+        Ok(_) => mask.to_bits_vec(),
+        Err(e) => {
+            log::warn!(
+                "dev {} queue {qid}: cannot read the queue's CPUs from the kernel ({}); \
+                 its thread runs unpinned",
+                ctrl.dev_info().dev_id,
+                describe(&e)
+            );
+            Vec::new()
+        }
+    }
+}
+
 fn wait_released(ctrl: &UblkCtrl, id: u32) -> Result<sys::ublksrv_ctrl_dev_info> {
     let deadline = Instant::now() + RECOVER_TIMEOUT;
     loop {

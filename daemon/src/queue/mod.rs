@@ -34,10 +34,12 @@
 mod batch;
 mod commands;
 mod per_tag;
+mod placement;
 mod stats;
 mod uapi;
 mod user_data;
 
+pub use placement::{allowed_cpus, place, Placement};
 pub use stats::QueueCounters;
 
 use commands::Commands;
@@ -79,6 +81,8 @@ pub struct QueueHandle {
     detach: Arc<AtomicBool>,
     wake: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
+    /// Keeps the thread's CPU counted as used while the queue runs.
+    _placement: Placement,
 }
 
 impl QueueHandle {
@@ -130,11 +134,13 @@ impl Drop for QueueHandle {
     }
 }
 
-/// Starts the thread of one queue. The thread sets itself up, posts FETCH_REQ for every
-/// tag, and then reports on `ready` (its thread id, or why it failed) before serving.
+/// Starts the thread of one queue on the CPUs of `placement`. The thread sets itself up,
+/// posts FETCH_REQ for every tag, and then reports on `ready` (its thread id, or why it
+/// failed) before serving.
 pub fn spawn(
     spec: QueueSpec,
     target: Arc<dyn Target>,
+    placement: Placement,
     ready: mpsc::Sender<Result<i32, String>>,
 ) -> io::Result<QueueHandle> {
     let counters = Arc::new(QueueCounters::default());
@@ -143,11 +149,21 @@ pub fn spawn(
     let wake = Arc::new(eventfd()?);
     let (c, s, d, w) = (counters.clone(), stop.clone(), detach.clone(), wake.clone());
     let name = format!("ublk{}q{}", spec.dev_id, spec.qid);
+    let cpus = placement.cpus.clone();
     let thread = std::thread::Builder::new().name(name).spawn(move || {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
         c.set_tid(tid);
         let (dev, q) = (spec.dev_id, spec.qid);
+        // Pinned before the ring exists, so its memory and the kernel's work for it start
+        // out on the queue's CPU.
+        match placement::pin_current_thread(&cpus) {
+            Ok(()) => c.set_cpus(placement::cpu_list(&cpus)),
+            Err(e) => log::warn!(
+                "dev {dev} queue {q}: cannot pin the queue thread to CPUs {}: {e}; it runs unpinned",
+                placement::cpu_list(&cpus)
+            ),
+        }
         if let Err(e) = ublkd_targets::io_flusher() {
             log::warn!("dev {dev} queue {q}: {e}");
         }
@@ -189,6 +205,7 @@ pub fn spawn(
         detach,
         wake,
         thread: Some(thread),
+        _placement: placement,
     })
 }
 

@@ -1,12 +1,15 @@
 //! Per-queue counters, written by the queue thread and read by `ublkctl show`.
 
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
 use ublkd_proto::QueueStats;
 use ublkd_targets::{BlockOp, IoDesc};
 
 #[derive(Debug, Default)]
 pub struct QueueCounters {
     tid: AtomicI32,
+    /// The CPU list the thread is pinned to (empty: not pinned).
+    cpus: OnceLock<String>,
     requests: AtomicU64,
     reads: AtomicU64,
     writes: AtomicU64,
@@ -22,6 +25,10 @@ pub struct QueueCounters {
 impl QueueCounters {
     pub fn set_tid(&self, tid: i32) {
         self.tid.store(tid, Relaxed);
+    }
+
+    pub fn set_cpus(&self, cpus: String) {
+        let _ = self.cpus.set(cpus);
     }
 
     /// A request arrived from the driver.
@@ -65,6 +72,7 @@ impl QueueCounters {
         QueueStats {
             queue,
             tid: self.tid.load(Relaxed),
+            cpus: self.cpus.get().cloned().unwrap_or_default(),
             requests: self.requests.load(Relaxed),
             reads: self.reads.load(Relaxed),
             writes: self.writes.load(Relaxed),

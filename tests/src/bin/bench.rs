@@ -9,12 +9,14 @@
 //! medians to the kernel's device and (null, loop) to rublk -z.
 //!
 //! Usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT]
-//!        [--export nbdkit|qemu] [--buffers MODE,...] [--connections N]
-//!        [--rublk-multi-cpus]
+//!        [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd "ARGS;ARGS"]
+//!        [--connections N] [--rublk-multi-cpus] [--profile]
 //!
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
-//! `--export` keeps one of the nbd exports; `--buffers copy,auto-zc` measures ublkd's
-//! loop or nbd target in those buffer modes (default: the daemon's default mode).
+//! `--export` keeps one of the nbd exports; `--buffers copy,auto-zc` measures a ublkd
+//! device in each of those buffer modes, and `--ublkd "ARGS;ARGS"` one device per
+//! `;`-separated set of extra `ublkctl add` arguments (`--ublkd ";--no-batch"`: the
+//! defaults beside `--no-batch`); neither given: one device with the daemon's defaults.
 //! rublk (`/usr/local/bin/rublk`, copied in by scripts/bench.sh) pins each queue thread
 //! to one CPU by default; `--rublk-multi-cpus` adds a second rublk device created with
 //! `--multi-cpus-affinity` (queue threads on all CPUs of the queue's mask, like ublkd). `--connections N`
@@ -22,7 +24,9 @@
 //! N`, one per hardware queue on both) and splits each workload's queue depth over N fio
 //! jobs, so that more than one queue and connection carries IO (the jobs are not pinned
 //! to CPUs: pinning fio changes how the two clients compare, and users rarely pin); it
-//! needs an export that advertises multi-conn.
+//! needs an export that advertises multi-conn. `--profile` adds a table of CPU time and
+//! context switches per IO: the ublk server's (from /proc of the process holding
+//! /dev/ublkcN), its io-wq workers' and fio's.
 
 use std::process::Command;
 use ublkd_tests::{fio, Daemon};
@@ -68,13 +72,16 @@ struct Settings {
     only: Option<String>,
     /// nbd: only the export whose label starts with this.
     export: Option<String>,
-    /// nbd: the buffer modes to measure (empty: the default mode only).
-    buffers: Vec<String>,
+    /// The ublkd devices to measure, each as extra `ublkctl add` arguments: one per
+    /// `--buffers` mode and one per `--ublkd` variant (none given: the defaults).
+    variants: Vec<Vec<String>>,
     /// fio jobs per workload, sharing its queue depth (nbd: also the connections of
     /// each client).
     jobs: u32,
     /// null, loop: also measure rublk with `--multi-cpus-affinity`.
     rublk_multi: bool,
+    /// Also print where the CPU time goes per IO (see [`Cost`]).
+    profile: bool,
 }
 
 impl Settings {
@@ -89,9 +96,75 @@ impl Settings {
     }
 }
 
-/// One measurement: IOPS and MB/s.
-fn measure(dev: &str, row: &Row, s: &Settings) -> (f64, f64) {
+/// One measurement.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    iops: f64,
+    mbps: f64,
+    cost: Cost,
+}
+
+/// Where the CPU time of one run went, per IO (`--profile`): the server process of a
+/// ublk device (every thread but its io-wq workers), its io-wq workers (`iou-wrk-*`,
+/// IO that io_uring could not issue inline), and fio (user plus system time, which holds
+/// the kernel's driver work for the kernel's own devices).
+#[derive(Debug, Clone, Copy, Default)]
+struct Cost {
+    server_us: f64,
+    server_switches: f64,
+    iowq_us: f64,
+    fio_us: f64,
+    fio_switches: f64,
+}
+
+/// CPU nanoseconds and context switches of a process's threads so far: (the threads
+/// other than io-wq workers, the io-wq workers).
+fn process_cpu(pid: u32) -> ((u64, u64), (u64, u64)) {
+    let mut own = (0, 0);
+    let mut iowq = (0, 0);
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (own, iowq);
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let ns: u64 = read("schedstat")
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let switches: u64 = read("status")
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        let sum = if read("comm").starts_with("iou-wrk") {
+            &mut iowq
+        } else {
+            &mut own
+        };
+        sum.0 += ns;
+        sum.1 += switches;
+    }
+    (own, iowq)
+}
+
+/// The process serving ublk device `dev` (`/dev/ublkbN`): the one holding `/dev/ublkcN`.
+fn server_pid(dev: &str) -> Option<u32> {
+    let cdev = format!("/dev/ublkc{}", dev.strip_prefix("/dev/ublkb")?);
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+        let fds = std::fs::read_dir(p.path().join("fd")).ok()?;
+        fds.flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == cdev.as_str()))
+            .then_some(pid)
+    })
+}
+
+fn measure(dev: &str, row: &Row, s: &Settings) -> Sample {
     let jobs = s.jobs;
+    let server = if s.profile { server_pid(dev) } else { None };
+    let before = server.map(process_cpu);
     let run = fio(&[
         "--name=bench",
         &format!("--filename={dev}"),
@@ -111,7 +184,29 @@ fn measure(dev: &str, row: &Row, s: &Settings) -> (f64, f64) {
     } else {
         "read"
     };
-    (run.iops(0, dir), run.bw_bytes(0, dir) / 1e6)
+    let iops = run.iops(0, dir);
+    let mut cost = Cost::default();
+    if s.profile && iops > 0.0 {
+        // The server's counters also cover the ramp: count its IOs at the same rate.
+        let ios = iops * f64::from(s.runtime + 1);
+        if let (Some(pid), Some(((a, b), (c, _)))) = (server, before) {
+            // io-wq workers come and go: a worker that exited took its time with it.
+            let ((a2, b2), (c2, _)) = process_cpu(pid);
+            cost.server_us = a2.saturating_sub(a) as f64 / 1e3 / ios;
+            cost.server_switches = b2.saturating_sub(b) as f64 / ios;
+            cost.iowq_us = c2.saturating_sub(c) as f64 / 1e3 / ios;
+        }
+        let job = &run.jobs()[0];
+        let pct = job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0);
+        let fio_ios = iops * f64::from(s.runtime);
+        cost.fio_us = pct / 100.0 * f64::from(s.runtime) * f64::from(jobs) * 1e6 / fio_ios;
+        cost.fio_switches = job["ctx"].as_f64().unwrap_or(0.0) / fio_ios;
+    }
+    Sample {
+        iops,
+        mbps: run.bw_bytes(0, dir) / 1e6,
+        cost,
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -130,7 +225,7 @@ fn median(v: &mut [f64]) -> f64 {
 fn compare(devices: &[(String, String)], refs: &[(usize, &str)], rows: &[Row], s: &Settings) {
     let rows = s.rows(rows);
     let n = devices.len();
-    // samples[row][dev] = [(iops, mbps)] over the rounds
+    // samples[row][dev] = one Sample per round
     let mut samples = vec![vec![Vec::new(); n]; rows.len()];
     for round in 0..s.rounds {
         eprintln!("round {}/{}", round + 1, s.rounds);
@@ -160,13 +255,13 @@ fn compare(devices: &[(String, String)], refs: &[(usize, &str)], rows: &[Row], s
         let medians: Vec<(f64, f64)> = samples[r]
             .iter()
             .map(|v| {
-                let mut iops: Vec<f64> = v.iter().map(|x| x.0).collect();
-                let mut mbps: Vec<f64> = v.iter().map(|x| x.1).collect();
+                let mut iops: Vec<f64> = v.iter().map(|x| x.iops).collect();
+                let mut mbps: Vec<f64> = v.iter().map(|x| x.mbps).collect();
                 (median(&mut iops), median(&mut mbps))
             })
             .collect();
         for (d, (label, _)) in devices.iter().enumerate() {
-            let iops = samples[r][d].iter().map(|x| x.0);
+            let iops = samples[r][d].iter().map(|x| x.iops);
             let (lo, hi) = (
                 iops.clone().fold(f64::INFINITY, f64::min),
                 iops.fold(0.0, f64::max),
@@ -183,6 +278,41 @@ fn compare(devices: &[(String, String)], refs: &[(usize, &str)], rows: &[Row], s
             println!("{line}");
         }
     }
+    if s.profile {
+        println!();
+        print_costs(devices, &rows, &samples);
+    }
+}
+
+/// The `--profile` table: medians over the rounds of each device's CPU time per IO.
+fn print_costs(devices: &[(String, String)], rows: &[&Row], samples: &[Vec<Vec<Sample>>]) {
+    println!(
+        "| {:<18} | {:<16} | {:>10} | {:>10} | {:>10} | {:>10} | {:>10} |",
+        "workload", "device", "server us", "server cs", "io-wq us", "fio us", "fio cs"
+    );
+    println!(
+        "|{:-<20}|{:-<18}|{:->11}:|{:->11}:|{:->11}:|{:->11}:|{:->11}:|",
+        "", "", "", "", "", "", ""
+    );
+    for (r, row) in rows.iter().enumerate() {
+        for (d, (label, _)) in devices.iter().enumerate() {
+            let v = &samples[r][d];
+            let med = |f: fn(&Cost) -> f64| {
+                let mut x: Vec<f64> = v.iter().map(|s| f(&s.cost)).collect();
+                median(&mut x)
+            };
+            println!(
+                "| {:<18} | {label:<16} | {:>10.1} | {:>10.2} | {:>10.1} | {:>10.1} | {:>10.2} |",
+                row.name,
+                med(|c| c.server_us),
+                med(|c| c.server_switches),
+                med(|c| c.iowq_us),
+                med(|c| c.fio_us),
+                med(|c| c.fio_switches),
+            );
+        }
+    }
+    println!("per IO, medians: CPU microseconds of the ublk server's threads (not io-wq), its context switches, CPU microseconds of its io-wq workers (iou-wrk), and of fio (user + system), and fio's context switches");
 }
 
 /// rublk, the peer daemon (`/usr/local/bin/rublk`): its devices get fixed ids from
@@ -240,13 +370,25 @@ fn rublk_del(devices: &[(String, String)]) {
     }
 }
 
-/// The ublkd buffer modes to measure: `--buffers`, or the daemon's default (`None`).
-fn ublkd_modes(s: &Settings) -> Vec<Option<&str>> {
-    if s.buffers.is_empty() {
-        vec![None]
-    } else {
-        s.buffers.iter().map(|b| Some(b.as_str())).collect()
+/// `--buffers a,b` and `--ublkd "ARGS;ARGS"` as lists of extra `ublkctl add` arguments;
+/// one empty list (the daemon's defaults) when neither is given.
+fn variants(buffers: Option<String>, ublkd: Option<String>) -> Vec<Vec<String>> {
+    let mut v: Vec<Vec<String>> = buffers
+        .iter()
+        .flat_map(|b| b.split(','))
+        .filter(|m| !m.is_empty())
+        .map(|m| vec!["--buffer".to_string(), m.to_string()])
+        .collect();
+    v.extend(
+        ublkd
+            .iter()
+            .flat_map(|u| u.split(';'))
+            .map(|a| a.split_whitespace().map(str::to_string).collect()),
+    );
+    if v.is_empty() {
+        v.push(Vec::new());
     }
+    v
 }
 
 fn insmod(module: &str, params: &[&str]) {
@@ -266,27 +408,30 @@ fn insmod(module: &str, params: &[&str]) {
 fn bench_null(s: &Settings) {
     insmod("null_blk", &["nr_devices=1", "queue_mode=2", "irqmode=0"]);
     let d = Daemon::start("bench");
-    let dev = d.add(&["null", "--size", "250G", "--queues", "1", "--depth", "128"]);
-    let buffer = d.list_json()[0]["buffer"]
-        .as_str()
-        .unwrap_or("?")
-        .to_string();
     let rublk = rublk_add("null", &[], s);
-    println!("null_blk (/dev/nullb0: queue_mode=2 irqmode=0) vs rublk null (250 GiB, 1 queue, depth 128, -z; pinned to one CPU unless \"multi\") vs ublkd null ({dev}: 250 GiB, 1 queue, depth 128, {buffer} buffers)");
+    let mut devices = vec![("null_blk".to_string(), "/dev/nullb0".to_string())];
+    devices.extend(rublk.iter().cloned());
+    for extra in &s.variants {
+        let args = vec!["null", "--size", "250G", "--queues", "1", "--depth", "128"];
+        devices.push(add_ublkd(&d, args, extra));
+    }
+    let labels: Vec<&str> = devices[1 + rublk.len()..]
+        .iter()
+        .map(|(l, _)| &l[6..])
+        .collect();
+    println!("null_blk (/dev/nullb0: queue_mode=2 irqmode=0) vs rublk null (250 GiB, 1 queue, depth 128, -z; pinned to one CPU unless \"multi\") vs ublkd null (250 GiB, 1 queue, depth 128, buffers: {})", labels.join(", "));
     println!(
         "fio io_uring, direct, 1 job, {} s per run (+1 s ramp), {} rounds, order rotating, median shown; ratios = device / null_blk, device / rublk -z",
         s.runtime, s.rounds
     );
     println!();
-    let mut devices = vec![("null_blk".to_string(), "/dev/nullb0".to_string())];
-    devices.extend(rublk.iter().cloned());
-    devices.push((format!("ublkd {buffer}"), dev));
     compare(
         &devices,
         &[(0, "vs kernel"), (1, "vs rublk")],
         &LOOP_ROWS[..3],
         s,
     );
+    d.ctl_ok(&["del", "--all"]);
     rublk_del(&rublk);
 }
 
@@ -318,7 +463,7 @@ fn bench_loop(s: &Settings) {
     let d = Daemon::start("bench-loop");
     let mut devices = vec![("kernel loop".to_string(), kloop.clone())];
     devices.extend(rublk.iter().cloned());
-    for mode in ublkd_modes(s) {
+    for extra in &s.variants {
         let args = vec![
             "loop",
             "--file",
@@ -330,7 +475,7 @@ fn bench_loop(s: &Settings) {
             "--depth",
             "128",
         ];
-        devices.push(add_ublkd(&d, args, mode));
+        devices.push(add_ublkd(&d, args, extra));
     }
     let modes: Vec<&str> = devices[1 + rublk.len()..]
         .iter()
@@ -469,7 +614,7 @@ fn bench_nbd(s: &Settings) {
             String::from_utf8_lossy(&out.stderr)
         );
         let mut devices = vec![("kernel nbd".to_string(), kdev.clone())];
-        for mode in ublkd_modes(s) {
+        for extra in &s.variants {
             let args = vec![
                 "nbd",
                 "--uri",
@@ -479,7 +624,7 @@ fn bench_nbd(s: &Settings) {
                 "--connections",
                 &conns,
             ];
-            devices.push(add_ublkd(&d, args, mode));
+            devices.push(add_ublkd(&d, args, extra));
         }
         let modes: Vec<&str> = devices[1..].iter().map(|(l, _)| &l[6..]).collect();
         println!(
@@ -526,33 +671,63 @@ fn main() {
         rounds: opt("--rounds", 3).max(1),
         only: text("--only"),
         export: text("--export"),
-        buffers: text("--buffers")
-            .map(|b| b.split(',').map(str::to_string).collect())
-            .unwrap_or_default(),
+        variants: variants(text("--buffers"), text("--ublkd")),
         jobs: opt("--connections", 1).max(1) as u32,
         rublk_multi: args.iter().any(|a| a == "--rublk-multi-cpus"),
+        profile: args.iter().any(|a| a == "--profile"),
     };
     match args.first().map(String::as_str) {
         Some("null") => bench_null(&s),
         Some("loop") => bench_loop(&s),
         Some("nbd") => bench_nbd(&s),
         _ => {
-            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--connections N] [--rublk-multi-cpus]");
+            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd \"ARGS;ARGS\"] [--connections N] [--rublk-multi-cpus] [--profile]");
             std::process::exit(2);
         }
     }
 }
 
-/// Adds a ublkd device with `args` (plus `--buffer MODE` when given); its label names
-/// the buffer mode the daemon chose, and its path.
-fn add_ublkd<'a>(d: &Daemon, mut args: Vec<&'a str>, mode: Option<&'a str>) -> (String, String) {
-    if let Some(m) = mode {
-        args.extend(["--buffer", m]);
-    }
-    let udev = d.add(&args);
+/// Adds a ublkd device with `args` plus the variant's `extra` arguments; its label names
+/// the buffer mode the daemon chose and the variant's other arguments, and its path.
+fn add_ublkd(d: &Daemon, args: Vec<&str>, extra: &[String]) -> (String, String) {
+    let mut all = args;
+    all.extend(extra.iter().map(String::as_str));
+    let udev = d.add(&all);
     let buffer = d.show_json(ublkd_tests::dev_id(&udev))["buffer"]
         .as_str()
         .unwrap_or("?")
         .to_string();
-    (format!("ublkd {buffer}"), udev)
+    let mut label = format!("ublkd {buffer}");
+    let mut rest = extra.iter().peekable();
+    while let Some(a) = rest.next() {
+        if a == "--buffer" {
+            rest.next();
+        } else {
+            label.push(' ');
+            label.push_str(a);
+        }
+    }
+    (label, udev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::variants;
+
+    #[test]
+    fn variants_come_from_buffers_and_ublkd_args() {
+        assert_eq!(variants(None, None), vec![Vec::<String>::new()]);
+        assert_eq!(
+            variants(
+                Some("copy,auto-zc".into()),
+                Some(";--no-batch --depth 64".into())
+            ),
+            vec![
+                vec!["--buffer".to_string(), "copy".into()],
+                vec!["--buffer".into(), "auto-zc".into()],
+                vec![],
+                vec!["--no-batch".into(), "--depth".into(), "64".into()],
+            ]
+        );
+    }
 }
