@@ -1,7 +1,7 @@
 //! One ublk device: created through libublk's control commands, served by our queues.
 //!
 //! Creation: ADD_DEV (with user recovery), the device's record in the state directory,
-//! one queue thread per hardware queue (each posts FETCH_REQ for all its tags),
+//! one queue thread per hardware queue (each hands all its tags to the driver),
 //! SET_PARAMS + START_DEV, then a read through the block node to prove it is live.
 //!
 //! Recovery (the kernel kept the device when the previous ublkd died or handed it
@@ -355,7 +355,7 @@ impl Device {
             }
         }
 
-        // Our queues have posted their FETCH_REQs; tell libublk's start gate so.
+        // Our queues have handed their tags to the driver; tell libublk's start gate so.
         for _ in 0..self.geometry.queues {
             dev.notify_buffer_registration_complete(false);
         }

@@ -135,8 +135,8 @@ impl Drop for QueueHandle {
 }
 
 /// Starts the thread of one queue on the CPUs of `placement`. The thread sets itself up,
-/// posts FETCH_REQ for every tag, and then reports on `ready` (its thread id, or why it
-/// failed) before serving.
+/// hands every tag to the driver (FETCH_REQ, or PREP_IO_CMDS in batch mode), and then
+/// reports on `ready` (its thread id, or why it failed) before serving.
 pub fn spawn(
     spec: QueueSpec,
     target: Arc<dyn Target>,
@@ -456,7 +456,8 @@ impl Queue {
             tags: vec![TagState::default(); usize::from(spec.depth)],
             retry: VecDeque::new(),
             cmds,
-            delivered: Vec::with_capacity(usize::from(spec.depth)),
+            // A fetch completion carries at most 128 tags.
+            delivered: Vec::with_capacity(usize::from(spec.depth).max(128)),
             counters,
             stop,
             detach,
