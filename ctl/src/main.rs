@@ -136,11 +136,10 @@ struct CommonAddArgs {
     /// How request data moves: copy, fixed, zc, auto-zc [default: the best the kernel supports].
     #[arg(long)]
     buffer: Option<BufferMode>,
-    /// Fetch and commit requests in batches (UBLK_F_BATCH_IO, Linux 7.0)
-    /// [default: where the kernel has it].
+    /// Fetch and commit requests in batches (UBLK_F_BATCH_IO, Linux 7.0) [default: off].
     #[arg(long, conflicts_with = "no_batch")]
     batch: bool,
-    /// One command per request (the per-tag path), even where the kernel has batch IO.
+    /// One command per request: the per-tag path (the default).
     #[arg(long)]
     no_batch: bool,
     /// Where the queue threads run: cpu (each pinned to one CPU of the CPUs the kernel

@@ -52,8 +52,8 @@ pub struct AddDevice {
     pub block_size: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buffer: Option<BufferMode>,
-    /// The batch command path (UBLK_F_BATCH_IO): `Some(false)` keeps the per-tag path;
-    /// left out, batch where the kernel has it.
+    /// The batch command path (UBLK_F_BATCH_IO): `Some(true)` asks for it (an error on a
+    /// kernel without it), `Some(false)` or left out: the per-tag path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<bool>,
     /// Where the queue threads run [default: [`QueueAffinity::Cpu`]].

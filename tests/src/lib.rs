@@ -375,9 +375,9 @@ pub fn list_entry(d: &Daemon, id: u64) -> Value {
         .unwrap_or_else(|| panic!("device {id} is not listed:\n{}", d.log_text()))
 }
 
-/// The command path ublkd gives a device by default on the test VM's kernel, which has
-/// UBLK_F_BATCH_IO.
-pub const DEFAULT_COMMANDS: &str = "batch";
+/// The command path ublkd gives a device by default, also on the test VM's kernel,
+/// which has UBLK_F_BATCH_IO (batch is asked for with --batch).
+pub const DEFAULT_COMMANDS: &str = "per-tag";
 
 /// The `ublkctl add` flag that picks a command path: "batch" or "per-tag".
 pub fn commands_flag(commands: &str) -> &'static str {

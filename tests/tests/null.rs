@@ -197,9 +197,9 @@ fn list_and_show_describe_devices() {
     assert!(d.ctl_ok(&["features"]).contains("CMD_IOCTL_ENCODE"));
 }
 
-/// `features` lists BATCH_IO (the test VM's kernel has it); a device takes the batch
-/// command path by default there and the per-tag one with --no-batch, and `show` (text
-/// and JSON) and `list --json` say which; both serve IO.
+/// `features` lists BATCH_IO (the test VM's kernel has it); a device takes the per-tag
+/// command path by default and with --no-batch, the batch one with --batch, and `show`
+/// (text and JSON) and `list --json` say which; both serve IO.
 #[test]
 fn show_and_features_name_the_command_path() {
     require_ublk();
