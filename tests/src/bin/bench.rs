@@ -10,7 +10,7 @@
 //!
 //! Usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT]
 //!        [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd "ARGS;ARGS"]
-//!        [--connections N] [--rublk-multi-cpus] [--profile]
+//!        [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs]
 //!
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
 //! `--export` keeps one of the nbd exports; `--buffers copy,auto-zc` measures a ublkd
@@ -26,7 +26,8 @@
 //! to CPUs: pinning fio changes how the two clients compare, and users rarely pin); it
 //! needs an export that advertises multi-conn. `--profile` adds a table of CPU time and
 //! context switches per IO: the ublk server's (from /proc of the process holding
-//! /dev/ublkcN), its io-wq workers' and fio's.
+//! /dev/ublkcN), its io-wq workers' and fio's. `--backing tmpfs` puts the loop backing
+//! file on tmpfs instead of ext4 on a memory-backed null_blk device.
 
 use std::process::Command;
 use ublkd_tests::{fio, Daemon};
@@ -82,6 +83,8 @@ struct Settings {
     rublk_multi: bool,
     /// Also print where the CPU time goes per IO (see [`Cost`]).
     profile: bool,
+    /// loop: where the backing file lives (see [`loop_backing_dir`]).
+    backing: Option<String>,
 }
 
 impl Settings {
@@ -435,8 +438,54 @@ fn bench_null(s: &Settings) {
     rublk_del(&rublk);
 }
 
+/// Runs `program` with `args` and fails the benchmark with its output if it fails.
+fn run(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Where the loop backing file lives: `ext4` (the default), a file system on a
+/// memory-backed null_blk device, as a file on a fast disk would be; or `tmpfs`, which
+/// cannot read or write without blocking (no FMODE_NOWAIT), so io_uring hands every
+/// request of both ublk daemons to an io-wq worker thread.
+fn loop_backing_dir(s: &Settings) -> &'static str {
+    if s.backing.as_deref() == Some("tmpfs") {
+        return "/tmp";
+    }
+    insmod("null_blk", &["nr_devices=0"]);
+    let dev = "/sys/kernel/config/nullb/loopbench";
+    std::fs::create_dir(dev).expect("create a null_blk device in configfs");
+    for (attr, value) in [
+        ("size", "1024"),
+        ("memory_backed", "1"),
+        ("blocksize", "4096"),
+        ("index", "7"),
+        ("power", "1"),
+    ] {
+        std::fs::write(format!("{dev}/{attr}"), value)
+            .unwrap_or_else(|e| panic!("null_blk {attr}={value}: {e}"));
+    }
+    run("/usr/sbin/mkfs.ext4", &["-q", "-F", "/dev/nullb7"]);
+    std::fs::create_dir_all("/mnt/loopbench").expect("create /mnt/loopbench");
+    run(
+        "/bin/mount",
+        &["-t", "ext4", "/dev/nullb7", "/mnt/loopbench"],
+    );
+    "/mnt/loopbench"
+}
+
 fn bench_loop(s: &Settings) {
-    let file = "/tmp/bench-loop.img";
+    let dir = loop_backing_dir(s);
+    let file = &format!("{dir}/bench-loop.img");
     // A fully written file, so reads hit data rather than holes.
     let chunk = vec![0x5au8; 1 << 20];
     let mut f = std::fs::File::create(file).expect("create backing file");
@@ -487,8 +536,14 @@ fn bench_loop(s: &Settings) {
         modes.join(", ")
     );
     println!(
-        "same 512 MiB backing file on tmpfs; fio io_uring, direct, 1 job, {} s per run (+1 s ramp), {} rounds, order rotating, median shown; ratios = device / kernel loop, device / rublk -z",
-        s.runtime, s.rounds
+        "same 512 MiB backing file on {}; fio io_uring, direct, 1 job, {} s per run (+1 s ramp), {} rounds, order rotating, median shown; ratios = device / kernel loop, device / rublk -z",
+        if dir == "/tmp" {
+            "tmpfs"
+        } else {
+            "ext4 on a memory-backed null_blk"
+        },
+        s.runtime,
+        s.rounds
     );
     println!();
     compare(
@@ -675,13 +730,14 @@ fn main() {
         jobs: opt("--connections", 1).max(1) as u32,
         rublk_multi: args.iter().any(|a| a == "--rublk-multi-cpus"),
         profile: args.iter().any(|a| a == "--profile"),
+        backing: text("--backing"),
     };
     match args.first().map(String::as_str) {
         Some("null") => bench_null(&s),
         Some("loop") => bench_loop(&s),
         Some("nbd") => bench_nbd(&s),
         _ => {
-            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd \"ARGS;ARGS\"] [--connections N] [--rublk-multi-cpus] [--profile]");
+            eprintln!("usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd \"ARGS;ARGS\"] [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs]");
             std::process::exit(2);
         }
     }
