@@ -136,6 +136,12 @@ struct CommonAddArgs {
     /// How request data moves: copy, fixed, zc, auto-zc [default: the best the kernel supports].
     #[arg(long)]
     buffer: Option<BufferMode>,
+    /// Fetch and commit requests in batches (UBLK_F_BATCH_IO, Linux 7.0) [default: off].
+    #[arg(long, conflicts_with = "no_batch")]
+    batch: bool,
+    /// One command per request: the per-tag path (the default).
+    #[arg(long)]
+    no_batch: bool,
     /// Where the queue threads run: cpu (each pinned to one CPU of the CPUs the kernel
     /// maps to its queue), set (any of those CPUs) or off (not pinned) [default: cpu].
     #[arg(long)]
@@ -210,6 +216,11 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
         depth: common.depth,
         block_size: common.block_size,
         buffer: common.buffer,
+        batch: match (common.batch, common.no_batch) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
         affinity: common.affinity,
     })
 }
@@ -372,6 +383,21 @@ mod tests {
         assert!(parse(&["del"]).is_err());
         assert!(parse(&["del", "1", "--all"]).is_err());
         assert!(parse(&["show"]).is_err());
+        assert!(parse(&["add", "null", "--batch", "--no-batch"]).is_err());
+    }
+
+    #[test]
+    fn batch_flags() {
+        for (args, want) in [
+            (&["add", "null"][..], None),
+            (&["add", "null", "--no-batch"][..], Some(false)),
+            (&["add", "null", "--batch"][..], Some(true)),
+        ] {
+            let Command::Add { target } = parse(args).unwrap().command else {
+                panic!()
+            };
+            assert_eq!(add_request(target).unwrap().batch, want, "{args:?}");
+        }
     }
 
     #[test]

@@ -70,6 +70,9 @@ pub fn device_detail(d: &DeviceDetail) -> String {
     row("queues", i.queues.to_string());
     row("depth", i.depth.to_string());
     row("buffer", i.buffer.name().to_string());
+    if let Some(c) = i.commands {
+        row("commands", c.name().to_string());
+    }
     row("affinity", i.affinity.name().to_string());
     row("state", d.kernel.state.clone());
     row(
@@ -157,6 +160,7 @@ mod tests {
             queues: 2,
             depth: 64,
             buffer: ublkd_proto::BufferMode::Copy,
+            commands: None,
             affinity: ublkd_proto::QueueAffinity::Cpu,
             state: "live".into(),
             path: "/dev/ublkb3".into(),
@@ -176,5 +180,46 @@ mod tests {
         assert!(t.contains("1G"));
         assert!(t.lines().nth(2).unwrap().contains("db"));
         assert!(t.lines().nth(3).unwrap().contains("error: cannot open /x"));
+    }
+
+    #[test]
+    fn detail_names_the_command_mode() {
+        let info = DeviceInfo {
+            id: 0,
+            target: "null".into(),
+            size: 1 << 30,
+            block_size: 512,
+            queues: 1,
+            depth: 64,
+            buffer: ublkd_proto::BufferMode::AutoZc,
+            commands: Some(ublkd_proto::CommandMode::Batch),
+            affinity: ublkd_proto::QueueAffinity::Cpu,
+            state: "live".into(),
+            path: "/dev/ublkb0".into(),
+            name: None,
+            error: None,
+        };
+        let d = DeviceDetail {
+            info,
+            char_path: "/dev/ublkc0".into(),
+            target_details: vec![],
+            kernel: ublkd_proto::KernelDeviceInfo {
+                state: "live".into(),
+                flags: 1 << 15,
+                flag_names: vec!["BATCH_IO".into()],
+                ublksrv_pid: 1,
+                max_io_buf_bytes: 524288,
+                nr_hw_queues: 1,
+                queue_depth: 64,
+            },
+            queue_stats: vec![],
+        };
+        let text = device_detail(&d);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("commands") && l.ends_with(" batch")),
+            "{text}"
+        );
+        assert!(text.contains("BATCH_IO"), "{text}");
     }
 }

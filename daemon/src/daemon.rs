@@ -103,6 +103,7 @@ impl Entry {
                 add.and_then(|a| a.buffer).unwrap_or(BufferMode::Copy),
                 |r| r.buffer,
             ),
+            commands: None,
             affinity: add.and_then(|a| a.affinity).unwrap_or_default(),
             state: state.to_string(),
             path: format!("/dev/ublkb{id}"),

@@ -225,6 +225,7 @@ mod tests {
             depth: None,
             block_size: None,
             buffer: None,
+            batch: Some(false),
             affinity: None,
         }
     }

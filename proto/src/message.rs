@@ -52,6 +52,10 @@ pub struct AddDevice {
     pub block_size: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buffer: Option<BufferMode>,
+    /// The batch command path (UBLK_F_BATCH_IO): `Some(true)` asks for it (an error on a
+    /// kernel without it), `Some(false)` or left out: the per-tag path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<bool>,
     /// Where the queue threads run [default: [`QueueAffinity::Cpu`]].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<QueueAffinity>,
@@ -232,6 +236,31 @@ impl std::str::FromStr for QueueAffinity {
     }
 }
 
+/// How a device's queues exchange requests with the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommandMode {
+    /// One FETCH_REQ / COMMIT_AND_FETCH_REQ per request.
+    PerTag,
+    /// UBLK_F_BATCH_IO (Linux 7.0): lists of requests fetched and committed in batches.
+    Batch,
+}
+
+impl CommandMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            CommandMode::PerTag => "per-tag",
+            CommandMode::Batch => "batch",
+        }
+    }
+}
+
+impl std::fmt::Display for CommandMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The daemon's answer to one request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -256,6 +285,9 @@ pub struct DeviceInfo {
     pub queues: u32,
     pub depth: u32,
     pub buffer: BufferMode,
+    /// How the queues talk to the driver; absent while the device is not served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commands: Option<CommandMode>,
     /// Where the queue threads run.
     #[serde(default)]
     pub affinity: QueueAffinity,
@@ -370,6 +402,7 @@ mod tests {
             depth: None,
             block_size: Some(4096),
             buffer: Some(BufferMode::Copy),
+            batch: None,
             affinity: Some(QueueAffinity::Off),
         });
         let text = serde_json::to_string(&req).unwrap();
@@ -426,6 +459,7 @@ mod tests {
             queues: 1,
             depth: 128,
             buffer: BufferMode::Copy,
+            commands: Some(CommandMode::Batch),
             affinity: QueueAffinity::Cpu,
             state: "live".into(),
             path: "/dev/ublkb0".into(),
@@ -470,6 +504,28 @@ mod tests {
             assert_eq!(d.name().parse::<DirectIo>().unwrap(), d);
         }
         assert!("maybe".parse::<DirectIo>().is_err());
+    }
+
+    #[test]
+    fn batch_choice_is_optional_and_recorded() {
+        let old = r#"{"cmd":"add","target":{"type":"null","size":4096}}"#;
+        let Request::Add(add) = serde_json::from_str::<Request>(old).unwrap() else {
+            panic!()
+        };
+        assert_eq!(add.batch, None);
+        let no = r#"{"cmd":"add","target":{"type":"null","size":4096},"batch":false}"#;
+        let Request::Add(add) = serde_json::from_str::<Request>(no).unwrap() else {
+            panic!()
+        };
+        assert_eq!(add.batch, Some(false));
+        assert_eq!(serde_json::to_string(&Request::Add(add)).unwrap(), no);
+        for (m, name) in [
+            (CommandMode::Batch, "batch"),
+            (CommandMode::PerTag, "per-tag"),
+        ] {
+            assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{name}\""));
+            assert_eq!(m.name(), name);
+        }
     }
 
     #[test]

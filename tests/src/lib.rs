@@ -375,6 +375,31 @@ pub fn list_entry(d: &Daemon, id: u64) -> Value {
         .unwrap_or_else(|| panic!("device {id} is not listed:\n{}", d.log_text()))
 }
 
+/// The command path ublkd gives a device by default, also on the test VM's kernel,
+/// which has UBLK_F_BATCH_IO (batch is asked for with --batch).
+pub const DEFAULT_COMMANDS: &str = "per-tag";
+
+/// The `ublkctl add` flag that picks a command path: "batch" or "per-tag".
+pub fn commands_flag(commands: &str) -> &'static str {
+    match commands {
+        "batch" => "--batch",
+        "per-tag" => "--no-batch",
+        other => panic!("unknown command path {other:?}"),
+    }
+}
+
+/// Asserts that a device's queues run the command path `want` ("batch" or "per-tag"),
+/// both by what `show --json` says and by the kernel's device flags (BATCH_IO), so a
+/// test of batch mode fails when the device silently runs per tag.
+pub fn assert_commands(show: &Value, want: &str) {
+    assert_eq!(show["commands"].as_str(), Some(want), "{show}");
+    let names = show["kernel"]["flag_names"]
+        .as_array()
+        .unwrap_or_else(|| panic!("show has no kernel flag names: {show}"));
+    let batch = names.iter().any(|n| n == "BATCH_IO");
+    assert_eq!(batch, want == "batch", "kernel flags vs {want}: {show}");
+}
+
 /// The id in `/dev/ublkbN`.
 pub fn dev_id(path: &str) -> u64 {
     path.trim_start_matches("/dev/ublkb")

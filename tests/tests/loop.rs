@@ -46,12 +46,14 @@ fn add_loop(d: &Daemon, file: &Path, mode: &str, extra: &[&str]) -> String {
 }
 
 /// fio writes 256 MiB with 4k random writes, then with 128k-512k sequential writes, and
-/// reads everything back checking crc32c.
-fn fio_verify(mode: &str) {
+/// reads everything back checking crc32c; the queues run the command path `commands`
+/// ("batch" or "per-tag").
+fn fio_verify(mode: &str, commands: &str) {
     require_ublk();
-    let d = Daemon::start(&format!("loop-fio-{mode}"));
-    let file = backing(&format!("fio-{mode}"), 320 << 20);
-    let dev = add_loop(&d, &file, mode, &[]);
+    let d = Daemon::start(&format!("loop-fio-{mode}-{commands}"));
+    let file = backing(&format!("fio-{mode}-{commands}"), 320 << 20);
+    let dev = add_loop(&d, &file, mode, &[commands_flag(commands)]);
+    assert_commands(&d.show_json(dev_id(&dev)), commands);
     let rand = verify_job(&dev, "randwrite", "4k", "256M", 32);
     let run = fio(&rand);
     assert!(
@@ -238,8 +240,12 @@ macro_rules! mode_tests {
     ($($mode:ident => $name:literal),* $(,)?) => {$(
         mod $mode {
             #[test]
-            fn fio_verify() {
-                super::fio_verify($name)
+            fn fio_verify_batch() {
+                super::fio_verify($name, "batch")
+            }
+            #[test]
+            fn fio_verify_per_tag() {
+                super::fio_verify($name, "per-tag")
             }
             #[test]
             fn content_matches_backing_file() {

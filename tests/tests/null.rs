@@ -197,6 +197,48 @@ fn list_and_show_describe_devices() {
     assert!(d.ctl_ok(&["features"]).contains("CMD_IOCTL_ENCODE"));
 }
 
+/// `features` lists BATCH_IO (the test VM's kernel has it); a device takes the per-tag
+/// command path by default and with --no-batch, the batch one with --batch, and `show`
+/// (text and JSON) and `list --json` say which; both serve IO.
+#[test]
+fn show_and_features_name_the_command_path() {
+    require_ublk();
+    let d = Daemon::start("commands");
+    let features: Value = serde_json::from_str(&d.ctl_ok(&["features", "--json"])).unwrap();
+    assert!(
+        features["names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == "BATCH_IO"),
+        "{features}"
+    );
+    assert!(d.ctl_ok(&["features"]).contains("BATCH_IO"));
+    let default = d.add(&["null", "--size", "64M"]);
+    let batch = d.add(&["null", "--size", "64M", "--batch"]);
+    let per_tag = d.add(&["null", "--size", "64M", "--no-batch"]);
+    for (dev, want) in [
+        (&default, DEFAULT_COMMANDS),
+        (&batch, "batch"),
+        (&per_tag, "per-tag"),
+    ] {
+        let id = dev_id(dev);
+        assert_commands(&d.show_json(id), want);
+        assert_eq!(list_entry(&d, id)["commands"], want);
+        let text = d.ctl_ok(&["show", &id.to_string()]);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("commands") && l.trim_end().ends_with(want)),
+            "{text}"
+        );
+        let run = fio(&fio_job(dev, "randrw", "4k", 16, 2));
+        assert!(run.total_ios() > 1000, "{dev}: {}", run.total_ios());
+        let show = d.show_json(id);
+        assert_eq!(show["queue_stats"][0]["errors"].as_u64(), Some(0), "{show}");
+    }
+    d.ctl_ok(&["del", "--all"]);
+}
+
 #[test]
 fn discard_write_zeroes_and_flush_complete() {
     require_ublk();

@@ -37,13 +37,22 @@ fn entry(d: &Daemon, id: u64) -> Value {
 
 /// fio writes and verifies 256 MiB in 4k blocks while the daemon is taken away by
 /// `interrupt` and a new daemon started on the same state directory: fio must end with
-/// no error and every block verified.
-fn survive(test: &str, mode: &str, interrupt: impl FnOnce(&mut Daemon)) {
+/// no error and every block verified. The device's queues run the command path
+/// `commands` ("batch" or "per-tag"), before and after the recovery.
+fn survive(test: &str, mode: &str, commands: &str, interrupt: impl FnOnce(&mut Daemon)) {
     require_ublk();
     let mut d = Daemon::start(test);
     let file = backing(test, 256 << 20);
-    let dev = d.add(&["loop", "--file", file.to_str().unwrap(), "--buffer", mode]);
+    let dev = d.add(&[
+        "loop",
+        "--file",
+        file.to_str().unwrap(),
+        "--buffer",
+        mode,
+        commands_flag(commands),
+    ]);
     let id = dev_id(&dev);
+    assert_commands(&d.show_json(id), commands);
     let job = verify_job(&dev, "randwrite", "4k", "256M", 32);
     let mut fio = FioChild::start(&job);
     std::thread::sleep(Duration::from_millis(1500));
@@ -56,6 +65,8 @@ fn survive(test: &str, mode: &str, interrupt: impl FnOnce(&mut Daemon)) {
     let e = entry(&d2, id);
     assert_eq!(e["state"], "live", "{e}");
     assert_eq!(e["buffer"], mode, "{e}");
+    assert_eq!(e["commands"], commands, "{e}");
+    assert_commands(&d2.show_json(id), commands);
     let log = d2.log_text();
     assert!(log.contains(&format!("dev {id}: recovering")), "{log}");
     d2.del(&dev);
@@ -63,27 +74,35 @@ fn survive(test: &str, mode: &str, interrupt: impl FnOnce(&mut Daemon)) {
     std::fs::remove_file(&file).unwrap();
 }
 
-#[test]
-fn kill9_during_fio_verify_auto_zc() {
-    survive("rec-kill-auto", "auto-zc", Daemon::kill9);
+macro_rules! kill9_tests {
+    ($($name:ident => $mode:literal, $commands:literal),* $(,)?) => {$(
+        #[test]
+        fn $name() {
+            survive(
+                &format!("rec-kill-{}-{}", $mode, $commands),
+                $mode,
+                $commands,
+                Daemon::kill9,
+            );
+        }
+    )*};
 }
 
-#[test]
-fn kill9_during_fio_verify_copy() {
-    survive("rec-kill-copy", "copy", Daemon::kill9);
-}
+kill9_tests!(
+    kill9_during_fio_verify_auto_zc_batch => "auto-zc", "batch",
+    kill9_during_fio_verify_auto_zc_per_tag => "auto-zc", "per-tag",
+    kill9_during_fio_verify_copy_batch => "copy", "batch",
+    kill9_during_fio_verify_copy_per_tag => "copy", "per-tag",
+    kill9_during_fio_verify_zc_batch => "zc", "batch",
+    kill9_during_fio_verify_zc_per_tag => "zc", "per-tag",
+);
 
-#[test]
-fn kill9_during_fio_verify_zc() {
-    survive("rec-kill-zc", "zc", Daemon::kill9);
-}
-
-#[test]
-fn hand_over_on_sigterm_during_fio_verify() {
-    survive("rec-handover", "auto-zc", |d| {
-        // A daemon started with --on-exit hand-over leaves its devices on SIGTERM.
+/// A daemon started with --on-exit hand-over leaves its devices on SIGTERM: the
+/// requests its queues hold are left to the next daemon.
+fn hand_over(test: &str, commands: &str) {
+    survive(test, "auto-zc", commands, |d| {
         d.kill9();
-        let mut old = Daemon::start_with("rec-handover", &["--on-exit", "hand-over"]);
+        let mut old = Daemon::start_with(test, &["--on-exit", "hand-over"]);
         std::thread::sleep(Duration::from_millis(1000));
         assert_eq!(old.stop(), Some(0), "{}", old.log_text());
         assert!(
@@ -93,6 +112,16 @@ fn hand_over_on_sigterm_during_fio_verify() {
             old.log_text()
         );
     });
+}
+
+#[test]
+fn hand_over_on_sigterm_during_fio_verify_batch() {
+    hand_over("rec-handover-batch", "batch");
+}
+
+#[test]
+fn hand_over_on_sigterm_during_fio_verify_per_tag() {
+    hand_over("rec-handover-per-tag", "per-tag");
 }
 
 #[test]

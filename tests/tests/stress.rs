@@ -30,17 +30,17 @@ fn assert_serves(dev: &str) {
 }
 
 /// `del` while two fio jobs (mixed sizes, QD 64) run, for every target, buffer mode and
-/// 1 or 2 queues: `del` returns, fio ends, and the daemon keeps serving its other device.
-#[test]
-fn del_under_load_every_target_and_mode() {
+/// 1 or 2 queues, with the queues on the command path `commands`: `del` returns, fio
+/// ends, and the daemon keeps serving its other device.
+fn del_under_load_every_target_and_mode(commands: &str) {
     require_ublk();
-    let d = Daemon::start("stress-del");
+    let d = Daemon::start(&format!("stress-del-{commands}"));
     let sentinel = d.add(&["null", "--size", "64M"]);
     let (file, _file) = backing_file("stress-del", 128 << 20);
     for target in ["null", "loop", "nbd"] {
         for mode in MODES {
             for queues in ["1", "2"] {
-                let what = format!("{target} {mode} queues {queues}");
+                let what = format!("{target} {mode} queues {queues} {commands}");
                 // A server per device: a del that gives up on requests cuts their
                 // connections mid-request, which some nbdkit versions do not survive.
                 let sock = "/tmp/stress-del-nbd.sock".to_string();
@@ -52,7 +52,9 @@ fn del_under_load_every_target_and_mode() {
                     _ => vec!["nbd", "--uri", &server.as_ref().unwrap().uri],
                 };
                 args.extend(["--buffer", mode, "--queues", queues]);
+                args.push(commands_flag(commands));
                 let dev = d.add(&args);
+                assert_commands(&d.show_json(dev_id(&dev)), commands);
                 let fio = FioChild::start(&load_job(&dev, 2, 60));
                 wait_io(&dev, 200);
                 let start = Instant::now();
@@ -81,6 +83,16 @@ fn del_under_load_every_target_and_mode() {
     }
     assert_eq!(d.list_json().len(), 1, "{:?}", d.list_json());
     d.del(&sentinel);
+}
+
+#[test]
+fn del_under_load_every_target_and_mode_batch() {
+    del_under_load_every_target_and_mode("batch");
+}
+
+#[test]
+fn del_under_load_every_target_and_mode_per_tag() {
+    del_under_load_every_target_and_mode("per-tag");
 }
 
 /// `kill -9` of the daemon five times in a row while two fio jobs write and verify on a

@@ -60,6 +60,21 @@ pub fn choose_buffer(
     Ok(mode)
 }
 
+/// Whether the queues use the batch command path (UBLK_F_BATCH_IO): only when asked
+/// for. Per tag is the default: in the benchmark (README, Performance) batch did not
+/// measure at least as fast.
+pub fn use_batch(requested: Option<bool>, kernel: &KernelInfo) -> Result<bool> {
+    let has_batch = has(kernel, sys::UBLK_F_BATCH_IO);
+    match requested {
+        None => Ok(false),
+        Some(true) if !has_batch => bail!(
+            "batch commands need UBLK_F_BATCH_IO (Linux 7.0 or later), which this kernel \
+             lacks (see 'ublkctl features'); leave out --batch"
+        ),
+        Some(b) => Ok(b),
+    }
+}
+
 /// User recovery with reissue: when ublkd dies the driver keeps the device and holds
 /// its requests, and gives them to the next ublkd once it has recovered the device.
 pub(super) const RECOVERY_FLAGS: u32 =
@@ -68,9 +83,18 @@ pub(super) const RECOVERY_FLAGS: u32 =
 /// ADD_DEV flags for a buffer mode, with user recovery where the kernel has it, and
 /// user copy for a target that copies into requests' pages in the zero-copy modes
 /// (`copies_in`; in copy and fixed mode the driver itself copies, which user copy
-/// would turn off).
-pub(super) fn device_flags(mode: BufferMode, kernel: &KernelInfo, copies_in: bool) -> u64 {
+/// would turn off), and UBLK_F_BATCH_IO for the batch command path (`batch`, from
+/// [`use_batch`]).
+pub(super) fn device_flags(
+    mode: BufferMode,
+    kernel: &KernelInfo,
+    copies_in: bool,
+    batch: bool,
+) -> u64 {
     let mut flags = sys::UBLK_F_CMD_IOCTL_ENCODE;
+    if batch {
+        flags |= sys::UBLK_F_BATCH_IO;
+    }
     flags |= match mode {
         BufferMode::Copy | BufferMode::Fixed => 0,
         BufferMode::Zc => sys::UBLK_F_SUPPORT_ZERO_COPY,
@@ -309,18 +333,30 @@ mod tests {
         let zc = u64::from(sys::UBLK_F_SUPPORT_ZERO_COPY);
         let auto = u64::from(sys::UBLK_F_AUTO_BUF_REG);
         let k = kernel(sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG);
-        assert_eq!(device_flags(BufferMode::Copy, &k, false) & (zc | auto), 0);
-        assert_eq!(device_flags(BufferMode::Fixed, &k, false) & (zc | auto), 0);
-        assert_eq!(device_flags(BufferMode::Zc, &k, false) & (zc | auto), zc);
         assert_eq!(
-            device_flags(BufferMode::AutoZc, &k, false) & (zc | auto),
+            device_flags(BufferMode::Copy, &k, false, false) & (zc | auto),
+            0
+        );
+        assert_eq!(
+            device_flags(BufferMode::Fixed, &k, false, false) & (zc | auto),
+            0
+        );
+        assert_eq!(
+            device_flags(BufferMode::Zc, &k, false, false) & (zc | auto),
+            zc
+        );
+        assert_eq!(
+            device_flags(BufferMode::AutoZc, &k, false, false) & (zc | auto),
             auto
         );
         let recovery = u64::from(RECOVERY_FLAGS);
-        assert_eq!(device_flags(BufferMode::Copy, &k, false) & recovery, 0);
+        assert_eq!(
+            device_flags(BufferMode::Copy, &k, false, false) & recovery,
+            0
+        );
         let k = kernel(RECOVERY_FLAGS);
         assert_eq!(
-            device_flags(BufferMode::Copy, &k, false) & recovery,
+            device_flags(BufferMode::Copy, &k, false, false) & recovery,
             recovery
         );
     }
@@ -332,15 +368,40 @@ mod tests {
             sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_COPY,
         );
         for mode in [BufferMode::Zc, BufferMode::AutoZc] {
-            assert_eq!(device_flags(mode, &all, true) & uc, uc, "{mode}");
-            assert_eq!(device_flags(mode, &all, false) & uc, 0, "{mode}");
+            assert_eq!(device_flags(mode, &all, true, false) & uc, uc, "{mode}");
+            assert_eq!(device_flags(mode, &all, false, false) & uc, 0, "{mode}");
         }
         // In copy and fixed mode user copy would stop the driver's own copying.
         for mode in [BufferMode::Copy, BufferMode::Fixed] {
-            assert_eq!(device_flags(mode, &all, true) & uc, 0, "{mode}");
+            assert_eq!(device_flags(mode, &all, true, false) & uc, 0, "{mode}");
         }
         let no_uc = kernel(sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG);
-        assert_eq!(device_flags(BufferMode::AutoZc, &no_uc, true) & uc, 0);
+        assert_eq!(
+            device_flags(BufferMode::AutoZc, &no_uc, true, false) & uc,
+            0
+        );
+    }
+
+    #[test]
+    fn batch_only_when_asked_for() {
+        let with = kernel(sys::UBLK_F_BATCH_IO);
+        let without = kernel(sys::UBLK_F_AUTO_BUF_REG);
+        assert!(!use_batch(None, &with).unwrap());
+        assert!(!use_batch(None, &without).unwrap());
+        assert!(!use_batch(Some(false), &with).unwrap());
+        assert!(use_batch(Some(true), &with).unwrap());
+        let e = use_batch(Some(true), &without).unwrap_err();
+        assert!(e.to_string().contains("UBLK_F_BATCH_IO"), "{e}");
+
+        let flag = u64::from(sys::UBLK_F_BATCH_IO);
+        for mode in BufferMode::ALL {
+            assert_eq!(
+                device_flags(mode, &with, false, true) & flag,
+                flag,
+                "{mode}"
+            );
+            assert_eq!(device_flags(mode, &with, false, false) & flag, 0, "{mode}");
+        }
     }
 
     #[test]

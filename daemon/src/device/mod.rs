@@ -1,7 +1,7 @@
 //! One ublk device: created through libublk's control commands, served by our queues.
 //!
 //! Creation: ADD_DEV (with user recovery), the device's record in the state directory,
-//! one queue thread per hardware queue (each posts FETCH_REQ for all its tags),
+//! one queue thread per hardware queue (each hands all its tags to the driver),
 //! SET_PARAMS + START_DEV, then a read through the block node to prove it is live.
 //!
 //! Recovery (the kernel kept the device when the previous ublkd died or handed it
@@ -20,7 +20,9 @@ use crate::queue::{self, QueueCounters, QueueHandle, QueueSpec};
 use crate::state::{Record, StateDir};
 use anyhow::{anyhow, bail, Context, Result};
 pub use config::MAX_IO_BYTES;
-use config::{build_target, check_backing, choose_buffer, device_flags, params, recovered_buffer};
+use config::{
+    build_target, check_backing, choose_buffer, device_flags, params, recovered_buffer, use_batch,
+};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{sys, UblkFlags};
@@ -29,7 +31,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use ublkd_proto::features;
 use ublkd_proto::validate::{self, Geometry};
-use ublkd_proto::{AddDevice, BufferMode, DeviceDetail, DeviceInfo, KernelDeviceInfo};
+use ublkd_proto::{AddDevice, BufferMode, CommandMode, DeviceDetail, DeviceInfo, KernelDeviceInfo};
 use ublkd_targets::{DeviceShape, Target};
 
 /// How long a queue thread may take to set up, and the block node to appear.
@@ -47,6 +49,8 @@ pub struct Device {
     pub record: Record,
     pub geometry: Geometry,
     pub buffer: BufferMode,
+    /// The queues run the batch command path (the device has UBLK_F_BATCH_IO).
+    batch: bool,
     target: Arc<dyn Target>,
     shape: DeviceShape,
     counters: Vec<Arc<QueueCounters>>,
@@ -106,6 +110,7 @@ impl Device {
         let geometry =
             validate::geometry(req.queues, req.depth, req.block_size, kernel.max_queues)?;
         let buffer = choose_buffer(req.buffer, kernel, geometry.depth)?;
+        let batch = use_batch(req.batch, kernel)?;
         let target = build_target(&req.target, &geometry)?;
         if let Some(record) = restoring {
             check_backing(record, &*target)?;
@@ -134,7 +139,7 @@ impl Device {
                 .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
                 .build()
         };
-        let flags = device_flags(buffer, kernel, target.copies_in());
+        let flags = device_flags(buffer, kernel, target.copies_in(), batch);
         let user_copy = u64::from(sys::UBLK_F_USER_COPY);
         let ctrl = match add(flags) {
             // A kernel that does not take user copy together with zero copy: without it
@@ -285,6 +290,7 @@ impl Device {
             record,
             geometry,
             buffer,
+            batch: false,
             shape: target.shape(),
             target,
             counters: Vec::new(),
@@ -316,6 +322,8 @@ impl Device {
         // Owned by the device before any queue uses the fd: teardown joins the queues
         // before it closes the char device.
         let dev: &UblkDev = self.dev.insert(dev);
+        // The device's flags decide, so a recovered device is served as it was created.
+        self.batch = dev.dev_info.flags & u64::from(sys::UBLK_F_BATCH_IO) != 0;
 
         let (tx, rx) = mpsc::channel();
         let affinity = self.record.add.affinity.unwrap_or_default();
@@ -329,6 +337,7 @@ impl Device {
                 cdev_fd,
                 buffer: self.buffer,
                 user_copy: dev.dev_info.flags & u64::from(sys::UBLK_F_USER_COPY) != 0,
+                batch: self.batch,
             };
             let handle = queue::spawn(spec, self.target.clone(), placement, tx.clone())
                 .with_context(|| format!("cannot start the thread of queue {qid}"))?;
@@ -346,7 +355,7 @@ impl Device {
             }
         }
 
-        // Our queues have posted their FETCH_REQs; tell libublk's start gate so.
+        // Our queues have handed their tags to the driver; tell libublk's start gate so.
         for _ in 0..self.geometry.queues {
             dev.notify_buffer_registration_complete(false);
         }
@@ -413,6 +422,11 @@ impl Device {
             queues: u32::from(self.geometry.queues),
             depth: u32::from(self.geometry.depth),
             buffer: self.buffer,
+            commands: Some(if self.batch {
+                CommandMode::Batch
+            } else {
+                CommandMode::PerTag
+            }),
             affinity: self.record.add.affinity.unwrap_or_default(),
             state: state.to_string(),
             path: self.path(),

@@ -10,6 +10,11 @@
 //! to detach (a hand-over to the next ublkd) also stops taking new requests: the driver
 //! holds them and reissues them to its successor (user recovery).
 //!
+//! That is the per-tag command path. With UBLK_F_BATCH_IO the driver takes the same
+//! steps in batches instead: every tag is registered at once, lists of delivered tags
+//! arrive through a multishot fetch, and each loop turn commits all its results in one
+//! command. The loop sees one interface for both ([`commands::Commands`]).
+//!
 //! Buffer modes are the queue's business; targets only see an [`IoBuf`]:
 //! - `copy`: per-tag daemon buffers, passed by address in FETCH/COMMIT.
 //! - `fixed`: the same buffers, also registered in the ring (buffer index = tag).
@@ -26,6 +31,9 @@
 //! network no longer holds the buffer stays here. A request whose buffer is still held
 //! that way is committed only when the last of its notifications has arrived.
 
+mod batch;
+mod commands;
+mod per_tag;
 mod placement;
 mod stats;
 mod uapi;
@@ -34,6 +42,7 @@ mod user_data;
 pub use placement::{allowed_cpus, place, Placement};
 pub use stats::QueueCounters;
 
+use commands::Commands;
 use io_uring::{opcode, squeue, types, IoUring};
 use std::collections::VecDeque;
 use std::io;
@@ -61,6 +70,8 @@ pub struct QueueSpec {
     /// The device has UBLK_F_USER_COPY: the target may write into requests' pages
     /// through `cdev_fd`.
     pub user_copy: bool,
+    /// The device has UBLK_F_BATCH_IO: the batch command path (see [`commands`]).
+    pub batch: bool,
 }
 
 /// The daemon's side of a running queue thread.
@@ -124,8 +135,8 @@ impl Drop for QueueHandle {
 }
 
 /// Starts the thread of one queue on the CPUs of `placement`. The thread sets itself up,
-/// posts FETCH_REQ for every tag, and then reports on `ready` (its thread id, or why it
-/// failed) before serving.
+/// hands every tag to the driver (FETCH_REQ, or PREP_IO_CMDS in batch mode), and then
+/// reports on `ready` (its thread id, or why it failed) before serving.
 pub fn spawn(
     spec: QueueSpec,
     target: Arc<dyn Target>,
@@ -160,7 +171,7 @@ pub fn spawn(
         let mut queue = match queue.and_then(|mut q| {
             q.fetch_all()
                 .map(|_| q)
-                .map_err(|e| format!("FETCH_REQ failed: {e}"))
+                .map_err(|e| format!("cannot hand the tags to the driver: {e}"))
         }) {
             Ok(q) => q,
             Err(e) => {
@@ -212,8 +223,6 @@ fn eventfd() -> io::Result<OwnedFd> {
 /// Where a tag is in its life.
 #[derive(Debug, Clone, Copy, Default)]
 struct TagState {
-    /// A FETCH/COMMIT command for this tag is with the driver.
-    cmd_active: bool,
     /// The request being served (between FETCH completion and commit).
     io: Option<IoDesc>,
     /// Zero copy: the request's pages must be registered before the target's first SQE.
@@ -242,8 +251,10 @@ struct Queue {
     tags: Vec<TagState>,
     /// Tags whose target call returned Busy: called again after the next reap.
     retry: VecDeque<u16>,
-    /// Commits that found the submission queue full.
-    pending_commits: VecDeque<(u16, i32)>,
+    /// The commands that fetch requests and commit results (per tag or batched).
+    cmds: Commands,
+    /// Tags the driver delivered in the completion being handled.
+    delivered: Vec<u16>,
     counters: Arc<QueueCounters>,
     stop: Arc<AtomicBool>,
     /// Hand-over to a later ublkd: take no new requests (see `request_detach`).
@@ -254,8 +265,6 @@ struct Queue {
     cqes: Vec<(u64, i32, u32)>,
     /// Requests the target finished by tag during a call (see `Ring::finish`).
     finished: Vec<(u16, i32)>,
-    /// Commands with the driver.
-    active_cmds: usize,
     /// Requests the target holds.
     in_target: usize,
     /// Fault injection: fail as on a ring error after this many requests.
@@ -417,6 +426,18 @@ impl Queue {
                 .map_err(|e| fail("cannot create the sparse buffer table", e))?,
             _ => {}
         }
+        let addrs = (0..spec.depth)
+            .map(|tag| bufs.as_ref().map_or(0, |b| b.addr(tag) as u64))
+            .collect();
+        let cmds = Commands::new(
+            spec.batch,
+            spec.dev_id,
+            spec.qid,
+            spec.depth,
+            spec.buffer,
+            addrs,
+        )
+        .map_err(|e| fail("cannot allocate the batch command buffers", e))?;
         let ctx = QueueContext {
             qid: spec.qid,
             depth: spec.depth,
@@ -434,7 +455,9 @@ impl Queue {
             bufs,
             tags: vec![TagState::default(); usize::from(spec.depth)],
             retry: VecDeque::new(),
-            pending_commits: VecDeque::new(),
+            cmds,
+            // A fetch completion carries at most 128 tags.
+            delivered: Vec::with_capacity(usize::from(spec.depth).max(128)),
             counters,
             stop,
             detach,
@@ -442,7 +465,6 @@ impl Queue {
             wake_buf: Box::new(0),
             cqes: Vec::with_capacity(sq_entries as usize * 2),
             finished: Vec::new(),
-            active_cmds: 0,
             in_target: 0,
             fail_after: crate::fault::queue_error_after(),
             spec,
@@ -452,20 +474,6 @@ impl Queue {
     /// Address of `tag`'s daemon buffer (copy and fixed modes).
     fn buf_addr(&self, tag: u16) -> Option<*mut u8> {
         self.bufs.as_ref().map(|b| b.addr(tag))
-    }
-
-    /// The FETCH/COMMIT SQE for `tag` in this queue's buffer mode.
-    fn cmd_sqe(&self, op: u32, tag: u16, result: i32) -> squeue::Entry {
-        let addr = self.buf_addr(tag).map_or(0, |a| a as u64);
-        let sqe = uapi::io_cmd_sqe(op, self.spec.qid, tag, result, addr);
-        let sqe = match self.spec.buffer {
-            BufferMode::AutoZc => uapi::with_sqe_addr(
-                sqe,
-                uapi::auto_buf_reg_addr(tag, uapi::AUTO_BUF_REG_FALLBACK),
-            ),
-            _ => sqe,
-        };
-        sqe.user_data(encode(Kind::Command, tag, 0))
     }
 
     fn io_buf(&self, io: &IoDesc) -> IoBuf {
@@ -488,30 +496,6 @@ impl Queue {
         }
     }
 
-    /// Posts FETCH_REQ, or COMMIT_AND_FETCH_REQ with `result` (behind the buffer
-    /// unregistration when the request's pages are registered by us).
-    fn push_cmd(&mut self, op: u32, tag: u16, result: i32) -> bool {
-        let cmd = self.cmd_sqe(op, tag, result);
-        let state = self.tags[usize::from(tag)];
-        let pushed = if state.registered {
-            let unreg = buf_cmd(uapi::UNREGISTER_IO_BUF, Kind::UnregBuf, self.spec.qid, tag);
-            // SAFETY: neither SQE points at memory (the command payload is copied in).
-            unsafe { push_all(&mut self.ring, &[unreg, cmd]) }
-        } else {
-            // SAFETY: the payload is copied into the SQE; the buffer address it may carry
-            // is the arena's, which outlives the ring.
-            unsafe { push_all(&mut self.ring, &[cmd]) }
-        };
-        if !pushed {
-            return false;
-        }
-        let state = &mut self.tags[usize::from(tag)];
-        state.registered = false;
-        state.cmd_active = true;
-        self.active_cmds += 1;
-        true
-    }
-
     fn arm_wake(&mut self) -> bool {
         let buf: *mut u64 = &mut *self.wake_buf;
         let sqe = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), buf.cast(), 8)
@@ -521,15 +505,10 @@ impl Queue {
         unsafe { push_all(&mut self.ring, &[sqe]) }
     }
 
-    /// Posts FETCH_REQ for every tag and hands them to the kernel.
+    /// Hands every tag to the driver (FETCH_REQ each, or PREP_IO_CMDS and the
+    /// fetches in batch mode).
     fn fetch_all(&mut self) -> io::Result<()> {
-        for tag in 0..self.spec.depth {
-            if !self.push_cmd(uapi::FETCH_REQ, tag, -1) {
-                return Err(io::Error::other(
-                    "submission queue full while posting FETCH_REQ",
-                ));
-            }
-        }
+        self.cmds.start(&mut self.ring)?;
         if !self.arm_wake() {
             return Err(io::Error::other(
                 "submission queue full while arming the wake-up",
@@ -545,9 +524,7 @@ impl Queue {
     }
 
     fn finished(&self) -> bool {
-        self.in_target == 0
-            && self.pending_commits.is_empty()
-            && (self.active_cmds == 0 || self.stop_requested())
+        self.in_target == 0 && self.cmds.idle() && (!self.cmds.armed() || self.stop_requested())
     }
 
     fn run(&mut self) -> io::Result<()> {
@@ -562,6 +539,8 @@ impl Queue {
             }
             self.flush_backlog();
             self.call_target(|t, ring| t.end_turn(ring));
+            let take_new = !self.stop_requested();
+            self.cmds.flush(&mut self.ring, take_new);
             if self.finished() {
                 self.ring.submit()?;
                 return Ok(());
@@ -598,14 +577,8 @@ impl Queue {
         }
     }
 
-    /// Retries commits that found the SQ full, then target calls that returned Busy.
+    /// Retries target calls that returned Busy.
     fn flush_backlog(&mut self) {
-        while let Some((tag, res)) = self.pending_commits.pop_front() {
-            if !self.push_cmd(uapi::COMMIT_AND_FETCH_REQ, tag, res) {
-                self.pending_commits.push_front((tag, res));
-                return;
-            }
-        }
         if self.detaching() {
             // Nothing of these reached the target yet.
             while let Some(tag) = self.retry.pop_front() {
@@ -636,7 +609,14 @@ impl Queue {
             return;
         }
         match ud.kind {
-            Kind::Command => self.command_done(ud.tag, res),
+            kind if Commands::owns(kind) => {
+                self.delivered.clear();
+                self.cmds.completed(ud, res, flags, &mut self.delivered);
+                for i in 0..self.delivered.len() {
+                    let tag = self.delivered[i];
+                    self.deliver(tag);
+                }
+            }
             Kind::Target if io_uring::cqueue::notif(flags) => self.notif_done(ud.tag),
             Kind::Target => {
                 if io_uring::cqueue::more(flags) {
@@ -667,66 +647,41 @@ impl Queue {
                 t.needs_reg = t.io.is_some();
             }
             Kind::TargetEvent => self.call_target(|t, ring| t.event(ud.step, res, ring)),
-            Kind::UnregBuf => log::error!(
-                "dev {dev} queue {q} tag {}: unregistering the request buffer failed: {}",
-                ud.tag,
-                io::Error::from_raw_os_error(-res)
-            ),
+            kind => log::error!("dev {dev} queue {q}: unexpected {kind:?} completion"),
         }
     }
 
-    /// The driver answered a FETCH/COMMIT: a new request, or the end of this tag.
-    fn command_done(&mut self, tag: u16, res: i32) {
-        let t = &mut self.tags[usize::from(tag)];
-        if !t.cmd_active {
-            log::error!(
-                "dev {} queue {} tag {tag}: unexpected command completion",
-                self.spec.dev_id,
-                self.spec.qid
-            );
+    /// The driver delivered a request on `tag`: it goes to the target, or, while the
+    /// queue hands over, stays with the driver for the next ublkd.
+    fn deliver(&mut self, tag: u16) {
+        let (dev, q) = (self.spec.dev_id, self.spec.qid);
+        let Some(t) = self.tags.get(usize::from(tag)) else {
+            log::error!("dev {dev} queue {q}: the driver delivered tag {tag}, beyond depth");
+            return;
+        };
+        if t.io.is_some() {
+            log::error!("dev {dev} queue {q} tag {tag}: delivered while still in flight");
             return;
         }
-        t.cmd_active = false;
-        self.active_cmds -= 1;
-        match res {
-            uapi::IO_RES_OK if self.detaching() => {
-                log::trace!(
-                    "dev {} queue {} tag {tag}: left for the next ublkd",
-                    self.spec.dev_id,
-                    self.spec.qid
-                );
-            }
-            uapi::IO_RES_OK => {
-                let (io, op_flags) = self.iods.get(tag);
-                let carries_data = io.len > 0 && matches!(io.op, BlockOp::Read | BlockOp::Write);
-                let needs_reg = carries_data
-                    && match self.spec.buffer {
-                        BufferMode::Zc => true,
-                        BufferMode::AutoZc => op_flags & uapi::IO_F_NEED_REG_BUF != 0,
-                        BufferMode::Copy | BufferMode::Fixed => false,
-                    };
-                self.counters.started(&io);
-                let t = &mut self.tags[usize::from(tag)];
-                t.io = Some(io);
-                t.needs_reg = needs_reg;
-                t.registered = false;
-                self.in_target += 1;
-                self.dispatch(tag);
-            }
-            uapi::IO_RES_ABORT => {
-                log::trace!(
-                    "dev {} queue {} tag {tag}: aborted",
-                    self.spec.dev_id,
-                    self.spec.qid
-                )
-            }
-            err => log::error!(
-                "dev {} queue {} tag {tag}: ublk command failed: {}",
-                self.spec.dev_id,
-                self.spec.qid,
-                io::Error::from_raw_os_error(-err)
-            ),
+        if self.detaching() {
+            log::trace!("dev {dev} queue {q} tag {tag}: left for the next ublkd");
+            return;
         }
+        let (io, op_flags) = self.iods.get(tag);
+        let carries_data = io.len > 0 && matches!(io.op, BlockOp::Read | BlockOp::Write);
+        let needs_reg = carries_data
+            && match self.spec.buffer {
+                BufferMode::Zc => true,
+                BufferMode::AutoZc => op_flags & uapi::IO_F_NEED_REG_BUF != 0,
+                BufferMode::Copy | BufferMode::Fixed => false,
+            };
+        self.counters.started(&io);
+        let t = &mut self.tags[usize::from(tag)];
+        t.io = Some(io);
+        t.needs_reg = needs_reg;
+        t.registered = false;
+        self.in_target += 1;
+        self.dispatch(tag);
     }
 
     fn dispatch(&mut self, tag: u16) {
@@ -810,9 +765,12 @@ impl Queue {
             return;
         }
         self.in_target -= 1;
-        if !self.push_cmd(uapi::COMMIT_AND_FETCH_REQ, tag, res) {
-            self.pending_commits.push_back((tag, res));
-        }
+        self.send_commit(tag, res);
+    }
+
+    fn send_commit(&mut self, tag: u16, res: i32) {
+        let registered = std::mem::take(&mut self.tags[usize::from(tag)].registered);
+        self.cmds.commit(&mut self.ring, tag, res, registered);
     }
 
     /// A zero-copy send's notification: its buffer is free again.
@@ -824,9 +782,7 @@ impl Queue {
         }
         if let Some(res) = t.deferred.take() {
             self.in_target -= 1;
-            if !self.push_cmd(uapi::COMMIT_AND_FETCH_REQ, tag, res) {
-                self.pending_commits.push_back((tag, res));
-            }
+            self.send_commit(tag, res);
         }
     }
 }

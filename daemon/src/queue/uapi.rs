@@ -15,6 +15,10 @@ pub const CDEV_FIXED_FD: types::Fixed = types::Fixed(0);
 /// The command opcodes (ioctl-encoded, `UBLK_U_IO_*`).
 pub const FETCH_REQ: u32 = sys::UBLK_U_IO_FETCH_REQ;
 pub const COMMIT_AND_FETCH_REQ: u32 = sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ;
+/// Batch mode (UBLK_F_BATCH_IO): register tags, commit results, fetch requests.
+pub const PREP_IO_CMDS: u32 = sys::UBLK_U_IO_PREP_IO_CMDS;
+pub const COMMIT_IO_CMDS: u32 = sys::UBLK_U_IO_COMMIT_IO_CMDS;
+pub const FETCH_IO_CMDS: u32 = sys::UBLK_U_IO_FETCH_IO_CMDS;
 /// Result of a command whose queue is going away: no new request will come on it.
 pub const IO_RES_ABORT: i32 = -libc::ENODEV;
 /// Result of a command that delivered a request.
@@ -48,6 +52,33 @@ pub fn with_sqe_addr(sqe: squeue::Entry, addr: u64) -> squeue::Entry {
     let mut raw: [u8; 64] = unsafe { std::mem::transmute(sqe) };
     raw[SQE_ADDR_OFFSET..SQE_ADDR_OFFSET + 8].copy_from_slice(&addr.to_ne_bytes());
     // SAFETY: as above, transmuting back the same bytes with only `addr` changed.
+    unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
+}
+
+/// Byte offsets in `struct io_uring_sqe` of `uring_cmd_flags` (u32) and `buf_index`
+/// (u16, the buffer group with IOSQE_BUFFER_SELECT).
+const SQE_URING_CMD_FLAGS_OFFSET: usize = 28;
+const SQE_BUF_INDEX_OFFSET: usize = 40;
+/// `IORING_URING_CMD_MULTISHOT`: the command completes many times (F_MORE).
+const URING_CMD_MULTISHOT: u32 = 1 << 1;
+
+/// The multishot FETCH_IO_CMDS with `header` (a `struct ublk_batch_io`), taking its
+/// buffers from provided-buffer group `group`. The io-uring crate's `buf_index` setter
+/// would also mark the command as using a fixed buffer, so the fields are set here.
+pub fn batch_fetch_sqe(header: [u8; 16], group: u16) -> squeue::Entry {
+    let sqe = opcode::UringCmd16::new(CDEV_FIXED_FD, FETCH_IO_CMDS)
+        .cmd(header)
+        .build()
+        .flags(squeue::Flags::BUFFER_SELECT);
+    // SAFETY: as in `with_sqe_addr`: a 64-byte repr(C) SQE; bytes 28..32 are the
+    // `uring_cmd_flags` member of the flags union and 40..42 `buf_index`.
+    let mut raw: [u8; 64] = unsafe { std::mem::transmute(sqe) };
+    let f = SQE_URING_CMD_FLAGS_OFFSET;
+    let flags = u32::from_ne_bytes([raw[f], raw[f + 1], raw[f + 2], raw[f + 3]]);
+    raw[f..f + 4].copy_from_slice(&(flags | URING_CMD_MULTISHOT).to_ne_bytes());
+    let b = SQE_BUF_INDEX_OFFSET;
+    raw[b..b + 2].copy_from_slice(&group.to_ne_bytes());
+    // SAFETY: transmuting back the same bytes with those two fields changed.
     unsafe { std::mem::transmute::<[u8; 64], squeue::Entry>(raw) }
 }
 
@@ -272,6 +303,46 @@ mod tests {
         );
         // The command payload (bytes 48..64) is untouched.
         assert_eq!(&raw[48..64], &io_cmd_payload(1, 2, -1, 0));
+    }
+
+    #[test]
+    fn fetch_sqe_is_multishot_with_a_buffer_group() {
+        // The offsets are where the io-uring crate itself puts buf_index and
+        // IORING_URING_CMD_FIXED (1 << 0) in uring_cmd_flags.
+        let fixed = opcode::UringCmd16::new(CDEV_FIXED_FD, 0)
+            .buf_index(Some(0x0909))
+            .build();
+        // SAFETY: reading the bytes of a 64-byte repr(C) SQE.
+        let raw: [u8; 64] = unsafe { std::mem::transmute(fixed) };
+        let f = SQE_URING_CMD_FLAGS_OFFSET;
+        let b = SQE_BUF_INDEX_OFFSET;
+        assert_eq!(u32::from_ne_bytes(raw[f..f + 4].try_into().unwrap()), 1);
+        assert_eq!(
+            u16::from_ne_bytes(raw[b..b + 2].try_into().unwrap()),
+            0x0909
+        );
+
+        let h = [7u8; 16];
+        let sqe = batch_fetch_sqe(h, 5);
+        // SAFETY: reading the bytes of a 64-byte repr(C) SQE.
+        let raw: [u8; 64] = unsafe { std::mem::transmute(sqe) };
+        assert_eq!(raw[0], 46, "IORING_OP_URING_CMD");
+        assert_eq!(
+            raw[1],
+            1 | (1 << 5),
+            "IOSQE_FIXED_FILE | IOSQE_BUFFER_SELECT"
+        );
+        assert_eq!(
+            u32::from_ne_bytes(raw[f..f + 4].try_into().unwrap()),
+            1 << 1
+        );
+        assert_eq!(u16::from_ne_bytes(raw[b..b + 2].try_into().unwrap()), 5);
+        // cmd_op (bytes 8..12) and the payload (48..64) are the fetch's.
+        assert_eq!(
+            u32::from_ne_bytes(raw[8..12].try_into().unwrap()),
+            FETCH_IO_CMDS
+        );
+        assert_eq!(&raw[48..64], &h);
     }
 
     #[test]

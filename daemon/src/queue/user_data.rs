@@ -17,7 +17,8 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
-    /// FETCH_REQ or COMMIT_AND_FETCH_REQ: its completion delivers the next request.
+    /// Per-tag mode: FETCH_REQ or COMMIT_AND_FETCH_REQ: its completion delivers the
+    /// next request.
     Command = 1,
     /// An operation a target pushed for a request.
     Target = 2,
@@ -25,10 +26,19 @@ pub enum Kind {
     Wake = 3,
     /// UBLK_U_IO_REGISTER_IO_BUF (zero copy); completes only on failure.
     RegBuf = 4,
-    /// UBLK_U_IO_UNREGISTER_IO_BUF (zero copy); completes only on failure.
+    /// UBLK_U_IO_UNREGISTER_IO_BUF (zero copy); per-tag mode: completes only on
+    /// failure; batch mode: always (the commit waits for it).
     UnregBuf = 5,
     /// An operation a target pushed for itself, not for one request (tag is 0).
     TargetEvent = 6,
+    /// Batch mode: UBLK_U_IO_PREP_IO_CMDS (tag 0).
+    BatchPrep = 7,
+    /// Batch mode: a multishot UBLK_U_IO_FETCH_IO_CMDS; step = its slot, tag 0.
+    BatchFetch = 8,
+    /// Batch mode: UBLK_U_IO_COMMIT_IO_CMDS; step = its commit buffer, tag 0.
+    BatchCommit = 9,
+    /// Batch mode: PROVIDE_BUFFERS of fetch buffers (tag 0); completes only on failure.
+    FetchBuf = 10,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +63,10 @@ pub fn decode(data: u64) -> Option<UserData> {
         4 => Kind::RegBuf,
         5 => Kind::UnregBuf,
         6 => Kind::TargetEvent,
+        7 => Kind::BatchPrep,
+        8 => Kind::BatchFetch,
+        9 => Kind::BatchCommit,
+        10 => Kind::FetchBuf,
         _ => return None,
     };
     if data & 0x00ff_ffff_0000_0000 != 0 {
@@ -78,6 +92,10 @@ mod tests {
             Kind::RegBuf,
             Kind::UnregBuf,
             Kind::TargetEvent,
+            Kind::BatchPrep,
+            Kind::BatchFetch,
+            Kind::BatchCommit,
+            Kind::FetchBuf,
         ] {
             for tag in [0u16, 1, 127, 4095, u16::MAX] {
                 for step in [0u16, 1, 0x1234, u16::MAX] {
