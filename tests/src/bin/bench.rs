@@ -33,7 +33,7 @@
 
 use std::process::Command;
 use ublkd_tests::nbd_server::{Listen, Server};
-use ublkd_tests::{fio, Daemon};
+use ublkd_tests::{fio, run_ok, Daemon};
 
 struct Row {
     name: &'static str,
@@ -441,21 +441,6 @@ fn bench_null(s: &Settings) {
     rublk_del(&rublk);
 }
 
-/// Runs `program` with `args` and fails the benchmark with its output if it fails.
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Where the loop backing file lives: `ext4` (the default), a file system on a
 /// memory-backed null_blk device, as a file on a fast disk would be; or `tmpfs`, which
 /// cannot read or write without blocking (no FMODE_NOWAIT), so io_uring hands every
@@ -482,9 +467,9 @@ fn loop_backing_dir(s: &Settings) -> &'static str {
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
         .expect("the null_blk device for the loop backing file did not appear");
-    run("/usr/sbin/mkfs.ext4", &["-q", "-F", node]);
+    run_ok("/usr/sbin/mkfs.ext4", &["-q", "-F", node]);
     std::fs::create_dir_all("/mnt/loopbench").expect("create /mnt/loopbench");
-    run("/bin/mount", &["-t", "ext4", node, "/mnt/loopbench"]);
+    run_ok("/bin/mount", &["-t", "ext4", node, "/mnt/loopbench"]);
     "/mnt/loopbench"
 }
 
