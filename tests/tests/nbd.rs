@@ -21,6 +21,20 @@ fn verify(dev: &str, size: &str) {
     fio(&verify_job(dev, "write", "128k-512k", size, 8));
 }
 
+/// `verify` on `dev` of daemon `d` through a send or receive path under strain: no
+/// request failed and the connection was never reset; then the device is deleted.
+fn verify_unbroken(d: &Daemon, dev: &str, size: &str, mode: &str) {
+    verify(dev, size);
+    let q = &d.show_json(dev_id(dev))["queue_stats"][0];
+    assert_eq!(q["errors"].as_u64(), Some(0), "{mode}: {q}");
+    let log = d.log_text();
+    assert!(
+        !log.contains("connection lost"),
+        "{mode}: the connection was reset:\n{log}"
+    );
+    d.del(dev);
+}
+
 fn add_nbd(d: &Daemon, uri: &str, extra: &[&str]) -> String {
     let mut a = vec!["nbd", "--uri", uri];
     a.extend_from_slice(extra);
@@ -447,15 +461,7 @@ fn chains_survive_partial_sends_and_replies() {
             let _r = Sysctl::set("/proc/sys/net/ipv4/tcp_rmem", "4096 4096 4096");
             add_nbd(&d, "nbd://127.0.0.1:10940/", &["--buffer", mode])
         };
-        verify(&dev, "8M");
-        let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
-        assert_eq!(q["errors"].as_u64(), Some(0), "{mode}: {q}");
-        let log = d.log_text();
-        assert!(
-            !log.contains("connection lost"),
-            "{mode}: the connection was reset:\n{log}"
-        );
-        d.del(&dev);
+        verify_unbroken(&d, &dev, "8M", mode);
     }
 }
 
@@ -483,15 +489,7 @@ fn unix_chains_survive_a_tiny_send_buffer() {
                 let _w = Sysctl::set("/proc/sys/net/core/wmem_default", "8192");
                 add_nbd(&d, &server.uri, &["--buffer", mode])
             };
-            verify(&dev, "16M");
-            let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
-            assert_eq!(q["errors"].as_u64(), Some(0), "{mode}: {q}");
-            let log = d.log_text();
-            assert!(
-                !log.contains("connection lost"),
-                "{mode}: the connection was reset:\n{log}"
-            );
-            d.del(&dev);
+            verify_unbroken(&d, &dev, "16M", mode);
         }
         let log = d.log_text();
         assert!(
