@@ -1,8 +1,50 @@
 #!/bin/sh
 # Runs inside the test VM: every real-kernel test binary, one test at a time.
+#
+# A binary that runs longer than UBLKD_TEST_LIMIT seconds (default 600; the slowest takes
+# about 300) is hung: its state is dumped (the newest ublkd logs, the kernel stacks of
+# every ublkd thread, the blocked tasks) so the hang can be diagnosed from the console,
+# then it is killed and counted as failed, and the other binaries still run.
+limit=${UBLKD_TEST_LIMIT:-600}
+
+dump_state() {
+    echo "ublkd-vm: $1 still running after $limit s: it is hung; its state follows"
+    for f in $(ls -t /tmp/ublkd-*.log 2>/dev/null | head -n 2); do
+        echo "---- $f (last 80 lines)"
+        tail -n 80 "$f"
+    done
+    for p in $(pidof ublkd); do
+        for t in /proc/"$p"/task/*; do
+            echo "---- ublkd $p thread $(basename "$t") $(cat "$t/comm" 2>/dev/null)"
+            cat "$t/stack" 2>/dev/null
+        done
+    done
+    echo w >/proc/sysrq-trigger
+    sleep 2
+    echo "---- kernel log (last 150 lines)"
+    dmesg | tail -n 150
+}
+
 rc=0
 for t in /usr/local/bin/ublkd-test-*; do
-    echo "== $(basename "$t")"
-    RUST_BACKTRACE=1 "$t" --test-threads=1 "$@" || rc=1
+    name=$(basename "$t")
+    echo "== $name"
+    RUST_BACKTRACE=1 "$t" --test-threads=1 "$@" &
+    pid=$!
+    (
+        i=0
+        while kill -0 "$pid" 2>/dev/null; do
+            if [ "$i" -ge "$limit" ]; then
+                dump_state "$name"
+                kill -9 "$pid"
+                break
+            fi
+            sleep 1
+            i=$((i + 1))
+        done
+    ) &
+    watchdog=$!
+    wait "$pid" || rc=1
+    wait "$watchdog"
 done
 exit $rc
