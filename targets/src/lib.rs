@@ -204,6 +204,12 @@ pub trait Target: Send + Sync {
         None
     }
 
+    /// The request size the backend serves best, when it says (an NBD server's
+    /// preferred block size): the device's optimal IO size.
+    fn optimal_io_bytes(&self) -> Option<u32> {
+        None
+    }
+
     /// The device is being deleted and the kernel drains it (in-flight requests and
     /// the writeback of dirty pages) while the queues keep serving. A target that may
     /// wait on something slow calls [`Target::abort`] on itself when waiting is no

@@ -208,7 +208,8 @@ fn session(
         reply_opt(&mut c, opt, 3, &info)?;
         if let Fault::MaxBlockSize(max) = fault {
             let mut bs = 3u16.to_be_bytes().to_vec(); // NBD_INFO_BLOCK_SIZE
-            for v in [1u32, 4096, max] {
+                                                      // Minimum 1, preferred 16 KiB (or the maximum when that is smaller).
+            for v in [1u32, max.min(16 << 10), max] {
                 bs.extend_from_slice(&v.to_be_bytes());
             }
             reply_opt(&mut c, opt, 3, &bs)?;

@@ -775,6 +775,10 @@ fn the_servers_maximum_block_size_caps_requests() {
     let kb =
         std::fs::read_to_string(format!("/sys/block/ublkb{id}/queue/max_hw_sectors_kb")).unwrap();
     assert_eq!(kb.trim(), "64");
+    // The server's preferred block size is the device's optimal IO size.
+    let opt =
+        std::fs::read_to_string(format!("/sys/block/ublkb{id}/queue/optimal_io_size")).unwrap();
+    assert_eq!(opt.trim(), "16384");
     let show = d.show_json(id).to_string();
     assert!(show.contains("max 65536"), "{show}");
     fio(&verify_job(&dev, "write", "512k", "8M", 8));

@@ -187,11 +187,16 @@ pub(super) fn check_backing(record: &Record, target: &dyn Target) -> Result<()> 
 }
 
 /// The device parameters the kernel gets (UBLK_U_CMD_SET_PARAMS).
-pub(super) fn params(
-    shape: &DeviceShape,
-    block_size: u32,
-    max_io: Option<u32>,
-) -> sys::ublk_params {
+/// What the target says of its request sizes (both optional).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct IoSizes {
+    /// The most bytes one request may carry.
+    pub max: Option<u32>,
+    /// The request size it serves best.
+    pub optimal: Option<u32>,
+}
+
+pub(super) fn params(shape: &DeviceShape, block_size: u32, io: IoSizes) -> sys::ublk_params {
     let lbs_shift = block_size.trailing_zeros() as u8;
     let mut attrs = 0;
     if shape.read_only {
@@ -212,9 +217,9 @@ pub(super) fn params(
             attrs,
             logical_bs_shift: lbs_shift,
             physical_bs_shift: lbs_shift.max(12),
-            io_opt_shift: lbs_shift.max(12),
+            io_opt_shift: optimal_io_shift(io, block_size),
             io_min_shift: lbs_shift,
-            max_sectors: max_io_bytes(max_io, block_size) >> 9,
+            max_sectors: max_io_bytes(io.max, block_size) >> 9,
             dev_sectors: shape.size >> 9,
             ..Default::default()
         },
@@ -238,6 +243,16 @@ pub(super) fn params(
 
 /// The most bytes one request carries: MAX_IO_BYTES, or the target's own limit if lower,
 /// a whole number of blocks and at least one page.
+/// log2 of the optimal IO size: the target's, when it is a power of two between the
+/// block size and the largest request; else the page size (or the block size above it).
+fn optimal_io_shift(io: IoSizes, block_size: u32) -> u8 {
+    let max = max_io_bytes(io.max, block_size);
+    match io.optimal {
+        Some(o) if o.is_power_of_two() && o >= block_size && o <= max => o.trailing_zeros() as u8,
+        _ => block_size.max(4096).trailing_zeros() as u8,
+    }
+}
+
 pub(super) fn max_io_bytes(target_max: Option<u32>, block_size: u32) -> u32 {
     let max = target_max.map_or(MAX_IO_BYTES, |m| m.min(MAX_IO_BYTES));
     (max - max % block_size).max(block_size.max(4096))
@@ -261,7 +276,7 @@ mod tests {
 
     #[test]
     fn params_describe_the_shape() {
-        let p = params(&shape(true, true), 4096, None);
+        let p = params(&shape(true, true), 4096, IoSizes::default());
         assert_eq!(
             p.types,
             sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD
@@ -276,12 +291,12 @@ mod tests {
         assert!(p.discard.max_discard_sectors > 0 && p.discard.max_write_zeroes_sectors > 0);
         assert_eq!(p.discard.max_discard_segments, 1);
 
-        let p = params(&shape(false, false), 512, None);
+        let p = params(&shape(false, false), 512, IoSizes::default());
         assert_eq!(p.types, sys::UBLK_PARAM_TYPE_BASIC);
         assert_eq!(p.basic.logical_bs_shift, 9);
         assert_eq!(p.basic.physical_bs_shift, 12);
 
-        let p = params(&shape(false, true), 512, None);
+        let p = params(&shape(false, true), 512, IoSizes::default());
         assert_eq!(p.discard.max_discard_sectors, 0);
         assert!(p.discard.max_write_zeroes_sectors > 0);
     }
@@ -292,8 +307,27 @@ mod tests {
         assert_eq!(max_io_bytes(Some(64 << 10), 512), 64 << 10);
         assert_eq!(max_io_bytes(Some(u32::MAX), 4096), MAX_IO_BYTES);
         assert_eq!(max_io_bytes(Some(65535), 4096), 61440);
-        let p = params(&shape(false, false), 4096, Some(64 << 10));
+        let io = IoSizes {
+            max: Some(64 << 10),
+            optimal: None,
+        };
+        let p = params(&shape(false, false), 4096, io);
         assert_eq!(p.basic.max_sectors, 128);
+    }
+
+    #[test]
+    fn a_target_preferred_size_is_the_optimal_io_size() {
+        let with = |max, optimal, bs| {
+            let io = IoSizes { max, optimal };
+            params(&shape(false, false), bs, io).basic.io_opt_shift
+        };
+        assert_eq!(with(None, None, 512), 12);
+        assert_eq!(with(None, None, 8192), 13);
+        assert_eq!(with(None, Some(64 << 10), 512), 16);
+        // Not a power of two, below the block size, or above the largest request: ignored.
+        assert_eq!(with(None, Some(3 << 10), 512), 12);
+        assert_eq!(with(None, Some(512), 4096), 12);
+        assert_eq!(with(Some(32 << 10), Some(64 << 10), 512), 12);
     }
 
     fn kernel(features: u32) -> KernelInfo {

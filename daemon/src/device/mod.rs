@@ -22,6 +22,7 @@ use anyhow::{anyhow, bail, Context, Result};
 pub use config::MAX_IO_BYTES;
 use config::{
     build_target, check_backing, choose_buffer, device_flags, params, recovered_buffer, use_batch,
+    IoSizes,
 };
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
@@ -305,8 +306,11 @@ impl Device {
         let Some(ctrl) = self.ctrl.as_ref() else {
             bail!("device {} was already deleted", self.id);
         };
-        let max_io = self.target.max_io_bytes();
-        let params = params(&self.shape, self.geometry.block_size, max_io);
+        let io = IoSizes {
+            max: self.target.max_io_bytes(),
+            optimal: self.target.optimal_io_bytes(),
+        };
+        let params = params(&self.shape, self.geometry.block_size, io);
         let size = self.shape.size;
         let dev = UblkDev::new(
             self.target.name().to_string(),

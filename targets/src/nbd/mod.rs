@@ -429,6 +429,10 @@ impl Target for NbdTarget {
         self.info.block_size.map(|(_, _, max)| max)
     }
 
+    fn optimal_io_bytes(&self) -> Option<u32> {
+        self.info.block_size.map(|(_, preferred, _)| preferred)
+    }
+
     /// Keeps serving while the kernel drains the device (its writeback of dirty pages
     /// goes to the server), and aborts once a connection is down (reconnecting or
     /// failed: the server is unreachable) or after the drain grace.

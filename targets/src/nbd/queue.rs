@@ -285,6 +285,8 @@ pub(super) struct NbdQueue {
     expire_ticks: u32,
     abort_ts: Box<types::Timespec>,
     abort_armed: bool,
+    /// How often the requests still held during deletion have been logged.
+    abort_logged: u8,
 }
 
 /// Bytes that follow a request's header on the wire: a write's data.
@@ -441,6 +443,7 @@ impl NbdQueue {
             expire_ticks: (request_timeout.as_nanos().div_ceil(tick.as_nanos()) + 1) as u32,
             abort_ts: Box::new(timespec(ABORT_GRACE)),
             abort_armed: false,
+            abort_logged: 0,
         }
     }
 
@@ -1328,6 +1331,7 @@ impl NbdQueue {
         }
         self.reconnected(ring);
         if self.abort.load(Ordering::Acquire) {
+            self.log_outstanding();
             if self.link == Link::Reconnecting {
                 self.give_up("the device is being deleted", ring);
             }
@@ -1365,6 +1369,37 @@ impl NbdQueue {
             );
             self.connection_lost(&why, ring);
         }
+    }
+
+    /// Logs what the queue still holds during deletion, a few times at most.
+    fn log_outstanding(&mut self) {
+        if self.active > 0 && self.abort_logged < 4 {
+            self.abort_logged += 1;
+            log::warn!("{}: deleting: {}", self.uri, self.outstanding());
+        }
+    }
+
+    /// What the queue still holds, for the log when deletion must cut it short: the
+    /// connection's state and the first few requests with where each one stands.
+    fn outstanding(&self) -> String {
+        let mut s = format!(
+            "{} request(s) outstanding (link {:?}, {} send SQE(s) and {} receive(s) in flight, {} to send)",
+            self.active,
+            self.link,
+            self.send_inflight,
+            self.recv_inflight,
+            self.send_queue.len()
+        );
+        let busy = self.tags.iter().enumerate().filter(|(_, t)| t.io.is_some());
+        for (tag, t) in busy.take(8) {
+            if let Some(io) = t.io {
+                s.push_str(&format!(
+                    "; tag {tag}: {:?} {}@{} sent {} replied {} result {:?} SQEs {}",
+                    io.op, io.len, io.offset, t.sent, t.replied, t.result, t.sqes
+                ));
+            }
+        }
+        s
     }
 
     /// Marks every unanswered request: it fails at the next abort timer if still so.
@@ -1450,6 +1485,7 @@ impl QueueTarget for NbdQueue {
                     .iter()
                     .any(|t| t.doomed && t.io.is_some() && t.result.is_none());
                 self.doom_unanswered();
+                self.log_outstanding();
                 if stuck && self.link != Link::Failed {
                     let why = format!(
                         "the device is being deleted and the server did not answer within {} s",
