@@ -44,6 +44,8 @@ const RECOVER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long detaching waits for the target's requests in flight.
 const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `del` waits for the driver to see a device's queues and char device gone.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Device {
     pub id: u32,
@@ -519,18 +521,58 @@ impl Device {
         }
     }
 
+    /// Lets go of a live device before STOP_DEV: the queues finish what their target
+    /// holds and take nothing new, and the char device closes, so the driver holds
+    /// later requests (state QUIESCED) and STOP_DEV fails them.
+    ///
+    /// STOP_DEV on a LIVE device instead quiesces the block queue and then waits for
+    /// every started request to end (ublk_force_abort_dev). A file system's flush
+    /// sequence caught half way (its data request started, its flush request parked in
+    /// the dispatch list of the now quiesced queue) never ends, and STOP_DEV hangs with
+    /// the queues idle: seen in the VM with ext4's journal commit racing `del`.
+    fn release(&mut self, ctrl: &UblkCtrl) {
+        for q in &self.queues {
+            q.request_detach();
+        }
+        for q in &mut self.queues {
+            q.join();
+        }
+        self.queues.clear();
+        self.dev = None;
+        let deadline = Instant::now() + RELEASE_TIMEOUT;
+        loop {
+            if let Err(e) = ctrl.read_dev_info() {
+                log::warn!("dev {}: cannot read its state: {}", self.id, describe(&e));
+                return;
+            }
+            if u32::from(ctrl.dev_info().state) != sys::UBLK_S_DEV_LIVE {
+                return;
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "dev {}: the driver still calls it live {RELEASE_TIMEOUT:?} after its queues ended; stopping it anyway",
+                    self.id
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn teardown(&mut self) -> Result<()> {
         let Some(ctrl) = self.ctrl.take() else {
             return Ok(());
         };
         ensure_ctrl_ring()?;
         let mut result = Ok(());
-        // STOP_DEV drains the device while the queues still serve; the target gives up
-        // on its own when its backend is unreachable or too slow (`Target::stopping`).
+        // The target gives up on its own when its backend is unreachable or too slow
+        // (`Target::stopping`), so neither the writeback nor the queues' last requests
+        // can hold `del` up for longer than that.
         self.target.stopping();
         if self.started {
             // STOP_DEV fails what the kernel writes back after it began: write it back now.
             crate::writeback::write_back(self.id);
+            self.release(&ctrl);
             if let Err(e) = ctrl.kill_dev() {
                 result = Err(anyhow!("STOP_DEV failed: {}", describe(&e)));
             }
