@@ -2,13 +2,16 @@
 PREFIX ?= /usr/local
 DESTDIR ?=
 
-.PHONY: build install test demo
+.PHONY: build install uninstall test demo
 
 build:
 	cargo build --release --locked
 
 install:
 	scripts/install.sh --prefix $(PREFIX) $(if $(DESTDIR),--destdir $(DESTDIR))
+
+uninstall:
+	scripts/uninstall.sh --prefix $(PREFIX) $(if $(DESTDIR),--destdir $(DESTDIR))
 
 test:
 	tests/run-all.sh

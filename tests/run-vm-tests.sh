@@ -12,6 +12,8 @@ cd "$(dirname "$0")/.."
 
 tests/vm/setup-host.sh
 cargo build --release --locked --bins
+echo "== install and uninstall (host)"
+cargo test --release --locked -p ublkd-tests --features install --test install
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

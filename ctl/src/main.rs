@@ -1,10 +1,11 @@
 //! ublkctl: the control tool for ublkd.
 
 mod client;
+mod generate;
 mod output;
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use ublkd_proto::size::parse_size;
 use ublkd_proto::validate::{DEFAULT_DEPTH, DEFAULT_NULL_SIZE, DEFAULT_QUEUES};
@@ -66,6 +67,17 @@ enum Command {
     /// Serve a device again from its record: one the kernel still holds after a crash,
     /// or one whose restore failed (after fixing the cause shown by 'ublkctl list').
     Recover { id: u32 },
+}
+
+/// `ublkctl __generate ...`, which scripts/install.sh runs: a parser of its own rather
+/// than a hidden subcommand, which the completions would still offer.
+#[derive(Debug, Parser)]
+#[command(name = "ublkctl __generate")]
+enum Generate {
+    /// The section 8 pages, ublkctl.8 and one per subcommand, into DIR.
+    Man { dir: PathBuf },
+    /// The completion script for SHELL, on standard output.
+    Completions { shell: generate::Shell },
 }
 
 #[derive(Debug, Subcommand)]
@@ -226,6 +238,17 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
 }
 
 fn main() {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == "__generate")
+    {
+        let what = Generate::parse_from(std::env::args_os().skip(1));
+        if let Err(e) = generate(what) {
+            eprintln!("ublkctl: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -249,6 +272,20 @@ fn main() {
         eprintln!("ublkctl: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn generate(what: Generate) -> Result<()> {
+    match what {
+        Generate::Man { dir } => {
+            for page in generate::man_pages(Cli::command(), &dir)? {
+                println!("{}", page.display());
+            }
+        }
+        Generate::Completions { shell } => {
+            generate::completions(Cli::command(), shell, &mut std::io::stdout())
+        }
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {

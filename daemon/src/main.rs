@@ -5,13 +5,14 @@ mod daemon;
 mod device;
 mod fault;
 mod kernel;
+mod logging;
 mod queue;
 mod service;
 mod state;
 mod writeback;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use daemon::ExitMode;
 use sd_notify::NotifyState;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -50,6 +51,9 @@ struct Args {
     /// Test hook: make the daemon fail at a chosen point (see daemon/src/fault.rs).
     #[arg(long, hide = true, value_name = "FAULT")]
     inject_fault: Vec<String>,
+    /// Write the ublkd(8) man page to standard output and exit (scripts/install.sh).
+    #[arg(long, hide = true)]
+    generate_man: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -60,8 +64,18 @@ enum OnExit {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    logging::init();
     let args = Args::parse();
+    if args.generate_man {
+        let man = clap_mangen::Man::new(Args::command())
+            .section("8")
+            .manual("ublkd");
+        if let Err(e) = man.render(&mut std::io::stdout()) {
+            eprintln!("ublkd: cannot write the man page: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if let Err(e) = run(&args) {
         log::error!("{e:#}");
         eprintln!("ublkd: {e:#}");

@@ -22,10 +22,11 @@ set -euo pipefail
 #   coreutils              timeout, mktemp, ...
 #   mmdebstrap             the Debian root file system of the systemd VM tests
 #   systemd                systemd-analyze verify for the unit file (host side)
+#   man-db                 man, to render the installed man pages (tests/tests/install.rs)
 readonly PACKAGES=(
     qemu-system-x86 busybox-static fio cpio xz-utils e2fsprogs util-linux mount
     libclang-dev debian-archive-keyring apt coreutils nbdkit qemu-utils nbd-client
-    mmdebstrap systemd
+    mmdebstrap systemd man-db
 )
 
 die() { printf 'setup-host.sh: error: %s\n' "$*" >&2; exit 1; }
