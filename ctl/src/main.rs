@@ -9,7 +9,9 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use ublkd_proto::size::parse_size;
 use ublkd_proto::validate::{DEFAULT_DEPTH, DEFAULT_NULL_SIZE, DEFAULT_QUEUES};
-use ublkd_proto::{AddDevice, BufferMode, DirectIo, QueueAffinity, Request, Response, TargetSpec};
+use ublkd_proto::{
+    AddDevice, BufferMode, DeviceRef, DirectIo, QueueAffinity, Request, Response, TargetSpec,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,9 +40,13 @@ enum Command {
     /// device waits for a connected server up to its request timeout (30 s by default),
     /// and not at all for one that is unreachable; what is left then fails with EIO.
     Del {
-        /// Ids of the devices to delete.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        ids: Vec<u32>,
+        /// The devices to delete, by id or name.
+        #[arg(
+            required_unless_present = "all",
+            conflicts_with = "all",
+            value_name = "ID|NAME"
+        )]
+        ids: Vec<DeviceRef>,
         /// Delete every device.
         #[arg(long)]
         all: bool,
@@ -51,9 +57,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show one device in detail, with per-queue counters.
+    /// Show one device in detail, with per-queue counters; for a device that is not
+    /// served, what its record says and why.
     Show {
-        id: u32,
+        /// The device, by id or name.
+        #[arg(value_name = "ID|NAME")]
+        id: DeviceRef,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -66,7 +75,11 @@ enum Command {
     },
     /// Serve a device again from its record: one the kernel still holds after a crash,
     /// or one whose restore failed (after fixing the cause shown by 'ublkctl list').
-    Recover { id: u32 },
+    Recover {
+        /// The device, by id or name.
+        #[arg(value_name = "ID|NAME")]
+        id: DeviceRef,
+    },
 }
 
 /// `ublkctl __generate ...`, which scripts/install.sh runs: a parser of its own rather
@@ -442,7 +455,15 @@ mod tests {
         let Command::Del { ids, all } = parse(&["del", "1", "2"]).unwrap().command else {
             panic!()
         };
-        assert_eq!((ids, all), (vec![1, 2], false));
+        assert_eq!((ids, all), (vec![1.into(), 2.into()], false));
+        let Command::Del { ids, .. } = parse(&["del", "db", "3"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(ids, [DeviceRef::Name("db".into()), DeviceRef::Id(3)]);
+        let Command::Show { id, .. } = parse(&["show", "db"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(id, DeviceRef::Name("db".into()));
         let Command::Del { ids, all } = parse(&["del", "--all"]).unwrap().command else {
             panic!()
         };

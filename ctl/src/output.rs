@@ -3,7 +3,7 @@
 use anyhow::Result;
 use std::fmt::Write;
 use ublkd_proto::size::format_size;
-use ublkd_proto::{DeviceDetail, DeviceInfo, FeatureReport};
+use ublkd_proto::{DeviceDetail, DeviceInfo, FeatureReport, TargetSpec};
 
 /// A clap error as one line: its message lines up to the usage block, joined, without
 /// the `error: ` prefix (for a missing argument the name is on the second line).
@@ -49,6 +49,42 @@ pub fn device_table(devs: &[DeviceInfo]) -> String {
     out
 }
 
+/// What a device was added with, for one that is not served (a served device's target
+/// reports its own details).
+fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
+    match spec {
+        None => Vec::new(),
+        Some(TargetSpec::Null { .. }) => Vec::new(),
+        Some(TargetSpec::Loop {
+            file,
+            direct_io,
+            read_only,
+        }) => vec![
+            ("file", file.clone()),
+            ("direct io", format!("{direct_io:?}").to_lowercase()),
+            ("read only", read_only.to_string()),
+        ],
+        Some(TargetSpec::Nbd {
+            uri,
+            reconnect_timeout,
+            request_timeout,
+        }) => vec![
+            ("uri", uri.clone()),
+            (
+                "reconnect",
+                format!("{} s", reconnect_timeout.unwrap_or(DEFAULT_NBD_TIMEOUT)),
+            ),
+            (
+                "req. timeout",
+                format!("{} s", request_timeout.unwrap_or(DEFAULT_NBD_TIMEOUT)),
+            ),
+        ],
+    }
+}
+
+/// The nbd target's reconnect and request timeouts when the record leaves them out.
+const DEFAULT_NBD_TIMEOUT: u32 = 30;
+
 pub fn device_detail(d: &DeviceDetail) -> String {
     let i = &d.info;
     let mut out = String::new();
@@ -74,14 +110,30 @@ pub fn device_detail(d: &DeviceDetail) -> String {
         row("commands", c.name().to_string());
     }
     row("affinity", i.affinity.name().to_string());
-    row("state", d.kernel.state.clone());
-    row(
-        "kernel flags",
-        format!("{:#x} {}", d.kernel.flags, d.kernel.flag_names.join(" ")),
-    );
-    row("daemon pid", d.kernel.ublksrv_pid.to_string());
+    match &d.kernel {
+        Some(k) => {
+            row("state", k.state.clone());
+            row(
+                "kernel flags",
+                format!("{:#x} {}", k.flags, k.flag_names.join(" ")),
+            );
+            row("daemon pid", k.ublksrv_pid.to_string());
+        }
+        None => row("state", i.state.clone()),
+    }
+    if let Some(e) = &i.error {
+        row("error", e.clone());
+    }
+    if d.target_details.is_empty() {
+        for (k, v) in spec_rows(i.spec.as_ref()) {
+            row(k, v);
+        }
+    }
     for (k, v) in &d.target_details {
         row(k, v.clone());
+    }
+    if d.kernel.is_none() && d.queue_stats.is_empty() {
+        return out;
     }
     let _ = writeln!(
         out,
@@ -166,6 +218,7 @@ mod tests {
             path: "/dev/ublkb3".into(),
             name: None,
             error: None,
+            spec: None,
         };
         let failed = DeviceInfo {
             id: 4,
@@ -180,6 +233,47 @@ mod tests {
         assert!(t.contains("1G"));
         assert!(t.lines().nth(2).unwrap().contains("db"));
         assert!(t.lines().nth(3).unwrap().contains("error: cannot open /x"));
+    }
+
+    #[test]
+    fn detail_of_a_failed_device_shows_its_record_and_why() {
+        let info = DeviceInfo {
+            id: 5,
+            target: "loop".into(),
+            size: 0,
+            block_size: 512,
+            queues: 1,
+            depth: 128,
+            buffer: ublkd_proto::BufferMode::AutoZc,
+            commands: None,
+            affinity: ublkd_proto::QueueAffinity::Cpu,
+            state: "failed".into(),
+            path: "/dev/ublkb5".into(),
+            name: Some("db".into()),
+            error: Some("cannot open /srv/db.img: No such file or directory".into()),
+            spec: Some(TargetSpec::Loop {
+                file: "/srv/db.img".into(),
+                direct_io: ublkd_proto::DirectIo::Auto,
+                read_only: false,
+            }),
+        };
+        let d = DeviceDetail {
+            info,
+            char_path: "/dev/ublkc5".into(),
+            target_details: vec![],
+            kernel: None,
+            queue_stats: vec![],
+        };
+        let text = device_detail(&d);
+        for line in [
+            "state          failed",
+            "error          cannot open /srv/db.img",
+            "file           /srv/db.img",
+            "direct io      auto",
+        ] {
+            assert!(text.contains(line), "no '{line}' in:\n{text}");
+        }
+        assert!(!text.contains("QUEUE"), "{text}");
     }
 
     #[test]
@@ -198,12 +292,13 @@ mod tests {
             path: "/dev/ublkb0".into(),
             name: None,
             error: None,
+            spec: None,
         };
         let d = DeviceDetail {
             info,
             char_path: "/dev/ublkc0".into(),
             target_details: vec![],
-            kernel: ublkd_proto::KernelDeviceInfo {
+            kernel: Some(ublkd_proto::KernelDeviceInfo {
                 state: "live".into(),
                 flags: 1 << 15,
                 flag_names: vec!["BATCH_IO".into()],
@@ -211,7 +306,7 @@ mod tests {
                 max_io_buf_bytes: 524288,
                 nr_hw_queues: 1,
                 queue_depth: 64,
-            },
+            }),
             queue_stats: vec![],
         };
         let text = device_detail(&d);

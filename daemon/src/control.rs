@@ -349,7 +349,7 @@ mod tests {
         );
         assert_eq!(
             parse_request(b"{\"cmd\":\"show\",\"id\":2}").unwrap(),
-            Request::Show { id: 2 }
+            Request::Show { id: 2.into() }
         );
     }
 

@@ -21,7 +21,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use ublkd_proto::validate::{self, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH, DEFAULT_QUEUES};
-use ublkd_proto::{features, AddDevice, BufferMode, DeviceInfo, FeatureReport, Request, Response};
+use ublkd_proto::{
+    features, AddDevice, BufferMode, DeviceDetail, DeviceInfo, DeviceRef, FeatureReport, Request,
+    Response,
+};
 
 enum Entry {
     Live(Box<Device>),
@@ -109,6 +112,22 @@ impl Entry {
             path: format!("/dev/ublkb{id}"),
             name: add.and_then(|a| a.name.clone()),
             error,
+            spec: add.map(|a| a.target.clone()),
+        }
+    }
+
+    /// `show` of the entry: in full when served, else what the record says and why
+    /// it is not served.
+    fn detail(&self, id: u32) -> DeviceDetail {
+        match self {
+            Entry::Live(d) => d.detail(),
+            other => DeviceDetail {
+                info: other.info(id),
+                char_path: format!("/dev/ublkc{id}"),
+                target_details: Vec::new(),
+                kernel: None,
+                queue_stats: Vec::new(),
+            },
         }
     }
 
@@ -257,7 +276,10 @@ impl Daemon {
         }
         let result = match req {
             Request::Add(add) => self.add(&add).map(Response::Added),
-            Request::Del { ids } => self.del(&ids).map(|ids| Response::Deleted { ids }),
+            Request::Del { ids } => self
+                .resolve_all(&ids)
+                .and_then(|ids| self.del(&ids))
+                .map(|ids| Response::Deleted { ids }),
             Request::DelAll => {
                 let ids = self.devices().keys().copied().collect::<Vec<_>>();
                 self.del(&ids).map(|ids| Response::Deleted { ids })
@@ -265,17 +287,37 @@ impl Daemon {
             Request::List => Ok(Response::Devices(
                 self.devices().iter().map(|(id, e)| e.info(*id)).collect(),
             )),
-            Request::Show { id } => match self.devices().get(&id) {
-                Some(Entry::Live(d)) => Ok(Response::Device(d.detail())),
-                Some(_) => Err(anyhow!(
-                    "device {id} is not served (see 'ublkctl list' for why)"
-                )),
-                None => Err(no_device(id)),
-            },
+            Request::Show { id } => {
+                self.resolve(&id)
+                    .and_then(|id| match self.devices().get(&id) {
+                        Some(e) => Ok(Response::Device(e.detail(id))),
+                        None => Err(no_device(id)),
+                    })
+            }
             Request::Features => Ok(Response::Features(self.features())),
-            Request::Recover { id } => self.recover(id).map(Response::Recovered),
+            Request::Recover { id } => self
+                .resolve(&id)
+                .and_then(|id| self.recover(id))
+                .map(Response::Recovered),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
+    }
+
+    /// The id of the device a command names, by id or by name.
+    fn resolve(&self, device: &DeviceRef) -> Result<u32> {
+        match device {
+            DeviceRef::Id(id) => Ok(*id),
+            DeviceRef::Name(name) => self
+                .devices()
+                .iter()
+                .find(|(_, e)| e.name() == Some(name.as_str()))
+                .map(|(id, _)| *id)
+                .ok_or_else(|| anyhow!("no device named '{name}' (see 'ublkctl list')")),
+        }
+    }
+
+    fn resolve_all(&self, devices: &[DeviceRef]) -> Result<Vec<u32>> {
+        devices.iter().map(|d| self.resolve(d)).collect()
     }
 
     fn features(&self) -> FeatureReport {

@@ -4,7 +4,7 @@
 //!
 //! ```json
 //! {"cmd":"add","target":{"type":"null","size":1073741824},"queues":2}
-//! {"cmd":"del","ids":[0,1]}
+//! {"cmd":"del","ids":[0,"db"]}
 //! {"cmd":"list"}
 //! ```
 //!
@@ -18,19 +18,56 @@ use serde::{Deserialize, Serialize};
 pub enum Request {
     /// Create a device and start serving it.
     Add(AddDevice),
-    /// Delete the listed devices (all of them, or none if one id is unknown).
-    Del { ids: Vec<u32> },
+    /// Delete the listed devices (all of them, or none if one is unknown).
+    Del { ids: Vec<DeviceRef> },
     /// Delete every device the daemon serves.
     DelAll,
     /// Summaries of every device.
     List,
     /// One device in detail.
-    Show { id: u32 },
+    Show { id: DeviceRef },
     /// The kernel's ublk feature bits.
     Features,
     /// Serve again a device the kernel still holds (after a crash) or whose restore
     /// failed, from its record.
-    Recover { id: u32 },
+    Recover { id: DeviceRef },
+}
+
+/// A device as a command names it: by id (a JSON number) or by name (a JSON string).
+/// Names cannot be all digits (`validate::device_name`), so `ublkctl show 3` always
+/// means id 3.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DeviceRef {
+    Id(u32),
+    Name(String),
+}
+
+impl std::str::FromStr for DeviceRef {
+    type Err = std::convert::Infallible;
+
+    /// Digits are an id, anything else a name.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.parse() {
+            Ok(id) => DeviceRef::Id(id),
+            Err(_) => DeviceRef::Name(s.to_string()),
+        })
+    }
+}
+
+impl std::fmt::Display for DeviceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceRef::Id(id) => write!(f, "{id}"),
+            DeviceRef::Name(name) => write!(f, "'{name}'"),
+        }
+    }
+}
+
+impl From<u32> for DeviceRef {
+    fn from(id: u32) -> Self {
+        DeviceRef::Id(id)
+    }
 }
 
 /// Parameters of `add`. Fields left out take the daemon's defaults.
@@ -301,6 +338,10 @@ pub struct DeviceInfo {
     /// Why the device is not being served (its state is then `failed`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the device was added with: the backing file, the URI, the target's options
+    /// (absent only for a record that could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<TargetSpec>,
 }
 
 /// `show`: a device with its kernel view and per-queue counters.
@@ -310,9 +351,13 @@ pub struct DeviceDetail {
     pub info: DeviceInfo,
     /// Character device, e.g. `/dev/ublkc0`.
     pub char_path: String,
-    /// Target-specific facts, as (name, value) pairs in display order.
+    /// Target-specific facts, as (name, value) pairs in display order (none while the
+    /// device is not served).
     pub target_details: Vec<(String, String)>,
-    pub kernel: KernelDeviceInfo,
+    /// The kernel's view; absent while the device is not served or the kernel cannot
+    /// be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelDeviceInfo>,
     pub queue_stats: Vec<QueueStats>,
 }
 
@@ -414,18 +459,44 @@ mod tests {
 
         for (req, text) in [
             (
-                Request::Del { ids: vec![0, 3] },
-                r#"{"cmd":"del","ids":[0,3]}"#,
+                Request::Del {
+                    ids: vec![0.into(), DeviceRef::Name("db".into())],
+                },
+                r#"{"cmd":"del","ids":[0,"db"]}"#,
             ),
             (Request::DelAll, r#"{"cmd":"del_all"}"#),
             (Request::List, r#"{"cmd":"list"}"#),
-            (Request::Show { id: 7 }, r#"{"cmd":"show","id":7}"#),
+            (Request::Show { id: 7.into() }, r#"{"cmd":"show","id":7}"#),
+            (
+                Request::Show {
+                    id: DeviceRef::Name("db".into()),
+                },
+                r#"{"cmd":"show","id":"db"}"#,
+            ),
             (Request::Features, r#"{"cmd":"features"}"#),
-            (Request::Recover { id: 2 }, r#"{"cmd":"recover","id":2}"#),
+            (
+                Request::Recover { id: 2.into() },
+                r#"{"cmd":"recover","id":2}"#,
+            ),
         ] {
             assert_eq!(serde_json::to_string(&req).unwrap(), text);
             assert_eq!(serde_json::from_str::<Request>(text).unwrap(), req);
         }
+    }
+
+    #[test]
+    fn digits_are_an_id_and_anything_else_a_name() {
+        assert_eq!("12".parse::<DeviceRef>().unwrap(), DeviceRef::Id(12));
+        assert_eq!("db".parse::<DeviceRef>(), Ok(DeviceRef::Name("db".into())));
+        assert_eq!(
+            "db-1".parse::<DeviceRef>(),
+            Ok(DeviceRef::Name("db-1".into()))
+        );
+        // Too large for an id: a name, which no device can have (not all digits).
+        assert_eq!(
+            "99999999999".parse::<DeviceRef>(),
+            Ok(DeviceRef::Name("99999999999".into()))
+        );
     }
 
     #[test]
@@ -439,7 +510,9 @@ mod tests {
             r#"{"cmd":"add","target":{"type":"tape","size":1}}"#,
             r#"{"cmd":"add","target":{"type":"null","size":-1}}"#,
             r#"{"cmd":"add","target":{"type":"null","size":1},"colour":"red"}"#,
-            r#"{"cmd":"show","id":"zero"}"#,
+            r#"{"cmd":"show","id":true}"#,
+            r#"{"cmd":"show","id":-1}"#,
+            r#"{"cmd":"show","id":1.5}"#,
             r#"{"cmd":"del","ids":[1, -2]}"#,
         ] {
             assert!(
@@ -465,6 +538,7 @@ mod tests {
             path: "/dev/ublkb0".into(),
             name: Some("db".into()),
             error: None,
+            spec: Some(TargetSpec::Null { size: 1 << 30 }),
         };
         for resp in [
             Response::Added(info.clone()),
@@ -475,7 +549,7 @@ mod tests {
                 info,
                 char_path: "/dev/ublkc0".into(),
                 target_details: vec![("size".into(), "1G".into())],
-                kernel: KernelDeviceInfo {
+                kernel: Some(KernelDeviceInfo {
                     state: "live".into(),
                     flags: 0x40,
                     flag_names: vec!["CMD_IOCTL_ENCODE".into()],
@@ -483,7 +557,7 @@ mod tests {
                     max_io_buf_bytes: 524288,
                     nr_hw_queues: 1,
                     queue_depth: 128,
-                },
+                }),
                 queue_stats: vec![QueueStats::default()],
             }),
         ] {

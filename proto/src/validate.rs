@@ -42,6 +42,8 @@ pub enum ValidationError {
     DeviceId(u32),
     #[error("device name '{0}' is not valid: use 1 to 64 letters, digits, '-', '_' or '.'")]
     Name(String),
+    #[error("device name '{0}' is all digits, which commands read as a device id: add a letter")]
+    NumericName(String),
 }
 
 /// The queue shape of a device, validated.
@@ -99,11 +101,15 @@ pub fn device_id(id: u32) -> Result<u32, ValidationError> {
     Ok(id)
 }
 
-/// Checks a device name: short, and safe in a file name, a log line or a shell.
+/// Checks a device name: short, and safe in a file name, a log line or a shell; not all
+/// digits, which commands read as a device id.
 pub fn device_name(name: &str) -> Result<&str, ValidationError> {
     let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
     if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(ok) {
         return Err(ValidationError::Name(name.to_string()));
+    }
+    if name.chars().all(|c| c.is_ascii_digit()) {
+        return Err(ValidationError::NumericName(name.to_string()));
     }
     Ok(name)
 }
@@ -132,6 +138,11 @@ mod tests {
             Err(ValidationError::DeviceId(MAX_DEVICE_ID))
         );
         assert_eq!(device_name("db-0.data_1"), Ok("db-0.data_1"));
+        assert_eq!(device_name("0db"), Ok("0db"));
+        assert_eq!(
+            device_name("42"),
+            Err(ValidationError::NumericName("42".into()))
+        );
         for bad in ["", "a b", "x/y", "ü", &"n".repeat(65)] {
             assert!(device_name(bad).is_err(), "{bad}");
         }

@@ -127,6 +127,8 @@ fn list_and_show_describe_devices() {
     assert_eq!(ra["queues"].as_u64(), Some(1));
     assert_eq!(ra["depth"].as_u64(), Some(64));
     assert_eq!(ra["state"].as_str(), Some("live"));
+    assert_eq!(ra["spec"]["type"].as_str(), Some("null"), "{ra}");
+    assert_eq!(ra["spec"]["size"].as_u64(), Some(64 << 20), "{ra}");
     let best = if d.ctl_ok(&["features"]).contains("AUTO_BUF_REG") {
         "auto-zc"
     } else {
@@ -200,6 +202,43 @@ fn list_and_show_describe_devices() {
 /// `features` lists BATCH_IO (the test VM's kernel has it); a device takes the per-tag
 /// command path by default and with --no-batch, the batch one with --batch, and `show`
 /// (text and JSON) and `list --json` say which; both serve IO.
+/// Every command that takes an id takes a device's name too; names that read as ids
+/// are refused.
+#[test]
+fn names_are_handles() {
+    require_ublk();
+    let d = Daemon::start("names");
+    let db = d.add(&["null", "--size", "16M", "--name", "db"]);
+    let other = d.add(&["null", "--size", "16M", "--name", "scratch"]);
+    let show = d.ctl_ok(&["show", "db"]);
+    assert!(show.contains(&db) && show.contains("db"), "{show}");
+    let json: Value = serde_json::from_str(&d.ctl_ok(&["show", "db", "--json"])).unwrap();
+    assert_eq!(json["id"].as_u64(), Some(dev_id(&db)), "{json}");
+    assert_eq!(json["name"], "db", "{json}");
+
+    let err = d.ctl_err(&["show", "nope"]);
+    assert!(err.contains("no device named 'nope'"), "{err}");
+    let err = d.ctl_err(&["add", "null", "--name", "42"]);
+    assert!(err.contains("all digits"), "{err}");
+    // A name that does not exist deletes nothing, not even the devices named with it.
+    let err = d.ctl_err(&["del", "db", "nope"]);
+    assert!(err.contains("no device named 'nope'"), "{err}");
+    assert_eq!(d.list_json().len(), 2);
+    let err = d.ctl_err(&["recover", "db"]);
+    assert!(err.contains("already served"), "{err}");
+
+    d.ctl_ok(&["del", "db"]);
+    assert!(
+        wait_gone(&db, Duration::from_secs(10)),
+        "{db} is still there"
+    );
+    let list = d.list_json();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["name"], "scratch");
+    d.ctl_ok(&["del", "scratch"]);
+    assert!(wait_gone(&other, Duration::from_secs(10)));
+}
+
 #[test]
 fn show_and_features_name_the_command_path() {
     require_ublk();

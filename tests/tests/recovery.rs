@@ -225,11 +225,22 @@ fn a_device_that_cannot_be_restored_is_listed_and_the_others_served() {
         table.contains("failed") && table.contains("error: "),
         "{table}"
     );
-    assert!(d
-        .ctl_err(&["show", &gone_id.to_string()])
-        .contains("not served"));
-    // Recovering without the file fails again, with the reason.
-    let err = d.ctl_err(&["recover", &gone_id.to_string()]);
+    // show, by name, says what the record holds and why it is not served.
+    let show = d.ctl_ok(&["show", "lost"]);
+    assert!(show.contains("failed"), "{show}");
+    assert!(show.contains(gone.to_str().unwrap()), "{show}");
+    let json: Value = serde_json::from_str(&d.ctl_ok(&["show", "lost", "--json"])).unwrap();
+    assert_eq!(json["id"].as_u64(), Some(gone_id), "{json}");
+    assert_eq!(json["spec"]["file"], gone.to_str().unwrap(), "{json}");
+    assert!(json["error"]
+        .as_str()
+        .unwrap()
+        .contains(gone.to_str().unwrap()));
+    assert!(json.get("kernel").is_none(), "{json}");
+    let show9 = d.ctl_ok(&["show", "9"]);
+    assert!(show9.contains("not valid JSON"), "{show9}");
+    // Recovering without the file fails again, with the reason (by name).
+    let err = d.ctl_err(&["recover", "lost"]);
     assert!(err.contains(gone.to_str().unwrap()), "{err}");
     // Put the file back: recover serves the device under its id.
     std::fs::rename(&moved, &gone).unwrap();

@@ -422,6 +422,7 @@ impl Device {
             id: self.id,
             name: self.record.add.name.clone(),
             error: None,
+            spec: Some(self.record.add.target.clone()),
             target: self.target.name().to_string(),
             size: self.shape.size,
             block_size: self.geometry.block_size,
@@ -442,26 +443,15 @@ impl Device {
     pub fn detail(&self) -> DeviceDetail {
         let k = self.kernel_info();
         let state = k.map_or("unknown", |i| state_name(i.state));
-        let kernel = match k {
-            Some(i) => KernelDeviceInfo {
-                state: state.to_string(),
-                flags: i.flags,
-                flag_names: features::decode(i.flags).0,
-                ublksrv_pid: i.ublksrv_pid,
-                max_io_buf_bytes: i.max_io_buf_bytes,
-                nr_hw_queues: u32::from(i.nr_hw_queues),
-                queue_depth: u32::from(i.queue_depth),
-            },
-            None => KernelDeviceInfo {
-                state: state.to_string(),
-                flags: 0,
-                flag_names: Vec::new(),
-                ublksrv_pid: 0,
-                max_io_buf_bytes: 0,
-                nr_hw_queues: 0,
-                queue_depth: 0,
-            },
-        };
+        let kernel = k.map(|i| KernelDeviceInfo {
+            state: state.to_string(),
+            flags: i.flags,
+            flag_names: features::decode(i.flags).0,
+            ublksrv_pid: i.ublksrv_pid,
+            max_io_buf_bytes: i.max_io_buf_bytes,
+            nr_hw_queues: u32::from(i.nr_hw_queues),
+            queue_depth: u32::from(i.queue_depth),
+        });
         DeviceDetail {
             info: self.info_with_state(state),
             char_path: format!("/dev/ublkc{}", self.id),
