@@ -50,6 +50,10 @@ enum Command {
         /// Delete every device.
         #[arg(long)]
         all: bool,
+        /// Delete devices that are mounted or open too: what is still sent to them
+        /// fails with EIO. Without it, del refuses such a device and names who holds it.
+        #[arg(long)]
+        force: bool,
     },
     /// List devices.
     List {
@@ -304,8 +308,10 @@ fn generate(what: Generate) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     let (request, json) = match cli.command {
         Command::Add { target } => (Request::Add(add_request(target)?), false),
-        Command::Del { all: true, .. } => (Request::DelAll, false),
-        Command::Del { ids, .. } => (Request::Del { ids }, false),
+        Command::Del {
+            all: true, force, ..
+        } => (Request::DelAll { force }, false),
+        Command::Del { ids, force, .. } => (Request::Del { ids, force }, false),
         Command::List { json } => (Request::List, json),
         Command::Show { id, json } => (Request::Show { id }, json),
         Command::Features { json } => (Request::Features, json),
@@ -452,7 +458,7 @@ mod tests {
 
     #[test]
     fn del_forms() {
-        let Command::Del { ids, all } = parse(&["del", "1", "2"]).unwrap().command else {
+        let Command::Del { ids, all, .. } = parse(&["del", "1", "2"]).unwrap().command else {
             panic!()
         };
         assert_eq!((ids, all), (vec![1.into(), 2.into()], false));
@@ -464,7 +470,7 @@ mod tests {
             panic!()
         };
         assert_eq!(id, DeviceRef::Name("db".into()));
-        let Command::Del { ids, all } = parse(&["del", "--all"]).unwrap().command else {
+        let Command::Del { ids, all, .. } = parse(&["del", "--all"]).unwrap().command else {
             panic!()
         };
         assert!(ids.is_empty() && all);

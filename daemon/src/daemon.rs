@@ -229,8 +229,8 @@ impl Daemon {
             let id = record.id;
             if record.deleting {
                 log::info!("dev {id}: finishing a delete that was under way when ublkd ended");
-                match self.delete_recorded(id, None) {
-                    Ok(()) => {
+                match self.delete_recorded(id, None, true) {
+                    Ok(_) => {
                         self.devices().remove(&id);
                         continue;
                     }
@@ -265,7 +265,10 @@ impl Daemon {
     pub fn handle(&self, req: Request) -> Response {
         let changes = matches!(
             req,
-            Request::Add(_) | Request::Del { .. } | Request::DelAll | Request::Recover { .. }
+            Request::Add(_)
+                | Request::Del { .. }
+                | Request::DelAll { .. }
+                | Request::Recover { .. }
         );
         if changes && self.restoring.load(Ordering::Acquire) {
             return Response::Error(
@@ -276,13 +279,13 @@ impl Daemon {
         }
         let result = match req {
             Request::Add(add) => self.add(&add).map(Response::Added),
-            Request::Del { ids } => self
+            Request::Del { ids, force } => self
                 .resolve_all(&ids)
-                .and_then(|ids| self.del(&ids))
+                .and_then(|ids| self.del(&ids, force))
                 .map(|ids| Response::Deleted { ids }),
-            Request::DelAll => {
+            Request::DelAll { force } => {
                 let ids = self.devices().keys().copied().collect::<Vec<_>>();
-                self.del(&ids).map(|ids| Response::Deleted { ids })
+                self.del(&ids, force).map(|ids| Response::Deleted { ids })
             }
             Request::List => Ok(Response::Devices(
                 self.devices().iter().map(|(id, e)| e.info(*id)).collect(),
@@ -481,13 +484,27 @@ impl Daemon {
     /// Each record is marked first, so a daemon that dies half-way is followed by one
     /// that finishes the delete. A device whose delete fails stays listed (failed, with
     /// the reason), and `del` may be tried again.
-    fn del(&self, ids: &[u32]) -> Result<Vec<u32>> {
+    ///
+    /// Without `force`, a device that is mounted, stacked on or open is not deleted, and
+    /// neither is any other of the request: the refusal names who holds it.
+    fn del(&self, ids: &[u32], force: bool) -> Result<Vec<u32>> {
         if ids.is_empty() {
             bail!("no device id given");
         }
         let ids: BTreeSet<u32> = ids.iter().copied().collect();
+        // Looked at before the device table is locked: it may wait a moment for a
+        // short-lived opener (udev's probe) to go.
+        let holders: BTreeMap<u32, Vec<String>> = if force {
+            BTreeMap::new()
+        } else {
+            ids.iter()
+                .map(|id| (*id, device::in_use::settled_holders(*id)))
+                .filter(|(_, h)| !h.is_empty())
+                .collect()
+        };
         let taken: Vec<(u32, Entry)> = {
             let mut devices = self.devices();
+            let mut in_use = Vec::new();
             for id in &ids {
                 match devices.get(id) {
                     None => return Err(no_device(*id)),
@@ -495,8 +512,18 @@ impl Daemon {
                         if let Some(busy) = e.busy() {
                             bail!("device {id} is {busy}; try again when that is done");
                         }
+                        if let Some(h) = holders.get(id) {
+                            in_use.push(format!("{} is {}", e.holder(*id), h.join(", ")));
+                        }
                     }
                 }
+            }
+            if !in_use.is_empty() {
+                bail!(
+                    "{}: unmount or close it first, or use 'ublkctl del --force' \
+                     (IO still sent to it then fails)",
+                    in_use.join("; ")
+                );
             }
             ids.iter()
                 .filter_map(|id| {
@@ -524,10 +551,25 @@ impl Daemon {
                 Entry::Live(dev) => Some(*dev),
                 _ => None,
             };
-            match self.delete_recorded(id, device) {
-                Ok(()) => {
+            match self.delete_recorded(id, device, force) {
+                Ok(None) => {
                     self.devices().remove(&id);
                     deleted.push(id);
+                }
+                Ok(Some(dev)) => {
+                    // Opened since the look for holders: it still serves, as it was.
+                    if let Some(r) = record.as_mut() {
+                        r.deleting = false;
+                        if let Err(e) = self.state.save(r) {
+                            log::error!("dev {id}: cannot unmark its record: {e:#}");
+                        }
+                    }
+                    let who = dev.holder_text();
+                    self.devices().insert(id, Entry::Live(dev));
+                    failures.push(format!(
+                        "device {id} is open ({who}): unmount or close it first, or use \
+                         'ublkctl del --force'"
+                    ));
                 }
                 Err(e) => {
                     let error = format!("delete failed: {e:#}; 'ublkctl del {id}' tries again");
@@ -545,14 +587,25 @@ impl Daemon {
     }
 
     /// Removes a device from the kernel (through its queues when it is served, which
-    /// drains its IO first), then its record.
-    fn delete_recorded(&self, id: u32, device: Option<Device>) -> Result<()> {
+    /// drains its IO first), then its record. Without `force`, a served device that the
+    /// kernel finds open is handed back, untouched.
+    fn delete_recorded(
+        &self,
+        id: u32,
+        device: Option<Device>,
+        force: bool,
+    ) -> Result<Option<Box<Device>>> {
         match device {
-            Some(dev) => dev.shutdown()?,
+            Some(dev) if force => dev.shutdown()?,
+            Some(dev) => match dev.delete_unless_open() {
+                device::Deletion::Done(result) => result?,
+                device::Deletion::Open(dev) => return Ok(Some(dev)),
+            },
             // Not served, but the kernel may still hold it (a crash, a failed recovery).
             None => device::delete_from_kernel(id)?,
         }
-        self.state.remove(id)
+        self.state.remove(id)?;
+        Ok(None)
     }
 
     /// Refuses new devices, waits (bounded) for adds under way, then ends every served

@@ -18,10 +18,19 @@ use serde::{Deserialize, Serialize};
 pub enum Request {
     /// Create a device and start serving it.
     Add(AddDevice),
-    /// Delete the listed devices (all of them, or none if one is unknown).
-    Del { ids: Vec<DeviceRef> },
-    /// Delete every device the daemon serves.
-    DelAll,
+    /// Delete the listed devices (all of them, or none if one is unknown or, without
+    /// `force`, in use).
+    Del {
+        ids: Vec<DeviceRef>,
+        /// Delete devices that are mounted or open too (their IO then fails).
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
+    },
+    /// Delete every device the daemon serves (none, without `force`, if one is in use).
+    DelAll {
+        #[serde(default, skip_serializing_if = "is_false")]
+        force: bool,
+    },
     /// Summaries of every device.
     List,
     /// One device in detail.
@@ -31,6 +40,10 @@ pub enum Request {
     /// Serve again a device the kernel still holds (after a crash) or whose restore
     /// failed, from its record.
     Recover { id: DeviceRef },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// A device as a command names it: by id (a JSON number) or by name (a JSON string).
@@ -461,10 +474,22 @@ mod tests {
             (
                 Request::Del {
                     ids: vec![0.into(), DeviceRef::Name("db".into())],
+                    force: false,
                 },
                 r#"{"cmd":"del","ids":[0,"db"]}"#,
             ),
-            (Request::DelAll, r#"{"cmd":"del_all"}"#),
+            (
+                Request::Del {
+                    ids: vec![1.into()],
+                    force: true,
+                },
+                r#"{"cmd":"del","ids":[1],"force":true}"#,
+            ),
+            (Request::DelAll { force: false }, r#"{"cmd":"del_all"}"#),
+            (
+                Request::DelAll { force: true },
+                r#"{"cmd":"del_all","force":true}"#,
+            ),
             (Request::List, r#"{"cmd":"list"}"#),
             (Request::Show { id: 7.into() }, r#"{"cmd":"show","id":7}"#),
             (

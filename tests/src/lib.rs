@@ -186,9 +186,11 @@ impl Daemon {
         path
     }
 
-    /// `del` of the device at `path`, then waits (10 s at most) for its node to go.
+    /// `del --force` of the device at `path` (tests delete devices under load and
+    /// mounted; `loop::del_refuses_a_device_in_use` tests plain `del`), then waits
+    /// (10 s at most) for its node to go.
     pub fn del(&self, path: &str) {
-        self.ctl_ok(&["del", &dev_id(path).to_string()]);
+        self.ctl_ok(&["del", "--force", &dev_id(path).to_string()]);
         assert!(
             wait_gone(path, Duration::from_secs(10)),
             "{path} still exists after del"

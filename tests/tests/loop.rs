@@ -172,6 +172,53 @@ fn ext4(mode: &str) {
     std::fs::remove_file(&file).unwrap();
 }
 
+/// `del` without `--force` refuses a device that is mounted or open, naming who holds
+/// it, and deletes nothing of the request; the device keeps serving. Once let go, it
+/// is deleted; `--force` deletes one that is open.
+#[test]
+fn del_refuses_a_device_in_use() {
+    require_ublk();
+    let d = Daemon::start("loop-safe-del");
+    let file = backing("safe-del", 64 << 20);
+    let dev = d.add(&["loop", "--file", file.to_str().unwrap(), "--name", "db"]);
+    let other = d.add(&["null", "--size", "16M"]);
+    let other_id = dev_id(&other).to_string();
+    run_ok(MKFS, &["-q", "-F", &dev]);
+    let mnt = "/tmp/mnt-safe-del";
+    std::fs::create_dir_all(mnt).unwrap();
+    run_ok("/bin/mount", &["-t", "ext4", &dev, mnt]);
+
+    let err = d.ctl_err(&["del", &other_id, "db"]);
+    assert!(err.contains(&format!("mounted on {mnt}")), "{err}");
+    assert!(err.contains("'db'") && err.contains("--force"), "{err}");
+    let err = d.ctl_err(&["del", "--all"]);
+    assert!(err.contains(&format!("mounted on {mnt}")), "{err}");
+    assert_eq!(d.list_json().len(), 2, "a refused del deleted something");
+    std::fs::write(format!("{mnt}/after"), b"still served").unwrap();
+    run_ok("/bin/sync", &[]);
+    run_ok("/bin/umount", &[mnt]);
+
+    // Open by a process (this one): refused, naming the process.
+    let held = File::open(&dev).unwrap();
+    let err = d.ctl_err(&["del", "db"]);
+    assert!(
+        err.contains(&format!("open by pid {}", std::process::id())),
+        "{err}"
+    );
+    drop(held);
+    run_ok(E2FSCK, &["-f", "-n", &dev]);
+    d.ctl_ok(&["del", "db"]);
+    assert!(wait_gone(&dev, std::time::Duration::from_secs(10)));
+
+    // --force deletes an open device.
+    let held = File::open(&other).unwrap();
+    d.ctl_ok(&["del", "--force", &other_id]);
+    assert!(wait_gone(&other, std::time::Duration::from_secs(10)));
+    drop(held);
+    assert!(d.list_json().is_empty());
+    std::fs::remove_file(&file).unwrap();
+}
+
 /// blkdiscard frees the backing file's blocks and the range reads back as zeroes.
 fn discard(mode: &str) {
     require_ublk();

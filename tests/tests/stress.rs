@@ -58,7 +58,7 @@ fn del_under_load_every_target_and_mode(commands: &str) {
                 let fio = FioChild::start(&load_job(&dev, 2, 60));
                 wait_io(&dev, 200);
                 let start = Instant::now();
-                let out = d.ctl(&["del", &dev_id(&dev).to_string()]);
+                let out = d.ctl(&["del", "--force", &dev_id(&dev).to_string()]);
                 assert!(
                     out.status.success(),
                     "{what}: del failed: {}\n{}",

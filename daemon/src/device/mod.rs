@@ -13,6 +13,7 @@
 //! (for the next ublkd) leaves the device in the kernel instead.
 
 mod config;
+pub mod in_use;
 
 use crate::fault;
 use crate::kernel::{describe, ensure_ctrl_ring, errno, state_name, KernelInfo};
@@ -567,6 +568,45 @@ impl Device {
                 result = Err(anyhow!("STOP_DEV failed: {}", describe(&e)));
             }
         }
+        self.end_and_delete(&ctrl, result)
+    }
+
+    /// `del` without `--force`: on a kernel with UBLK_F_SAFE_STOP_DEV, the device is
+    /// stopped only if nobody has it open (TRY_STOP_DEV, atomic in the kernel), and is
+    /// handed back untouched, still serving, if somebody does. Elsewhere the caller has
+    /// looked for holders (`in_use::holders`) and this is `shutdown`.
+    pub fn delete_unless_open(mut self) -> Deletion {
+        let safe_stop = self
+            .ctrl
+            .as_ref()
+            .is_some_and(|c| c.dev_info().flags & u64::from(sys::UBLK_F_SAFE_STOP_DEV) != 0);
+        if !self.started || !safe_stop {
+            return Deletion::Done(self.teardown());
+        }
+        if let Err(e) = ensure_ctrl_ring() {
+            return Deletion::Done(Err(e));
+        }
+        match in_use::try_stop(self.id) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Deletion::Open(Box::new(self));
+            }
+            Err(e) => {
+                log::warn!("dev {}: TRY_STOP_DEV: {e}; stopping it as usual", self.id);
+                return Deletion::Done(self.teardown());
+            }
+        }
+        // Stopped while nobody had it open: its last closer wrote its page cache back,
+        // and no request of a file system can be in flight.
+        let Some(ctrl) = self.ctrl.take() else {
+            return Deletion::Done(Ok(()));
+        };
+        self.target.stopping();
+        Deletion::Done(self.end_and_delete(&ctrl, Ok(())))
+    }
+
+    /// After STOP_DEV: ends the target and the queues, then deletes the device.
+    fn end_and_delete(&mut self, ctrl: &UblkCtrl, mut result: Result<()>) -> Result<()> {
         self.target.abort();
         for q in &self.queues {
             q.request_stop();
@@ -595,6 +635,26 @@ impl Device {
         }
         result
     }
+}
+
+impl Device {
+    /// Who holds the device open, as far as userspace can tell.
+    pub fn holder_text(&self) -> String {
+        let holders = in_use::holders(self.id);
+        if holders.is_empty() {
+            "by the kernel or a process ublkd cannot see".into()
+        } else {
+            holders.join(", ")
+        }
+    }
+}
+
+/// What [`Device::delete_unless_open`] did.
+pub enum Deletion {
+    /// The device is gone from the kernel (or the delete failed, with the reason).
+    Done(Result<()>),
+    /// Somebody has the disk open: nothing changed, the device still serves.
+    Open(Box<Device>),
 }
 
 /// The kernel's view of a device whose server is gone. The driver quiesces a device
