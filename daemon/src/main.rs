@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, ValueEnum};
 use daemon::ExitMode;
 use sd_notify::NotifyState;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
@@ -113,7 +113,8 @@ fn run(args: &Args) -> Result<()> {
     let _ = queue::allowed_cpus();
     let state = state::StateDir::open(&args.state_dir)?;
 
-    let mut signals = Signals::new([SIGTERM, SIGINT]).context("cannot install signal handlers")?;
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGUSR1]).context("cannot install signal handlers")?;
     let daemon = Arc::new(daemon::Daemon::new(kernel, state));
     let listener = control::bind(&args.socket, group.as_ref())?;
     match &group {
@@ -143,6 +144,12 @@ fn run(args: &Args) -> Result<()> {
         .name("ublkd-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                if sig == SIGUSR1 {
+                    // A state dump into the log, for a hang: the process goes on.
+                    log::warn!("signal {sig}: every queue logs its state");
+                    queue::request_dump();
+                    continue;
+                }
                 if tx.send(sig).is_err() {
                     break;
                 }

@@ -9,6 +9,11 @@ limit=${UBLKD_TEST_LIMIT:-600}
 
 dump_state() {
     echo "ublkd-vm: $1 still running after $limit s: it is hung; its state follows"
+    # Every ublkd logs its queues' state on SIGUSR1 (tags in flight, command path).
+    for p in $(pidof ublkd); do
+        kill -USR1 "$p"
+    done
+    sleep 1
     for f in $(ls -t /tmp/ublkd-*.log 2>/dev/null | head -n 2); do
         echo "---- $f (last 80 lines)"
         tail -n 80 "$f"
@@ -17,6 +22,17 @@ dump_state() {
         for t in /proc/"$p"/task/*; do
             echo "---- ublkd $p thread $(basename "$t") $(cat "$t/comm" 2>/dev/null)"
             cat "$t/stack" 2>/dev/null
+        done
+    done
+    # The block layer's view: requests started (busy) and parked (dispatch) per hctx.
+    mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug 2>/dev/null
+    for d in /sys/kernel/debug/block/ublkb*; do
+        [ -d "$d" ] || continue
+        echo "---- $d"
+        cat "$d/state" 2>/dev/null
+        for h in "$d"/hctx*; do
+            echo "$(basename "$h") busy: $(cat "$h/busy" 2>/dev/null | head -n 20)"
+            echo "$(basename "$h") dispatch: $(cat "$h/dispatch" 2>/dev/null | head -n 20)"
         done
     done
     echo w >/proc/sysrq-trigger

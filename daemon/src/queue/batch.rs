@@ -515,6 +515,23 @@ impl Batch {
         self.arrays[idx].len = 0;
     }
 
+    pub fn describe(&self) -> String {
+        format!(
+            "batch: fetches armed {} wanted {} aborted {}, fetch buffers to give back {}, \
+             committing {} (array {} holds {}, the other {}), unregistrations {} ({} to post)",
+            self.fetches_armed,
+            self.fetches_wanted,
+            self.aborted,
+            self.to_provide.len(),
+            self.committing,
+            self.filling,
+            self.arrays[self.filling].len,
+            self.arrays[1 - self.filling].len,
+            self.unregs,
+            self.unreg_to_push.len()
+        )
+    }
+
     /// Nothing is waiting to be committed.
     pub fn idle(&self) -> bool {
         !self.committing && self.arrays[self.filling].len == 0 && self.unregs == 0

@@ -93,6 +93,14 @@ impl Commands {
         }
     }
 
+    /// The command path's state in one line, for a state dump (SIGUSR1).
+    pub fn describe(&self) -> String {
+        match self {
+            Commands::PerTag(p) => p.describe(),
+            Commands::Batch(b) => b.describe(),
+        }
+    }
+
     /// The driver may still deliver requests.
     pub fn armed(&self) -> bool {
         match self {

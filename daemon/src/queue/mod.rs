@@ -74,6 +74,28 @@ pub struct QueueSpec {
     pub batch: bool,
 }
 
+/// Asks every queue thread to log its state (SIGUSR1; the VM tests' hang watchdog sends
+/// it): requests in the target, tags in flight, the command path's counters.
+pub fn request_dump() {
+    DUMP_GENERATION.fetch_add(1, Ordering::AcqRel);
+    let wakes = QUEUE_WAKES.lock().unwrap_or_else(|e| e.into_inner());
+    for wake in wakes.iter().filter_map(std::sync::Weak::upgrade) {
+        wake_fd(&wake);
+    }
+}
+
+static DUMP_GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// The wake-up eventfds of the queues, for [`request_dump`].
+static QUEUE_WAKES: std::sync::Mutex<Vec<std::sync::Weak<OwnedFd>>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn wake_fd(fd: &OwnedFd) -> bool {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writing 8 bytes from a live buffer to an eventfd we own.
+    let n = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    n == 8
+}
+
 /// The daemon's side of a running queue thread.
 pub struct QueueHandle {
     pub counters: Arc<QueueCounters>,
@@ -107,10 +129,7 @@ impl QueueHandle {
     }
 
     fn wake(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writing 8 bytes from a live buffer to an eventfd we own.
-        let n = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-        if n != 8 {
+        if !wake_fd(&self.wake) {
             log::warn!("queue wake-up failed: {}", io::Error::last_os_error());
         }
     }
@@ -147,6 +166,11 @@ pub fn spawn(
     let stop = Arc::new(AtomicBool::new(false));
     let detach = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(eventfd()?);
+    {
+        let mut wakes = QUEUE_WAKES.lock().unwrap_or_else(|e| e.into_inner());
+        wakes.retain(|w| w.strong_count() > 0);
+        wakes.push(Arc::downgrade(&wake));
+    }
     let (c, s, d, w) = (counters.clone(), stop.clone(), detach.clone(), wake.clone());
     let name = format!("ublk{}q{}", spec.dev_id, spec.qid);
     let cpus = placement.cpus.clone();
@@ -261,6 +285,8 @@ struct Queue {
     detach: Arc<AtomicBool>,
     wake: Arc<OwnedFd>,
     wake_buf: Box<u64>,
+    /// The last state dump generation this queue answered ([`request_dump`]).
+    dumped: u64,
     /// (user_data, result, flags) of the completions being handled.
     cqes: Vec<(u64, i32, u32)>,
     /// Requests the target finished by tag during a call (see `Ring::finish`).
@@ -463,6 +489,7 @@ impl Queue {
             detach,
             wake,
             wake_buf: Box::new(0),
+            dumped: DUMP_GENERATION.load(Ordering::Acquire),
             cqes: Vec::with_capacity(sq_entries as usize * 2),
             finished: Vec::new(),
             in_target: 0,
@@ -517,6 +544,36 @@ impl Queue {
         self.call_target(|t, ring| t.start(ring));
         self.ring.submit()?;
         Ok(())
+    }
+
+    /// Logs what the queue holds (see [`request_dump`]).
+    fn dump(&self) {
+        let (dev, q) = (self.spec.dev_id, self.spec.qid);
+        let in_flight: Vec<String> = self
+            .tags
+            .iter()
+            .enumerate()
+            .filter_map(|(tag, t)| {
+                t.io.map(|io| {
+                    format!(
+                        "{tag}:{:?}{}{}",
+                        io.op,
+                        if t.needs_reg { "+needs-reg" } else { "" },
+                        if t.registered { "+registered" } else { "" }
+                    )
+                })
+            })
+            .collect();
+        log::warn!(
+            "dev {dev} queue {q}: state: {} in the target, {} to retry, stop {} detach {}; {}; \
+             tags in flight: [{}]",
+            self.in_target,
+            self.retry.len(),
+            self.stop_requested(),
+            self.detaching(),
+            self.cmds.describe(),
+            in_flight.join(" ")
+        );
     }
 
     fn stop_requested(&self) -> bool {
@@ -626,6 +683,11 @@ impl Queue {
                 self.target_done(ud.tag, ud.step, res)
             }
             Kind::Wake => {
+                let generation = DUMP_GENERATION.load(Ordering::Acquire);
+                if generation != self.dumped {
+                    self.dumped = generation;
+                    self.dump();
+                }
                 if !self.stop_requested() && !self.arm_wake() {
                     log::error!("dev {dev} queue {q}: cannot re-arm the wake-up");
                 }

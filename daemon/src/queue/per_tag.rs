@@ -24,6 +24,14 @@ pub struct PerTag {
 }
 
 impl PerTag {
+    pub fn describe(&self) -> String {
+        format!(
+            "per-tag: {} commands with the driver, {} commits waiting for room",
+            self.active_cmds,
+            self.pending.len()
+        )
+    }
+
     pub fn new(dev_id: u32, qid: u16, depth: u16, mode: BufferMode, addrs: Vec<u64>) -> Self {
         PerTag {
             dev_id,
