@@ -39,4 +39,4 @@ tests/vm/run.sh --timeout 1800 --mem 3G \
     --bin "$rublk" \
     --tool /usr/bin/nbdkit --tool /usr/bin/qemu-nbd --tool /usr/sbin/nbd-client \
     --tool "$plugins/nbdkit-memory-plugin.so" \
-    -- "$(printf '%q ' ublkd-bench "$suite" "$@")" | tr -d '\r'
+    -- "$(printf '%q ' ublkd-bench "$suite" "$@")" | stdbuf -oL tr -d '\r'

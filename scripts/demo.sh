@@ -14,5 +14,5 @@ else
     tests/vm/run.sh --timeout 900 \
         --bin target/release/ublkd --bin target/release/ublkctl \
         --file scripts/demo-steps.sh:/root/demo-steps.sh \
-        -- sh /root/demo-steps.sh | tr -d '\r'
+        -- sh /root/demo-steps.sh | stdbuf -oL tr -d '\r'
 fi

@@ -55,7 +55,7 @@ status=0
 if [[ " $suites " == *" busybox "* ]]; then
     set +e
     tests/vm/run.sh --timeout "${UBLKD_VM_TIMEOUT:-1500}" --mem "${UBLKD_VM_MEM:-3G}" "${args[@]}" \
-        -- /bin/sh /usr/local/bin/guest-run-tests.sh "$@" | tr -d '\r' | tee -a "$work/console.log"
+        -- /bin/sh /usr/local/bin/guest-run-tests.sh "$@" | stdbuf -oL tr -d '\r' | tee -a "$work/console.log"
     status=${PIPESTATUS[0]}
     set -e
 fi
@@ -69,7 +69,7 @@ if [[ " $suites " == *" systemd "* ]]; then
         --file "$work/stage/etc/modules-load.d/ublkd.conf:/etc/modules-load.d/ublkd.conf" \
         --bin "$work/ublkd-systemd-test" \
         -- RUST_BACKTRACE=1 UBLKCTL_BIN=/usr/local/bin/ublkctl \
-        /usr/local/bin/ublkd-systemd-test --test-threads=1 "$@" | tr -d '\r' | tee -a "$work/console.log"
+        /usr/local/bin/ublkd-systemd-test --test-threads=1 "$@" | stdbuf -oL tr -d '\r' | tee -a "$work/console.log"
     s=${PIPESTATUS[0]}
     set -e
     [ "$status" -ne 0 ] || status=$s
