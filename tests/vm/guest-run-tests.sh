@@ -1,11 +1,11 @@
 #!/bin/sh
 # Runs inside the test VM: every real-kernel test binary, one test at a time.
 #
-# A binary that runs longer than UBLKD_TEST_LIMIT seconds (default 600; the slowest takes
-# about 300) is hung: its state is dumped (the newest ublkd logs, the kernel stacks of
+# A binary that runs longer than UBLKD_TEST_LIMIT seconds (default 900; the slowest takes
+# about 300 on a quiet machine, and twice that on a host busy compiling) is hung: its state is dumped (the newest ublkd logs, the kernel stacks of
 # every ublkd thread, the blocked tasks) so the hang can be diagnosed from the console,
 # then it is killed and counted as failed, and the other binaries still run.
-limit=${UBLKD_TEST_LIMIT:-600}
+limit=${UBLKD_TEST_LIMIT:-900}
 
 dump_state() {
     echo "ublkd-vm: $1 still running after $limit s: it is hung; its state follows"
