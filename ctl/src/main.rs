@@ -84,6 +84,21 @@ enum Command {
         #[arg(value_name = "ID|NAME")]
         id: DeviceRef,
     },
+    /// Give a device a new size (Linux 6.16+): a null device any size; a loop device
+    /// its backing file's size after the file grew (SIZE left out), or SIZE with
+    /// --grow-file, which grows the file first. Loop devices never shrink; nbd devices
+    /// take their export's size.
+    Resize {
+        /// The device, by id or name.
+        #[arg(value_name = "ID|NAME")]
+        id: DeviceRef,
+        /// The new size: bytes, or with a K, M, G or T suffix (1024-based).
+        #[arg(value_parser = size_arg)]
+        size: Option<String>,
+        /// Loop: grow the backing file to SIZE first.
+        #[arg(long, requires = "size")]
+        grow_file: bool,
+    },
 }
 
 /// `ublkctl __generate ...`, which scripts/install.sh runs: a parser of its own rather
@@ -316,6 +331,21 @@ fn run(cli: Cli) -> Result<()> {
         Command::Show { id, json } => (Request::Show { id }, json),
         Command::Features { json } => (Request::Features, json),
         Command::Recover { id } => (Request::Recover { id }, false),
+        Command::Resize {
+            id,
+            size,
+            grow_file,
+        } => {
+            let size = size.map(|s| parse_size(&s)).transpose()?;
+            (
+                Request::Resize {
+                    id,
+                    size,
+                    grow_file,
+                },
+                false,
+            )
+        }
     };
     let response = client::call(&cli.socket, &request)?;
     let text = match (response, json) {
@@ -323,6 +353,7 @@ fn run(cli: Cli) -> Result<()> {
         (Response::Added(info), _) | (Response::Recovered(info), _) => {
             format!("{}\n", info.path)
         }
+        (Response::Resized(info), _) => format!("{} {}\n", info.path, info.size),
         (Response::Deleted { .. }, _) => String::new(),
         (Response::Devices(devs), true) => output::json(&devs)?,
         (Response::Devices(devs), false) => output::device_table(&devs),

@@ -302,8 +302,35 @@ impl Daemon {
                 .resolve(&id)
                 .and_then(|id| self.recover(id))
                 .map(Response::Recovered),
+            Request::Resize {
+                id,
+                size,
+                grow_file,
+            } => self
+                .resolve(&id)
+                .and_then(|id| self.resize(id, size, grow_file))
+                .map(Response::Resized),
         };
         result.unwrap_or_else(|e| Response::Error(format!("{e:#}")))
+    }
+
+    /// `ublkctl resize`: see `Device::resize`.
+    fn resize(&self, id: u32, size: Option<u64>, grow_file: bool) -> Result<DeviceInfo> {
+        if self.kernel.features & u64::from(libublk::sys::UBLK_F_UPDATE_SIZE) == 0 {
+            bail!(
+                "resizing needs Linux 6.16 or later: this kernel's ublk driver lacks \
+                 UBLK_F_UPDATE_SIZE (see 'ublkctl features')"
+            );
+        }
+        let mut devices = self.devices();
+        match devices.get_mut(&id) {
+            Some(Entry::Live(dev)) => dev.resize(size, grow_file, &self.state),
+            Some(e) => bail!(
+                "device {id} is {}: only a served device can be resized",
+                e.state()
+            ),
+            None => Err(no_device(id)),
+        }
     }
 
     /// The id of the device a command names, by id or by name.

@@ -40,6 +40,16 @@ pub enum Request {
     /// Serve again a device the kernel still holds (after a crash) or whose restore
     /// failed, from its record.
     Recover { id: DeviceRef },
+    /// Give a served device a new size (UBLK_U_CMD_UPDATE_SIZE, Linux 6.16): `size`
+    /// bytes, or for loop its backing file's size now; `grow_file` grows a loop
+    /// device's file to `size` first.
+    Resize {
+        id: DeviceRef,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        grow_file: bool,
+    },
 }
 
 fn is_false(b: &bool) -> bool {
@@ -317,6 +327,7 @@ impl std::fmt::Display for CommandMode {
 pub enum Response {
     Added(DeviceInfo),
     Recovered(DeviceInfo),
+    Resized(DeviceInfo),
     Deleted { ids: Vec<u32> },
     Devices(Vec<DeviceInfo>),
     Device(DeviceDetail),

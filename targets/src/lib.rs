@@ -210,6 +210,20 @@ pub trait Target: Send + Sync {
         None
     }
 
+    /// `ublkctl resize`: the size in bytes the device of `current` bytes is to have,
+    /// given the size asked for (`None`: whatever the backend has now) and whether the
+    /// backend may be grown to it. The daemon then tells the kernel
+    /// (UBLK_U_CMD_UPDATE_SIZE). An error is one line saying why not and what to do.
+    fn resize(
+        &self,
+        current: u64,
+        requested: Option<u64>,
+        grow_backend: bool,
+    ) -> Result<u64, String> {
+        let _ = (current, requested, grow_backend);
+        Err(format!("a {} device cannot be resized", self.name()))
+    }
+
     /// The device is being deleted and the kernel drains it (in-flight requests and
     /// the writeback of dirty pages) while the queues keep serving. A target that may
     /// wait on something slow calls [`Target::abort`] on itself when waiting is no

@@ -340,6 +340,45 @@ impl Target for LoopTarget {
         "loop"
     }
 
+    /// The device follows its backing file, which may only grow: to the file's size
+    /// now, or (with `grow_backend`, a regular file) to the size asked for.
+    fn resize(
+        &self,
+        current: u64,
+        requested: Option<u64>,
+        grow_backend: bool,
+    ) -> Result<u64, String> {
+        let path = self.path.display();
+        let now = if self.block_device {
+            (&self.file).seek(SeekFrom::End(0))
+        } else {
+            self.file.metadata().map(|m| m.len())
+        }
+        .map_err(|e| format!("cannot find the size of {path}: {e}"))?;
+        let size = requested.unwrap_or(now);
+        if size < current {
+            return Err(format!(
+                "a loop device does not shrink ({current} to {size} bytes): its data would be cut off"
+            ));
+        }
+        if size > now {
+            if !grow_backend || self.block_device || self.read_only {
+                return Err(format!(
+                    "{path} has {now} bytes, less than {size}: grow it first, or pass \
+                     --grow-file (a writable regular file only)"
+                ));
+            }
+            self.file
+                .set_len(size)
+                .map_err(|e| format!("cannot grow {path} to {size} bytes: {e}"))?;
+        } else if size < now {
+            return Err(format!(
+                "{path} has {now} bytes: a loop device takes its file's whole size"
+            ));
+        }
+        Ok(size)
+    }
+
     fn shape(&self) -> DeviceShape {
         DeviceShape {
             size: self.size,
@@ -678,6 +717,36 @@ mod tests {
                 sock.display()
             )
         );
+    }
+
+    #[test]
+    fn a_loop_device_grows_with_its_file_and_never_shrinks() {
+        let path = tmp("resize");
+        File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        let t = LoopTarget::open(&opts(&path)).unwrap();
+        let mib = 1u64 << 20;
+        // Nothing changed: the same size.
+        assert_eq!(t.resize(mib, None, false), Ok(mib));
+        // The file grew: the device follows it.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(2 * mib)
+            .unwrap();
+        assert_eq!(t.resize(mib, None, false), Ok(2 * mib));
+        // Asked for more than the file has: only with --grow-file, which grows it.
+        let err = t.resize(2 * mib, Some(4 * mib), false).unwrap_err();
+        assert!(err.contains("--grow-file"), "{err}");
+        assert_eq!(t.resize(2 * mib, Some(4 * mib), true), Ok(4 * mib));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * mib);
+        // Less than the device or the file: refused, and the file is left alone.
+        let err = t.resize(4 * mib, Some(mib), true).unwrap_err();
+        assert!(err.contains("does not shrink"), "{err}");
+        let err = t.resize(2 * mib, Some(3 * mib), true).unwrap_err();
+        assert!(err.contains("whole size"), "{err}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4 * mib);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

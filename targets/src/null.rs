@@ -33,6 +33,11 @@ impl Target for NullTarget {
         Vec::new()
     }
 
+    /// Any size: a null device stores nothing.
+    fn resize(&self, _current: u64, requested: Option<u64>, _grow: bool) -> Result<u64, String> {
+        requested.ok_or_else(|| "a null device needs the new size (ublkctl resize ID SIZE)".into())
+    }
+
     fn queue(&self, _ctx: QueueContext) -> std::io::Result<Box<dyn QueueTarget>> {
         Ok(Box::new(NullQueue))
     }

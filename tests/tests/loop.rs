@@ -172,6 +172,44 @@ fn ext4(mode: &str) {
     std::fs::remove_file(&file).unwrap();
 }
 
+/// `resize` of a loop device follows its backing file: after the file grew, or growing
+/// it with --grow-file; data written past the old end reads back; it never shrinks.
+#[test]
+fn resize_follows_the_backing_file() {
+    require_ublk();
+    let d = Daemon::start("loop-resize");
+    let file = backing("resize", 32 << 20);
+    let dev = d.add(&["loop", "--file", file.to_str().unwrap(), "--name", "img"]);
+    let id = dev_id(&dev);
+    fio(&verify_job(&dev, "randwrite", "4k", "32M", 16));
+    let before = checksum(&dev, 32 << 20);
+
+    OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    d.ctl_ok(&["resize", "img"]);
+    assert_eq!(d.show_json(id)["size"].as_u64(), Some(64 << 20));
+    d.ctl_ok(&["resize", "img", "96M", "--grow-file"]);
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 96 << 20);
+    assert_eq!(d.show_json(id)["size"].as_u64(), Some(96 << 20));
+    // The new space serves IO; the old data is still there.
+    let mut job = verify_job(&dev, "randwrite", "4k", "64M", 16);
+    job.push("--offset=32M".into());
+    fio(&job);
+    assert_eq!(checksum(&dev, 32 << 20), before);
+
+    let err = d.ctl_err(&["resize", "img", "64M"]);
+    assert!(err.contains("does not shrink"), "{err}");
+    let err = d.ctl_err(&["resize", "img", "128M"]);
+    assert!(err.contains("--grow-file"), "{err}");
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 96 << 20);
+    d.del(&dev);
+    std::fs::remove_file(&file).unwrap();
+}
+
 /// `del` without `--force` refuses a device that is mounted or open, naming who holds
 /// it, and deletes nothing of the request; the device keeps serving. Once let go, it
 /// is deleted; `--force` deletes one that is open.

@@ -27,6 +27,9 @@ fn verify_unbroken(d: &Daemon, dev: &str, size: &str, mode: &str) {
     verify(dev, size);
     let q = &d.show_json(dev_id(dev))["queue_stats"][0];
     assert_eq!(q["errors"].as_u64(), Some(0), "{mode}: {q}");
+    // An nbd device has its export's size.
+    let err = d.ctl_err(&["resize", &dev_id(dev).to_string(), "1G"]);
+    assert!(err.contains("cannot be resized"), "{err}");
     let log = d.log_text();
     assert!(
         !log.contains("connection lost"),

@@ -239,6 +239,48 @@ fn names_are_handles() {
     assert!(wait_gone(&other, Duration::from_secs(10)));
 }
 
+/// `resize` grows and shrinks a null device in place; the new size is in the record, so
+/// a restarted daemon brings the device back with it.
+#[test]
+fn resize_changes_the_size_and_the_record() {
+    require_ublk();
+    let test = "null-resize";
+    let mut d = Daemon::start(test);
+    let dev = d.add(&["null", "--size", "64M", "--name", "grow"]);
+    let id = dev_id(&dev);
+    let sectors = || -> u64 {
+        std::fs::read_to_string(format!("/sys/block/ublkb{id}/size"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let out = d.ctl_ok(&["resize", "grow", "1G"]);
+    assert_eq!(out.trim(), format!("{dev} {}", 1u64 << 30));
+    assert_eq!(sectors() * 512, 1 << 30);
+    fio(&fio_job(&dev, "randrw", "4k", 16, 1));
+    d.ctl_ok(&["resize", &id.to_string(), "32M"]);
+    assert_eq!(sectors() * 512, 32 << 20);
+    assert_eq!(d.show_json(id)["size"].as_u64(), Some(32 << 20));
+
+    let err = d.ctl_err(&["resize", "grow", "1000"]);
+    assert!(err.contains("not a multiple"), "{err}");
+    let err = d.ctl_err(&["resize", "grow"]);
+    assert!(err.contains("needs the new size"), "{err}");
+    // Open by a process: a shrink is refused, a grow is fine.
+    let held = std::fs::File::open(&dev).unwrap();
+    let err = d.ctl_err(&["resize", "grow", "16M"]);
+    assert!(err.contains("open by pid"), "{err}");
+    d.ctl_ok(&["resize", "grow", "48M"]);
+    drop(held);
+
+    assert_eq!(d.stop(), Some(0));
+    let d = Daemon::start_with(test, &[]);
+    assert_eq!(d.show_json(id)["size"].as_u64(), Some(48 << 20));
+    assert_eq!(sectors() * 512, 48 << 20);
+    d.del(&dev);
+}
+
 #[test]
 fn show_and_features_name_the_command_path() {
     require_ublk();

@@ -14,6 +14,7 @@
 
 mod config;
 pub mod in_use;
+mod resize;
 
 use crate::fault;
 use crate::kernel::{describe, ensure_ctrl_ring, errno, state_name, KernelInfo};
