@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs ublkd and ublkctl (built in release mode), the systemd unit, the module load
-# file, the man pages and ublkctl's bash, zsh and fish completions, then reloads systemd.
+# file, the udev rule (/dev/ublkd/NAME links), the man pages and ublkctl's bash, zsh and
+# fish completions, then reloads udev and systemd.
 # `make install` runs this; every file it puts in place is listed in
 # PREFIX/share/ublkd/installed-files, which `make uninstall` (scripts/uninstall.sh) reads.
 #
@@ -61,6 +62,7 @@ put 0755 "$bindir/ublkctl" "$prefix/bin/ublkctl"
 sed "s|/usr/local/|$prefix/|g" systemd/ublkd.service >"$gen/ublkd.service"
 put 0644 "$gen/ublkd.service" "$unitdir/ublkd.service"
 put 0644 systemd/ublkd-modules.conf /etc/modules-load.d/ublkd.conf
+put 0644 systemd/60-ublkd.rules /etc/udev/rules.d/60-ublkd.rules
 put 0644 README.md "$prefix/share/doc/ublkd/README.md"
 # Man pages and completions come from the binaries' own command-line definitions.
 "$bindir/ublkd" --generate-man >"$gen/ublkd.8"
@@ -80,6 +82,7 @@ install -D -m 0644 "$gen/installed-files" "$root$manifest"
 echo "installed ublkd in $root$prefix (unit $root$unitdir/ublkd.service)"
 
 if ((reload)) && [[ -d /run/systemd/system ]]; then
+    udevadm control --reload 2>/dev/null || true
     systemctl daemon-reload
     echo "systemd reloaded; start with: systemctl enable --now ublkd"
 fi

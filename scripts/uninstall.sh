@@ -55,5 +55,6 @@ rmdir -- "$root$prefix/share/ublkd" "$root$prefix/share/doc/ublkd" 2>/dev/null |
 echo "removed $removed files of ublkd from $root$prefix"
 
 if ((reload)) && [[ -d /run/systemd/system ]]; then
+    udevadm control --reload 2>/dev/null || true
     systemctl daemon-reload
 fi

@@ -67,6 +67,7 @@ if [[ " $suites " == *" systemd "* ]]; then
     tests/vm/run.sh --systemd --timeout "${UBLKD_VM_TIMEOUT:-1500}" --mem "${UBLKD_VM_MEM:-3G}" \
         --file "$work/stage/usr/local:/usr/local" \
         --file "$work/stage/etc/modules-load.d/ublkd.conf:/etc/modules-load.d/ublkd.conf" \
+        --file "$work/stage/etc/udev/rules.d/60-ublkd.rules:/etc/udev/rules.d/60-ublkd.rules" \
         --bin "$work/ublkd-systemd-test" \
         -- RUST_BACKTRACE=1 UBLKCTL_BIN=/usr/local/bin/ublkctl \
         /usr/local/bin/ublkd-systemd-test --test-threads=1 "$@" | stdbuf -oL tr -d '\r' | tee -a "$work/console.log"

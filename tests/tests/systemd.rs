@@ -335,6 +335,47 @@ fn a_lost_backing_file_fails_one_device_only() {
     std::fs::remove_file(&good).unwrap();
 }
 
+/// A named device gets /dev/ublkd/NAME and /dev/disk/by-id/ublkd-NAME from the installed
+/// udev rule; the links survive an upgrade restart and a change event after it, and go
+/// with `del`.
+#[test]
+fn named_devices_get_dev_links() {
+    fresh_start();
+    let file = backing("linked", 32 << 20);
+    let dev = add_loop(&file, &["--name", "db"]);
+    let settle = || run_ok("/usr/bin/udevadm", &["settle", "--timeout=30"]);
+    settle();
+    let target = |link: &str| std::fs::canonicalize(link).ok();
+    let want = Some(PathBuf::from(&dev));
+    assert_eq!(target("/dev/ublkd/db"), want, "/dev/ublkd/db");
+    assert_eq!(target("/dev/disk/by-id/ublkd-db"), want);
+
+    let old = main_pid();
+    systemctl(&["restart", UNIT]);
+    wait_active(old);
+    run_ok(
+        "/usr/bin/udevadm",
+        &["trigger", "--action=change", "--settle", &dev],
+    );
+    settle();
+    assert_eq!(
+        target("/dev/ublkd/db"),
+        want,
+        "after restart and a change event"
+    );
+
+    ctl_ok(&["del", "db"]);
+    settle();
+    assert!(
+        !Path::new("/dev/ublkd/db").exists(),
+        "the link outlived the device"
+    );
+    assert!(!Path::new("/run/ublkd/names")
+        .join(dev.trim_start_matches("/dev/"))
+        .exists());
+    std::fs::remove_file(&file).unwrap();
+}
+
 /// Removes the socket-group drop-in again, whatever the test did.
 struct DropIn(&'static str);
 

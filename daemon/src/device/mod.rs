@@ -15,6 +15,7 @@
 mod config;
 pub mod in_use;
 mod resize;
+mod udev_name;
 
 use crate::fault;
 use crate::kernel::{describe, ensure_ctrl_ring, errno, state_name, KernelInfo};
@@ -173,6 +174,7 @@ impl Device {
             geometry.depth,
             buffer
         );
+        udev_name::publish(id, req.name.as_deref());
         let mut device = Device::new(record, geometry, buffer, target, ctrl);
         // On error `device` is dropped, which deletes whatever the kernel has of it.
         let started = state
@@ -184,6 +186,7 @@ impl Device {
                     log::error!("dev {id}: {e:#}");
                 }
             }
+            udev_name::forget(id);
             return Err(e);
         }
         Ok(device)
@@ -210,6 +213,10 @@ impl Device {
     /// driver holds its requests (state quiesced) until END_USER_RECOVERY.
     fn recover(record: &Record) -> Result<Device> {
         let id = record.id;
+        // The disk and its links exist already, but the name file went with the last
+        // daemon's runtime directory; the next change event (a resize, `udevadm
+        // trigger`) would drop the links without it.
+        udev_name::publish(id, record.add.name.as_deref());
         let ctrl = existing_ctrl(id, record.add.target.name())?;
         let info = wait_released(&ctrl, id)?;
         match u32::from(info.state) {
@@ -630,6 +637,7 @@ impl Device {
                 result = Err(anyhow!("DEL_DEV failed: {}", describe(&e)));
             }
         }
+        udev_name::forget(self.id);
         match &result {
             Ok(()) => log::info!("dev {}: deleted", self.id),
             Err(e) => log::error!("dev {}: delete: {e:#}", self.id),
@@ -714,6 +722,7 @@ fn existing_ctrl(id: u32, name: &str) -> Result<UblkCtrl> {
 /// Removes a device of this id from the kernel, if there is one, whatever its state.
 /// Requests it still holds fail.
 pub fn delete_from_kernel(id: u32) -> Result<()> {
+    udev_name::forget(id);
     if !kernel_has(id) {
         return Ok(());
     }
