@@ -3,6 +3,7 @@
 mod client;
 mod generate;
 mod output;
+mod prometheus;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
@@ -67,6 +68,17 @@ enum Command {
         /// The device, by id or name.
         #[arg(value_name = "ID|NAME")]
         id: DeviceRef,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counters of every device and queue: requests, bytes, errors, in flight, and the
+    /// target's own (nbd reconnects).
+    Stats {
+        /// Print them in the Prometheus text format, for node_exporter's textfile
+        /// collector.
+        #[arg(long, conflicts_with = "json")]
+        prometheus: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -330,6 +342,18 @@ fn run(cli: Cli) -> Result<()> {
         Command::List { json } => (Request::List, json),
         Command::Show { id, json } => (Request::Show { id }, json),
         Command::Features { json } => (Request::Features, json),
+        Command::Stats { prometheus, json } => {
+            let response = client::call(&cli.socket, &Request::Stats)?;
+            let text = match response {
+                Response::Stats(devs) if prometheus => prometheus::render(&devs),
+                Response::Stats(devs) if json => output::json(&devs)?,
+                Response::Stats(devs) => output::stats_table(&devs),
+                Response::Error(msg) => bail!("{msg}"),
+                other => bail!("unexpected answer from ublkd: {other:?}"),
+            };
+            print!("{text}");
+            return Ok(());
+        }
         Command::Recover { id } => (Request::Recover { id }, false),
         Command::Resize {
             id,
@@ -361,6 +385,7 @@ fn run(cli: Cli) -> Result<()> {
         (Response::Device(d), false) => output::device_detail(&d),
         (Response::Features(f), true) => output::json(&f)?,
         (Response::Features(f), false) => output::features(&f),
+        (Response::Stats(_), _) => bail!("unexpected answer from ublkd"),
     };
     print!("{text}");
     Ok(())

@@ -85,6 +85,30 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
 /// The nbd target's reconnect and request timeouts when the record leaves them out.
 const DEFAULT_NBD_TIMEOUT: u32 = 30;
 
+/// `stats`: one line per device, its queues summed.
+pub fn stats_table(devs: &[DeviceDetail]) -> String {
+    let mut out = format!(
+        "{:>4} {:<12} {:<8} {:>10} {:>12} {:>12} {:>7} {:>8}\n",
+        "ID", "NAME", "STATE", "REQUESTS", "READ", "WRITTEN", "ERRORS", "INFLIGHT"
+    );
+    for d in devs {
+        let sum = |f: fn(&ublkd_proto::QueueStats) -> u64| d.queue_stats.iter().map(f).sum::<u64>();
+        let _ = writeln!(
+            out,
+            "{:>4} {:<12} {:<8} {:>10} {:>12} {:>12} {:>7} {:>8}",
+            d.info.id,
+            d.info.name.as_deref().unwrap_or("-"),
+            d.info.state,
+            sum(|q| q.requests),
+            format_size(sum(|q| q.bytes_read)),
+            format_size(sum(|q| q.bytes_written)),
+            sum(|q| q.errors),
+            sum(|q| q.inflight)
+        );
+    }
+    out
+}
+
 pub fn device_detail(d: &DeviceDetail) -> String {
     let i = &d.info;
     let mut out = String::new();
@@ -263,6 +287,7 @@ mod tests {
             target_details: vec![],
             kernel: None,
             queue_stats: vec![],
+            target_counters: vec![],
         };
         let text = device_detail(&d);
         for line in [
@@ -308,6 +333,7 @@ mod tests {
                 queue_depth: 64,
             }),
             queue_stats: vec![],
+            target_counters: vec![],
         };
         let text = device_detail(&d);
         assert!(

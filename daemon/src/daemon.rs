@@ -127,6 +127,7 @@ impl Entry {
                 target_details: Vec::new(),
                 kernel: None,
                 queue_stats: Vec::new(),
+                target_counters: Vec::new(),
             },
         }
     }
@@ -298,6 +299,9 @@ impl Daemon {
                     })
             }
             Request::Features => Ok(Response::Features(self.features())),
+            Request::Stats => Ok(Response::Stats(
+                self.devices().iter().map(|(id, e)| e.detail(*id)).collect(),
+            )),
             Request::Recover { id } => self
                 .resolve(&id)
                 .and_then(|id| self.recover(id))

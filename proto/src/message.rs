@@ -37,6 +37,8 @@ pub enum Request {
     Show { id: DeviceRef },
     /// The kernel's ublk feature bits.
     Features,
+    /// Every device in detail, with its counters (`ublkctl stats`).
+    Stats,
     /// Serve again a device the kernel still holds (after a crash) or whose restore
     /// failed, from its record.
     Recover { id: DeviceRef },
@@ -332,6 +334,7 @@ pub enum Response {
     Devices(Vec<DeviceInfo>),
     Device(DeviceDetail),
     Features(FeatureReport),
+    Stats(Vec<DeviceDetail>),
     Error(String),
 }
 
@@ -382,6 +385,9 @@ pub struct DeviceDetail {
     /// be asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<KernelDeviceInfo>,
+    /// The target's own counters, as (name, value): `reconnects` for nbd.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_counters: Vec<(String, u64)>,
     pub queue_stats: Vec<QueueStats>,
 }
 
@@ -510,6 +516,7 @@ mod tests {
                 r#"{"cmd":"show","id":"db"}"#,
             ),
             (Request::Features, r#"{"cmd":"features"}"#),
+            (Request::Stats, r#"{"cmd":"stats"}"#),
             (
                 Request::Recover { id: 2.into() },
                 r#"{"cmd":"recover","id":2}"#,
@@ -595,6 +602,7 @@ mod tests {
                     queue_depth: 128,
                 }),
                 queue_stats: vec![QueueStats::default()],
+                target_counters: vec![("reconnects".into(), 2)],
             }),
         ] {
             let text = serde_json::to_string(&resp).unwrap();

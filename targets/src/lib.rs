@@ -210,6 +210,12 @@ pub trait Target: Send + Sync {
         None
     }
 
+    /// The target's own counters for `ublkctl stats`, as (name, value), each counting
+    /// up from the device's start (an nbd device's `reconnects`).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
     /// `ublkctl resize`: the size in bytes the device of `current` bytes is to have,
     /// given the size asked for (`None`: whatever the backend has now) and whether the
     /// backend may be grown to it. The daemon then tells the kernel

@@ -758,6 +758,58 @@ pub fn allocated_bytes(path: &Path) -> u64 {
     std::fs::metadata(path).expect("stat").blocks() * 512
 }
 
+/// One sample of a Prometheus text exposition: metric, labels, value.
+pub type PromSample = (String, Vec<(String, String)>, f64);
+
+/// The samples of a Prometheus text exposition as (metric, labels, value), checking its
+/// form on the way: every sample line is `name{k="v",...} value` with a `# TYPE` line
+/// for its metric before it.
+pub fn prometheus_samples(text: &str) -> Vec<PromSample> {
+    let mut typed = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect(line);
+            assert!(matches!(kind, "counter" | "gauge"), "{line}");
+            assert!(typed.insert(name.to_string()), "{name} typed twice");
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (name, rest) = line
+            .split_once('{')
+            .unwrap_or_else(|| panic!("bad sample: {line}"));
+        let (labels, value) = rest
+            .rsplit_once("} ")
+            .unwrap_or_else(|| panic!("bad sample: {line}"));
+        assert!(typed.contains(name), "{name} has no TYPE line before it");
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad metric name {name}"
+        );
+        let labels = labels
+            .split(',')
+            .map(|kv| {
+                let (k, v) = kv
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("bad label in {line}"));
+                let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"'));
+                (
+                    k.to_string(),
+                    v.unwrap_or_else(|| panic!("unquoted label in {line}"))
+                        .to_string(),
+                )
+            })
+            .collect();
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line}"));
+        samples.push((name.to_string(), labels, value));
+    }
+    samples
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -239,6 +239,45 @@ fn names_are_handles() {
     assert!(wait_gone(&other, Duration::from_secs(10)));
 }
 
+/// `stats --prometheus` is well-formed and counts what `show` counts.
+#[test]
+fn stats_in_the_prometheus_format() {
+    require_ublk();
+    let d = Daemon::start("null-stats");
+    let dev = d.add(&["null", "--size", "64M", "--name", "metered"]);
+    let id = dev_id(&dev);
+    fio(&fio_job(&dev, "randrw", "4k", 16, 1));
+    let text = d.ctl_ok(&["stats", "--prometheus"]);
+    let samples = prometheus_samples(&text);
+    let value = |metric: &str, extra: &[(&str, &str)]| -> f64 {
+        samples
+            .iter()
+            .find(|(name, labels, _)| {
+                name == metric
+                    && labels.contains(&("id".into(), id.to_string()))
+                    && extra
+                        .iter()
+                        .all(|(k, v)| labels.contains(&(k.to_string(), v.to_string())))
+            })
+            .unwrap_or_else(|| panic!("no {metric} for device {id} in:\n{text}"))
+            .2
+    };
+    let q = &d.show_json(id)["queue_stats"][0];
+    assert_eq!(value("ublkd_device_up", &[("name", "metered")]), 1.0);
+    assert_eq!(value("ublkd_device_size_bytes", &[]), (64u64 << 20) as f64);
+    let requests = value("ublkd_queue_requests_total", &[("queue", "0")]);
+    assert!(requests > 0.0, "{text}");
+    assert_eq!(Some(requests as u64), q["requests"].as_u64(), "{q}");
+    assert_eq!(
+        Some(value("ublkd_queue_requests_by_op_total", &[("op", "read")]) as u64),
+        q["reads"].as_u64()
+    );
+    assert_eq!(value("ublkd_queue_errors_total", &[]), 0.0);
+    let table = d.ctl_ok(&["stats"]);
+    assert!(table.contains("metered"), "{table}");
+    d.del(&dev);
+}
+
 /// `resize` grows and shrinks a null device in place; the new size is in the record, so
 /// a restarted daemon brings the device back with it.
 #[test]

@@ -472,6 +472,12 @@ impl Device {
                 .enumerate()
                 .map(|(q, c)| c.snapshot(q as u32))
                 .collect(),
+            target_counters: self
+                .target
+                .counters()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
         }
     }
 
