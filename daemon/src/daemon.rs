@@ -11,6 +11,8 @@
 //! in the table before the kernel is asked, and `add --id N` is refused while N has an
 //! entry. Requests that change devices are refused until the records have been restored.
 
+mod connect;
+
 use crate::device::{self, Device, IdTaken, Persist};
 use crate::fault;
 use crate::kernel::KernelInfo;
@@ -18,7 +20,7 @@ use crate::state::{Record, StateDir};
 use anyhow::{anyhow, bail, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use ublkd_proto::validate::{self, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH, DEFAULT_QUEUES};
 use ublkd_proto::{
@@ -41,6 +43,12 @@ enum Entry {
     Recovering(Record),
     /// A `del` is under way.
     Deleting(Option<Record>),
+    /// A network device whose server has not answered yet: retried in the background
+    /// (`Daemon::connect_in_background`) until it does or the device is deleted.
+    Connecting {
+        record: Record,
+        error: String,
+    },
 }
 
 impl Entry {
@@ -49,6 +57,7 @@ impl Entry {
             Entry::Live(d) => Some(&d.record),
             Entry::Failed { record, .. } | Entry::Deleting(record) => record.as_ref(),
             Entry::Restoring(r) | Entry::Recovering(r) => Some(r),
+            Entry::Connecting { record, .. } => Some(record),
             Entry::Adding(_) => None,
         }
     }
@@ -67,7 +76,7 @@ impl Entry {
     /// The work under way that owns the entry, if any.
     fn busy(&self) -> Option<&'static str> {
         match self {
-            Entry::Live(_) | Entry::Failed { .. } => None,
+            Entry::Live(_) | Entry::Failed { .. } | Entry::Connecting { .. } => None,
             Entry::Restoring(_) => Some("restoring"),
             Entry::Adding(_) => Some("adding"),
             Entry::Recovering(_) => Some("recovering"),
@@ -80,6 +89,7 @@ impl Entry {
         match self {
             Entry::Live(_) => "live",
             Entry::Failed { .. } => "failed",
+            Entry::Connecting { .. } => "connecting",
             other => other.busy().unwrap_or("unknown"),
         }
     }
@@ -87,7 +97,7 @@ impl Entry {
     fn info(&self, id: u32) -> DeviceInfo {
         let error = match self {
             Entry::Live(d) => return d.info(),
-            Entry::Failed { error, .. } => Some(error.clone()),
+            Entry::Failed { error, .. } | Entry::Connecting { error, .. } => Some(error.clone()),
             _ => None,
         };
         let state = self.state();
@@ -143,6 +153,10 @@ impl Entry {
     }
 }
 
+/// The start timeout systemd is asked to extend by before each local device is
+/// restored (EXTEND_TIMEOUT_USEC).
+const RESTORE_STEP: Duration = Duration::from_secs(90);
+
 /// What happens to the devices when the daemon exits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitMode {
@@ -193,13 +207,16 @@ impl Daemon {
     /// that fails is logged and listed as failed; the others are served regardless.
     /// Until this returns, requests that change devices are refused. Returns (served,
     /// failed).
-    pub fn restore_all(&self) -> Result<(usize, usize)> {
+    ///
+    /// Network devices (nbd) are not waited for: they connect in the background
+    /// (`connect`), listed as connecting, and are not counted.
+    pub fn restore_all(self: &Arc<Self>) -> Result<(usize, usize)> {
         let result = self.restore_records();
         self.restoring.store(false, Ordering::Release);
         result
     }
 
-    fn restore_records(&self) -> Result<(usize, usize)> {
+    fn restore_records(self: &Arc<Self>) -> Result<(usize, usize)> {
         let (records, bad) = self.state.load()?;
         let mut failed = 0;
         {
@@ -228,6 +245,12 @@ impl Daemon {
         let mut served = 0;
         for record in records {
             let id = record.id;
+            if !record.deleting && connect::is_network(&record) {
+                self.connect_in_background(record);
+                continue;
+            }
+            // A long restore (many devices, slow files) must not look like a hang.
+            crate::service::extend_start_timeout(RESTORE_STEP);
             if record.deleting {
                 log::info!("dev {id}: finishing a delete that was under way when ublkd ended");
                 match self.delete_recorded(id, None, true) {
@@ -475,6 +498,10 @@ impl Daemon {
             let record = match devices.get(&id) {
                 None => return Err(no_device(id)),
                 Some(Entry::Live(_)) => bail!("device {id} is already served"),
+                Some(Entry::Connecting { error, .. }) => bail!(
+                    "device {id} is connecting: ublkd tries its server again every 30 s at \
+                     most (last error: {error}); 'ublkctl del {id}' gives up on it"
+                ),
                 Some(Entry::Failed {
                     record: None,
                     error,
@@ -675,13 +702,14 @@ impl Daemon {
         });
     }
 
-    /// Served and failed device counts, for the service status line.
-    pub fn counts(&self) -> (usize, usize) {
+    /// Served, failed and connecting device counts, for the service status line.
+    pub fn counts(&self) -> (usize, usize, usize) {
         let devices = self.devices();
         let count = |f: fn(&Entry) -> bool| devices.values().filter(|e| f(e)).count();
         (
             count(|e| matches!(e, Entry::Live(_))),
             count(|e| matches!(e, Entry::Failed { .. })),
+            count(|e| matches!(e, Entry::Connecting { .. } | Entry::Recovering(_))),
         )
     }
 }

@@ -213,8 +213,16 @@ fn lock_memory() {
 
 /// The service's status line (`systemctl status ublkd`).
 fn status(daemon: &daemon::Daemon) -> String {
-    match daemon.counts() {
-        (live, 0) => format!("serving {live} devices"),
-        (live, failed) => format!("serving {live} devices, {failed} failed (see 'ublkctl list')"),
+    let (live, failed, connecting) = daemon.counts();
+    let mut text = format!("serving {live} devices");
+    if connecting > 0 {
+        text += &format!(", {connecting} connecting");
     }
+    if failed > 0 {
+        text += &format!(", {failed} failed");
+    }
+    if connecting + failed > 0 {
+        text += " (see 'ublkctl list')";
+    }
+    text
 }

@@ -11,6 +11,13 @@ pub fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
+/// Asks systemd for `by` more time to start (EXTEND_TIMEOUT_USEC), while the restore
+/// at start is still working; a no-op outside systemd or once ready.
+pub fn extend_start_timeout(by: Duration) {
+    let usec = u32::try_from(by.as_micros()).unwrap_or(u32::MAX);
+    notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(usec)]);
+}
+
 /// How often to send WATCHDOG=1: half the unit's WatchdogSec, or None without one.
 pub fn watchdog_interval() -> Option<Duration> {
     let mut usec = 0;

@@ -427,6 +427,65 @@ fn server_restart_within_the_timeout_is_invisible() {
     d.del(&dev);
 }
 
+/// A recorded nbd device whose server is down when ublkd starts is listed as
+/// connecting, with the error, and is served on its own once the server answers, with
+/// its data; one that is deleted while connecting goes away for good.
+#[test]
+fn a_server_that_is_down_at_start_is_waited_for_in_the_background() {
+    require_ublk();
+    let test = "nbd-connect-later";
+    let (a_file, b_file) = ("/tmp/nbd-later-a.img", "/tmp/nbd-later-b.img");
+    for f in [a_file, b_file] {
+        std::fs::File::create(f).unwrap().set_len(64 << 20).unwrap();
+    }
+    let mut a = Server::qemu_nbd(Listen::Tcp(10931), a_file);
+    let mut b = Server::qemu_nbd(Listen::Tcp(10932), b_file);
+    let mut d = Daemon::start_clean(test, &[]);
+    let dev = add_nbd(&d, &a.uri, &[]);
+    let gone = add_nbd(&d, &b.uri, &[]);
+    let (id, gone_id) = (dev_id(&dev), dev_id(&gone));
+    fio(&verify_job(&dev, "randwrite", "4k", "16M", 16));
+    let sum = checksum(&dev, 16 << 20);
+    assert_eq!(d.stop(), Some(0));
+    a.kill();
+    b.kill();
+
+    let d = Daemon::start_with(test, &[]);
+    let e = list_entry(&d, id);
+    assert_eq!(e["state"], "connecting", "{e}");
+    assert!(e["error"].as_str().unwrap().contains("10931"), "{e}");
+    assert!(!Path::new(&dev).exists());
+    // Given up on while connecting: gone, and not tried again.
+    d.ctl_ok(&["del", &gone_id.to_string()]);
+    assert!(d
+        .list_json()
+        .iter()
+        .all(|e| e["id"].as_u64() != Some(gone_id)));
+    assert!(!d.record_path(gone_id).exists());
+
+    let _a = Server::qemu_nbd(Listen::Tcp(10931), a_file);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while list_entry(&d, id)["state"] != "live" {
+        assert!(
+            Instant::now() < deadline,
+            "not served 60 s after its server came back:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        checksum(&dev, 16 << 20),
+        sum,
+        "the data is not what was written"
+    );
+    fio(&verify_job(&dev, "randwrite", "4k", "16M", 16));
+    assert!(!Path::new(&gone).exists());
+    d.del(&dev);
+    for f in [a_file, b_file] {
+        std::fs::remove_file(f).unwrap();
+    }
+}
+
 /// Sets a sysctl for the life of the guard and restores it on drop.
 struct Sysctl {
     path: &'static str,
