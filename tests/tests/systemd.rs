@@ -376,6 +376,82 @@ fn named_devices_get_dev_links() {
     std::fs::remove_file(&file).unwrap();
 }
 
+/// Puts /etc/fstab back and reloads systemd, whatever the test did.
+struct FstabLine {
+    old: String,
+}
+
+impl Drop for FstabLine {
+    fn drop(&mut self) {
+        let _ = run("/usr/bin/umount", &["/mnt/ublk"]);
+        let _ = std::fs::write("/etc/fstab", &self.old);
+        let _ = run("/usr/bin/systemctl", &["daemon-reload"]);
+    }
+}
+
+/// The fstab line of the README for a file system on a ublk device: systemd orders its
+/// mount after ublkd (no cycle: systemd-analyze verify), mounts it, and unmounts it
+/// before ublkd stops; the data is there when both start again.
+#[test]
+fn an_fstab_mount_is_unmounted_before_ublkd_stops() {
+    fresh_start();
+    let file = backing("fstab", 64 << 20);
+    let dev = add_loop(&file, &["--name", "data"]);
+    run_ok(MKFS, &["-q", "-F", &dev]);
+    run_ok("/usr/bin/udevadm", &["settle", "--timeout=30"]);
+    std::fs::create_dir_all("/mnt/ublk").unwrap();
+    let old = std::fs::read_to_string("/etc/fstab").unwrap_or_default();
+    let _restore = FstabLine { old: old.clone() };
+    let line = "/dev/ublkd/data /mnt/ublk ext4 _netdev,x-systemd.requires=ublkd.service 0 2\n";
+    std::fs::write("/etc/fstab", format!("{old}{line}")).unwrap();
+    systemctl(&["daemon-reload"]);
+    let mount = "mnt-ublk.mount";
+    let verify = run("/usr/bin/systemd-analyze", &["verify", mount]);
+    let err = String::from_utf8_lossy(&verify.stderr);
+    assert!(!err.contains("cycle"), "ordering cycle: {err}");
+    let show = |p: &str| {
+        let out = run("/usr/bin/systemctl", &["show", mount, "-p", p, "--value"]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(show("After").contains(UNIT), "After={}", show("After"));
+    assert!(
+        show("Requires").contains(UNIT),
+        "Requires={}",
+        show("Requires")
+    );
+    systemctl(&["start", mount]);
+    std::fs::write("/mnt/ublk/kept", b"written through the fstab mount").unwrap();
+
+    // Stopping ublkd stops the mount first: unmounted, nothing failed, no hang.
+    let started = Instant::now();
+    systemctl(&["stop", UNIT]);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "stop took {:?}",
+        started.elapsed()
+    );
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        !mounts.contains("/mnt/ublk"),
+        "still mounted after ublkd stopped"
+    );
+    assert_eq!(show("ActiveState").trim(), "inactive");
+    assert_eq!(property("ActiveState"), "inactive");
+
+    systemctl(&["start", UNIT]);
+    wait_active(0);
+    run_ok("/usr/bin/udevadm", &["settle", "--timeout=30"]);
+    systemctl(&["start", mount]);
+    assert_eq!(
+        std::fs::read("/mnt/ublk/kept").unwrap(),
+        b"written through the fstab mount"
+    );
+    systemctl(&["stop", mount]);
+    drop(_restore);
+    ctl_ok(&["del", "data"]);
+    std::fs::remove_file(&file).unwrap();
+}
+
 /// Removes the socket-group drop-in again, whatever the test did.
 struct DropIn(&'static str);
 
