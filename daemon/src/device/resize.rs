@@ -3,7 +3,7 @@
 //! nbd none) and the record keeps, so a restart or a recovery finds the same size.
 
 use super::{in_use, Device};
-use crate::kernel::describe;
+use crate::kernel::{describe, ensure_ctrl_ring};
 use crate::state::StateDir;
 use anyhow::{anyhow, bail, Result};
 use ublkd_proto::validate;
@@ -19,6 +19,8 @@ impl Device {
         state: &StateDir,
     ) -> Result<DeviceInfo> {
         let id = self.id;
+        // libublk sends control commands on a ring of the calling thread.
+        ensure_ctrl_ring()?;
         let block_size = self.geometry.block_size;
         if let Some(size) = requested {
             validate::device_size(size, block_size)?;
