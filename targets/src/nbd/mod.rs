@@ -39,6 +39,8 @@ mod recv;
 mod send;
 mod step;
 mod tags;
+#[cfg(test)]
+mod tests;
 pub mod uri;
 
 use crate::{DeviceShape, QueueContext, QueueTarget, Target};
