@@ -447,18 +447,19 @@ impl LoopQueue {
                     .rw_flags(rw_flags)
                     .build()
             }
-            (false, IoBuf::Fixed { addr, index, .. }) => {
-                let at = (addr + u64::from(done)) as *mut u8;
-                opcode::ReadFixed::new(self.file, at, left, index)
-                    .offset(offset)
-                    .build()
-            }
-            (true, IoBuf::Fixed { addr, index, .. }) => {
-                let at = (addr + u64::from(done)) as *const u8;
-                opcode::WriteFixed::new(self.file, at, left, index)
-                    .offset(offset)
-                    .rw_flags(rw_flags)
-                    .build()
+            (write, IoBuf::Fixed { .. } | IoBuf::Pages { .. }) => {
+                let (index, addr) = buf.registered()?;
+                let at = addr + u64::from(done);
+                if write {
+                    opcode::WriteFixed::new(self.file, at as *const u8, left, index)
+                        .offset(offset)
+                        .rw_flags(rw_flags)
+                        .build()
+                } else {
+                    opcode::ReadFixed::new(self.file, at as *mut u8, left, index)
+                        .offset(offset)
+                        .build()
+                }
             }
             (_, IoBuf::None) => return None,
         };

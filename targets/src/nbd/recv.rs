@@ -73,7 +73,7 @@ fn recv_failure(res: i32, expected: usize) -> String {
 /// the request's own pages only with user copy.
 fn can_stage(buf: Option<IoBuf>, user_copy: Option<(libc::c_int, u16)>) -> bool {
     match buf {
-        Some(IoBuf::Fixed { addr: 0, .. }) => user_copy.is_some(),
+        Some(IoBuf::Pages { .. }) => user_copy.is_some(),
         _ => true,
     }
 }
@@ -235,14 +235,14 @@ impl Receiver {
                 unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr.add(got), len) };
                 true
             }
-            Some(IoBuf::Fixed { addr, .. }) if addr != 0 => {
+            Some(IoBuf::Fixed { addr, .. }) => {
                 // SAFETY: as above, for the registered arena slot of the request.
                 unsafe {
                     std::ptr::copy_nonoverlapping(src.as_ptr(), (addr as *mut u8).add(got), len)
                 };
                 true
             }
-            Some(IoBuf::Fixed { .. }) => match self.user_copy {
+            Some(IoBuf::Pages { .. }) => match self.user_copy {
                 Some((fd, qid)) => {
                     let pos = crate::user_copy_pos(qid, tag, got as u32);
                     // SAFETY: writes `len` bytes from a live buffer to the ublk char
@@ -355,7 +355,7 @@ impl Receiver {
                     return Err(Broken::Lost(why.into()));
                 };
                 let t = tags.get(tag);
-                if let Some(IoBuf::Fixed { addr: 0, .. }) = t.buf {
+                if let Some(IoBuf::Pages { .. }) = t.buf {
                     let left = t.io.map_or(0, |io| io.len as usize) - t.got;
                     conn.set_lowat(left.min(LOWAT_MAX));
                     let poll = opcode::PollAdd::new(fd, libc::POLLIN as u32)
@@ -451,17 +451,13 @@ fn payload_sqe(fd: io_uring::types::Fd, tags: &Tags, tag: u16) -> Option<squeue:
         IoBuf::User { addr, .. } => opcode::Recv::new(fd, addr.wrapping_add(got), left)
             .flags(libc::MSG_WAITALL)
             .build(),
-        IoBuf::Fixed { addr, .. } if addr != 0 => {
-            opcode::Recv::new(fd, (addr + got as u64) as *mut u8, left)
-                .flags(libc::MSG_WAITALL)
-                .build()
-        }
+        IoBuf::Fixed { addr, .. } => opcode::Recv::new(fd, (addr + got as u64) as *mut u8, left)
+            .flags(libc::MSG_WAITALL)
+            .build(),
         // Can be short: continued on its own.
-        IoBuf::Fixed { addr, index, .. } => {
-            opcode::ReadFixed::new(fd, (addr + got as u64) as *mut u8, left, index)
-                .offset(u64::MAX)
-                .build()
-        }
+        IoBuf::Pages { index, .. } => opcode::ReadFixed::new(fd, got as *mut u8, left, index)
+            .offset(u64::MAX)
+            .build(),
         IoBuf::None => return None,
     })
 }

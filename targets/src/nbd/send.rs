@@ -40,11 +40,10 @@ enum SendSeg {
         count: usize,
         bytes: usize,
     },
-    /// A send of request `tag`'s payload from its registered buffer.
-    Fixed {
+    /// A send of request `tag`'s payload from its own pages, registered at `index`.
+    Pages {
         tag: u16,
         index: u16,
-        addr: u64,
         len: u32,
         how: PayloadSend,
     },
@@ -227,8 +226,8 @@ impl SendChain {
             }
             let user = match tags.get(tag).buf {
                 Some(IoBuf::User { addr, .. }) => Some(addr),
-                Some(IoBuf::Fixed { addr, .. }) if addr != 0 => Some(addr as *mut u8),
-                Some(IoBuf::Fixed { .. }) => {
+                Some(IoBuf::Fixed { addr, .. }) => Some(addr as *mut u8),
+                Some(IoBuf::Pages { .. }) => {
                     stage_payload(&mut self.wstage[staged..], self.user_copy, tag, payload)
                         .inspect(|_| staged += payload)
                 }
@@ -243,13 +242,12 @@ impl SendChain {
                 if let Some((o, f, b)) = run {
                     run = Some((o, f, b + payload));
                 }
-            } else if let Some(IoBuf::Fixed { addr, index, .. }) = tags.get(tag).buf {
+            } else if let Some(IoBuf::Pages { index, .. }) = tags.get(tag).buf {
                 close_run(&mut self.segs, run.take(), iov);
                 let how = self.payload_sends.pick(payload);
-                self.segs.push(SendSeg::Fixed {
+                self.segs.push(SendSeg::Pages {
                     tag,
                     index,
-                    addr,
                     len: payload as u32,
                     how,
                 });
@@ -285,40 +283,37 @@ impl SendChain {
                     let sqe = opcode::SendMsg::new(fd, m).flags(flags as u32).build();
                     (owner, Sent::Bytes(bytes), sqe)
                 }
-                SendSeg::Fixed {
+                SendSeg::Pages {
                     tag,
                     index,
-                    addr,
                     len,
                     how: PayloadSend::Send,
                 } => {
-                    let sqe = fixed_send::send(fd, index, addr, len, flags);
+                    let sqe = fixed_send::send(fd, index, 0, len, flags);
                     (tag, Sent::Bytes(len as usize), sqe)
                 }
-                SendSeg::Fixed {
+                SendSeg::Pages {
                     tag,
                     index,
-                    addr,
                     len,
                     how: PayloadSend::Zc,
                 } => {
-                    let sqe = opcode::SendZc::new(fd, addr as *const u8, len)
+                    let sqe = opcode::SendZc::new(fd, std::ptr::null(), len)
                         .buf_index(Some(index))
                         .flags(flags)
                         .build();
                     (tag, Sent::Bytes(len as usize), sqe)
                 }
-                SendSeg::Fixed {
+                SendSeg::Pages {
                     tag,
                     index,
-                    addr,
                     len,
                     how: PayloadSend::Write,
                 } => {
                     let sent = Sent::Write {
                         tag,
                         index,
-                        addr,
+                        addr: 0,
                         len,
                     };
                     (tag, sent, write_sqe(fd, sent))
