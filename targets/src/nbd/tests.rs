@@ -1,54 +1,15 @@
 //! The queue of the nbd target against the fake NBD server (`ublkd_tests::fake_nbd`) on
-//! a real io_uring, without ublk: a test ring stands in for the daemon's queue loop
-//! (it labels SQEs, hands completions back, takes finished requests), and requests use
-//! daemon buffers as in the copy mode.
+//! a real io_uring, without ublk: a test ring (`crate::test_ring`) stands in for the
+//! daemon's queue loop, and requests use daemon buffers as in the copy mode.
 
 use super::NbdTarget;
+use crate::test_ring::{decode, TestRing};
+use crate::Target;
 use crate::{dispatch, BlockOp, IoBuf, IoDesc, IoFlags, Outcome, QueueContext, QueueTarget};
-use crate::{Ring, RingFull, Target};
-use io_uring::{squeue, types, IoUring};
+use io_uring::types;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use ublkd_tests::fake_nbd::{serve_any, Fault, Stats, FAULT_OFFSET};
-
-/// user_data: bit 63 marks a target-wide SQE, bits 16..32 the step, 0..16 the tag.
-const EVENT: u64 = 1 << 63;
-
-struct TestRing {
-    ring: IoUring,
-    /// Requests finished through `Ring::finish`.
-    finished: Vec<(u16, i32)>,
-    /// Steps of the per-request SQEs pushed, in order.
-    pushed: Vec<u16>,
-}
-
-impl Ring for TestRing {
-    unsafe fn push(&mut self, tag: u16, step: u16, sqe: squeue::Entry) -> Result<(), RingFull> {
-        let sqe = sqe.user_data((u64::from(step) << 16) | u64::from(tag));
-        // SAFETY: forwarded from the caller.
-        unsafe { self.ring.submission().push(&sqe) }.map_err(|_| RingFull)?;
-        self.pushed.push(step);
-        Ok(())
-    }
-    unsafe fn push_event(&mut self, step: u16, sqe: squeue::Entry) -> Result<(), RingFull> {
-        let sqe = sqe.user_data(EVENT | (u64::from(step) << 16));
-        // SAFETY: forwarded from the caller.
-        unsafe { self.ring.submission().push(&sqe) }.map_err(|_| RingFull)
-    }
-    fn finish(&mut self, tag: u16, result: i32) {
-        self.finished.push((tag, result));
-    }
-    fn reserve(&mut self, n: usize) -> bool {
-        let free = |r: &mut IoUring| {
-            let sq = r.submission();
-            sq.capacity() - sq.len()
-        };
-        if free(&mut self.ring) < n {
-            let _ = self.ring.submit();
-        }
-        free(&mut self.ring) >= n
-    }
-}
 
 /// One queue of an nbd device on a test ring, and its requests' buffers.
 struct Harness {
@@ -69,11 +30,7 @@ impl Harness {
     fn new(port: u16, reconnect: Duration) -> Harness {
         let uri = format!("nbd://127.0.0.1:{port}/x").parse().unwrap();
         let t = NbdTarget::connect(&uri, 1, 512, reconnect).unwrap();
-        let mut ring = TestRing {
-            ring: IoUring::new(256).unwrap(),
-            finished: Vec::new(),
-            pushed: Vec::new(),
-        };
+        let mut ring = TestRing::new(256);
         let mut q = t
             .queue(QueueContext {
                 qid: 0,
@@ -159,12 +116,11 @@ impl Harness {
                 .map(|c| (c.user_data(), c.result()))
                 .collect();
             for (ud, res) in cqes {
-                let step = (ud >> 16) as u16;
-                if ud & EVENT != 0 {
+                let (event, step, tag) = decode(ud);
+                if event {
                     self.q.event(step, res, &mut self.ring);
                     continue;
                 }
-                let tag = ud as u16;
                 let (io, buf) = self.inflight[&tag];
                 match self.q.complete(&io, buf, step, res, &mut self.ring) {
                     Outcome::Done(r) => {
