@@ -84,11 +84,14 @@ pub enum IoBuf {
     /// the request reaches the target, and copies read data out of it at commit. Use
     /// plain READ/WRITE on `addr`.
     User { addr: *mut u8, len: usize },
-    /// A buffer registered in the queue ring's buffer table at `index`: the daemon's own
-    /// (`fixed` mode, `addr` is its address) or the request's pages (`zc`/`auto-zc`,
-    /// `addr` is 0). Use READ_FIXED/WRITE_FIXED (or a fixed-buffer SEND) with
-    /// `buf_index = index` and addresses `addr + offset`.
+    /// A daemon buffer at `addr`, registered in the queue ring's buffer table at `index`
+    /// (`fixed` mode). Use READ_FIXED/WRITE_FIXED (or a fixed-buffer SEND) with
+    /// `buf_index = index` and addresses `addr + offset`, or plain memory access.
     Fixed { addr: u64, index: u16, len: usize },
+    /// The request's own pages, registered in the queue ring's buffer table at `index`
+    /// (`zc`/`auto-zc` modes): not mapped into the daemon. Use READ_FIXED/WRITE_FIXED
+    /// (or a fixed-buffer SEND) with `buf_index = index` and addresses `0 + offset`.
+    Pages { index: u16, len: usize },
 }
 
 impl IoBuf {
@@ -96,7 +99,17 @@ impl IoBuf {
     pub fn len(&self) -> usize {
         match *self {
             IoBuf::None => 0,
-            IoBuf::User { len, .. } | IoBuf::Fixed { len, .. } => len,
+            IoBuf::User { len, .. } | IoBuf::Fixed { len, .. } | IoBuf::Pages { len, .. } => len,
+        }
+    }
+
+    /// For a registered buffer (`Fixed`, `Pages`): its index in the ring's buffer table
+    /// and the address its first byte has for READ_FIXED/WRITE_FIXED.
+    pub fn registered(&self) -> Option<(u16, u64)> {
+        match *self {
+            IoBuf::Fixed { addr, index, .. } => Some((index, addr)),
+            IoBuf::Pages { index, .. } => Some((index, 0)),
+            IoBuf::None | IoBuf::User { .. } => None,
         }
     }
 

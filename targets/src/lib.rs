@@ -12,6 +12,8 @@ mod io;
 pub mod r#loop;
 pub mod nbd;
 pub mod null;
+#[cfg(test)]
+mod test_ring;
 mod thread;
 
 pub use io::{BlockOp, IoBuf, IoDesc, IoFlags};

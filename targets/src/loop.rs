@@ -486,18 +486,19 @@ impl LoopQueue {
                     .rw_flags(rw_flags)
                     .build()
             }
-            (false, IoBuf::Fixed { addr, index, .. }) => {
-                let at = (addr + u64::from(done)) as *mut u8;
-                opcode::ReadFixed::new(self.file, at, left, index)
-                    .offset(offset)
-                    .build()
-            }
-            (true, IoBuf::Fixed { addr, index, .. }) => {
-                let at = (addr + u64::from(done)) as *const u8;
-                opcode::WriteFixed::new(self.file, at, left, index)
-                    .offset(offset)
-                    .rw_flags(rw_flags)
-                    .build()
+            (write, IoBuf::Fixed { .. } | IoBuf::Pages { .. }) => {
+                let (index, addr) = buf.registered()?;
+                let at = addr + u64::from(done);
+                if write {
+                    opcode::WriteFixed::new(self.file, at as *const u8, left, index)
+                        .offset(offset)
+                        .rw_flags(rw_flags)
+                        .build()
+                } else {
+                    opcode::ReadFixed::new(self.file, at as *mut u8, left, index)
+                        .offset(offset)
+                        .build()
+                }
             }
             (_, IoBuf::None) => return None,
         };
@@ -623,8 +624,8 @@ impl QueueTarget for LoopQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{dispatch, BlockOp, IoFlags, RingFull};
-    use io_uring::IoUring;
+    use crate::test_ring::{decode, TestRing};
+    use crate::{dispatch, BlockOp, IoFlags};
     use std::io::Write;
 
     fn tmp(name: &str) -> PathBuf {
@@ -776,31 +777,23 @@ mod tests {
     }
 
     /// Runs one request through a real io_uring against a real file.
-    struct TestRing(IoUring);
-    impl Ring for TestRing {
-        unsafe fn push(&mut self, tag: u16, step: u16, sqe: squeue::Entry) -> Result<(), RingFull> {
-            let sqe = sqe.user_data((u64::from(step) << 16) | u64::from(tag));
-            // SAFETY: forwarded from the caller.
-            unsafe { self.0.submission().push(&sqe) }.map_err(|_| RingFull)
-        }
-        unsafe fn push_event(&mut self, _: u16, _: squeue::Entry) -> Result<(), RingFull> {
-            unreachable!("the loop target has no target-wide SQEs")
-        }
-        fn finish(&mut self, _: u16, _: i32) {
-            unreachable!("the loop target completes through Outcome")
-        }
-    }
-
     fn run(q: &mut dyn QueueTarget, ring: &mut TestRing, io: &IoDesc, buf: IoBuf) -> i32 {
         let mut out = dispatch(q, io, buf, ring);
         loop {
             match out {
-                Outcome::Done(r) => return r,
+                Outcome::Done(r) => {
+                    assert!(
+                        ring.finished.is_empty(),
+                        "the loop target finishes by Outcome"
+                    );
+                    return r;
+                }
                 Outcome::Busy => panic!("ring full in test"),
                 Outcome::Queued => {
-                    ring.0.submit_and_wait(1).unwrap();
-                    let cqe = ring.0.completion().next().unwrap();
-                    let step = (cqe.user_data() >> 16) as u16;
+                    ring.ring.submit_and_wait(1).unwrap();
+                    let cqe = ring.ring.completion().next().unwrap();
+                    let (event, step, _) = decode(cqe.user_data());
+                    assert!(!event, "the loop target has no target-wide SQEs");
                     out = q.complete(io, buf, step, cqe.result(), ring);
                 }
             }
@@ -819,8 +812,8 @@ mod tests {
         })
         .unwrap();
         assert_eq!(t.shape().size, 1 << 20);
-        let mut ring = TestRing(IoUring::new(8).unwrap());
-        ring.0.submitter().register_files(&t.files()).unwrap();
+        let mut ring = TestRing::new(8);
+        ring.ring.submitter().register_files(&t.files()).unwrap();
         let mut q = t
             .queue(QueueContext {
                 qid: 0,
@@ -927,7 +920,7 @@ mod tests {
         })
         .unwrap();
         assert!(t.shape().read_only && !t.shape().discard);
-        let mut ring = TestRing(IoUring::new(8).unwrap());
+        let mut ring = TestRing::new(8);
         let mut q = t
             .queue(QueueContext {
                 qid: 0,

@@ -51,6 +51,13 @@ pub enum Fault {
     /// was sent again on a later connection and answered there; then it reads what the
     /// first connection still delivers. Later connections behave.
     StallOldWrite,
+    /// Holds back the replies to requests at or beyond FAULT_OFFSET while more requests
+    /// keep coming (another arrives within 50 ms), then sends them last first: replies
+    /// out of order.
+    Reorder,
+    /// The first connection closes, unanswered, at a request at or beyond FAULT_OFFSET;
+    /// later connections behave.
+    DropOnce,
 }
 
 /// How long [`Fault::SlowWrites`] takes to answer a write.
@@ -102,6 +109,17 @@ const SIZE: u64 = 16 << 20;
 /// background, for as long as the test process lives.
 pub fn serve(port: u16, fault: Fault) -> Arc<Stats> {
     let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind fake NBD server");
+    serve_on(listener, fault)
+}
+
+/// `serve` on a free port: the port, and what the server sees.
+pub fn serve_any(fault: Fault) -> (u16, Arc<Stats>) {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).expect("bind fake NBD server");
+    let port = listener.local_addr().expect("bound address").port();
+    (port, serve_on(listener, fault))
+}
+
+fn serve_on(listener: TcpListener, fault: Fault) -> Arc<Stats> {
     if matches!(fault, Fault::Dribble | Fault::StallOldWrite) {
         // Inherited by accepted connections.
         let small: libc::c_int = 4096;
@@ -217,6 +235,8 @@ fn session(
         reply_opt(&mut c, opt, 1, &[])?;
         break;
     }
+    // Fault::Reorder: replies held back, in the order of their requests.
+    let mut held: Vec<Vec<u8>> = Vec::new();
     loop {
         let req = read_n::<28>(&mut c)?;
         let cmd = u16::from_be_bytes([req[6], req[7]]);
@@ -231,6 +251,9 @@ fn session(
         }
         let faulty = offset >= FAULT_OFFSET;
         if fault == Fault::HangOnReconnect && faulty {
+            return Ok(());
+        }
+        if fault == Fault::DropOnce && faulty && conn == 0 {
             return Ok(());
         }
         if fault == Fault::StallOldWrite && cmd == 1 && faulty {
@@ -297,6 +320,11 @@ fn session(
             stats.resent.store(true, Ordering::SeqCst);
             continue;
         }
+        if fault == Fault::Reorder && faulty {
+            held.push(reply);
+            flush_when_idle(&mut c, &mut held)?;
+            continue;
+        }
         if fault == Fault::Dribble {
             c.set_nodelay(true)?;
             let (hdr, payload) = reply.split_at(16);
@@ -306,7 +334,39 @@ fn session(
             continue;
         }
         c.write_all(&reply)?;
+        flush_when_idle(&mut c, &mut held)?;
     }
+}
+
+/// [`Fault::Reorder`]: sends the held replies, last first, unless another request
+/// arrives within 50 ms.
+fn flush_when_idle(c: &mut TcpStream, held: &mut Vec<Vec<u8>>) -> std::io::Result<()> {
+    if held.is_empty() || more_within(c, Duration::from_millis(50))? {
+        return Ok(());
+    }
+    for r in held.drain(..).rev() {
+        c.write_all(&r)?;
+    }
+    Ok(())
+}
+
+/// Whether `c` has more to read within `wait`.
+fn more_within(c: &mut TcpStream, wait: Duration) -> std::io::Result<bool> {
+    c.set_read_timeout(Some(wait))?;
+    let more = match c.peek(&mut [0u8; 1]) {
+        Ok(n) => n > 0,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            false
+        }
+        Err(e) => return Err(e),
+    };
+    c.set_read_timeout(None)?;
+    Ok(more)
 }
 
 fn reply_opt(c: &mut TcpStream, opt: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {

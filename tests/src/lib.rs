@@ -1,5 +1,6 @@
 //! Helpers for the real-kernel tests: run `ublkd`, call `ublkctl`, run fio and read its
-//! JSON report. The tests themselves are in `vm/tests.rs` and run inside the test VM.
+//! JSON report. The tests themselves are in `tests/tests/*.rs` (one binary per area)
+//! and run inside the test VM (`tests/run-vm-tests.sh`).
 
 pub mod fake_nbd;
 pub mod nbd_server;

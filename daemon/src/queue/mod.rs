@@ -16,8 +16,10 @@
 //! command. The loop sees one interface for both ([`commands::Commands`]).
 //!
 //! Buffer modes are the queue's business; targets only see an [`IoBuf`]:
-//! - `copy`: per-tag daemon buffers, passed by address in FETCH/COMMIT.
-//! - `fixed`: the same buffers, also registered in the ring (buffer index = tag).
+//! - `copy`: per-tag daemon buffers, passed by address in FETCH/COMMIT (`IoBuf::User`).
+//! - `fixed`: the same buffers, also registered in the ring (buffer index = tag;
+//!   `IoBuf::Fixed`).
+//! - `zc` and `auto-zc` give the target the request's own pages (`IoBuf::Pages`).
 //! - `zc`: a sparse buffer table; before a target's first SQE for a request, the queue
 //!   links UBLK_U_IO_REGISTER_IO_BUF (the request's pages at index = tag) in front of
 //!   it, and the commit goes out hard-linked behind UBLK_U_IO_UNREGISTER_IO_BUF. A
@@ -515,11 +517,7 @@ impl Queue {
                 index: io.tag,
                 len,
             },
-            _ => IoBuf::Fixed {
-                addr: 0,
-                index: io.tag,
-                len,
-            },
+            _ => IoBuf::Pages { index: io.tag, len },
         }
     }
 

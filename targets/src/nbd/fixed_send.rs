@@ -1,6 +1,8 @@
-//! SEND from a registered buffer (IORING_OP_SEND with IORING_RECVSEND_FIXED_BUF): how a
-//! write's payload that is the request's own registered pages (zc, auto-zc) goes out
-//! when the kernel has it, and the probe that says whether it does.
+//! How a write's payload that is the request's own registered pages (zc, auto-zc) goes
+//! out: copied out with the headers when small (`stage_payload`), else sent from the
+//! registered buffer with the op `PayloadSends::pick` chooses: SEND from a registered
+//! buffer (IORING_OP_SEND with IORING_RECVSEND_FIXED_BUF) when the kernel has it (the
+//! probe `supported` says), SEND_ZC for a large one on TCP, WRITE_FIXED otherwise.
 //!
 //! With MSG_WAITALL such a SEND on a stream socket is all or a failure, like a SENDMSG
 //! (io_uring retries a partial send itself), so it links into a send chain and more
@@ -15,6 +17,80 @@ use std::sync::OnceLock;
 
 /// `IORING_RECVSEND_FIXED_BUF` in the SQE's `ioprio` (not exported by the io-uring crate).
 const RECVSEND_FIXED_BUF: u16 = 1 << 2;
+
+/// Writes in registered pages up to this size are copied out (user copy) into `wstage`
+/// and sent with the headers (`stage_payload`).
+const STAGE_MAX: usize = 16 << 10;
+/// Payloads in registered pages from this size on go out with SEND_ZC where it may be
+/// used (`PayloadSends::pick`).
+const ZC_MIN: usize = 64 << 10;
+
+/// How a write's payload in the request's registered pages (zc, auto-zc) is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PayloadSend {
+    /// SEND from the registered buffer with MSG_WAITALL: all or a failure, so the chain
+    /// goes on after it; completes once (see `send`).
+    Send,
+    /// SEND_ZC: all or a failure too; the request is held until its notification.
+    Zc,
+    /// WRITE_FIXED on the socket: can be short, so it ends the chain.
+    Write,
+}
+
+/// What the connection and the kernel offer for payloads in registered pages.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PayloadSends {
+    /// SEND_ZC may be used (TCP; a Unix socket copies anyway).
+    pub(super) zc: bool,
+    /// The kernel sends from registered buffers (`supported`).
+    pub(super) fixed: bool,
+}
+
+impl PayloadSends {
+    /// The send for a payload of `len` bytes: zero copy pays for its pinning and
+    /// notification only on large payloads (below `ZC_MIN` a copy costs less).
+    pub(super) fn pick(self, len: usize) -> PayloadSend {
+        if self.zc && (len >= ZC_MIN || !self.fixed) {
+            PayloadSend::Zc
+        } else if self.fixed {
+            PayloadSend::Send
+        } else {
+            PayloadSend::Write
+        }
+    }
+}
+
+/// Copies a small write's payload out of the request's own pages (user copy) into the
+/// start of `room` (free space in `wstage`), so that it goes out in the chain's SENDMSG
+/// beside the headers: one SQE and one completion fewer per write than a send from the
+/// registered buffer, which is what the payload gets when this returns None.
+pub(super) fn stage_payload(
+    room: &mut [u8],
+    user_copy: Option<(libc::c_int, u16)>,
+    tag: u16,
+    len: usize,
+) -> Option<*mut u8> {
+    let (fd, qid) = user_copy?;
+    if len > STAGE_MAX || len > room.len() {
+        return None;
+    }
+    let dst = room.as_mut_ptr();
+    let pos = crate::user_copy_pos(qid, tag, 0);
+    // SAFETY: reads `len` bytes into `room`, which has space for them (checked above),
+    // from the ublk char device: the request's pages. No SQE points into `wstage` now:
+    // a chain is built only when none is in flight.
+    let n = unsafe { libc::pread(fd, dst.cast(), len, pos as i64) };
+    if n != len as isize {
+        let why = if n < 0 {
+            io::Error::last_os_error().to_string()
+        } else {
+            format!("{n} of {len} bytes")
+        };
+        log::debug!("tag {tag}: copying a write payload out of the request failed ({why}): sent from its pages");
+        return None;
+    }
+    Some(dst)
+}
 
 /// A SEND of `len` bytes at `addr` in registered buffer `index`, with `flags`.
 pub(super) fn send(fd: types::Fd, index: u16, addr: u64, len: u32, flags: i32) -> squeue::Entry {
@@ -81,4 +157,66 @@ fn probe() -> io::Result<bool> {
     let mut got = [0u8; 8];
     io::Read::read_exact(&mut &rx, &mut got)?;
     Ok(got == *data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_sends_pick_send_zc_only_for_large_tcp_payloads() {
+        let tcp = PayloadSends {
+            zc: true,
+            fixed: true,
+        };
+        let unix = PayloadSends {
+            zc: false,
+            fixed: true,
+        };
+        assert_eq!(tcp.pick(4096), PayloadSend::Send);
+        assert_eq!(tcp.pick(ZC_MIN - 1), PayloadSend::Send);
+        assert_eq!(tcp.pick(ZC_MIN), PayloadSend::Zc);
+        assert_eq!(unix.pick(4096), PayloadSend::Send);
+        assert_eq!(unix.pick(512 << 10), PayloadSend::Send);
+        // Without SEND from registered buffers: what the kernel has.
+        let old_tcp = PayloadSends {
+            fixed: false,
+            ..tcp
+        };
+        let old_unix = PayloadSends {
+            fixed: false,
+            ..unix
+        };
+        assert_eq!(old_tcp.pick(4096), PayloadSend::Zc);
+        assert_eq!(old_unix.pick(4096), PayloadSend::Write);
+        assert_eq!(old_unix.pick(512 << 10), PayloadSend::Write);
+    }
+
+    #[test]
+    fn only_small_payloads_that_fit_are_staged() {
+        let mut room = vec![0u8; 8192];
+        // No user copy: never staged.
+        assert!(stage_payload(&mut room, None, 0, 4096).is_none());
+        // Too large, or more than the room left: not staged (and nothing is read).
+        assert!(stage_payload(&mut room, Some((-1, 0)), 0, STAGE_MAX + 1).is_none());
+        assert!(stage_payload(&mut room[4096..], Some((-1, 0)), 0, 8192).is_none());
+        // A failing copy (a bad descriptor here) falls back to a send from the pages.
+        assert!(stage_payload(&mut room, Some((-1, 0)), 0, 4096).is_none());
+    }
+
+    /// The copy reads the request's bytes at its user-copy position (a sparse file
+    /// stands in for /dev/ublkcN).
+    #[test]
+    fn a_staged_payload_is_read_at_the_requests_position() {
+        use std::os::unix::fs::FileExt;
+        let path = std::env::temp_dir().join(format!("ublkd-stage-{}", std::process::id()));
+        let f = std::fs::File::create_new(&path).unwrap();
+        let pos = crate::user_copy_pos(1, 3, 0);
+        f.write_all_at(b"payload!", pos).unwrap();
+        let mut room = vec![0u8; 64];
+        let got = stage_payload(&mut room, Some((f.as_raw_fd(), 1)), 3, 8);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(got, Some(room.as_mut_ptr()));
+        assert_eq!(&room[..8], b"payload!");
+    }
 }

@@ -1,23 +1,28 @@
 //! The `nbd` target: a client of an NBD export (qemu-nbd, nbdkit, nbd-server, ...).
 //!
-//! Connections are made and negotiated (blocking, with timeouts) when the device is
-//! added, one per hardware queue; more than one needs a server that advertises
-//! multi-conn. After that each queue's handler uses only its queue's io_uring:
+//! Connections are made and negotiated (blocking, with timeouts; `connect.rs`) when the
+//! device is added, one per hardware queue; more than one needs a server that
+//! advertises multi-conn. After that each queue's handler (`queue.rs`) uses only its
+//! queue's io_uring:
 //!
 //! - Requests queued while a send is in flight go out together as one linked chain of
-//!   sends (`queue.rs`), so requests never interleave on the wire.
-//! - Reply headers are received several at once when no read can be answered, else one
-//!   at a time; the cookie is the tag. A read's payload is received straight into the
-//!   request's buffer, linked with the next header's receive.
+//!   sends (`send.rs`), so requests never interleave on the wire.
+//! - Replies are received into a staging buffer, many at once, and a small read's
+//!   payload is copied from there into the request's buffer; a large read's payload is
+//!   received straight into the request's buffer, and while such a read may answer a
+//!   receive takes one header at a time. The cookie is the tag. One receive is in
+//!   flight at a time: receives are never linked (`recv.rs`).
 //! - In the zero-copy modes payloads move between the socket and the request's own
-//!   registered pages (SEND_ZC, READ_FIXED); with daemon buffers, with SENDMSG/RECV.
+//!   registered pages (SEND, SEND_ZC, READ_FIXED; small ones are copied with user copy:
+//!   `fixed_send.rs`); with daemon buffers, with SENDMSG/RECV.
 //!
 //! A connection that fails (EOF, error, a reply that breaks the protocol, no reply within
 //! the request timeout) is shut down and reconnected in the background for up to the
-//! reconnect timeout; requests without an answer are sent again on the new connection,
-//! so applications see no error. After the timeout, or with the timeout 0, they and every
-//! later one complete with -EIO. Before a resend the lost socket is closed with a reset,
-//! so it cannot deliver the rest of a timed-out write after the resend (`queue.rs`).
+//! reconnect timeout (`conn.rs`); requests without an answer are sent again on the new
+//! connection, so applications see no error. After the timeout, or with the timeout 0,
+//! they and every later one complete with -EIO. Before a resend the lost socket is
+//! closed with a reset, so it cannot deliver the rest of a timed-out write after the
+//! resend (`Connection::close_old`).
 //!
 //! Connecting and the handshake share one deadline (CONNECT_TIMEOUT), at add and at each
 //! reconnect. Deleting the device (`stopping`) keeps serving while the kernel drains it,
@@ -25,198 +30,36 @@
 //! connection is down or after the drain grace, so `del` never waits on a dead server
 //! and a slow one still gets the final writeback.
 
+mod conn;
+mod connect;
 mod fixed_send;
 pub mod proto;
 mod queue;
+mod recv;
+mod send;
+mod step;
+mod tags;
+#[cfg(test)]
+mod tests;
 pub mod uri;
 
 use crate::{DeviceShape, QueueContext, QueueTarget, Target};
-use proto::{ExportInfo, HandshakeError};
+use conn::{Connection, CONN_RECONNECTING, CONN_UP};
+use connect::connect_one;
+pub use connect::NbdError;
+use proto::ExportInfo;
 use std::io;
-use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use thiserror::Error;
 pub use uri::{Address, NbdUri};
-
-/// How long connecting and the whole handshake may take, at add and at each reconnect.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a request may wait for its reply before the connection counts as lost.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often the drain watchdog (see `NbdTarget::stopping`) looks at the connections.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
-
-#[derive(Debug, Error)]
-pub enum NbdError {
-    #[error("{0}")]
-    Uri(#[from] uri::UriError),
-    #[error("cannot connect to {uri}: {source}")]
-    Connect { uri: String, source: io::Error },
-    #[error("{uri}: {source}")]
-    Handshake { uri: String, source: HandshakeError },
-    #[error("{uri}: the server does not advertise multi-conn, so the device can have only one queue (use --queues 1)")]
-    NoMultiConn { uri: String },
-    #[error("{uri}: the export needs a block size of at least {min} (use --block-size 4096)")]
-    BlockSize { uri: String, min: u32 },
-    #[error("{uri}: the server takes requests of at most {max} bytes, less than the device's block size or the kernel's smallest limit of 4096 bytes")]
-    MaxBlockSize { uri: String, max: u32 },
-    #[error("{uri}: the export size {size} is not a multiple of the block size {block_size}")]
-    SizeNotAligned {
-        uri: String,
-        size: u64,
-        block_size: u32,
-    },
-    #[error("{uri}: connection {n} sees a different export ({size} bytes, flags {flags:#x})")]
-    Mismatch {
-        uri: String,
-        n: usize,
-        size: u64,
-        flags: u16,
-    },
-}
-
-/// Connection state, shared between a queue's handler and `show`.
-const CONN_UP: u8 = 0;
-const CONN_FAILED: u8 = 1;
-const CONN_RECONNECTING: u8 = 2;
-
-/// A connected stream the handshake can run on with timeouts.
-trait Stream: io::Read + io::Write + Into<OwnedFd> {
-    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
-}
-
-impl Stream for TcpStream {
-    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)?;
-        self.set_write_timeout(t)
-    }
-}
-
-impl Stream for UnixStream {
-    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
-        self.set_read_timeout(t)?;
-        self.set_write_timeout(t)
-    }
-}
-
-/// How often a handshake that is waiting for the server checks `abort`.
-const HANDSHAKE_POLL: Duration = Duration::from_millis(100);
-
-/// A stream whose reads and writes fail once `deadline` has passed or `abort` is set:
-/// connecting and the whole handshake share one deadline, however slowly the server
-/// trickles its bytes, and deleting the device stops a reconnect's handshake.
-struct Bounded<'a, S> {
-    s: S,
-    deadline: Instant,
-    abort: &'a AtomicBool,
-}
-
-impl<S: Stream> Bounded<'_, S> {
-    fn run<T>(&mut self, mut op: impl FnMut(&mut S) -> io::Result<T>) -> io::Result<T> {
-        loop {
-            if self.abort.load(Ordering::Acquire) {
-                return Err(io::Error::other("the device is being deleted"));
-            }
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "the server did not finish the NBD handshake within {} s",
-                        CONNECT_TIMEOUT.as_secs()
-                    ),
-                ));
-            }
-            self.s.set_timeouts(Some(left.min(HANDSHAKE_POLL)))?;
-            match op(&mut self.s) {
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                r => return r,
-            }
-        }
-    }
-}
-
-impl<S: Stream> io::Read for Bounded<'_, S> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.run(|s| s.read(buf))
-    }
-}
-
-impl<S: Stream> io::Write for Bounded<'_, S> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.run(|s| s.write(buf))
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.run(|s| s.flush())
-    }
-}
-
-/// Runs the handshake on `s` until `deadline`, then hands the socket over.
-fn negotiate<S: Stream>(
-    s: S,
-    uri: &NbdUri,
-    deadline: Instant,
-    abort: &AtomicBool,
-) -> Result<(OwnedFd, ExportInfo), NbdError> {
-    let u = uri.to_string();
-    let mut b = Bounded { s, deadline, abort };
-    let info = proto::handshake(&mut b, &uri.export).map_err(|source| NbdError::Handshake {
-        uri: u.clone(),
-        source,
-    })?;
-    b.s.set_timeouts(None)
-        .map_err(|source| NbdError::Connect { uri: u, source })?;
-    Ok((b.s.into(), info))
-}
-
-/// Connects and negotiates within CONNECT_TIMEOUT in all; gives up when `abort` is set.
-fn connect_one(uri: &NbdUri, abort: &AtomicBool) -> Result<(OwnedFd, ExportInfo), NbdError> {
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
-    let connect_err = |source| NbdError::Connect {
-        uri: uri.to_string(),
-        source,
-    };
-    match &uri.address {
-        Address::Tcp { host, port } => {
-            let addrs: Vec<_> = (host.as_str(), *port)
-                .to_socket_addrs()
-                .map_err(connect_err)?
-                .collect();
-            let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
-            for addr in addrs {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() || abort.load(Ordering::Acquire) {
-                    break;
-                }
-                match TcpStream::connect_timeout(&addr, left) {
-                    Ok(s) => {
-                        s.set_nodelay(true).map_err(connect_err)?;
-                        return negotiate(s, uri, deadline, abort);
-                    }
-                    Err(e) => last = e,
-                }
-            }
-            Err(connect_err(last))
-        }
-        Address::Unix(path) => negotiate(
-            UnixStream::connect(path).map_err(connect_err)?,
-            uri,
-            deadline,
-            abort,
-        ),
-    }
-}
 
 /// Fails every request still waiting on the server: sets `abort` and wakes the queues.
 fn abort_all(abort: &AtomicBool, wakes: &Mutex<Vec<OwnedFd>>) {
@@ -406,18 +249,20 @@ impl Target for NbdTarget {
             .lock()
             .map_err(|_| io::Error::other("wake-up table poisoned"))?
             .push(wake.try_clone()?);
-        Ok(Box::new(queue::NbdQueue::new(
+        let conn = Connection::new(
             sock,
-            depth,
             state,
             self.uri.clone(),
             self.info,
             self.reconnect_timeout,
-            self.request_timeout,
             self.abort.clone(),
             wake,
-            Arc::new(Mutex::new(None)),
-            queue::PayloadSends {
+        );
+        Ok(Box::new(queue::NbdQueue::new(
+            conn,
+            depth,
+            self.request_timeout,
+            fixed_send::PayloadSends {
                 zc: matches!(self.uri.address, Address::Tcp { .. }),
                 fixed: fixed_send::supported(),
             },
@@ -469,124 +314,5 @@ impl Target for NbdTarget {
     fn abort(&self) {
         // Wake every queue: requests a server leaves unanswered must not hold up `del`.
         abort_all(&self.abort, &self.wakes);
-    }
-}
-
-/// What the reconnect thread hands back: a negotiated socket, or why it gave up.
-type Handoff = Arc<Mutex<Option<Result<OwnedFd, String>>>>;
-
-/// Reconnects in the background: retries with backoff until `timeout`, then hands the
-/// result over and wakes the queue's ring through `wake`.
-fn spawn_reconnect(
-    uri: NbdUri,
-    export: ExportInfo,
-    timeout: Duration,
-    abort: Arc<AtomicBool>,
-    handoff: Handoff,
-    wake: OwnedFd,
-) {
-    let spawned = std::thread::Builder::new()
-        .name("nbd-reconnect".into())
-        .spawn(move || {
-            // The device's requests wait on this thread: it must not wait on them.
-            if let Err(e) = crate::io_flusher() {
-                log::warn!("{uri}: {e}");
-            }
-            let deadline = std::time::Instant::now() + timeout;
-            let mut delay = Duration::from_millis(100);
-            let result = loop {
-                if abort.load(Ordering::Acquire) {
-                    break Err("the device is being deleted".to_string());
-                }
-                match connect_one(&uri, &abort) {
-                    Ok((fd, info)) if info.size == export.size && info.flags == export.flags => {
-                        break Ok(fd)
-                    }
-                    Ok((_, info)) => {
-                        break Err(format!(
-                            "the export changed (now {} bytes, flags {:#x})",
-                            info.size, info.flags
-                        ))
-                    }
-                    Err(e) => log::debug!("{uri}: reconnect attempt failed: {e}"),
-                }
-                let now = std::time::Instant::now();
-                if now >= deadline {
-                    break Err(format!(
-                        "the server did not come back within {} s",
-                        timeout.as_secs()
-                    ));
-                }
-                let until = (now + delay).min(deadline);
-                while std::time::Instant::now() < until && !abort.load(Ordering::Acquire) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                delay = (delay * 2).min(Duration::from_secs(2));
-            };
-            *handoff.lock().unwrap_or_else(|p| p.into_inner()) = Some(result);
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writing 8 bytes from a live buffer to an eventfd we own.
-            unsafe { libc::write(wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-        });
-    if let Err(e) = spawned {
-        log::error!("cannot start the reconnect thread: {e}");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::TcpListener;
-
-    /// A server that accepts and then sends a byte of its greeting every 500 ms (none
-    /// when `mute`), for `secs`.
-    fn slow_server(secs: u64, mute: bool) -> NbdUri {
-        use std::io::Write;
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            let (mut c, _) = l.accept().unwrap();
-            for b in b"NBDMAGICIHAVEOPT".iter().cycle().take(2 * secs as usize) {
-                if !mute {
-                    let _ = c.write_all(&[*b]);
-                }
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        });
-        format!("nbd://127.0.0.1:{port}/x").parse().unwrap()
-    }
-
-    #[test]
-    fn deleting_stops_a_handshake_that_hangs() {
-        let uri = slow_server(5, true);
-        let abort = Arc::new(AtomicBool::new(false));
-        let a = abort.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            a.store(true, Ordering::Release);
-        });
-        let started = Instant::now();
-        let err = connect_one(&uri, &abort).unwrap_err().to_string();
-        assert!(started.elapsed() < Duration::from_secs(1), "{err}");
-        assert!(err.contains("the device is being deleted"), "{err}");
-    }
-
-    #[test]
-    fn the_handshake_has_one_deadline() {
-        // Trickling: every read gets a byte in time, the handshake as a whole does not.
-        let uri = slow_server(CONNECT_TIMEOUT.as_secs() + 5, false);
-        let started = Instant::now();
-        let err = connect_one(&uri, &AtomicBool::new(false))
-            .unwrap_err()
-            .to_string();
-        let took = started.elapsed();
-        assert!(
-            took >= CONNECT_TIMEOUT && took < CONNECT_TIMEOUT + Duration::from_secs(1),
-            "{took:?}"
-        );
-        assert!(
-            err.contains("did not finish the NBD handshake within 10 s"),
-            "{err}"
-        );
     }
 }

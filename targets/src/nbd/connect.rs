@@ -1,0 +1,239 @@
+//! Connecting to the server and the NBD handshake, with one deadline for both, at add
+//! and at each reconnect; deleting the device stops a handshake that hangs.
+
+use super::proto::{self, ExportInfo, HandshakeError};
+use super::uri::{self, Address, NbdUri};
+use std::io;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+/// How long connecting and the whole handshake may take, at add and at each reconnect.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum NbdError {
+    #[error("{0}")]
+    Uri(#[from] uri::UriError),
+    #[error("cannot connect to {uri}: {source}")]
+    Connect { uri: String, source: io::Error },
+    #[error("{uri}: {source}")]
+    Handshake { uri: String, source: HandshakeError },
+    #[error("{uri}: the server does not advertise multi-conn, so the device can have only one queue (use --queues 1)")]
+    NoMultiConn { uri: String },
+    #[error("{uri}: the export needs a block size of at least {min} (use --block-size 4096)")]
+    BlockSize { uri: String, min: u32 },
+    #[error("{uri}: the server takes requests of at most {max} bytes, less than the device's block size or the kernel's smallest limit of 4096 bytes")]
+    MaxBlockSize { uri: String, max: u32 },
+    #[error("{uri}: the export size {size} is not a multiple of the block size {block_size}")]
+    SizeNotAligned {
+        uri: String,
+        size: u64,
+        block_size: u32,
+    },
+    #[error("{uri}: connection {n} sees a different export ({size} bytes, flags {flags:#x})")]
+    Mismatch {
+        uri: String,
+        n: usize,
+        size: u64,
+        flags: u16,
+    },
+}
+
+/// A connected stream the handshake can run on with timeouts.
+trait Stream: io::Read + io::Write + Into<OwnedFd> {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl Stream for TcpStream {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+impl Stream for UnixStream {
+    fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+/// How often a handshake that is waiting for the server checks `abort`.
+const HANDSHAKE_POLL: Duration = Duration::from_millis(100);
+
+/// A stream whose reads and writes fail once `deadline` has passed or `abort` is set:
+/// connecting and the whole handshake share one deadline, however slowly the server
+/// trickles its bytes, and deleting the device stops a reconnect's handshake.
+struct Bounded<'a, S> {
+    s: S,
+    deadline: Instant,
+    abort: &'a AtomicBool,
+}
+
+impl<S: Stream> Bounded<'_, S> {
+    fn run<T>(&mut self, mut op: impl FnMut(&mut S) -> io::Result<T>) -> io::Result<T> {
+        loop {
+            if self.abort.load(Ordering::Acquire) {
+                return Err(io::Error::other("the device is being deleted"));
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the server did not finish the NBD handshake within {} s",
+                        CONNECT_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            self.s.set_timeouts(Some(left.min(HANDSHAKE_POLL)))?;
+            match op(&mut self.s) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                r => return r,
+            }
+        }
+    }
+}
+
+impl<S: Stream> io::Read for Bounded<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.run(|s| s.read(buf))
+    }
+}
+
+impl<S: Stream> io::Write for Bounded<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.run(|s| s.write(buf))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.run(|s| s.flush())
+    }
+}
+
+/// Runs the handshake on `s` until `deadline`, then hands the socket over.
+fn negotiate<S: Stream>(
+    s: S,
+    uri: &NbdUri,
+    deadline: Instant,
+    abort: &AtomicBool,
+) -> Result<(OwnedFd, ExportInfo), NbdError> {
+    let u = uri.to_string();
+    let mut b = Bounded { s, deadline, abort };
+    let info = proto::handshake(&mut b, &uri.export).map_err(|source| NbdError::Handshake {
+        uri: u.clone(),
+        source,
+    })?;
+    b.s.set_timeouts(None)
+        .map_err(|source| NbdError::Connect { uri: u, source })?;
+    Ok((b.s.into(), info))
+}
+
+/// Connects and negotiates within CONNECT_TIMEOUT in all; gives up when `abort` is set.
+pub(super) fn connect_one(
+    uri: &NbdUri,
+    abort: &AtomicBool,
+) -> Result<(OwnedFd, ExportInfo), NbdError> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let connect_err = |source| NbdError::Connect {
+        uri: uri.to_string(),
+        source,
+    };
+    match &uri.address {
+        Address::Tcp { host, port } => {
+            let addrs: Vec<_> = (host.as_str(), *port)
+                .to_socket_addrs()
+                .map_err(connect_err)?
+                .collect();
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
+            for addr in addrs {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() || abort.load(Ordering::Acquire) {
+                    break;
+                }
+                match TcpStream::connect_timeout(&addr, left) {
+                    Ok(s) => {
+                        s.set_nodelay(true).map_err(connect_err)?;
+                        return negotiate(s, uri, deadline, abort);
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Err(connect_err(last))
+        }
+        Address::Unix(path) => negotiate(
+            UnixStream::connect(path).map_err(connect_err)?,
+            uri,
+            deadline,
+            abort,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::Arc;
+
+    /// A server that accepts and then sends a byte of its greeting every 500 ms (none
+    /// when `mute`), for `secs`.
+    fn slow_server(secs: u64, mute: bool) -> NbdUri {
+        use std::io::Write;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            for b in b"NBDMAGICIHAVEOPT".iter().cycle().take(2 * secs as usize) {
+                if !mute {
+                    let _ = c.write_all(&[*b]);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        format!("nbd://127.0.0.1:{port}/x").parse().unwrap()
+    }
+
+    #[test]
+    fn deleting_stops_a_handshake_that_hangs() {
+        let uri = slow_server(5, true);
+        let abort = Arc::new(AtomicBool::new(false));
+        let a = abort.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            a.store(true, Ordering::Release);
+        });
+        let started = Instant::now();
+        let err = connect_one(&uri, &abort).unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(1), "{err}");
+        assert!(err.contains("the device is being deleted"), "{err}");
+    }
+
+    #[test]
+    fn the_handshake_has_one_deadline() {
+        // Trickling: every read gets a byte in time, the handshake as a whole does not.
+        let uri = slow_server(CONNECT_TIMEOUT.as_secs() + 5, false);
+        let started = Instant::now();
+        let err = connect_one(&uri, &AtomicBool::new(false))
+            .unwrap_err()
+            .to_string();
+        let took = started.elapsed();
+        assert!(
+            took >= CONNECT_TIMEOUT && took < CONNECT_TIMEOUT + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert!(
+            err.contains("did not finish the NBD handshake within 10 s"),
+            "{err}"
+        );
+    }
+}

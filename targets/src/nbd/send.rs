@@ -1,0 +1,435 @@
+//! The send side of one connection: requests wait in a queue while a send chain is in
+//! flight, then go out together as the next chain.
+//!
+//! A chain is one SENDMSG of every header and payload when the payloads are in daemon
+//! memory (copy, fixed), and in the zero-copy modes, where a payload is the request's
+//! own registered pages, SENDMSG of the headers up to a write's payload, a send of that
+//! payload from the registered buffer (`PayloadSends::pick`: SEND, or SEND_ZC for a
+//! large one on TCP), SENDMSG of what follows, and so on. Small payloads in registered
+//! pages are copied out (user copy) and sent with the headers instead
+//! (`stage_payload`). Every SQE of a chain has MSG_WAITALL and the chain is linked
+//! (IO_LINK): each starts when the one before has sent all of its bytes, and a failed
+//! or short one cancels the rest, so requests never interleave on the wire. (Kernels
+//! that cannot SEND from a registered buffer get WRITE_FIXED on Unix sockets, which can
+//! be short and so ends its chain, and SEND_ZC for every payload on TCP.)
+//!
+//! Which operation sends what is decided in one place, `SendChain::pump` (with
+//! `PayloadSends::pick` for payloads in registered pages).
+
+use super::conn::{Broken, Connection};
+use super::fixed_send::{self, stage_payload, PayloadSend, PayloadSends};
+use super::proto;
+use super::step::{step, STEP_SEND};
+use super::tags::Tags;
+use crate::{BlockOp, IoBuf, IoDesc, Ring};
+use io_uring::{opcode, squeue, types};
+use std::collections::VecDeque;
+use std::io;
+
+/// Most requests one send chain carries.
+const MAX_CHAIN: usize = 64;
+/// The staging buffer for small write payloads of one send chain.
+const STAGE_LEN: usize = MAX_CHAIN * 4096;
+/// One SQE of a send chain, before it is built.
+#[derive(Debug, Clone, Copy)]
+enum SendSeg {
+    /// SENDMSG of iovecs `first..first + count`, accounted to request `owner`.
+    Msg {
+        owner: u16,
+        first: usize,
+        count: usize,
+        bytes: usize,
+    },
+    /// A send of request `tag`'s payload from its own pages, registered at `index`.
+    Pages {
+        tag: u16,
+        index: u16,
+        len: u32,
+        how: PayloadSend,
+    },
+}
+
+/// Ends the SENDMSG being filled, `(owner, first iovec, bytes)`, at iovec `end`.
+fn close_run(segs: &mut Vec<SendSeg>, run: Option<(u16, usize, usize)>, end: usize) {
+    if let Some((owner, first, bytes)) = run {
+        segs.push(SendSeg::Msg {
+            owner,
+            first,
+            count: end - first,
+            bytes,
+        });
+    }
+}
+
+/// What a send SQE of the chain in flight must achieve.
+#[derive(Debug, Clone, Copy)]
+enum Sent {
+    /// All of these bytes (MSG_WAITALL).
+    Bytes(usize),
+    /// A WRITE_FIXED of request `tag`'s payload from `addr` (may be short: continued).
+    Write {
+        tag: u16,
+        index: u16,
+        addr: u64,
+        len: u32,
+    },
+}
+
+/// Bytes that follow a request's header on the wire: a write's data.
+pub(super) fn payload_len(io: &IoDesc) -> usize {
+    if matches!(io.op, BlockOp::Write) {
+        io.len as usize
+    } else {
+        0
+    }
+}
+
+/// What a socket operation's result says went wrong (0 is end of stream).
+fn socket_failure(res: i32, expected: usize) -> String {
+    if res == 0 {
+        "the server closed the connection".to_string()
+    } else if res < 0 {
+        io::Error::from_raw_os_error(-res).to_string()
+    } else {
+        format!("{res} of {expected} bytes")
+    }
+}
+
+pub(super) struct SendChain {
+    /// Request headers, one per tag: stable memory for the send SQEs.
+    headers: Vec<[u8; proto::REQUEST_LEN]>,
+    /// Requests waiting for the next send chain.
+    queue: VecDeque<u16>,
+    /// The send chain's memory: SENDMSG headers and their iovecs (never moved).
+    iovecs: Box<[libc::iovec]>,
+    msgs: Box<[libc::msghdr]>,
+    segs: Vec<SendSeg>,
+    /// Small write payloads copied out of requests' own pages for the chain being built
+    /// or in flight (empty without user copy).
+    wstage: Box<[u8]>,
+    /// What each SQE of the current connection's send chain must send, in order.
+    expect: VecDeque<Sent>,
+    /// How payloads in registered pages may be sent.
+    payload_sends: PayloadSends,
+    /// Send SQEs in flight, of any connection: the next chain waits for zero.
+    inflight: u32,
+    /// `/dev/ublkcN` and this queue's id, when payloads may be copied out of requests'
+    /// own pages (user copy).
+    user_copy: Option<(libc::c_int, u16)>,
+}
+
+impl SendChain {
+    pub(super) fn new(
+        depth: usize,
+        payload_sends: PayloadSends,
+        user_copy: Option<(libc::c_int, u16)>,
+    ) -> Self {
+        // SAFETY: iovec and msghdr are plain C structs for which all-zero is valid.
+        let zero_iov: libc::iovec = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let zero_msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        SendChain {
+            headers: vec![[0; proto::REQUEST_LEN]; depth],
+            queue: VecDeque::with_capacity(depth),
+            iovecs: vec![zero_iov; 2 * MAX_CHAIN].into_boxed_slice(),
+            msgs: vec![zero_msg; MAX_CHAIN + 1].into_boxed_slice(),
+            segs: Vec::with_capacity(2 * MAX_CHAIN + 1),
+            wstage: vec![0u8; if user_copy.is_some() { STAGE_LEN } else { 0 }].into_boxed_slice(),
+            expect: VecDeque::with_capacity(2 * MAX_CHAIN + 1),
+            payload_sends,
+            inflight: 0,
+            user_copy,
+        }
+    }
+
+    /// Request `tag` with this header waits for the next chain.
+    pub(super) fn enqueue(&mut self, tag: u16, header: [u8; proto::REQUEST_LEN]) {
+        self.headers[usize::from(tag)] = header;
+        self.queue.push_back(tag);
+    }
+
+    /// The requests waiting for the next chain.
+    pub(super) fn queued(&self) -> &VecDeque<u16> {
+        &self.queue
+    }
+
+    /// Send SQEs in flight, of any connection.
+    pub(super) fn inflight(&self) -> u32 {
+        self.inflight
+    }
+
+    /// Whether a chain can go out now: none in flight and requests waiting.
+    pub(super) fn ready(&self) -> bool {
+        self.inflight == 0 && !self.queue.is_empty()
+    }
+
+    /// A send SQE completed, of any connection.
+    pub(super) fn sqe_completed(&mut self) {
+        self.inflight = self.inflight.saturating_sub(1);
+    }
+
+    /// The connection is gone: what was expected of it is forgotten, and `resend` waits
+    /// for the next chain (on the next connection).
+    pub(super) fn reset(&mut self, resend: VecDeque<u16>) {
+        self.expect.clear();
+        self.queue = resend;
+    }
+
+    /// The connection is gone for good: nothing more is sent.
+    pub(super) fn clear(&mut self) {
+        self.expect.clear();
+        self.queue.clear();
+    }
+
+    /// Sends the queued requests as one linked chain (see the module comment). While
+    /// a receive into the staging buffer may take several replies (`staging`), the
+    /// reply of a read whose payload must go straight to its buffer must not arrive:
+    /// such reads wait for that receive to end.
+    pub(super) fn pump(
+        &mut self,
+        conn: &Connection,
+        tags: &mut Tags,
+        staging: bool,
+        ring: &mut dyn Ring,
+    ) -> Result<(), Broken> {
+        let n = self.queue.len().min(MAX_CHAIN);
+        // Per request at most a SENDMSG and a SEND_ZC, plus the queue's registration.
+        if n == 0 || !ring.reserve(3 * n + 1) {
+            return Ok(());
+        }
+        self.segs.clear();
+        let mut iov = 0usize;
+        // The SENDMSG being filled: (owner, first iovec, bytes).
+        let mut run: Option<(u16, usize, usize)> = None;
+        let mut taken = 0;
+        // Bytes of `wstage` this chain uses.
+        let mut staged = 0usize;
+        for &tag in self.queue.iter().take(n) {
+            if staging && tags.is_direct(tag) {
+                break;
+            }
+            taken += 1;
+            let t = usize::from(tag);
+            let Some(io) = tags.get(tag).io else { continue };
+            tags.sent(tag);
+            let hdr = self.headers[t].as_ptr();
+            self.iovecs[iov] = libc::iovec {
+                iov_base: hdr as *mut libc::c_void,
+                iov_len: proto::REQUEST_LEN,
+            };
+            iov += 1;
+            let (owner, first, bytes) = run.unwrap_or((tag, iov - 1, 0));
+            run = Some((owner, first, bytes + proto::REQUEST_LEN));
+            let payload = payload_len(&io);
+            if payload == 0 {
+                continue;
+            }
+            let user = match tags.get(tag).buf {
+                Some(IoBuf::User { addr, .. }) => Some(addr),
+                Some(IoBuf::Fixed { addr, .. }) => Some(addr as *mut u8),
+                Some(IoBuf::Pages { .. }) => {
+                    stage_payload(&mut self.wstage[staged..], self.user_copy, tag, payload)
+                        .inspect(|_| staged += payload)
+                }
+                _ => None,
+            };
+            if let Some(addr) = user {
+                self.iovecs[iov] = libc::iovec {
+                    iov_base: addr.cast(),
+                    iov_len: payload,
+                };
+                iov += 1;
+                if let Some((o, f, b)) = run {
+                    run = Some((o, f, b + payload));
+                }
+            } else if let Some(IoBuf::Pages { index, .. }) = tags.get(tag).buf {
+                close_run(&mut self.segs, run.take(), iov);
+                let how = self.payload_sends.pick(payload);
+                self.segs.push(SendSeg::Pages {
+                    tag,
+                    index,
+                    len: payload as u32,
+                    how,
+                });
+                if how == PayloadSend::Write {
+                    // A WRITE_FIXED can be short: nothing may follow it in the chain.
+                    break;
+                }
+            }
+        }
+        close_run(&mut self.segs, run.take(), iov);
+        self.queue.drain(..taken);
+
+        let generation = conn.generation();
+        let fd = conn.fd();
+        let last = self.segs.len().saturating_sub(1);
+        let mut msg = 0usize;
+        for i in 0..self.segs.len() {
+            let more = if i < last { libc::MSG_MORE } else { 0 };
+            let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL | more;
+            let (owner, sent, sqe) = match self.segs[i] {
+                SendSeg::Msg {
+                    owner,
+                    first,
+                    count,
+                    bytes,
+                } => {
+                    let m = &mut self.msgs[msg];
+                    msg += 1;
+                    // SAFETY: all-zero is a valid msghdr.
+                    *m = unsafe { std::mem::zeroed() };
+                    m.msg_iov = self.iovecs[first..].as_mut_ptr();
+                    m.msg_iovlen = count as _;
+                    let sqe = opcode::SendMsg::new(fd, m).flags(flags as u32).build();
+                    (owner, Sent::Bytes(bytes), sqe)
+                }
+                SendSeg::Pages {
+                    tag,
+                    index,
+                    len,
+                    how: PayloadSend::Send,
+                } => {
+                    let sqe = fixed_send::send(fd, index, 0, len, flags);
+                    (tag, Sent::Bytes(len as usize), sqe)
+                }
+                SendSeg::Pages {
+                    tag,
+                    index,
+                    len,
+                    how: PayloadSend::Zc,
+                } => {
+                    let sqe = opcode::SendZc::new(fd, std::ptr::null(), len)
+                        .buf_index(Some(index))
+                        .flags(flags)
+                        .build();
+                    (tag, Sent::Bytes(len as usize), sqe)
+                }
+                SendSeg::Pages {
+                    tag,
+                    index,
+                    len,
+                    how: PayloadSend::Write,
+                } => {
+                    let sent = Sent::Write {
+                        tag,
+                        index,
+                        addr: 0,
+                        len,
+                    };
+                    (tag, sent, write_sqe(fd, sent))
+                }
+            };
+            let sqe = if i < last {
+                sqe.flags(squeue::Flags::IO_LINK)
+            } else {
+                sqe
+            };
+            // SAFETY: the msghdrs and iovecs live in boxed slices of this handler that
+            // are not touched while a chain is in flight (the kernel copies them at
+            // submission anyway); the headers and payloads they point to stay valid
+            // until the request is finished, which waits for the request's own SQEs,
+            // and a reply (which lets a request finish) comes only after the server
+            // has got all of the request's bytes. A zero-copy payload is held until its
+            // notification by the queue.
+            match unsafe { ring.push(owner, step(STEP_SEND, generation), sqe) } {
+                Ok(()) => {
+                    tags.get_mut(owner).sqes += 1;
+                    self.inflight += 1;
+                    self.expect.push_back(sent);
+                }
+                Err(_) => {
+                    // Cannot happen after `reserve`; fail safe if it does.
+                    let why = "the ring is full in the middle of a send";
+                    return Err(Broken::Lost(why.into()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A send SQE of the current connection completed.
+    pub(super) fn done(
+        &mut self,
+        res: i32,
+        conn: &Connection,
+        tags: &mut Tags,
+        ring: &mut dyn Ring,
+    ) -> Result<(), Broken> {
+        let Some(sent) = self.expect.pop_front() else {
+            let why = "a send completion nobody waited for";
+            return Err(Broken::Lost(why.into()));
+        };
+        match sent {
+            Sent::Bytes(expected) if res < 0 || res as usize != expected => {
+                let why = socket_failure(res, expected);
+                Err(Broken::Lost(format!("send: {why}")))
+            }
+            Sent::Bytes(_) => Ok(()),
+            Sent::Write {
+                tag,
+                index,
+                addr,
+                len,
+            } => {
+                if res == -libc::EAGAIN || res == -libc::EINTR {
+                    return self.push_write(sent, conn, tags, ring);
+                }
+                if res <= 0 || res as u32 > len {
+                    let why = socket_failure(res, len as usize);
+                    return Err(Broken::Lost(format!("send: {why}")));
+                }
+                if (res as u32) < len {
+                    // Short: the rest, on its own (it ended its chain).
+                    let rest = Sent::Write {
+                        tag,
+                        index,
+                        addr: addr + res as u64,
+                        len: len - res as u32,
+                    };
+                    return self.push_write(rest, conn, tags, ring);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Continues a WRITE_FIXED payload as a chain of its own.
+    fn push_write(
+        &mut self,
+        w: Sent,
+        conn: &Connection,
+        tags: &mut Tags,
+        ring: &mut dyn Ring,
+    ) -> Result<(), Broken> {
+        let Sent::Write { tag, .. } = w else {
+            return Ok(());
+        };
+        let sqe = write_sqe(conn.fd(), w);
+        // SAFETY: the payload is the request's registered buffer, valid until the
+        // request is finished, which waits for this SQE.
+        match unsafe { ring.push(tag, step(STEP_SEND, conn.generation()), sqe) } {
+            Ok(()) => {
+                tags.get_mut(tag).sqes += 1;
+                self.inflight += 1;
+                self.expect.push_back(w);
+                Ok(())
+            }
+            Err(_) => {
+                let why = "the ring is full: cannot continue a send";
+                Err(Broken::Lost(why.into()))
+            }
+        }
+    }
+}
+
+/// The WRITE_FIXED that sends `w` (a payload in registered pages) on `fd`.
+fn write_sqe(fd: types::Fd, w: Sent) -> squeue::Entry {
+    match w {
+        Sent::Write {
+            index, addr, len, ..
+        } => opcode::WriteFixed::new(fd, addr as *const u8, len, index)
+            .offset(u64::MAX)
+            .build(),
+        Sent::Bytes(_) => opcode::Nop::new().build(),
+    }
+}
