@@ -14,7 +14,7 @@ use crate::Ring;
 use io_uring::{opcode, types};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,6 +84,8 @@ pub(super) struct Connection {
     handoff: Handoff,
     /// The socket's SO_RCVLOWAT as last set (a new socket's is 1).
     lowat: usize,
+    /// The device's count of successful reconnects (`ublkctl stats`).
+    reconnects: Arc<AtomicU64>,
 }
 
 impl Connection {
@@ -95,6 +97,7 @@ impl Connection {
         reconnect_timeout: Duration,
         abort: Arc<AtomicBool>,
         wake: OwnedFd,
+        reconnects: Arc<AtomicU64>,
     ) -> Self {
         Connection {
             fd: types::Fd(sock.as_raw_fd()),
@@ -111,6 +114,7 @@ impl Connection {
             wake_buf: Box::new(0),
             handoff: Arc::new(Mutex::new(None)),
             lowat: 1,
+            reconnects,
         }
     }
 
@@ -248,6 +252,7 @@ impl Connection {
                 self.generation = self.generation.wrapping_add(1);
                 self.link = Link::Up;
                 self.state.store(CONN_UP, Ordering::Relaxed);
+                self.reconnects.fetch_add(1, Ordering::Relaxed);
                 Reconnected::Up
             }
             Some(Err(why)) => Reconnected::GaveUp(why),

@@ -50,7 +50,7 @@ pub use connect::NbdError;
 use proto::ExportInfo;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 pub use uri::{Address, NbdUri};
@@ -80,6 +80,8 @@ pub struct NbdTarget {
     /// One connection per queue, taken by the queue's handler.
     conns: Mutex<Vec<Option<OwnedFd>>>,
     states: Vec<Arc<AtomicU8>>,
+    /// Successful reconnects of all the device's connections (`ublkctl stats`).
+    reconnects: Arc<AtomicU64>,
     request_timeout: Duration,
     /// The queues' wake-up eventfds (see `abort`).
     wakes: Arc<Mutex<Vec<OwnedFd>>>,
@@ -141,6 +143,7 @@ impl NbdTarget {
             states: (0..connections)
                 .map(|_| Arc::new(AtomicU8::new(CONN_UP)))
                 .collect(),
+            reconnects: Arc::new(AtomicU64::new(0)),
             conns: Mutex::new(conns),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             wakes: Arc::new(Mutex::new(Vec::new())),
@@ -257,6 +260,7 @@ impl Target for NbdTarget {
             self.reconnect_timeout,
             self.abort.clone(),
             wake,
+            self.reconnects.clone(),
         );
         Ok(Box::new(queue::NbdQueue::new(
             conn,
@@ -268,6 +272,10 @@ impl Target for NbdTarget {
             },
             ctx.user_copy_fd.map(|fd| (fd, ctx.qid)),
         )))
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("reconnects", self.reconnects.load(Ordering::Relaxed))]
     }
 
     fn max_io_bytes(&self) -> Option<u32> {
