@@ -97,7 +97,6 @@ impl Connection {
         reconnect_timeout: Duration,
         abort: Arc<AtomicBool>,
         wake: OwnedFd,
-        reconnects: Arc<AtomicU64>,
     ) -> Self {
         Connection {
             fd: types::Fd(sock.as_raw_fd()),
@@ -114,8 +113,15 @@ impl Connection {
             wake_buf: Box::new(0),
             handoff: Arc::new(Mutex::new(None)),
             lowat: 1,
-            reconnects,
+            reconnects: Arc::default(),
         }
+    }
+
+    /// Counts this connection's successful reconnects into `reconnects` (the device's
+    /// total, for `ublkctl stats`).
+    pub(super) fn count_reconnects_in(mut self, reconnects: Arc<AtomicU64>) -> Self {
+        self.reconnects = reconnects;
+        self
     }
 
     /// The socket, for SQEs.

@@ -260,8 +260,8 @@ impl Target for NbdTarget {
             self.reconnect_timeout,
             self.abort.clone(),
             wake,
-            self.reconnects.clone(),
-        );
+        )
+        .count_reconnects_in(self.reconnects.clone());
         Ok(Box::new(queue::NbdQueue::new(
             conn,
             depth,
