@@ -92,8 +92,10 @@ fn a_failed_device_keeps_its_id_and_record() {
     assert!(ids(&d).is_empty());
 }
 
-/// Requests that change devices are refused while the recorded devices are restored;
-/// `list` answers and shows which are still restoring.
+/// A recorded network device whose server does not answer does not hold up the daemon:
+/// it connects in the background, and while an attempt runs its id cannot be taken and
+/// the device cannot be changed; between attempts it is `connecting`, with the reason,
+/// and can be deleted.
 #[test]
 fn changes_wait_for_the_restore() {
     require_ublk();
@@ -122,33 +124,42 @@ fn changes_wait_for_the_restore() {
         r#"{"version":1,"id":9,"add":{"target":{"type":"nbd","uri":"nbd://127.0.0.1:10960/x"},"id":9},"buffer":"auto-zc"}"#,
     )
     .unwrap();
-    let mut d = Daemon::spawn_with(test, &[]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !d.ctl(&["list"]).status.success() {
-        assert!(Instant::now() < deadline, "no answer:\n{}", d.log_text());
+    // The network device connects in the background: the daemon is ready at once, and
+    // while the attempt runs nothing can take the device's id or change the device.
+    let d = Daemon::start_with(test, &[]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while list_entry(&d, 9)["state"] != "recovering" {
+        assert!(Instant::now() < deadline, "{}", list_entry(&d, 9));
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(list_entry(&d, 9)["state"], "restoring");
-    for args in [
-        &["add", "null"][..],
-        &["add", "null", "--id", "9"],
-        &["del", "9"],
-        &["recover", "9"],
-    ] {
+    let err = d.ctl_err(&["add", "null", "--id", "9"]);
+    assert!(err.contains("device id 9 is in use"), "{err}");
+    for args in [&["del", "9"][..], &["recover", "9"]] {
         let err = d.ctl_err(args);
-        assert!(
-            err.contains("ublkd is restoring its devices; try again"),
-            "{err}"
-        );
+        assert!(err.contains("device 9 is recovering; try again"), "{err}");
     }
-    d.wait_ready();
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let e = list_entry(&d, 9);
-    assert_eq!(e["state"], "failed", "{e}");
     let dn = d.add(&["null", "--size", "16M"]);
     assert_ne!(dev_id(&dn), 9);
     d.del(&dn);
-    d.ctl_ok(&["del", "9"]);
+    // The server never answers: after the handshake's deadline the device waits for the
+    // next attempt, with the reason, and can be deleted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let e = loop {
+        let e = list_entry(&d, 9);
+        if e["state"] == "connecting" && e["error"] != "not tried yet" {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "{e}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(e["error"].as_str().unwrap().contains("10960"), "{e}");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    // An attempt may be under way again: del waits for it by being refused meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d.ctl(&["del", "9"]).status.success() {
+        assert!(Instant::now() < deadline, "{}", list_entry(&d, 9));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(ids(&d).is_empty());
     hold.join().unwrap();
 }
