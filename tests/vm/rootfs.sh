@@ -5,7 +5,7 @@
 #
 # Built with mmdebstrap from the host's Debian mirror (suite bookworm, like the host,
 # so the host-built binaries and the libraries copied beside them fit), variant
-# minbase plus systemd, kmod, e2fsprogs and procps; documentation left out. About
+# minbase plus systemd, udev (the /dev/ublkd/NAME links), kmod, e2fsprogs and procps; documentation left out. About
 # 35 s and 200 MB the first time; once cached, no network and it returns at once.
 #
 # Usage: tests/vm/rootfs.sh [--rebuild]
@@ -16,9 +16,9 @@ set -euo pipefail
 PROG=rootfs.sh
 CACHE=${UBLKD_VM_CACHE:-/var/cache/ublkd-vm}
 SUITE=bookworm
-PACKAGES=systemd,systemd-sysv,kmod,e2fsprogs,procps
+PACKAGES=systemd,systemd-sysv,udev,kmod,e2fsprogs,procps
 # Bump when the recipe changes, so caches rebuild.
-RECIPE=1
+RECIPE=2
 OUT=$CACHE/rootfs/$SUITE-systemd-r$RECIPE.tar
 
 die() { printf '%s: error: %s\n' "$PROG" "$*" >&2; exit 1; }
