@@ -5,8 +5,9 @@
 #
 # Built with mmdebstrap from the host's Debian mirror (suite bookworm, like the host,
 # so the host-built binaries and the libraries copied beside them fit), variant
-# minbase plus systemd, udev (the /dev/ublkd/NAME links), kmod, e2fsprogs and procps; documentation left out. About
-# 35 s and 200 MB the first time; once cached, no network and it returns at once.
+# minbase plus systemd, udev (the /dev/ublkd/NAME links), kmod, e2fsprogs and procps;
+# documentation left out. About 35 s and 200 MB the first time; once cached, no network
+# and it returns at once.
 #
 # Usage: tests/vm/rootfs.sh [--rebuild]
 # Environment: UBLKD_VM_CACHE (default /var/cache/ublkd-vm),
