@@ -26,8 +26,13 @@
 //! and a slow one still gets the final writeback.
 
 mod fixed_send;
+mod ktls;
 pub mod proto;
 mod queue;
+mod relay;
+pub mod tls;
+#[cfg(test)]
+mod tls_tests;
 pub mod uri;
 
 use crate::{DeviceShape, QueueContext, QueueTarget, Target};
@@ -59,6 +64,8 @@ pub enum NbdError {
     Connect { uri: String, source: io::Error },
     #[error("{uri}: {source}")]
     Handshake { uri: String, source: HandshakeError },
+    #[error("{uri}: {source}")]
+    Tls { uri: String, source: tls::TlsError },
     #[error("{uri}: the server does not advertise multi-conn, so the device can have only one queue (use --queues 1)")]
     NoMultiConn { uri: String },
     #[error("{uri}: the export needs a block size of at least {min} (use --block-size 4096)")]
@@ -88,6 +95,8 @@ const CONN_RECONNECTING: u8 = 2;
 /// A connected stream the handshake can run on with timeouts.
 trait Stream: io::Read + io::Write + Into<OwnedFd> {
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
+    /// The socket the queue gets once the TLS session `conn` is set up on it.
+    fn into_tls(self, conn: rustls::ClientConnection) -> Result<OwnedFd, tls::TlsError>;
 }
 
 impl Stream for TcpStream {
@@ -95,12 +104,20 @@ impl Stream for TcpStream {
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
     }
+    /// The kernel takes the session over (kTLS).
+    fn into_tls(self, conn: rustls::ClientConnection) -> Result<OwnedFd, tls::TlsError> {
+        ktls::offload(self, conn)
+    }
 }
 
 impl Stream for UnixStream {
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
+    }
+    /// kTLS is for TCP only: a relay thread keeps the session in userspace.
+    fn into_tls(self, conn: rustls::ClientConnection) -> Result<OwnedFd, tls::TlsError> {
+        relay::start(self, conn)
     }
 }
 
@@ -162,22 +179,59 @@ impl<S: Stream> io::Write for Bounded<'_, S> {
     }
 }
 
-/// Runs the handshake on `s` until `deadline`, then hands the socket over.
+/// Runs the handshake on `s` until `deadline`, then hands the socket over. With `tls`
+/// (nbds), NBD_OPT_STARTTLS and the TLS handshake come first, the options go over TLS,
+/// and the socket is handed over with its session in the kernel (or in a relay).
 fn negotiate<S: Stream>(
     s: S,
     uri: &NbdUri,
+    tls: Option<Arc<rustls::ClientConfig>>,
     deadline: Instant,
     abort: &AtomicBool,
 ) -> Result<(OwnedFd, ExportInfo), NbdError> {
     let u = uri.to_string();
+    let hs = |source| NbdError::Handshake {
+        uri: u.clone(),
+        source,
+    };
+    let tls_err = |source| NbdError::Tls {
+        uri: u.clone(),
+        source,
+    };
     let mut b = Bounded { s, deadline, abort };
-    let info = proto::handshake(&mut b, &uri.export).map_err(|source| NbdError::Handshake {
+    let greeting = proto::greet(&mut b).map_err(hs)?;
+    let (Some(config), Some(params)) = (tls, &uri.tls) else {
+        let info = proto::options(&mut b, &uri.export, greeting).map_err(hs)?;
+        b.s.set_timeouts(None)
+            .map_err(|source| NbdError::Connect { uri: u, source })?;
+        return Ok((b.s.into(), info));
+    };
+    proto::starttls(&mut b, greeting).map_err(hs)?;
+    let mut conn = tls::connection(config, params, &uri.address).map_err(tls_err)?;
+    tls::handshake(&mut conn, &mut b).map_err(tls_err)?;
+    let info = match proto::options(
+        &mut rustls::Stream::new(&mut conn, &mut b),
+        &uri.export,
+        greeting,
+    ) {
+        Ok(info) => info,
+        Err(e) => {
+            let why = match &e {
+                HandshakeError::Io(io) => tls::refusal(&mut conn, &mut b, io),
+                _ => None,
+            };
+            return Err(match why {
+                Some(why) => tls_err(tls::TlsError::Handshake(why)),
+                None => hs(e),
+            });
+        }
+    };
+    b.s.set_timeouts(None).map_err(|source| NbdError::Connect {
         uri: u.clone(),
         source,
     })?;
-    b.s.set_timeouts(None)
-        .map_err(|source| NbdError::Connect { uri: u, source })?;
-    Ok((b.s.into(), info))
+    let fd = b.s.into_tls(conn).map_err(tls_err)?;
+    Ok((fd, info))
 }
 
 /// Connects and negotiates within CONNECT_TIMEOUT in all; gives up when `abort` is set.
@@ -186,6 +240,18 @@ fn connect_one(uri: &NbdUri, abort: &AtomicBool) -> Result<(OwnedFd, ExportInfo)
     let connect_err = |source| NbdError::Connect {
         uri: uri.to_string(),
         source,
+    };
+    // Credentials are read before connecting: a missing file needs no server to tell.
+    let tls = match &uri.tls {
+        Some(params) => {
+            Some(
+                tls::client_config(params, &uri.address).map_err(|source| NbdError::Tls {
+                    uri: uri.to_string(),
+                    source,
+                })?,
+            )
+        }
+        None => None,
     };
     match &uri.address {
         Address::Tcp { host, port } => {
@@ -202,7 +268,7 @@ fn connect_one(uri: &NbdUri, abort: &AtomicBool) -> Result<(OwnedFd, ExportInfo)
                 match TcpStream::connect_timeout(&addr, left) {
                     Ok(s) => {
                         s.set_nodelay(true).map_err(connect_err)?;
-                        return negotiate(s, uri, deadline, abort);
+                        return negotiate(s, uri, tls, deadline, abort);
                     }
                     Err(e) => last = e,
                 }
@@ -212,6 +278,7 @@ fn connect_one(uri: &NbdUri, abort: &AtomicBool) -> Result<(OwnedFd, ExportInfo)
         Address::Unix(path) => negotiate(
             UnixStream::connect(path).map_err(connect_err)?,
             uri,
+            tls,
             deadline,
             abort,
         ),
@@ -418,7 +485,8 @@ impl Target for NbdTarget {
             wake,
             Arc::new(Mutex::new(None)),
             queue::PayloadSends {
-                zc: matches!(self.uri.address, Address::Tcp { .. }),
+                // SEND_ZC fails on a kTLS socket (the kernel must encrypt a copy).
+                zc: matches!(self.uri.address, Address::Tcp { .. }) && self.uri.tls.is_none(),
                 fixed: fixed_send::supported(),
             },
             ctx.user_copy_fd.map(|fd| (fd, ctx.qid)),

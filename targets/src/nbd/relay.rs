@@ -1,0 +1,147 @@
+//! TLS over a Unix socket (nbds+unix://): the kernel's TLS works on TCP only, so a
+//! thread keeps the session in rustls and relays plaintext to one end of a socket pair;
+//! the queue gets the other end and uses it as it uses a plain Unix socket. When either
+//! side closes or fails, both are shut down: the queue sees its connection end and
+//! reconnects (a new handshake, a new relay), and the relay ends.
+
+use super::tls::TlsError;
+use rustls::ClientConnection;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+/// How much decrypted data waits for the queue before the relay stops reading the server.
+const MAX_PENDING: usize = 1 << 20;
+
+/// Starts the relay for `conn`, which ran on `server`; returns the queue's end.
+pub fn start(server: UnixStream, conn: ClientConnection) -> Result<OwnedFd, TlsError> {
+    let (ours, queue) = UnixStream::pair().map_err(TlsError::Relay)?;
+    server.set_nonblocking(true).map_err(TlsError::Relay)?;
+    ours.set_nonblocking(true).map_err(TlsError::Relay)?;
+    std::thread::Builder::new()
+        .name("nbd-tls-relay".into())
+        .spawn(move || {
+            if let Err(e) = run(&server, &ours, conn) {
+                log::info!("nbd: TLS relay ends: {e}");
+            }
+            let _ = server.shutdown(Shutdown::Both);
+            let _ = ours.shutdown(Shutdown::Both);
+        })
+        .map_err(TlsError::Relay)?;
+    Ok(queue.into())
+}
+
+fn gone(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, what.to_string())
+}
+
+fn would_block(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+fn run(
+    mut server: &UnixStream,
+    mut ours: &UnixStream,
+    mut conn: ClientConnection,
+) -> io::Result<()> {
+    // Decrypted bytes the queue has not taken yet.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // Encrypted bytes out to the server.
+        while conn.wants_write() {
+            match conn.write_tls(&mut server) {
+                Ok(_) => {}
+                Err(e) if would_block(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        // Decrypted bytes out to the queue.
+        while !pending.is_empty() {
+            match ours.write(&pending) {
+                Ok(0) => return Err(gone("the queue closed its end")),
+                Ok(n) => {
+                    pending.drain(..n);
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: server.as_raw_fd(),
+                events: 0,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: ours.as_raw_fd(),
+                events: 0,
+                revents: 0,
+            },
+        ];
+        if pending.len() < MAX_PENDING {
+            fds[0].events |= libc::POLLIN;
+        }
+        if conn.wants_write() {
+            fds[0].events |= libc::POLLOUT;
+        } else {
+            // Take the queue's requests only when the last ones went out.
+            fds[1].events |= libc::POLLIN;
+        }
+        if !pending.is_empty() {
+            fds[1].events |= libc::POLLOUT;
+        }
+        // SAFETY: `fds` is a live array of two pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if would_block(&e) {
+                continue;
+            }
+            return Err(e);
+        }
+        let (sr, or) = (fds[0].revents, fds[1].revents);
+        if or & (libc::POLLERR | libc::POLLNVAL) != 0 {
+            return Err(gone("the queue's end failed"));
+        }
+        if sr & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            match conn.read_tls(&mut server) {
+                Ok(0) => return Err(gone("the server closed the connection")),
+                Ok(_) => {
+                    let state = conn
+                        .process_new_packets()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    let mut left = state.plaintext_bytes_to_read();
+                    while left > 0 {
+                        let n = conn.reader().read(&mut buf[..left.min(64 * 1024)])?;
+                        if n == 0 {
+                            break;
+                        }
+                        pending.extend_from_slice(&buf[..n]);
+                        left -= n;
+                    }
+                    if state.peer_has_closed() {
+                        // Whatever was decrypted goes to the queue first.
+                        ours.set_nonblocking(false)?;
+                        ours.write_all(&pending)?;
+                        return Err(gone("the server ended the TLS session"));
+                    }
+                }
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if or & (libc::POLLIN | libc::POLLHUP) != 0 && fds[1].events & libc::POLLIN != 0 {
+            match ours.read(&mut buf) {
+                Ok(0) => return Err(gone("the queue closed its end")),
+                Ok(n) => conn.writer().write_all(&buf[..n])?,
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
