@@ -430,6 +430,17 @@ impl Target for NbdTarget {
                 format!("{} s", self.request_timeout.as_secs()),
             ),
             ("connections".into(), states.join(", ")),
+            (
+                "tls".into(),
+                match (&self.uri.tls, &self.uri.address) {
+                    (None, _) => "no",
+                    (Some(_), Address::Tcp { .. }) => "yes, in the kernel (kTLS)",
+                    (Some(_), Address::Unix(_)) => {
+                        "yes, relayed by ublkd (no kTLS on Unix sockets)"
+                    }
+                }
+                .into(),
+            ),
             ("server flags".into(), format!("{:#x}", i.flags)),
             ("multi-conn".into(), yes(proto::TFLAG_CAN_MULTI_CONN)),
             ("flush".into(), yes(proto::TFLAG_SEND_FLUSH)),

@@ -136,3 +136,26 @@ fn bad_certificates_and_servers_are_clear_errors() {
     let e = connect(&uri).unwrap_err().to_string();
     assert!(e.contains("TLS-PSK is not supported yet"), "{e}");
 }
+
+#[test]
+fn qemu_nbd_over_tls() {
+    let dir = format!("/tmp/ublkd-tls-qemu-{}", std::process::id());
+    let pki = pki::make(&dir, ServerCert::Good, false);
+    let file = format!("{dir}/disk.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let creds = format!(
+        "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir={}",
+        pki.server.display()
+    );
+    let server = Server::qemu_nbd_with(
+        Listen::Unix(format!("{dir}/nbd.sock")),
+        &file,
+        &["--object", &creds, "--tls-creds", "tls0"],
+    );
+    let (fd, info) = connect(&pki::tls_uri(&server.uri, &pki.client)).unwrap();
+    assert_eq!(info.size, 16 << 20);
+    write_and_read(fd);
+}
