@@ -48,6 +48,9 @@ fn run(
     mut ours: &UnixStream,
     mut conn: ClientConnection,
 ) -> io::Result<()> {
+    // The queue's bytes are taken only when the last ones went out (see the poll below):
+    // no limit is needed, and one with it could refuse part of a read.
+    conn.set_buffer_limit(None);
     // Decrypted bytes the queue has not taken yet.
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
