@@ -42,6 +42,10 @@ pub fn offload(tcp: TcpStream, mut conn: ClientConnection) -> Result<OwnedFd, Tl
         Some(ProtocolVersion::TLSv1_2) => TLS_1_2_VERSION,
         v => return Err(TlsError::Ktls(format!("unexpected TLS version {v:?}"))),
     };
+    let suite = conn
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()))
+        .unwrap_or_default();
     let secrets = conn
         .dangerous_extract_secrets()
         .map_err(|e| TlsError::Ktls(e.to_string()))?;
@@ -49,20 +53,21 @@ pub fn offload(tcp: TcpStream, mut conn: ClientConnection) -> Result<OwnedFd, Tl
     set(fd, libc::SOL_TCP, TCP_ULP, b"tls").map_err(TlsError::NoKtls)?;
     let (tx_seq, tx) = secrets.tx;
     let (rx_seq, rx) = secrets.rx;
-    set(
-        fd,
-        libc::SOL_TLS,
-        TLS_TX,
-        &crypto_info(version, tx_seq, &tx)?,
-    )
-    .map_err(|e| TlsError::Ktls(format!("TLS_TX: {e}")))?;
-    set(
-        fd,
-        libc::SOL_TLS,
-        TLS_RX,
-        &crypto_info(version, rx_seq, &rx)?,
-    )
-    .map_err(|e| TlsError::Ktls(format!("TLS_RX: {e}")))?;
+    // ENOENT here: the kernel has no AES-GCM AEAD (crypto_alloc_aead("gcm(aes)")).
+    let keys_err = |dir: &str, e: io::Error| {
+        let hint = match e.raw_os_error() {
+            Some(libc::ENOENT) => " (the kernel lacks AES-GCM: load the module 'gcm')",
+            _ => "",
+        };
+        TlsError::Ktls(format!("{dir}: {e}{hint}"))
+    };
+    let info = crypto_info(version, tx_seq, &tx)?;
+    set(fd, libc::SOL_TLS, TLS_TX, &info).map_err(|e| keys_err("TLS_TX", e))?;
+    let info = crypto_info(version, rx_seq, &rx)?;
+    set(fd, libc::SOL_TLS, TLS_RX, &info).map_err(|e| keys_err("TLS_RX", e))?;
+    log::info!(
+        "nbd: {suite} session handed to the kernel (kTLS) at record {tx_seq} sent, {rx_seq} received"
+    );
     Ok(tcp.into())
 }
 
