@@ -32,8 +32,7 @@ CACHE=${UBLKD_VM_CACHE:-/var/cache/ublkd-vm}
 SUITE=${UBLKD_VM_KERNEL_SUITE:-trixie-backports}
 META=${UBLKD_VM_KERNEL_META:-linux-image-cloud-amd64}
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-# tls, gcm, ctr: kernel TLS with AES-GCM for the nbd target's nbds:// tests.
-WANTED_MODULES=(configfs null_blk ublk_drv loop nbd tls gcm ctr)
+WANTED_MODULES=(configfs null_blk ublk_drv loop nbd)
 # shellcheck disable=SC2206 # word splitting intended
 WANTED_MODULES+=(${UBLKD_VM_EXTRA_MODULES:-})
 

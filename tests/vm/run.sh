@@ -300,8 +300,7 @@ load_mod() {
     [ -d "/sys/module/$1" ] && return 0
     insmod "/lib/modules/$1.ko" || { echo "ublkd-vm: insmod $1.ko failed"; return 1; }
 }
-# tls, gcm, ctr: kTLS with AES-GCM (the guest has no modprobe to load them on demand).
-for m in configfs ublk_drv loop nbd tls gcm ctr; do
+for m in configfs ublk_drv loop nbd; do
     load_mod "$m" || fail "cannot load module $m"
 done
 mount -t configfs configfs /sys/kernel/config || fail "mount configfs"

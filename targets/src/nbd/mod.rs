@@ -26,7 +26,6 @@
 //! and a slow one still gets the final writeback.
 
 mod fixed_send;
-mod ktls;
 pub mod proto;
 mod queue;
 mod relay;
@@ -95,8 +94,6 @@ const CONN_RECONNECTING: u8 = 2;
 /// A connected stream the handshake can run on with timeouts.
 trait Stream: io::Read + io::Write + Into<OwnedFd> {
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
-    /// The socket the queue gets once the TLS session `conn` is set up on it.
-    fn into_tls(self, conn: rustls::ClientConnection) -> Result<OwnedFd, tls::TlsError>;
 }
 
 impl Stream for TcpStream {
@@ -104,20 +101,12 @@ impl Stream for TcpStream {
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
     }
-    /// The kernel takes the session over (kTLS).
-    fn into_tls(self, conn: rustls::ClientConnection) -> Result<OwnedFd, tls::TlsError> {
-        ktls::offload(self, conn)
-    }
 }
 
 impl Stream for UnixStream {
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
-    }
-    /// kTLS is for TCP only: a relay thread keeps the session in userspace.
-    fn into_tls(self, conn: rustls::ClientConnection) -> Result<OwnedFd, tls::TlsError> {
-        relay::start(self, conn)
     }
 }
 
@@ -181,7 +170,7 @@ impl<S: Stream> io::Write for Bounded<'_, S> {
 
 /// Runs the handshake on `s` until `deadline`, then hands the socket over. With `tls`
 /// (nbds), NBD_OPT_STARTTLS and the TLS handshake come first, the options go over TLS,
-/// and the socket is handed over with its session in the kernel (or in a relay).
+/// and the queue gets its end of the session's relay (`relay.rs`).
 fn negotiate<S: Stream>(
     s: S,
     uri: &NbdUri,
@@ -230,7 +219,7 @@ fn negotiate<S: Stream>(
         uri: u.clone(),
         source,
     })?;
-    let fd = b.s.into_tls(conn).map_err(tls_err)?;
+    let fd = relay::start(b.s.into(), conn).map_err(tls_err)?;
     Ok((fd, info))
 }
 
@@ -432,12 +421,9 @@ impl Target for NbdTarget {
             ("connections".into(), states.join(", ")),
             (
                 "tls".into(),
-                match (&self.uri.tls, &self.uri.address) {
-                    (None, _) => "no",
-                    (Some(_), Address::Tcp { .. }) => "yes, in the kernel (kTLS)",
-                    (Some(_), Address::Unix(_)) => {
-                        "yes, relayed by ublkd (no kTLS on Unix sockets)"
-                    }
+                match &self.uri.tls {
+                    None => "no",
+                    Some(_) => "yes (rustls, relayed by ublkd)",
                 }
                 .into(),
             ),
@@ -496,7 +482,7 @@ impl Target for NbdTarget {
             wake,
             Arc::new(Mutex::new(None)),
             queue::PayloadSends {
-                // SEND_ZC fails on a kTLS socket (the kernel must encrypt a copy).
+                // With TLS the queue's socket is its end of the relay's socket pair.
                 zc: matches!(self.uri.address, Address::Tcp { .. }) && self.uri.tls.is_none(),
                 fixed: fixed_send::supported(),
             },

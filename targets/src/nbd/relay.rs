@@ -1,35 +1,55 @@
-//! TLS over a Unix socket (nbds+unix://): the kernel's TLS works on TCP only, so a
-//! thread keeps the session in rustls and relays plaintext to one end of a socket pair;
-//! the queue gets the other end and uses it as it uses a plain Unix socket. When either
-//! side closes or fails, both are shut down: the queue sees its connection end and
-//! reconnects (a new handshake, a new relay), and the relay ends.
+//! The TLS relay: after the handshake a thread per connection keeps the session in rustls
+//! and relays plaintext to one end of a socket pair; the queue gets the other end and
+//! uses it as it uses a plain Unix socket. When either side closes or fails, both are
+//! shut down: the queue sees its connection end and reconnects (a new handshake, a new
+//! relay), and the relay ends. rustls handles every record the server sends (alerts,
+//! session tickets, key updates), so none of them can break the queue's stream.
+//!
+//! Why not kernel TLS (kTLS): the queue's linked send chains rely on MSG_WAITALL (a send
+//! is all or a failure, so the next one in the chain never follows a short one), and a
+//! kTLS socket refuses sends with MSG_WAITALL (EOPNOTSUPP, seen on 7.3). kTLS would need
+//! sends that may be short, continued one at a time; until the queue has that, TLS costs
+//! one copy each way through this relay.
 
 use super::tls::TlsError;
 use rustls::ClientConnection;
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 /// How much decrypted data waits for the queue before the relay stops reading the server.
 const MAX_PENDING: usize = 1 << 20;
 
-/// Starts the relay for `conn`, which ran on `server`; returns the queue's end.
-pub fn start(server: UnixStream, conn: ClientConnection) -> Result<OwnedFd, TlsError> {
+/// Starts the relay for `conn`, which ran on the socket `server` (TCP or Unix); returns
+/// the queue's end.
+pub fn start(server: OwnedFd, conn: ClientConnection) -> Result<OwnedFd, TlsError> {
     let (ours, queue) = UnixStream::pair().map_err(TlsError::Relay)?;
-    server.set_nonblocking(true).map_err(TlsError::Relay)?;
+    set_nonblocking(&server).map_err(TlsError::Relay)?;
     ours.set_nonblocking(true).map_err(TlsError::Relay)?;
+    // read(2) and write(2) on the socket (a File is only the handle for them).
+    let server = File::from(server);
     std::thread::Builder::new()
         .name("nbd-tls-relay".into())
         .spawn(move || {
             if let Err(e) = run(&server, &ours, conn) {
                 log::info!("nbd: TLS relay ends: {e}");
             }
-            let _ = server.shutdown(Shutdown::Both);
+            let _ =
+                nix::sys::socket::shutdown(server.as_raw_fd(), nix::sys::socket::Shutdown::Both);
             let _ = ours.shutdown(Shutdown::Both);
         })
         .map_err(TlsError::Relay)?;
     Ok(queue.into())
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(fd.as_fd().as_raw_fd(), FcntlArg::F_GETFL)?;
+    let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd.as_fd().as_raw_fd(), FcntlArg::F_SETFL(flags))?;
+    Ok(())
 }
 
 fn gone(what: &str) -> io::Error {
@@ -43,11 +63,7 @@ fn would_block(e: &io::Error) -> bool {
     )
 }
 
-fn run(
-    mut server: &UnixStream,
-    mut ours: &UnixStream,
-    mut conn: ClientConnection,
-) -> io::Result<()> {
+fn run(mut server: &File, mut ours: &UnixStream, mut conn: ClientConnection) -> io::Result<()> {
     // The queue's bytes are taken only when the last ones went out (see the poll below):
     // no limit is needed, and one with it could refuse part of a read.
     conn.set_buffer_limit(None);

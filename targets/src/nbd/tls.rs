@@ -1,10 +1,7 @@
 //! TLS for the nbd target (nbds://, nbds+unix://): the client's TLS handshake runs in
 //! userspace with rustls after NBD_OPT_STARTTLS; the rest of the option haggling (OPT_GO)
-//! runs over it; then the session keys go to the kernel (`ktls.rs`), so the queue's
-//! io_uring sends and receives plaintext on the socket as before and the kernel encrypts.
-//!
-//! The kernel's TLS works on TCP sockets only. Over a Unix socket a relay thread
-//! (`relay.rs`) keeps the session in rustls and hands the queue one end of a socket pair.
+//! runs over it; then a relay thread (`relay.rs`) keeps the session and hands the queue
+//! one end of a socket pair, on which its io_uring sends and receives plaintext as before.
 //!
 //! Credentials are laid out as qemu and nbdkit lay them out: `tls-certificates=DIR` holds
 //! `ca-cert.pem` (the CA that signs the server's certificate) and, for client
@@ -49,10 +46,8 @@ pub enum TlsError {
     },
     #[error("the TLS handshake failed: {0}")]
     Handshake(String),
-    #[error("the kernel has no TLS support (kTLS): load the module 'tls' (modprobe tls): {0}")]
-    NoKtls(io::Error),
-    #[error("cannot hand the TLS session to the kernel: {0}")]
-    Ktls(String),
+    #[error("cannot set up certificate checks: {0}")]
+    Verifier(String),
     #[error("cannot start the TLS relay: {0}")]
     Relay(io::Error),
 }
@@ -61,21 +56,9 @@ pub enum TlsError {
 /// more). rustls 0.23.48 deprecates it for having no post-quantum key exchange; the NBD
 /// servers (GnuTLS) negotiate X25519 or the NIST curves with it.
 ///
-/// AES-GCM only: every kernel with kTLS has it (ChaCha20 needs more modules loaded), and
-/// CPUs accelerate it.
 #[allow(deprecated)]
 fn provider() -> Arc<CryptoProvider> {
-    use rustls::CipherSuite as C;
-    let mut p = rustls::crypto::ring::default_provider();
-    p.cipher_suites.retain(|s| {
-        !matches!(
-            s.suite(),
-            C::TLS13_CHACHA20_POLY1305_SHA256
-                | C::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
-                | C::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
-        )
-    });
-    Arc::new(p)
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -112,7 +95,7 @@ pub fn client_config(params: &TlsParams, address: &Address) -> Result<Arc<Client
         }
         let v = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
-            .map_err(|e| TlsError::Ktls(e.to_string()))?;
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
         Some(v)
     } else {
         None
@@ -154,8 +137,7 @@ pub fn client_config(params: &TlsParams, address: &Address) -> Result<Arc<Client
             })
         }
     };
-    // The keys go to the kernel after the handshake; session tickets are of no use.
-    config.enable_secret_extraction = true;
+    // Every connect makes a full handshake: session tickets are of no use.
     config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
 }
