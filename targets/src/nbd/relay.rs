@@ -33,6 +33,10 @@ pub fn start(server: OwnedFd, conn: ClientConnection) -> Result<OwnedFd, TlsErro
     std::thread::Builder::new()
         .name("nbd-tls-relay".into())
         .spawn(move || {
+            // The device's requests wait on this thread: it must not wait on them.
+            if let Err(e) = crate::io_flusher() {
+                log::warn!("nbd: TLS relay: {e}");
+            }
             if let Err(e) = run(&server, &ours, conn) {
                 log::info!("nbd: TLS relay ends: {e}");
             }
