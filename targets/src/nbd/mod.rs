@@ -174,7 +174,7 @@ impl<S: Stream> io::Write for Bounded<'_, S> {
 fn negotiate<S: Stream>(
     s: S,
     uri: &NbdUri,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Option<(Arc<rustls::ClientConfig>, &uri::TlsParams)>,
     deadline: Instant,
     abort: &AtomicBool,
 ) -> Result<(OwnedFd, ExportInfo), NbdError> {
@@ -189,7 +189,7 @@ fn negotiate<S: Stream>(
     };
     let mut b = Bounded { s, deadline, abort };
     let greeting = proto::greet(&mut b).map_err(hs)?;
-    let (Some(config), Some(params)) = (tls, &uri.tls) else {
+    let Some((config, params)) = tls else {
         let info = proto::options(&mut b, &uri.export, greeting).map_err(hs)?;
         b.s.set_timeouts(None)
             .map_err(|source| NbdError::Connect { uri: u, source })?;
@@ -233,12 +233,12 @@ fn connect_one(uri: &NbdUri, abort: &AtomicBool) -> Result<(OwnedFd, ExportInfo)
     // Credentials are read before connecting: a missing file needs no server to tell.
     let tls = match &uri.tls {
         Some(params) => {
-            Some(
+            let config =
                 tls::client_config(params, &uri.address).map_err(|source| NbdError::Tls {
                     uri: uri.to_string(),
                     source,
-                })?,
-            )
+                })?;
+            Some((config, params))
         }
         None => None,
     };
