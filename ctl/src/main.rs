@@ -136,7 +136,8 @@ enum AddTarget {
     },
     /// A device backed by an NBD export; its size and capabilities are the server's.
     Nbd {
-        /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (port 10809 by default).
+        /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (port 10809 by default);
+        /// nbds:// and nbds+unix:// with tls-certificates=DIR for TLS.
         #[arg(long)]
         uri: String,
         /// Connections to the server, one per queue (more than one needs multi-conn);

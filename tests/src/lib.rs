@@ -4,6 +4,7 @@
 
 pub mod fake_nbd;
 pub mod nbd_server;
+pub mod pki;
 
 use serde_json::Value;
 use std::io::Read;

@@ -69,7 +69,13 @@ impl Server {
 
     /// qemu-nbd exporting a raw file as export "disk".
     pub fn qemu_nbd(listen: Listen, file: &str) -> Server {
-        let mut args: Vec<String> = vec!["-f".into(), "raw".into(), "-x".into(), "disk".into()];
+        Server::qemu_nbd_with(listen, file, &[])
+    }
+
+    /// `qemu_nbd` with more arguments (`extra`).
+    pub fn qemu_nbd_with(listen: Listen, file: &str, extra: &[&str]) -> Server {
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        args.extend(["-f".into(), "raw".into(), "-x".into(), "disk".into()]);
         args.extend(["-t".into(), "-e".into(), "4".into(), "--cache=none".into()]);
         let uri = match &listen {
             Listen::Tcp(port) => {

@@ -209,7 +209,7 @@ fn bad_uris_and_servers_get_clear_errors() {
         ),
         (
             vec!["nbds://127.0.0.1/x".into()],
-            "TLS (nbds://) is not supported yet",
+            "TLS needs credentials: add tls-certificates=DIR",
         ),
         (vec!["http://127.0.0.1/x".into()], "is not an NBD URI"),
         (vec!["nbd+unix:///x".into()], "needs ?socket=PATH"),

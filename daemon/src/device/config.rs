@@ -462,7 +462,7 @@ mod tests {
         assert!(build_target(&TargetSpec::Null { size: 4096 }, &geo(4096)).is_ok());
         let e = build_target(
             &TargetSpec::Nbd {
-                uri: "nbds://h/e".into(),
+                uri: "nbds://h/e?tls-psk-file=/k".into(),
                 reconnect_timeout: None,
                 request_timeout: None,
             },
@@ -471,7 +471,7 @@ mod tests {
         .err()
         .unwrap();
         assert!(
-            e.to_string().contains("TLS (nbds://) is not supported yet"),
+            e.to_string().contains("TLS-PSK is not supported yet"),
             "{e}"
         );
     }

@@ -3,11 +3,13 @@
 
 use super::proto::{self, ExportInfo, HandshakeError};
 use super::uri::{self, Address, NbdUri};
+use super::{relay, tls};
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -22,6 +24,11 @@ pub enum NbdError {
     Connect { uri: String, source: io::Error },
     #[error("{uri}: {source}")]
     Handshake { uri: String, source: HandshakeError },
+    #[error("{uri}: {source}")]
+    Tls {
+        uri: String,
+        source: super::tls::TlsError,
+    },
     #[error("{uri}: the server does not advertise multi-conn, so the device can have only one queue (use --queues 1)")]
     NoMultiConn { uri: String },
     #[error("{uri}: the export needs a block size of at least {min} (use --block-size 4096)")]
@@ -120,22 +127,59 @@ impl<S: Stream> io::Write for Bounded<'_, S> {
     }
 }
 
-/// Runs the handshake on `s` until `deadline`, then hands the socket over.
+/// Runs the handshake on `s` until `deadline`, then hands the socket over. With `tls`
+/// (nbds), NBD_OPT_STARTTLS and the TLS handshake come first, the options go over TLS,
+/// and the queue gets its end of the session's relay (`relay.rs`).
 fn negotiate<S: Stream>(
     s: S,
     uri: &NbdUri,
+    tls: Option<(Arc<rustls::ClientConfig>, &uri::TlsParams)>,
     deadline: Instant,
     abort: &AtomicBool,
 ) -> Result<(OwnedFd, ExportInfo), NbdError> {
     let u = uri.to_string();
+    let hs = |source| NbdError::Handshake {
+        uri: u.clone(),
+        source,
+    };
+    let tls_err = |source| NbdError::Tls {
+        uri: u.clone(),
+        source,
+    };
     let mut b = Bounded { s, deadline, abort };
-    let info = proto::handshake(&mut b, &uri.export).map_err(|source| NbdError::Handshake {
+    let greeting = proto::greet(&mut b).map_err(hs)?;
+    let Some((config, params)) = tls else {
+        let info = proto::options(&mut b, &uri.export, greeting).map_err(hs)?;
+        b.s.set_timeouts(None)
+            .map_err(|source| NbdError::Connect { uri: u, source })?;
+        return Ok((b.s.into(), info));
+    };
+    proto::starttls(&mut b, greeting).map_err(hs)?;
+    let mut conn = tls::connection(config, params, &uri.address).map_err(tls_err)?;
+    tls::handshake(&mut conn, &mut b).map_err(tls_err)?;
+    let info = match proto::options(
+        &mut rustls::Stream::new(&mut conn, &mut b),
+        &uri.export,
+        greeting,
+    ) {
+        Ok(info) => info,
+        Err(e) => {
+            let why = match &e {
+                HandshakeError::Io(io) => tls::refusal(&mut conn, &mut b, io),
+                _ => None,
+            };
+            return Err(match why {
+                Some(why) => tls_err(tls::TlsError::Handshake(why)),
+                None => hs(e),
+            });
+        }
+    };
+    b.s.set_timeouts(None).map_err(|source| NbdError::Connect {
         uri: u.clone(),
         source,
     })?;
-    b.s.set_timeouts(None)
-        .map_err(|source| NbdError::Connect { uri: u, source })?;
-    Ok((b.s.into(), info))
+    let fd = relay::start(b.s.into(), conn).map_err(tls_err)?;
+    Ok((fd, info))
 }
 
 /// Connects and negotiates within CONNECT_TIMEOUT in all; gives up when `abort` is set.
@@ -147,6 +191,18 @@ pub(super) fn connect_one(
     let connect_err = |source| NbdError::Connect {
         uri: uri.to_string(),
         source,
+    };
+    // Credentials are read before connecting: a missing file needs no server to tell.
+    let tls = match &uri.tls {
+        Some(params) => {
+            let config =
+                tls::client_config(params, &uri.address).map_err(|source| NbdError::Tls {
+                    uri: uri.to_string(),
+                    source,
+                })?;
+            Some((config, params))
+        }
+        None => None,
     };
     match &uri.address {
         Address::Tcp { host, port } => {
@@ -163,7 +219,7 @@ pub(super) fn connect_one(
                 match TcpStream::connect_timeout(&addr, left) {
                     Ok(s) => {
                         s.set_nodelay(true).map_err(connect_err)?;
-                        return negotiate(s, uri, deadline, abort);
+                        return negotiate(s, uri, tls, deadline, abort);
                     }
                     Err(e) => last = e,
                 }
@@ -173,6 +229,7 @@ pub(super) fn connect_one(
         Address::Unix(path) => negotiate(
             UnixStream::connect(path).map_err(connect_err)?,
             uri,
+            tls,
             deadline,
             abort,
         ),

@@ -36,11 +36,15 @@ mod fixed_send;
 pub mod proto;
 mod queue;
 mod recv;
+mod relay;
 mod send;
 mod step;
 mod tags;
 #[cfg(test)]
 mod tests;
+pub mod tls;
+#[cfg(test)]
+mod tls_tests;
 pub mod uri;
 
 use crate::{DeviceShape, QueueContext, QueueTarget, Target};
@@ -209,6 +213,14 @@ impl Target for NbdTarget {
                 format!("{} s", self.request_timeout.as_secs()),
             ),
             ("connections".into(), states.join(", ")),
+            (
+                "tls".into(),
+                match &self.uri.tls {
+                    None => "no",
+                    Some(_) => "yes (rustls, relayed by ublkd)",
+                }
+                .into(),
+            ),
             ("server flags".into(), format!("{:#x}", i.flags)),
             ("multi-conn".into(), yes(proto::TFLAG_CAN_MULTI_CONN)),
             ("flush".into(), yes(proto::TFLAG_SEND_FLUSH)),
@@ -267,7 +279,8 @@ impl Target for NbdTarget {
             depth,
             self.request_timeout,
             fixed_send::PayloadSends {
-                zc: matches!(self.uri.address, Address::Tcp { .. }),
+                // With TLS the queue's socket is its end of the relay's socket pair.
+                zc: matches!(self.uri.address, Address::Tcp { .. }) && self.uri.tls.is_none(),
                 fixed: fixed_send::supported(),
             },
             ctx.user_copy_fd.map(|fd| (fd, ctx.qid)),

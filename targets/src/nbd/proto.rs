@@ -23,6 +23,7 @@ pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 // Options.
 pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_GO: u32 = 7;
 
 // Option replies.
@@ -79,8 +80,10 @@ pub enum HandshakeError {
     Oldstyle,
     #[error("the server refused export '{export}': {reason}")]
     Refused { export: String, reason: String },
-    #[error("the server requires TLS (nbds://), which is not supported yet")]
+    #[error("the server requires TLS: use nbds:// (or nbds+unix://) with tls-certificates=DIR")]
     TlsRequired,
+    #[error("the server does not offer TLS: {0}")]
+    NoTls(String),
     #[error("protocol error during the handshake: {0}")]
     Protocol(String),
     #[error("the export has size 0")]
@@ -157,6 +160,21 @@ fn reply_error_name(reply: u32) -> &'static str {
 
 /// Runs the client side of the handshake for `export` on a connected stream.
 pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<ExportInfo, HandshakeError> {
+    let greeting = greet(s)?;
+    options(s, export, greeting)
+}
+
+/// What the server's greeting allows the rest of the handshake.
+#[derive(Debug, Clone, Copy)]
+pub struct Greeting {
+    /// Fixed newstyle: options (NBD_OPT_GO, NBD_OPT_STARTTLS) may be sent.
+    fixed: bool,
+    /// The export's 124 zero bytes are left out (NBD_OPT_EXPORT_NAME's reply).
+    no_zeroes: bool,
+}
+
+/// Reads the server's greeting and sends the client flags.
+pub fn greet<S: Read + Write>(s: &mut S) -> Result<Greeting, HandshakeError> {
     let magic = read_u64(s)?;
     if magic != NBDMAGIC {
         return Err(HandshakeError::BadMagic(magic));
@@ -169,17 +187,74 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<ExportInfo,
         return Err(HandshakeError::BadMagic(magic));
     }
     let server_flags = read_u16(s)?;
-    let no_zeroes = server_flags & FLAG_NO_ZEROES != 0;
+    let greeting = Greeting {
+        fixed: server_flags & FLAG_FIXED_NEWSTYLE != 0,
+        no_zeroes: server_flags & FLAG_NO_ZEROES != 0,
+    };
     let mut client_flags = 0;
-    if server_flags & FLAG_FIXED_NEWSTYLE != 0 {
+    if greeting.fixed {
         client_flags |= FLAG_C_FIXED_NEWSTYLE;
     }
-    if no_zeroes {
+    if greeting.no_zeroes {
         client_flags |= FLAG_C_NO_ZEROES;
     }
     s.write_all(&client_flags.to_be_bytes())?;
+    Ok(greeting)
+}
 
-    if server_flags & FLAG_FIXED_NEWSTYLE != 0 {
+/// Asks the server to start TLS (NBD_OPT_STARTTLS). On `Ok` the client's TLS handshake
+/// follows on the same stream; a server that refuses is an error (never plaintext).
+pub fn starttls<S: Read + Write>(s: &mut S, greeting: Greeting) -> Result<(), HandshakeError> {
+    if !greeting.fixed {
+        return Err(HandshakeError::NoTls(
+            "it speaks plain newstyle, which has no NBD_OPT_STARTTLS".into(),
+        ));
+    }
+    s.write_all(&option_request(OPT_STARTTLS, &[]))?;
+    let magic = read_u64(s)?;
+    if magic != OPT_REPLY_MAGIC {
+        return Err(HandshakeError::Protocol(format!(
+            "bad option reply magic {magic:#x}"
+        )));
+    }
+    let option = read_u32(s)?;
+    if option != OPT_STARTTLS {
+        return Err(HandshakeError::Protocol(format!(
+            "reply for option {option}, not NBD_OPT_STARTTLS"
+        )));
+    }
+    let reply = read_u32(s)?;
+    let len = read_u32(s)?;
+    if len > MAX_OPTION_REPLY {
+        return Err(HandshakeError::Protocol(format!(
+            "option reply of {len} bytes"
+        )));
+    }
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data)?;
+    match reply {
+        REP_ACK if len == 0 => Ok(()),
+        REP_ACK => Err(HandshakeError::Protocol(format!(
+            "NBD_OPT_STARTTLS acknowledged with {len} bytes of data"
+        ))),
+        err => {
+            let text = String::from_utf8_lossy(&data).trim().to_string();
+            let mut why = format!("NBD_OPT_STARTTLS: {}", reply_error_name(err));
+            if !text.is_empty() {
+                why.push_str(&format!(" ({text})"));
+            }
+            Err(HandshakeError::NoTls(why))
+        }
+    }
+}
+
+/// Negotiates `export` after the greeting (and after TLS, when it was started).
+pub fn options<S: Read + Write>(
+    s: &mut S,
+    export: &str,
+    greeting: Greeting,
+) -> Result<ExportInfo, HandshakeError> {
+    if greeting.fixed {
         s.write_all(&option_request(OPT_GO, &go_data(export)))?;
         if let Some(info) = go_replies(s, export)? {
             return finish(info);
@@ -189,7 +264,7 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<ExportInfo,
     s.write_all(&option_request(OPT_EXPORT_NAME, export.as_bytes()))?;
     let size = read_u64(s)?;
     let flags = read_u16(s)?;
-    if !no_zeroes {
+    if !greeting.no_zeroes {
         let mut zeroes = [0u8; 124];
         s.read_exact(&mut zeroes)?;
     }

@@ -1,5 +1,12 @@
-//! NBD URIs, in the convention of qemu, nbdkit and libnbd:
-//! `nbd://HOST[:PORT]/EXPORT` and `nbd+unix:///EXPORT?socket=PATH`.
+//! NBD URIs as the NBD URI specification (NetworkBlockDevice/nbd, doc/uri.md) and
+//! libnbd write them: `nbd://[USER@]HOST[:PORT]/EXPORT` and
+//! `nbd+unix:///EXPORT?socket=PATH`, with `nbds` and `nbds+unix` for TLS.
+//!
+//! Query parameters: `socket` (Unix sockets), and for TLS `tls-certificates=DIR`
+//! (ca-cert.pem, and client-cert.pem + client-key.pem for client authentication, as
+//! qemu and nbdkit lay them out), `tls-hostname`, `tls-verify-peer=0|1`, `tls-type`,
+//! `tls-psk-file` and `tls-username` (or the userinfo). Anything else is an error. A URI
+//! names files holding secrets, never the secrets, so it is safe to show and log.
 
 use std::path::PathBuf;
 use thiserror::Error;
@@ -16,15 +23,39 @@ pub enum Address {
 pub struct NbdUri {
     pub address: Address,
     pub export: String,
+    /// `Some` for nbds:// and nbds+unix://: TLS is required.
+    pub tls: Option<TlsParams>,
+}
+
+/// How a TLS connection authenticates (the URI's TLS parameters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsParams {
+    pub creds: TlsCreds,
+    /// The name the server's certificate must carry (`tls-hostname`); by default the
+    /// URI's host, and none over a Unix socket (the chain is checked, not the name).
+    pub hostname: Option<String>,
+    /// Whether the server's certificate is checked (`tls-verify-peer`, default 1).
+    pub verify_peer: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsCreds {
+    /// `tls-certificates=DIR`: X.509 certificates.
+    X509 { dir: PathBuf },
+    /// `tls-psk-file=FILE` (`username:hexkey` lines) and the username to pick.
+    Psk {
+        file: PathBuf,
+        username: Option<String>,
+    },
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum UriError {
     #[error("'{0}' is not an NBD URI (expected nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH)")]
     NotNbd(String),
-    #[error("{0}: TLS (nbds://) is not supported yet")]
-    Tls(String),
-    #[error("{0}: unsupported NBD URI scheme '{1}' (use nbd:// or nbd+unix://)")]
+    #[error(
+        "{0}: unsupported NBD URI scheme '{1}' (use nbd://, nbds://, nbd+unix:// or nbds+unix://)"
+    )]
     Scheme(String, String),
     #[error("{0}: no host")]
     NoHost(String),
@@ -36,6 +67,18 @@ pub enum UriError {
     UnixSocket(String),
     #[error("{0}: bad percent-encoding")]
     Encoding(String),
+    #[error("{0}: unknown query parameter '{1}' (known: socket, tls-certificates, tls-hostname, tls-verify-peer, tls-type, tls-psk-file, tls-username)")]
+    UnknownParam(String, String),
+    #[error("{0}: query parameter '{1}' is given twice")]
+    DuplicateParam(String, String),
+    #[error("{0}: bad value for '{1}': {2}")]
+    BadParam(String, String, String),
+    #[error("{0}: '{1}' is a TLS parameter: use nbds:// or nbds+unix:// (TLS is never optional)")]
+    TlsParamWithoutTls(String, String),
+    #[error("{0}: TLS needs credentials: add tls-certificates=DIR (ca-cert.pem, optionally client-cert.pem and client-key.pem) or tls-psk-file=FILE")]
+    NoCredentials(String),
+    #[error("{0}: {1}")]
+    Conflict(String, String),
 }
 
 fn percent_decode(s: &str, uri: &str) -> Result<String, UriError> {
@@ -78,6 +121,125 @@ fn plain_host(h: &str) -> bool {
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
+/// The query parameters, decoded, each at most once.
+#[derive(Default)]
+struct Query {
+    socket: Option<String>,
+    certificates: Option<String>,
+    hostname: Option<String>,
+    verify_peer: Option<String>,
+    tls_type: Option<String>,
+    psk_file: Option<String>,
+    username: Option<String>,
+}
+
+impl Query {
+    fn parse(query: Option<&str>, uri: &str) -> Result<Query, UriError> {
+        let mut q = Query::default();
+        for kv in query.into_iter().flat_map(|q| q.split('&')) {
+            if kv.is_empty() {
+                continue;
+            }
+            let (key, value) = kv.split_once('=').unwrap_or((kv, ""));
+            let slot = match key {
+                "socket" => &mut q.socket,
+                "tls-certificates" => &mut q.certificates,
+                "tls-hostname" => &mut q.hostname,
+                "tls-verify-peer" => &mut q.verify_peer,
+                "tls-type" => &mut q.tls_type,
+                "tls-psk-file" => &mut q.psk_file,
+                "tls-username" => &mut q.username,
+                _ => return Err(UriError::UnknownParam(uri.into(), key.into())),
+            };
+            if slot.is_some() {
+                return Err(UriError::DuplicateParam(uri.into(), key.into()));
+            }
+            *slot = Some(percent_decode(value, uri)?);
+        }
+        Ok(q)
+    }
+
+    /// The first TLS parameter given, by name.
+    fn first_tls(&self) -> Option<&'static str> {
+        [
+            ("tls-certificates", &self.certificates),
+            ("tls-hostname", &self.hostname),
+            ("tls-verify-peer", &self.verify_peer),
+            ("tls-type", &self.tls_type),
+            ("tls-psk-file", &self.psk_file),
+            ("tls-username", &self.username),
+        ]
+        .into_iter()
+        .find_map(|(name, v)| v.as_ref().map(|_| name))
+    }
+}
+
+/// The TLS parameters of an nbds URI; `userinfo` is the TLS username.
+fn tls_params(q: &mut Query, userinfo: Option<String>, uri: &str) -> Result<TlsParams, UriError> {
+    let bad = |name: &str, why: &str| UriError::BadParam(uri.into(), name.into(), why.into());
+    let conflict = |why: &str| UriError::Conflict(uri.into(), why.into());
+    let verify_peer = match q.verify_peer.as_deref() {
+        None | Some("1") => true,
+        Some("0") => false,
+        Some(_) => return Err(bad("tls-verify-peer", "use 0 or 1")),
+    };
+    let hostname = q.hostname.take();
+    if let Some(h) = &hostname {
+        if rustls::pki_types::ServerName::try_from(h.as_str()).is_err() {
+            return Err(bad("tls-hostname", "not a DNS name or IP address"));
+        }
+    }
+    let username = match (userinfo, q.username.take()) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(conflict(
+                "the userinfo and tls-username name two different users",
+            ))
+        }
+        (a, b) => a.or(b),
+    };
+    if username.as_deref() == Some("") {
+        return Err(bad("tls-username", "empty"));
+    }
+    if q.certificates.is_some() && username.is_some() {
+        return Err(conflict(
+            "a TLS username is for tls-psk-file, not for certificates",
+        ));
+    }
+    let creds = match (q.certificates.take(), q.psk_file.take()) {
+        (Some(_), Some(_)) => {
+            return Err(conflict(
+                "tls-certificates and tls-psk-file exclude each other",
+            ))
+        }
+        (Some(dir), None) if !dir.is_empty() => TlsCreds::X509 { dir: dir.into() },
+        (None, Some(file)) if !file.is_empty() => TlsCreds::Psk {
+            file: file.into(),
+            username,
+        },
+        (None, None) => return Err(UriError::NoCredentials(uri.into())),
+        (Some(_), None) => return Err(bad("tls-certificates", "empty")),
+        (None, Some(_)) => return Err(bad("tls-psk-file", "empty")),
+    };
+    match (q.tls_type.as_deref(), &creds) {
+        (None, _) | (Some("x509"), TlsCreds::X509 { .. }) | (Some("psk"), TlsCreds::Psk { .. }) => {
+        }
+        (Some("x509"), _) => return Err(conflict("tls-type=x509 needs tls-certificates=DIR")),
+        (Some("psk"), _) => return Err(conflict("tls-type=psk needs tls-psk-file=FILE")),
+        (Some("anon"), _) => {
+            return Err(bad(
+                "tls-type",
+                "anonymous TLS is not supported (it does not authenticate the server)",
+            ))
+        }
+        (Some(_), _) => return Err(bad("tls-type", "use x509 or psk")),
+    }
+    Ok(TlsParams {
+        creds,
+        hostname,
+        verify_peer,
+    })
+}
+
 impl std::str::FromStr for NbdUri {
     type Err = UriError;
 
@@ -85,12 +247,14 @@ impl std::str::FromStr for NbdUri {
         let (scheme, rest) = uri
             .split_once("://")
             .ok_or_else(|| UriError::NotNbd(uri.into()))?;
-        match scheme {
-            "nbd" | "nbd+tcp" | "nbd+unix" => {}
-            "nbds" | "nbds+tcp" | "nbds+unix" => return Err(UriError::Tls(uri.into())),
+        let (tls, unix) = match scheme {
+            "nbd" | "nbd+tcp" => (false, false),
+            "nbd+unix" => (false, true),
+            "nbds" | "nbds+tcp" => (true, false),
+            "nbds+unix" => (true, true),
             s if s.starts_with("nbd") => return Err(UriError::Scheme(uri.into(), s.into())),
             _ => return Err(UriError::NotNbd(uri.into())),
-        }
+        };
         let (rest, query) = match rest.split_once('?') {
             Some((r, q)) => (r, Some(q)),
             None => (rest, None),
@@ -100,20 +264,46 @@ impl std::str::FromStr for NbdUri {
             None => (rest, ""),
         };
         let export = percent_decode(path, uri)?;
-        if scheme == "nbd+unix" {
-            let socket = query
-                .into_iter()
-                .flat_map(|q| q.split('&'))
-                .find_map(|kv| kv.strip_prefix("socket="))
-                .filter(|s| !s.is_empty());
+        let mut q = Query::parse(query, uri)?;
+        let (userinfo, authority) = match authority.rsplit_once('@') {
+            Some((user, host)) => {
+                if user.contains(':') {
+                    return Err(UriError::BadParam(
+                        uri.into(),
+                        "userinfo".into(),
+                        "a password in the URI is not supported (use tls-psk-file=FILE)".into(),
+                    ));
+                }
+                (Some(percent_decode(user, uri)?), host)
+            }
+            None => (None, authority),
+        };
+        let tls = if tls {
+            Some(tls_params(&mut q, userinfo, uri)?)
+        } else if let Some(name) = q.first_tls() {
+            return Err(UriError::TlsParamWithoutTls(uri.into(), name.into()));
+        } else if userinfo.is_some() {
+            return Err(UriError::TlsParamWithoutTls(uri.into(), "userinfo".into()));
+        } else {
+            None
+        };
+        if unix {
+            let socket = q.socket.filter(|s| !s.is_empty());
             let Some(socket) = socket.filter(|_| authority.is_empty()) else {
                 return Err(UriError::UnixSocket(uri.into()));
             };
-            let socket = percent_decode(socket, uri)?;
             return Ok(NbdUri {
                 address: Address::Unix(socket.into()),
                 export,
+                tls,
             });
+        }
+        if q.socket.is_some() {
+            return Err(UriError::BadParam(
+                uri.into(),
+                "socket".into(),
+                "only nbd+unix:// and nbds+unix:// take a socket".into(),
+            ));
         }
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (host, after) = v6
@@ -149,24 +339,55 @@ impl std::str::FromStr for NbdUri {
                 port,
             },
             export,
+            tls,
         })
     }
 }
 
-/// Prints a URI that parses back to the same `NbdUri` (found by fuzzing).
+/// Prints a URI that parses back to the same `NbdUri` (found by fuzzing). It holds paths
+/// to credentials, never key material.
 impl std::fmt::Display for NbdUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let export = percent_encode(&self.export, b"/:@!$&'()*+,;=");
+        let s = if self.tls.is_some() { "s" } else { "" };
+        let value = |v: &str| percent_encode(v, b"/:@!$'()*+,;=");
+        let mut query = Vec::new();
         match &self.address {
             Address::Tcp { host, port } if host.contains(':') => {
-                write!(f, "nbd://[{host}]:{port}/{export}")
+                write!(f, "nbd{s}://[{host}]:{port}/{export}")?
             }
-            Address::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{export}"),
+            Address::Tcp { host, port } => write!(f, "nbd{s}://{host}:{port}/{export}")?,
             Address::Unix(p) => {
-                let socket = percent_encode(&p.to_string_lossy(), b"/:@!$'()*+,;=");
-                write!(f, "nbd+unix:///{export}?socket={socket}")
+                write!(f, "nbd{s}+unix:///{export}")?;
+                query.push(format!("socket={}", value(&p.to_string_lossy())));
             }
         }
+        if let Some(tls) = &self.tls {
+            match &tls.creds {
+                TlsCreds::X509 { dir } => {
+                    query.push(format!(
+                        "tls-certificates={}",
+                        value(&dir.to_string_lossy())
+                    ));
+                }
+                TlsCreds::Psk { file, username } => {
+                    query.push(format!("tls-psk-file={}", value(&file.to_string_lossy())));
+                    if let Some(u) = username {
+                        query.push(format!("tls-username={}", value(u)));
+                    }
+                }
+            }
+            if let Some(h) = &tls.hostname {
+                query.push(format!("tls-hostname={}", value(h)));
+            }
+            if !tls.verify_peer {
+                query.push("tls-verify-peer=0".into());
+            }
+        }
+        if !query.is_empty() {
+            write!(f, "?{}", query.join("&"))?;
+        }
+        Ok(())
     }
 }
 
@@ -181,6 +402,7 @@ mod tests {
                 port,
             },
             export: export.into(),
+            tls: None,
         }
     }
 
@@ -203,7 +425,8 @@ mod tests {
             "nbd+unix:///exp?socket=/run/nbd.sock".parse(),
             Ok(NbdUri {
                 address: Address::Unix("/run/nbd.sock".into()),
-                export: "exp".into()
+                export: "exp".into(),
+                tls: None,
             })
         );
         assert_eq!(
@@ -219,11 +442,11 @@ mod tests {
     fn rejects_what_it_cannot_serve() {
         assert!(matches!(
             "nbds://h/e".parse::<NbdUri>(),
-            Err(UriError::Tls(_))
+            Err(UriError::NoCredentials(_))
         ));
         assert!(matches!(
             "nbds+unix:///e?socket=/s".parse::<NbdUri>(),
-            Err(UriError::Tls(_))
+            Err(UriError::NoCredentials(_))
         ));
         assert!(matches!(
             "nbd+vsock://1".parse::<NbdUri>(),
@@ -284,7 +507,6 @@ mod tests {
     fn fuzz_regressions() {
         for bad in [
             "nbd://\0\0\0\u{f}[f:ee:10%25eth0]:10809/x",
-            "nbd://user@example.com/disk",
             "nbd://::1/x",
             "nbd://a b/x",
             "nbd://[::1]x/e",
@@ -308,6 +530,7 @@ mod tests {
         let unix = NbdUri {
             address: Address::Unix("/tmp/a&b c".into()),
             export: "?".into(),
+            tls: None,
         };
         assert_eq!(unix.to_string(), "nbd+unix:///%3F?socket=/tmp/a%26b%20c");
         assert_eq!(unix.to_string().parse(), Ok(unix));
@@ -325,11 +548,152 @@ mod tests {
                 NbdUri {
                     address: Address::Unix(format!("/tmp/{text}").into()),
                     export: text.clone(),
+                    tls: None,
+                },
+                NbdUri {
+                    address: Address::Unix(format!("/tmp/{text}").into()),
+                    export: text.clone(),
+                    tls: Some(TlsParams {
+                        creds: TlsCreds::Psk {
+                            file: format!("/k/{text}").into(),
+                            username: Some(text.clone()),
+                        },
+                        hostname: None,
+                        verify_peer: false,
+                    }),
+                },
+                NbdUri {
+                    address: Address::Tcp {
+                        host: "h".into(),
+                        port: 1,
+                    },
+                    export: text.clone(),
+                    tls: Some(TlsParams {
+                        creds: TlsCreds::X509 {
+                            dir: format!("/c/{text}").into(),
+                        },
+                        hostname: Some("a.example".into()),
+                        verify_peer: true,
+                    }),
                 },
             ] {
                 let shown = uri.to_string();
                 assert_eq!(shown.parse(), Ok(uri), "{c:?} shows as {shown:?}");
             }
         }
+    }
+
+    fn x509(dir: &str, hostname: Option<&str>, verify_peer: bool) -> Option<TlsParams> {
+        Some(TlsParams {
+            creds: TlsCreds::X509 { dir: dir.into() },
+            hostname: hostname.map(Into::into),
+            verify_peer,
+        })
+    }
+
+    #[test]
+    fn parses_tls_forms() {
+        let u: NbdUri = "nbds://server:10810/disk?tls-certificates=/etc/pki/ublkd"
+            .parse()
+            .unwrap();
+        assert_eq!(u.tls, x509("/etc/pki/ublkd", None, true));
+        assert_eq!(
+            u.to_string(),
+            "nbds://server:10810/disk?tls-certificates=/etc/pki/ublkd"
+        );
+        let u: NbdUri =
+            "nbds+unix:///e?socket=/run/s&tls-certificates=c&tls-hostname=srv.example&tls-verify-peer=0&tls-type=x509"
+                .parse()
+                .unwrap();
+        assert_eq!(u.address, Address::Unix("/run/s".into()));
+        assert_eq!(u.tls, x509("c", Some("srv.example"), false));
+        let u: NbdUri = "nbds://alice@h/e?tls-psk-file=/etc/keys.psk"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            u.tls.unwrap().creds,
+            TlsCreds::Psk {
+                file: "/etc/keys.psk".into(),
+                username: Some("alice".into())
+            }
+        );
+        assert_eq!(
+            u.address,
+            Address::Tcp {
+                host: "h".into(),
+                port: DEFAULT_PORT
+            }
+        );
+        let u: NbdUri = "nbds+unix://bob@/?socket=/s&tls-psk-file=k&tls-username=bob"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            u.to_string(),
+            "nbds+unix:///?socket=/s&tls-psk-file=k&tls-username=bob"
+        );
+    }
+
+    #[test]
+    fn rejects_bad_tls_parameters() {
+        let err = |u: &str| u.parse::<NbdUri>().unwrap_err();
+        assert!(matches!(
+            err("nbd://h/e?x-foo=1"),
+            UriError::UnknownParam(..)
+        ));
+        assert!(matches!(err("nbd://h/e?tls"), UriError::UnknownParam(..)));
+        assert!(matches!(
+            err("nbd+unix:///e?socket=/a&socket=/b"),
+            UriError::DuplicateParam(..)
+        ));
+        assert!(matches!(
+            err("nbd://h/e?tls-certificates=/c"),
+            UriError::TlsParamWithoutTls(..)
+        ));
+        assert!(matches!(
+            err("nbd://alice@h/e"),
+            UriError::TlsParamWithoutTls(..)
+        ));
+        assert!(matches!(
+            err("nbds://alice:secret@h/e?tls-psk-file=k"),
+            UriError::BadParam(..)
+        ));
+        assert!(matches!(
+            err("nbds://h/e?tls-certificates=c&tls-verify-peer=yes"),
+            UriError::BadParam(..)
+        ));
+        assert!(matches!(
+            err("nbds://h/e?tls-certificates=c&tls-hostname=a%20b"),
+            UriError::BadParam(..)
+        ));
+        assert!(matches!(
+            err("nbds://h/e?tls-certificates=c&tls-type=anon"),
+            UriError::BadParam(..)
+        ));
+        assert!(matches!(
+            err("nbds://h/e?tls-certificates=c&tls-type=psk"),
+            UriError::Conflict(..)
+        ));
+        assert!(matches!(
+            err("nbds://h/e?tls-certificates=c&tls-psk-file=k"),
+            UriError::Conflict(..)
+        ));
+        assert!(matches!(
+            err("nbds://bob@h/e?tls-certificates=c"),
+            UriError::Conflict(..)
+        ));
+        assert!(matches!(
+            err("nbds://a@h/e?tls-psk-file=k&tls-username=b"),
+            UriError::Conflict(..)
+        ));
+        assert!(matches!(
+            err("nbds://h/e?tls-certificates="),
+            UriError::BadParam(..)
+        ));
+        assert!(matches!(
+            err("nbds://h/e?tls-certificates=c&socket=/s"),
+            UriError::BadParam(..)
+        ));
+        let e = err("nbds://h/e?tls-certificates=c&tls-x=1").to_string();
+        assert!(e.contains("unknown query parameter 'tls-x'"), "{e}");
     }
 }

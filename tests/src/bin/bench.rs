@@ -9,13 +9,17 @@
 //! medians to the kernel's device and (null, loop) to rublk -z.
 //!
 //! Usage: ublkd-bench null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT]
-//!        [--export nbdkit|nbdkit-tcp|nbdkit-unix|qemu] [--buffers MODE,...]
+//!        [--export nbdkit|nbdkit-tcp|nbdkit-unix|nbdkit-tls|qemu] [--buffers MODE,...]
 //!        [--ublkd "ARGS;ARGS"] [--connections N] [--rublk-multi-cpus] [--profile]
 //!        [--backing ext4|tmpfs]
 //!
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
 //! `--export` keeps the nbd exports whose key starts with it (`nbdkit-tcp`, `nbdkit-unix`,
-//! `qemu-tcp`; `nbdkit` keeps both nbdkit ones); `--buffers copy,auto-zc` measures a ublkd
+//! `qemu-tcp`; `nbdkit` keeps both nbdkit ones); `--export nbdkit-tls` (only when named)
+//! serves nbdkit memory over TCP with TLS optional (`--tls=on`, certificates made by
+//! rcgen): the kernel client and one ublkd device per variant connect in plaintext,
+//! and one more ublkd device per variant over TLS (rustls relay), side by side.
+//! `--buffers copy,auto-zc` measures a ublkd
 //! device in each of those buffer modes, and `--ublkd "ARGS;ARGS"` one device per
 //! `;`-separated set of extra `ublkctl add` arguments (`--ublkd ";--no-batch"`: the
 //! defaults beside `--no-batch`); neither given: one device with the daemon's defaults.
@@ -551,8 +555,9 @@ fn bench_loop(s: &Settings) {
 
 /// The nbd exports: `(key for --export, label, TCP port or Unix socket)`. `--export
 /// TEXT` keeps those whose key starts with TEXT: `nbdkit` both nbdkit ones.
-const NBD_EXPORTS: [(&str, &str, Result<u16, &str>); 3] = [
+const NBD_EXPORTS: [(&str, &str, Result<u16, &str>); 4] = [
     ("nbdkit-tcp", "nbdkit memory", Ok(10809)),
+    ("nbdkit-tls", "nbdkit memory (TLS optional)", Ok(10811)),
     (
         "nbdkit-unix",
         "nbdkit memory",
@@ -571,12 +576,15 @@ fn bench_nbd(s: &Settings) {
     drop(f);
     let wanted: Vec<_> = NBD_EXPORTS
         .iter()
-        .filter(|(key, ..)| {
-            s.export
-                .as_ref()
-                .is_none_or(|e| key.starts_with(e.as_str()))
+        .filter(|(key, ..)| match &s.export {
+            // TLS only when asked for by name.
+            _ if *key == "nbdkit-tls" => s.export.as_deref() == Some("nbdkit-tls"),
+            Some(e) => key.starts_with(e.as_str()),
+            None => true,
         })
         .collect();
+    let pki = ublkd_tests::pki::make("/tmp/bench-pki", ublkd_tests::pki::ServerCert::Good, false);
+    let tls_certs = format!("--tls-certificates={}", pki.server.display());
     let servers: Vec<Server> = wanted
         .iter()
         .map(|(key, _, at)| {
@@ -584,7 +592,9 @@ fn bench_nbd(s: &Settings) {
                 Ok(port) => Listen::Tcp(*port),
                 Err(path) => Listen::Unix(path.to_string()),
             };
-            if key.starts_with("nbdkit") {
+            if *key == "nbdkit-tls" {
+                Server::nbdkit_memory(listen, "512M", &["--tls=on", &tls_certs])
+            } else if key.starts_with("nbdkit") {
                 Server::nbdkit_memory(listen, "512M", &[])
             } else {
                 Server::qemu_nbd(listen, file)
@@ -592,7 +602,7 @@ fn bench_nbd(s: &Settings) {
         })
         .collect();
     let d = Daemon::start("bench-nbd");
-    for (n, ((_, label, at), server)) in wanted.iter().zip(&servers).enumerate() {
+    for (n, ((key, label, at), server)) in wanted.iter().zip(&servers).enumerate() {
         let kdev = format!("/dev/nbd{n}");
         let conns = s.jobs.to_string();
         let uri = server.uri.clone();
@@ -656,7 +666,14 @@ fn bench_nbd(s: &Settings) {
                 "--connections",
                 &conns,
             ];
-            devices.push(add_ublkd(&d, args, extra));
+            devices.push(add_ublkd(&d, args.clone(), extra));
+            if *key == "nbdkit-tls" {
+                let tls_uri = ublkd_tests::pki::tls_uri(&uri, &pki.client);
+                let mut args = args;
+                args[2] = &tls_uri;
+                let (label, dev) = add_ublkd(&d, args, extra);
+                devices.push((label.replacen("ublkd", "ublkd tls", 1), dev));
+            }
         }
         let modes: Vec<&str> = devices[1..].iter().map(|(l, _)| &l[6..]).collect();
         println!(
