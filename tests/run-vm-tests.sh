@@ -54,7 +54,7 @@ status=0
 : >"$work/console.log"
 if [[ " $suites " == *" busybox "* ]]; then
     set +e
-    tests/vm/run.sh --timeout "${UBLKD_VM_TIMEOUT:-1500}" --mem "${UBLKD_VM_MEM:-3G}" "${args[@]}" \
+    tests/vm/run.sh --timeout "${UBLKD_VM_TIMEOUT:-2100}" --mem "${UBLKD_VM_MEM:-3G}" "${args[@]}" \
         -- /bin/sh /usr/local/bin/guest-run-tests.sh "$@" | stdbuf -oL tr -d '\r' | tee -a "$work/console.log"
     status=${PIPESTATUS[0]}
     set -e
@@ -64,7 +64,7 @@ if [[ " $suites " == *" systemd "* ]]; then
     # ublkd as a user installs it: the install script, staged into the guest's /usr/local.
     scripts/install.sh --no-build --destdir "$work/stage" >/dev/null
     set +e
-    tests/vm/run.sh --systemd --timeout "${UBLKD_VM_TIMEOUT:-1500}" --mem "${UBLKD_VM_MEM:-3G}" \
+    tests/vm/run.sh --systemd --timeout "${UBLKD_VM_TIMEOUT:-2100}" --mem "${UBLKD_VM_MEM:-3G}" \
         --file "$work/stage/usr/local:/usr/local" \
         --file "$work/stage/etc/modules-load.d/ublkd.conf:/etc/modules-load.d/ublkd.conf" \
         --file "$work/stage/etc/udev/rules.d/60-ublkd.rules:/etc/udev/rules.d/60-ublkd.rules" \

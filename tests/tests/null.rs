@@ -448,7 +448,7 @@ fn bad_input_gets_one_clear_line_and_the_daemon_keeps_serving() {
         ),
         (vec!["del", "999"], "no device with id 999"),
         (vec!["show", "999"], "no device with id 999"),
-        (vec!["del", "abc"], "invalid value 'abc'"),
+        (vec!["del", "abc"], "no device named 'abc'"),
     ];
     for (args, expect) in &cases {
         let line = d.ctl_err(args);

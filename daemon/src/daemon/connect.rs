@@ -73,9 +73,14 @@ impl Daemon {
             let result = record
                 .as_ref()
                 .map(|r| Device::restore(r, &self.kernel, &self.state));
-            *count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-            cv.notify_all();
+            // The device is entered before the attempt stops counting as an add, so a
+            // shutdown that waited for it finds it in the table.
+            let done = |count: &std::sync::Mutex<usize>| {
+                *count.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                cv.notify_all();
+            };
             let (Some(record), Some(result)) = (record, result) else {
+                done(count);
                 return;
             };
             attempts += 1;
@@ -83,6 +88,7 @@ impl Daemon {
                 Ok(dev) => {
                     log::info!("dev {id}: its server answered; served again (attempt {attempts})");
                     self.devices().insert(id, Entry::Live(Box::new(dev)));
+                    done(count);
                     return;
                 }
                 Err(e) => {
@@ -97,6 +103,7 @@ impl Daemon {
                     }
                     self.devices()
                         .insert(id, Entry::Connecting { record, error });
+                    done(count);
                     pause = (pause * 2).clamp(FIRST_PAUSE, LONGEST_PAUSE);
                 }
             }
