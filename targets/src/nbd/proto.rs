@@ -211,27 +211,8 @@ pub fn starttls<S: Read + Write>(s: &mut S, greeting: Greeting) -> Result<(), Ha
         ));
     }
     s.write_all(&option_request(OPT_STARTTLS, &[]))?;
-    let magic = read_u64(s)?;
-    if magic != OPT_REPLY_MAGIC {
-        return Err(HandshakeError::Protocol(format!(
-            "bad option reply magic {magic:#x}"
-        )));
-    }
-    let option = read_u32(s)?;
-    if option != OPT_STARTTLS {
-        return Err(HandshakeError::Protocol(format!(
-            "reply for option {option}, not NBD_OPT_STARTTLS"
-        )));
-    }
-    let reply = read_u32(s)?;
-    let len = read_u32(s)?;
-    if len > MAX_OPTION_REPLY {
-        return Err(HandshakeError::Protocol(format!(
-            "option reply of {len} bytes"
-        )));
-    }
-    let mut data = vec![0u8; len as usize];
-    s.read_exact(&mut data)?;
+    let (reply, data) = option_reply(s, OPT_STARTTLS, "NBD_OPT_STARTTLS")?;
+    let len = data.len();
     match reply {
         REP_ACK if len == 0 => Ok(()),
         REP_ACK => Err(HandshakeError::Protocol(format!(
@@ -282,32 +263,42 @@ fn finish(info: ExportInfo) -> Result<ExportInfo, HandshakeError> {
     Ok(info)
 }
 
+/// Reads one option reply to `option` (named `name` in errors): its reply type and data.
+fn option_reply<S: Read>(
+    s: &mut S,
+    option: u32,
+    name: &str,
+) -> Result<(u32, Vec<u8>), HandshakeError> {
+    let magic = read_u64(s)?;
+    if magic != OPT_REPLY_MAGIC {
+        return Err(HandshakeError::Protocol(format!(
+            "bad option reply magic {magic:#x}"
+        )));
+    }
+    let got = read_u32(s)?;
+    if got != option {
+        return Err(HandshakeError::Protocol(format!(
+            "reply for option {got}, not {name}"
+        )));
+    }
+    let reply = read_u32(s)?;
+    let len = read_u32(s)?;
+    if len > MAX_OPTION_REPLY {
+        return Err(HandshakeError::Protocol(format!(
+            "option reply of {len} bytes"
+        )));
+    }
+    let mut data = vec![0u8; len as usize];
+    s.read_exact(&mut data)?;
+    Ok((reply, data))
+}
+
 /// Reads the replies to NBD_OPT_GO. `None`: the server does not support it.
 fn go_replies<S: Read>(s: &mut S, export: &str) -> Result<Option<ExportInfo>, HandshakeError> {
     let mut info = ExportInfo::default();
     let mut have_export = false;
     loop {
-        let magic = read_u64(s)?;
-        if magic != OPT_REPLY_MAGIC {
-            return Err(HandshakeError::Protocol(format!(
-                "bad option reply magic {magic:#x}"
-            )));
-        }
-        let option = read_u32(s)?;
-        if option != OPT_GO {
-            return Err(HandshakeError::Protocol(format!(
-                "reply for option {option}, not NBD_OPT_GO"
-            )));
-        }
-        let reply = read_u32(s)?;
-        let len = read_u32(s)?;
-        if len > MAX_OPTION_REPLY {
-            return Err(HandshakeError::Protocol(format!(
-                "option reply of {len} bytes"
-            )));
-        }
-        let mut data = vec![0u8; len as usize];
-        s.read_exact(&mut data)?;
+        let (reply, data) = option_reply(s, OPT_GO, "NBD_OPT_GO")?;
         match reply {
             REP_ACK => {
                 if !have_export {
