@@ -6,7 +6,8 @@
 # "vm: N passed, N failed".
 #
 # Usage: tests/run-vm-tests.sh [TEST_FILTER...]   (filters go to each test binary)
-# Environment: UBLKD_VM_SUITES="busybox systemd" (the default) picks the VMs to boot.
+# Environment: UBLKD_VM_SUITES="busybox systemd" (the default) picks the VMs to boot;
+#              UBLKD_VM_BINARIES="nbd loop" runs only those test binaries (default: all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +37,9 @@ for line in sys.stdin:
 
 args=(--bin target/release/ublkd --bin target/release/ublkctl)
 while read -r name exe; do
+    if [ -n "${UBLKD_VM_BINARIES:-}" ] && [[ " $UBLKD_VM_BINARIES " != *" $name "* ]]; then
+        continue
+    fi
     if [ "$name" = systemd ]; then
         cp "$exe" "$work/ublkd-systemd-test"
         continue
@@ -101,8 +105,8 @@ if [[ " $suites " == *" systemd "* ]]; then
         --file "$work/boot/7.json:/var/lib/ublkd/devices/7.json" \
         --file "$work/boot/wants:/etc/systemd/system/multi-user.target.wants" \
         --bin "$work/ublkd-systemd-test" \
-        -- RUST_BACKTRACE=1 UBLKCTL_BIN=/usr/local/bin/ublkctl \
-        /usr/local/bin/ublkd-systemd-test --test-threads=1 "$@" | stdbuf -oL tr -d '\r' | tee -a "$work/console.log"
+        -- RUST_BACKTRACE=1 RUSTC_BOOTSTRAP=1 UBLKCTL_BIN=/usr/local/bin/ublkctl \
+        /usr/local/bin/ublkd-systemd-test --test-threads=1 -Z unstable-options --report-time "$@" | stdbuf -oL tr -d '\r' | tee -a "$work/console.log"
     s=${PIPESTATUS[0]}
     set -e
     [ "$status" -ne 0 ] || status=$s
