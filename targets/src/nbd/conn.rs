@@ -124,6 +124,11 @@ impl Connection {
         self
     }
 
+    /// Whether the socket is a kernel TLS one (nbds:// over TCP).
+    pub(super) fn kernel_tls(&self) -> bool {
+        super::kernel_tls(&self.uri)
+    }
+
     /// The socket, for SQEs.
     pub(super) fn fd(&self) -> types::Fd {
         self.fd
@@ -346,13 +351,13 @@ fn spawn_reconnect(
                     break Err("the device is being deleted".to_string());
                 }
                 match connect_one(&uri, &abort) {
-                    Ok((fd, info)) if info.size == export.size && info.flags == export.flags => {
-                        break Ok(fd)
+                    Ok(n) if n.info.size == export.size && n.info.flags == export.flags => {
+                        break Ok(n.sock)
                     }
-                    Ok((_, info)) => {
+                    Ok(n) => {
                         break Err(format!(
                             "the export changed (now {} bytes, flags {:#x})",
-                            info.size, info.flags
+                            n.info.size, n.info.flags
                         ))
                     }
                     Err(e) => log::debug!("{uri}: reconnect attempt failed: {e}"),

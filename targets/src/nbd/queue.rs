@@ -15,7 +15,7 @@ use super::conn::{AfterLoss, Broken, Connection, Link, Reconnected};
 use super::fixed_send::PayloadSends;
 use super::proto;
 use super::recv::{self, Receiver};
-use super::send::{payload_len, SendChain};
+use super::send::{payload_len, Pace, SendChain};
 use super::step::{split_step, EVENT_ABORT, EVENT_RECV, EVENT_TICK, EVENT_WAKE};
 use super::step::{STEP_PAYLOAD, STEP_SEND};
 use super::tags::{Tags, Timers, ABORT_GRACE};
@@ -63,13 +63,14 @@ impl NbdQueue {
         depth: usize,
         request_timeout: Duration,
         payload_sends: PayloadSends,
+        pace: Pace,
         user_copy: Option<(libc::c_int, u16)>,
     ) -> Self {
         NbdQueue {
             conn,
             tags: Tags::new(depth),
             timers: Timers::new(request_timeout),
-            send: SendChain::new(depth, payload_sends, user_copy),
+            send: SendChain::new(depth, payload_sends, pace, user_copy),
             recv: Receiver::new(user_copy),
             user_copy,
         }
