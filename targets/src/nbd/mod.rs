@@ -87,9 +87,9 @@ pub struct NbdTarget {
     info: ExportInfo,
     /// With TLS, how the session runs (`show`).
     tls: Option<String>,
-    /// The sockets refuse MSG_WAITALL sends (kernel TLS): a send chain goes out one SQE
-    /// at a time (`send.rs`).
-    one_send_at_a_time: bool,
+    /// How send chains go out: one SQE at a time on kernel TLS sockets, which refuse
+    /// MSG_WAITALL sends (`send.rs`).
+    pace: send::Pace,
     reconnect_timeout: Duration,
     /// Set when the device is being deleted: stop waiting for the server.
     abort: Arc<AtomicBool>,
@@ -157,7 +157,13 @@ impl NbdTarget {
             uri: uri.clone(),
             info,
             tls,
-            one_send_at_a_time: kernel_tls(uri),
+            pace: if kernel_tls(uri) {
+                send::Pace::OneByOne {
+                    record_limit: send::RECORD_LIMIT,
+                }
+            } else {
+                send::Pace::Linked
+            },
             reconnect_timeout,
             abort: Arc::new(AtomicBool::new(false)),
             states: (0..connections)
@@ -177,11 +183,12 @@ impl NbdTarget {
         self
     }
 
-    /// Sends one SQE at a time, as on a kernel TLS socket, over a plain one (the unit
-    /// tests, on a host without kernel TLS).
+    /// Sends one SQE at a time, as on a kernel TLS socket, over a plain one, renewing
+    /// the connection after `record_limit` records (the unit tests, on a host without
+    /// kernel TLS).
     #[cfg(test)]
-    fn one_send_at_a_time(mut self) -> Self {
-        self.one_send_at_a_time = true;
+    fn one_send_at_a_time(mut self, record_limit: u64) -> Self {
+        self.pace = send::Pace::OneByOne { record_limit };
         self
     }
 
@@ -307,11 +314,7 @@ impl Target for NbdTarget {
                 zc: matches!(self.uri.address, Address::Tcp { .. }) && self.uri.tls.is_none(),
                 fixed: fixed_send::supported(),
             },
-            if self.one_send_at_a_time {
-                send::Pace::OneByOne
-            } else {
-                send::Pace::Linked
-            },
+            self.pace,
             ctx.user_copy_fd.map(|fd| (fd, ctx.qid)),
         )))
     }

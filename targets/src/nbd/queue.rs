@@ -111,7 +111,17 @@ impl NbdQueue {
         if self.conn.link() != Link::Up {
             return;
         }
-        if self.send.ready() && !self.conn.closing_old() {
+        // A worn-out key (kernel TLS) sends the rest of its chain, and no new one: once
+        // every request sent has its reply, a new connection takes over.
+        let worn = self.send.key_worn_out();
+        if worn
+            && self.send.inflight() == 0
+            && !self.send.mid_chain()
+            && self.tags.awaiting().0 == 0
+        {
+            return self.renew(ring);
+        }
+        if self.send.ready() && !self.conn.closing_old() && (!worn || self.send.mid_chain()) {
             let staging = self.recv.staging();
             if let Err(b) = self.send.pump(&self.conn, &mut self.tags, staging, ring) {
                 self.broken(b, ring);
@@ -166,6 +176,30 @@ impl NbdQueue {
         let direct = resend.iter().filter(|&&t| self.tags.is_direct(t)).count();
         self.tags.forget_sent(direct);
         self.send.reset(resend);
+        if let Err(why) = self.conn.start_reconnect() {
+            self.give_up(&why, ring);
+        }
+    }
+
+    /// The kernel TLS session's send key has encrypted all it may
+    /// (`SendChain::key_worn_out`) and nothing sent waits for its reply: a new
+    /// connection, with new keys, takes the requests waiting to be sent; none of them
+    /// counts as resent.
+    fn renew(&mut self, ring: &mut dyn Ring) {
+        let why = format!(
+            "the TLS session has sent about {} records, the most its key may encrypt",
+            self.send.records()
+        );
+        match self.conn.renew(&why) {
+            AfterLoss::Nothing => return,
+            AfterLoss::GiveUp => return self.give_up(&why, ring),
+            AfterLoss::Reconnect => {}
+        }
+        self.recv.reset();
+        let queued = self.send.queued().clone();
+        let direct = queued.iter().filter(|&&t| self.tags.is_direct(t)).count();
+        self.tags.forget_sent(direct);
+        self.send.reset(queued);
         if let Err(why) = self.conn.start_reconnect() {
             self.give_up(&why, ring);
         }

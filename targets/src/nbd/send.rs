@@ -35,6 +35,14 @@ use io_uring::squeue;
 use std::collections::VecDeque;
 use std::io;
 
+/// `Pace::OneByOne` (kernel TLS): how many TLS records one connection may send before
+/// the queue makes a new one, with new keys. The kernel does not renew its send key, and
+/// AES-GCM may encrypt at most 2^24.5 records under one (RFC 8446, 5.5): about 256 GiB
+/// of full 16 KiB records here.
+pub(super) const RECORD_LIMIT: u64 = 1 << 24;
+/// The largest TLS record's plaintext.
+const RECORD_LEN: u64 = 16 << 10;
+
 /// Most requests one send chain carries.
 const MAX_CHAIN: usize = 64;
 /// The staging buffer for small write payloads of one send chain.
@@ -44,8 +52,9 @@ const STAGE_LEN: usize = MAX_CHAIN * 4096;
 pub(super) enum Pace {
     /// All at once, linked, each with MSG_WAITALL: all or a failure.
     Linked,
-    /// One at a time, without MSG_WAITALL; a short one is continued (kernel TLS).
-    OneByOne,
+    /// One at a time, without MSG_WAITALL; a short one is continued (kernel TLS). After
+    /// `record_limit` TLS records (`RECORD_LIMIT`) the connection is renewed.
+    OneByOne { record_limit: u64 },
 }
 
 /// Bytes that follow a request's header on the wire: a write's data.
@@ -85,6 +94,10 @@ pub(super) struct SendChain {
     pace: Pace,
     /// `Pace::OneByOne`: the chain's segments from this one on are still to be sent.
     next: Option<usize>,
+    /// `Pace::OneByOne`: the most TLS records the connection's sends can have made, and
+    /// how many it may make (`RECORD_LIMIT`).
+    records: u64,
+    record_limit: u64,
     /// Send SQEs in flight, of any connection: the next chain waits for zero.
     inflight: u32,
     /// `/dev/ublkcN` and this queue's id, when payloads may be copied out of requests'
@@ -108,6 +121,11 @@ impl SendChain {
             payload_sends,
             pace,
             next: None,
+            records: 0,
+            record_limit: match pace {
+                Pace::Linked => u64::MAX,
+                Pace::OneByOne { record_limit } => record_limit,
+            },
             inflight: 0,
             user_copy,
         }
@@ -122,6 +140,22 @@ impl SendChain {
     /// The requests waiting for the next chain.
     pub(super) fn queued(&self) -> &VecDeque<u16> {
         &self.queue
+    }
+
+    /// Whether the connection has sent as many TLS records as one key may encrypt
+    /// (`RECORD_LIMIT`; kernel TLS only): time for a new connection.
+    pub(super) fn key_worn_out(&self) -> bool {
+        self.records >= self.record_limit
+    }
+
+    /// Whether part of a chain (`Pace::OneByOne`) is still to be sent.
+    pub(super) fn mid_chain(&self) -> bool {
+        self.next.is_some()
+    }
+
+    /// The most TLS records the connection's sends can have made.
+    pub(super) fn records(&self) -> u64 {
+        self.records
     }
 
     /// Send SQEs in flight, of any connection.
@@ -145,6 +179,7 @@ impl SendChain {
     pub(super) fn reset(&mut self, resend: VecDeque<u16>) {
         self.expect.clear();
         self.next = None;
+        self.records = 0;
         self.queue = resend;
     }
 
@@ -240,8 +275,8 @@ impl SendChain {
         self.queue.drain(..taken);
         match self.pace {
             Pace::Linked => self.push_linked(conn, tags, ring),
-            Pace::OneByOne if self.segs.list.is_empty() => Ok(()),
-            Pace::OneByOne => {
+            Pace::OneByOne { .. } if self.segs.list.is_empty() => Ok(()),
+            Pace::OneByOne { .. } => {
                 self.next = Some(0);
                 self.push_part(0, conn, tags, ring)
             }
@@ -354,6 +389,8 @@ impl SendChain {
                     let why = socket_failure(res, left);
                     return Err(Broken::Lost(format!("send: {why}")));
                 }
+                // Full records, and one the send may have closed or left open.
+                self.records += (res as u64).div_ceil(RECORD_LEN) + 1;
                 if (res as usize) < left {
                     self.segs.advance(i, res as usize);
                 } else {

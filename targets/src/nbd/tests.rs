@@ -28,17 +28,17 @@ const DEPTH: u16 = 32;
 
 impl Harness {
     fn new(port: u16, reconnect: Duration) -> Harness {
-        Self::with(port, reconnect, false)
+        Self::with(port, reconnect, None)
     }
 
-    /// With `one_by_one`, sends go out as on a kernel TLS socket (`Pace::OneByOne`).
-    fn with(port: u16, reconnect: Duration, one_by_one: bool) -> Harness {
+    /// With `one_by_one` (a record limit), sends go out as on a kernel TLS socket
+    /// (`Pace::OneByOne`).
+    fn with(port: u16, reconnect: Duration, one_by_one: Option<u64>) -> Harness {
         let uri = format!("nbd://127.0.0.1:{port}/x").parse().unwrap();
         let t = NbdTarget::connect(&uri, 1, 512, reconnect).unwrap();
-        let t = if one_by_one {
-            t.one_send_at_a_time()
-        } else {
-            t
+        let t = match one_by_one {
+            Some(limit) => t.one_send_at_a_time(limit),
+            None => t,
         };
         let mut ring = TestRing::new(256);
         let mut q = t
@@ -306,7 +306,7 @@ fn without_reconnecting_a_lost_connection_fails_its_requests() {
 #[test]
 fn short_sends_one_at_a_time_are_continued() {
     let (port, _) = server(Fault::Dribble);
-    let mut h = Harness::with(port, Duration::ZERO, true);
+    let mut h = Harness::with(port, Duration::ZERO, Some(super::send::RECORD_LIMIT));
     let before = h.sends();
     // 8 MiB in one chain: more than a socket's largest send buffer (tcp_wmem's 4 MiB).
     write_blocks(&mut h, 0, 32, 256 << 10);
@@ -322,7 +322,11 @@ fn short_sends_one_at_a_time_are_continued() {
 #[test]
 fn one_at_a_time_a_lost_connection_is_resent() {
     let (port, stats) = server(Fault::DropOnce);
-    let mut h = Harness::with(port, Duration::from_secs(10), true);
+    let mut h = Harness::with(
+        port,
+        Duration::from_secs(10),
+        Some(super::send::RECORD_LIMIT),
+    );
     for tag in 0..8u16 {
         let off = FAULT_OFFSET - 4 * (64 << 10) + u64::from(tag) * (64 << 10);
         h.start(tag, BlockOp::Write, off, 64 << 10, 0x80 + tag as u8);
@@ -345,4 +349,17 @@ fn one_at_a_time_a_lost_connection_is_resent() {
             "tag {tag}"
         );
     }
+}
+
+/// On kernel TLS a connection is renewed before its send key has encrypted as many
+/// records as it may (`RECORD_LIMIT`; 64 here): the requests go on on the next one.
+#[test]
+fn a_worn_out_tls_key_makes_a_new_connection() {
+    let (port, stats) = server(Fault::None);
+    let mut h = Harness::with(port, Duration::from_secs(10), Some(64));
+    // 32 x 64 KiB: more than 64 records of 16 KiB.
+    write_blocks(&mut h, 0, 32, 64 << 10);
+    check_blocks(&mut h, 0, 32, 64 << 10);
+    let n = stats.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(n >= 2, "{n} connection(s)");
 }
