@@ -152,3 +152,39 @@ fn an_unreachable_monitor_fails_within_the_timeout() {
     assert!(e.contains("cannot connect to the Ceph cluster"), "{e}");
     assert!(took < Duration::from_secs(15), "took {took:?}");
 }
+
+/// Two clients writing one image (the exclusive-lock feature is on by default): librbd
+/// passes the lock to whoever writes, so both writes succeed, in order.
+#[test]
+fn another_client_takes_the_exclusive_lock_in_turn() {
+    let c = ceph::shared();
+    c.create_image("host-lock", "4M");
+    let spec: ImageSpec = "rbd/host-lock".parse().unwrap();
+    let open = || {
+        let rados = Rados::connect(&options(&conf(), 10)).unwrap();
+        Image::open(&rados.ioctx("rbd", None).unwrap(), &spec, false).unwrap()
+    };
+    let (a, b) = (open(), open());
+    let sink = Completions::new().unwrap();
+    for (n, image) in [(1u8, &a), (2, &b), (3, &a)] {
+        let data = vec![n; 4096];
+        let w = AioOp::Write {
+            off: 0,
+            buf: data.as_ptr(),
+            len: data.len(),
+        };
+        assert!(io(image, &sink, w) >= 0, "write {n} failed");
+        assert_eq!(io(image, &sink, AioOp::Flush), 0);
+    }
+    let mut back = vec![0u8; 4096];
+    let r = AioOp::Read {
+        off: 0,
+        buf: back.as_mut_ptr(),
+        len: back.len(),
+    };
+    assert_eq!(io(&b, &sink, r), 4096);
+    assert!(
+        back.iter().all(|&x| x == 3),
+        "the last write is not what reads back"
+    );
+}

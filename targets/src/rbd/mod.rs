@@ -25,6 +25,8 @@ pub mod rados;
 mod sys;
 #[cfg(feature = "rbd")]
 mod target;
+#[cfg(all(test, feature = "rbd"))]
+mod tests;
 #[cfg(feature = "rbd")]
 pub use target::{RbdOptions, RbdTarget};
 

@@ -106,9 +106,12 @@ impl RbdQueue {
         }
     }
 
-    fn state(&mut self, io: &IoDesc, fua: bool) {
+    /// Records what `io`'s completion needs: its result on success (the length for
+    /// reads and writes, 0 for the others) and whether a flush must follow.
+    fn state(&mut self, io: &IoDesc, data: bool, fua: bool) {
+        let len = if data { io.len } else { 0 };
         if let Some(t) = self.tags.get_mut(usize::from(io.tag)) {
-            *t = TagState { len: io.len, fua };
+            *t = TagState { len, fua };
         }
     }
 
@@ -156,7 +159,7 @@ impl QueueTarget for RbdQueue {
         let Some(addr) = Self::addr(buf) else {
             return Outcome::Done(-libc::EOPNOTSUPP);
         };
-        self.state(io, false);
+        self.state(io, true, false);
         let op = AioOp::Read {
             off: io.offset,
             buf: addr,
@@ -169,7 +172,7 @@ impl QueueTarget for RbdQueue {
         let Some(addr) = Self::addr(buf) else {
             return Outcome::Done(-libc::EOPNOTSUPP);
         };
-        self.state(io, io.flags.fua);
+        self.state(io, true, io.flags.fua);
         let op = AioOp::Write {
             off: io.offset,
             buf: addr,
@@ -179,12 +182,12 @@ impl QueueTarget for RbdQueue {
     }
 
     fn flush(&mut self, io: &IoDesc, _: &mut dyn Ring) -> Outcome {
-        self.state(io, false);
+        self.state(io, false, false);
         self.start(io.tag, STAGE_MAIN, AioOp::Flush)
     }
 
     fn discard(&mut self, io: &IoDesc, _: &mut dyn Ring) -> Outcome {
-        self.state(io, io.flags.fua);
+        self.state(io, false, io.flags.fua);
         let op = AioOp::Discard {
             off: io.offset,
             len: u64::from(io.len),
@@ -193,7 +196,7 @@ impl QueueTarget for RbdQueue {
     }
 
     fn write_zeroes(&mut self, io: &IoDesc, _: &mut dyn Ring) -> Outcome {
-        self.state(io, io.flags.fua);
+        self.state(io, false, io.flags.fua);
         let op = AioOp::WriteZeroes {
             off: io.offset,
             len: u64::from(io.len),
