@@ -495,6 +495,49 @@ mod tests {
     }
 
     #[test]
+    fn add_rbd_takes_the_image_spec_and_ceph_options() {
+        let cli = parse(&[
+            "add",
+            "rbd",
+            "rbd/ns/img@s1",
+            "--conf",
+            "/etc/c.conf",
+            "--user",
+            "u",
+            "--keyring",
+            "/k",
+            "--id",
+            "5",
+            "--queues",
+            "2",
+        ])
+        .unwrap();
+        let Command::Add { target } = cli.command else {
+            panic!()
+        };
+        let req = add_request(target).unwrap();
+        assert_eq!(
+            req.target,
+            TargetSpec::Rbd {
+                image: "rbd/ns/img@s1".into(),
+                conf: Some("/etc/c.conf".into()),
+                user: Some("u".into()),
+                keyring: Some("/k".into()),
+                read_only: false,
+            }
+        );
+        assert_eq!((req.id, req.queues), (Some(5), Some(2)));
+        let Command::Add { target } = parse(&["add", "rbd", "img"]).unwrap().command else {
+            panic!()
+        };
+        let TargetSpec::Rbd { conf, user, .. } = add_request(target).unwrap().target else {
+            panic!()
+        };
+        assert_eq!(conf.as_deref(), Some("/etc/ceph/ceph.conf"));
+        assert_eq!(user.as_deref(), Some("admin"));
+    }
+
+    #[test]
     fn add_loop_makes_the_path_absolute() {
         let cli = parse(&[
             "add",

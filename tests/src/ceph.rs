@@ -209,6 +209,16 @@ impl Cluster {
         }
     }
 
+    /// Stops (SIGSTOP) or continues (SIGCONT) the OSD: an OSD that does not answer for a
+    /// while, without losing its memstore data as a killed one would.
+    pub fn pause_osd(&self, paused: bool) {
+        let osd = self.osd.lock().unwrap_or_else(|p| p.into_inner());
+        let pid = osd.as_ref().expect("the OSD runs").id() as i32;
+        let sig = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: sending a signal to a child process of ours.
+        unsafe { libc::kill(pid, sig) };
+    }
+
     /// Runs the `rbd` tool against this cluster; returns its stdout.
     pub fn rbd(&self, args: &[&str]) -> String {
         let mut full = vec!["--conf", self.conf.to_str().expect("utf-8 path")];
