@@ -6,7 +6,8 @@
 # "vm: N passed, N failed".
 #
 # Usage: tests/run-vm-tests.sh [TEST_FILTER...]   (filters go to each test binary)
-# Environment: UBLKD_VM_SUITES="busybox systemd" (the default) picks the VMs to boot.
+# Environment: UBLKD_VM_SUITES="busybox systemd" (the default) picks the VMs to boot;
+#              UBLKD_VM_BINARIES="nbd loop" runs only those test binaries (default: all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +37,9 @@ for line in sys.stdin:
 
 args=(--bin target/release/ublkd --bin target/release/ublkctl)
 while read -r name exe; do
+    if [ -n "${UBLKD_VM_BINARIES:-}" ] && [[ " $UBLKD_VM_BINARIES " != *" $name "* ]]; then
+        continue
+    fi
     if [ "$name" = systemd ]; then
         cp "$exe" "$work/ublkd-systemd-test"
         continue
@@ -48,6 +52,33 @@ args+=(--file "tests/vm/guest-run-tests.sh:/usr/local/bin/guest-run-tests.sh")
 plugins=$(nbdkit --dump-config | sed -n 's/^plugindir=//p')
 args+=(--tool /usr/bin/nbdkit --tool /usr/bin/qemu-nbd)
 args+=(--tool "$plugins/nbdkit-memory-plugin.so" --tool "$plugins/nbdkit-file-plugin.so")
+
+# boot_seed DIR: what an earlier boot of a server leaves behind, for the systemd VM's
+# first test (systemd::a_boot_...): a loop device named "boot" recorded by ublkd (id 7),
+# its backing file holding an ext4 file system with one file, the README's fstab line for
+# it, and ublkd.service enabled. At boot, ublkd must restore the device, udev link
+# /dev/ublkd/boot, and systemd mount it on /mnt/boot.
+boot_seed() {
+    local dir=$1
+    mkdir -p "$dir/content" "$dir/wants"
+    printf 'written before the boot\n' >"$dir/content/before-boot"
+    truncate -s 32M "$dir/backing-boot.img"
+    /usr/sbin/mkfs.ext4 -q -F -L ublkd-boot -d "$dir/content" "$dir/backing-boot.img"
+    cat >"$dir/7.json" <<'JSON'
+{
+  "version": 1,
+  "id": 7,
+  "add": {
+    "target": { "type": "loop", "file": "/var/tmp/backing-boot.img", "direct_io": "auto", "read_only": false },
+    "id": 7,
+    "name": "boot"
+  },
+  "buffer": "auto-zc"
+}
+JSON
+    printf '/dev/ublkd/boot /mnt/boot ext4 _netdev,x-systemd.requires=ublkd.service 0 2\n' >"$dir/fstab"
+    ln -sfn /usr/local/lib/systemd/system/ublkd.service "$dir/wants/ublkd.service"
+}
 
 suites=${UBLKD_VM_SUITES:-busybox systemd}
 status=0
@@ -63,14 +94,19 @@ fi
 if [[ " $suites " == *" systemd "* ]]; then
     # ublkd as a user installs it: the install script, staged into the guest's /usr/local.
     scripts/install.sh --no-build --destdir "$work/stage" >/dev/null
+    boot_seed "$work/boot"
     set +e
     tests/vm/run.sh --systemd --timeout "${UBLKD_VM_TIMEOUT:-2100}" --mem "${UBLKD_VM_MEM:-3G}" \
         --file "$work/stage/usr/local:/usr/local" \
         --file "$work/stage/etc/modules-load.d/ublkd.conf:/etc/modules-load.d/ublkd.conf" \
         --file "$work/stage/etc/udev/rules.d/60-ublkd.rules:/etc/udev/rules.d/60-ublkd.rules" \
+        --file "$work/boot/fstab:/etc/fstab" \
+        --file "$work/boot/backing-boot.img:/var/tmp/backing-boot.img" \
+        --file "$work/boot/7.json:/var/lib/ublkd/devices/7.json" \
+        --file "$work/boot/wants:/etc/systemd/system/multi-user.target.wants" \
         --bin "$work/ublkd-systemd-test" \
-        -- RUST_BACKTRACE=1 UBLKCTL_BIN=/usr/local/bin/ublkctl \
-        /usr/local/bin/ublkd-systemd-test --test-threads=1 "$@" | stdbuf -oL tr -d '\r' | tee -a "$work/console.log"
+        -- RUST_BACKTRACE=1 RUSTC_BOOTSTRAP=1 UBLKCTL_BIN=/usr/local/bin/ublkctl \
+        /usr/local/bin/ublkd-systemd-test --test-threads=1 -Z unstable-options --report-time "$@" | stdbuf -oL tr -d '\r' | tee -a "$work/console.log"
     s=${PIPESTATUS[0]}
     set -e
     [ "$status" -ne 0 ] || status=$s

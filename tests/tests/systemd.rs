@@ -127,6 +127,78 @@ fn fresh_start() {
     assert_eq!(list().len(), 0);
 }
 
+/// Takes the boot test's device and fstab line away again, whatever the test found.
+struct BootSeed;
+
+impl Drop for BootSeed {
+    fn drop(&mut self) {
+        let _ = run("/usr/bin/systemctl", &["stop", "mnt-boot.mount"]);
+        let _ = std::fs::write("/etc/fstab", "");
+        let _ = run("/usr/bin/systemctl", &["daemon-reload"]);
+        let _ = ctl(&["del", "--force", "boot"]);
+        let _ = std::fs::remove_file("/var/tmp/backing-boot.img");
+    }
+}
+
+/// A server's boot with a file system on a ublk device in fstab. tests/run-vm-tests.sh
+/// leaves in the guest what an earlier boot would have: ublkd's record of a loop device
+/// named `boot` (id 7), its backing file holding ext4 with one file, the README's fstab
+/// line (`/dev/ublkd/boot /mnt/boot ext4 _netdev,x-systemd.requires=ublkd.service`) and
+/// ublkd.service enabled. Nobody started anything: systemd started ublkd, ublkd restored
+/// the device, udev made the link and systemd mounted the file system. Named to run first
+/// (libtest runs tests in name order), before any test restarts ublkd.
+#[test]
+fn a_boot_restores_the_recorded_device_and_mounts_it_from_fstab() {
+    let _cleanup = BootSeed;
+    let mount = "mnt-boot.mount";
+    let unit_prop = |unit: &str, p: &str| {
+        let out = run("/usr/bin/systemctl", &["show", unit, "-p", p, "--value"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // The mount may still be on its way when the test command starts.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while unit_prop(mount, "ActiveState") != "active" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let boot = run("/usr/bin/journalctl", &["-b", "--no-pager", "-o", "cat"]);
+    let boot = String::from_utf8_lossy(&boot.stdout).to_string();
+    assert_eq!(
+        unit_prop(mount, "ActiveState"),
+        "active",
+        "{mount} is not mounted after boot:\n{boot}"
+    );
+    assert!(!boot.contains("ordering cycle"), "{boot}");
+    // Both were started by the boot itself, ublkd first.
+    let ublkd_up: u64 = property("ActiveEnterTimestampMonotonic").parse().unwrap();
+    let mount_up: u64 = unit_prop(mount, "ActiveEnterTimestampMonotonic")
+        .parse()
+        .unwrap();
+    assert!(
+        ublkd_up > 0 && ublkd_up <= mount_up,
+        "ublkd active at {ublkd_up} us, the mount at {mount_up} us"
+    );
+    let e = entry(7);
+    assert_eq!(e["name"], "boot", "{e}");
+    assert_eq!(e["state"], "live", "{e}");
+    let link = std::fs::canonicalize("/dev/ublkd/boot").unwrap();
+    assert_eq!(link, Path::new("/dev/ublkb7"));
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.starts_with("/dev/ublkb7 /mnt/boot ext4 ")),
+        "/dev/ublkb7 is not mounted on /mnt/boot:\n{mounts}"
+    );
+    assert_eq!(
+        std::fs::read("/mnt/boot/before-boot").unwrap(),
+        b"written before the boot\n"
+    );
+    // And the file system is writable through the restored device.
+    std::fs::write("/mnt/boot/after-boot", b"written after the boot").unwrap();
+    systemctl(&["stop", mount]);
+    run_ok(E2FSCK, &["-f", "-n", "/dev/ublkb7"]);
+}
+
 #[test]
 fn the_unit_verifies_and_is_what_the_readme_says() {
     let out = run(

@@ -116,6 +116,8 @@ if ((systemd)); then
     ROOTFS_TAR=$("$HERE/rootfs.sh") || die "could not obtain the root file system (tests/vm/rootfs.sh failed)"
     mkdir -p "$ROOT"
     tar -C "$ROOT" -xpf "$ROOTFS_TAR" || die "cannot unpack $ROOTFS_TAR"
+    # An empty fstab, before the --file copies: a test may bring its own.
+    : >"$ROOT/etc/fstab"
     mkdir -p "$ROOT"/etc/ublkd-vm "$ROOT"/usr/local/bin "$ROOT"/usr/lib/modules/"$KVER"
 else
 # merged-/usr layout, like the host

@@ -8,7 +8,6 @@ setup_systemd_guest() {
     cp "$KDIR"/modules/*.ko "$ROOT/usr/lib/modules/$KVER/"
     chroot "$ROOT" /sbin/depmod -a "$KVER" || die "depmod in the root file system failed"
     printf 'ublkd-vm\n' >"$ROOT/etc/hostname"
-    : >"$ROOT/etc/fstab"
     printf '%s' "$guest_cmd" >"$ROOT/etc/ublkd-vm/cmd"
     # Nothing that competes for the serial console or wakes up during the tests.
     for name in serial-getty@ttyS0.service getty@tty1.service apt-daily.timer \

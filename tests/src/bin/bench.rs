@@ -18,7 +18,8 @@
 //! `qemu-tcp`; `nbdkit` keeps both nbdkit ones); `--export nbdkit-tls` (only when named)
 //! serves nbdkit memory over TCP with TLS optional (`--tls=on`, certificates made by
 //! rcgen): the kernel client and one ublkd device per variant connect in plaintext,
-//! and one more ublkd device per variant over TLS (rustls relay), side by side.
+//! and one more ublkd device per variant over TLS, beside the kernel client over TLS
+//! (`nbd-client -x`, which relays through GnuTLS in userspace), side by side.
 //! `--buffers copy,auto-zc` measures a ublkd
 //! device in each of those buffer modes, and `--ublkd "ARGS;ARGS"` one device per
 //! `;`-separated set of extra `ublkctl add` arguments (`--ublkd ";--no-batch"`: the
@@ -583,7 +584,8 @@ fn bench_nbd(s: &Settings) {
             None => true,
         })
         .collect();
-    let pki = ublkd_tests::pki::make("/tmp/bench-pki", ublkd_tests::pki::ServerCert::Good, false);
+    // Client certificates too: nbd-client -enable-tls will not start without one.
+    let pki = ublkd_tests::pki::make("/tmp/bench-pki", ublkd_tests::pki::ServerCert::Good, true);
     let tls_certs = format!("--tls-certificates={}", pki.server.display());
     let servers: Vec<Server> = wanted
         .iter()
@@ -656,6 +658,29 @@ fn bench_nbd(s: &Settings) {
             String::from_utf8_lossy(&out.stderr)
         );
         let mut devices = vec![("kernel nbd".to_string(), kdev.clone())];
+        // The kernel client over TLS too: nbd-client does the TLS in userspace (GnuTLS)
+        // and relays the kernel's plaintext socket through it.
+        let ktls_dev = format!("/dev/nbd{}", n + 8);
+        if *key == "nbdkit-tls" {
+            let mut tls_client = client.clone();
+            let at = tls_client.iter().position(|a| *a == kdev).unwrap();
+            tls_client[at] = ktls_dev.clone();
+            let dir = &pki.client;
+            tls_client.extend([
+                "-enable-tls".into(),
+                "-cacertfile".into(),
+                dir.join("ca-cert.pem").display().to_string(),
+                "-certfile".into(),
+                dir.join("client-cert.pem").display().to_string(),
+                "-keyfile".into(),
+                dir.join("client-key.pem").display().to_string(),
+                "-tlshostname".into(),
+                "localhost".into(),
+            ]);
+            let tls_client: Vec<&str> = tls_client.iter().map(String::as_str).collect();
+            run_ok("/usr/sbin/nbd-client", &tls_client);
+            devices.push(("kernel nbd tls".to_string(), ktls_dev.clone()));
+        }
         for extra in &s.variants {
             let args = vec![
                 "nbd",
@@ -675,7 +700,10 @@ fn bench_nbd(s: &Settings) {
                 devices.push((label.replacen("ublkd", "ublkd tls", 1), dev));
             }
         }
-        let modes: Vec<&str> = devices[1..].iter().map(|(l, _)| &l[6..]).collect();
+        let modes: Vec<&str> = devices
+            .iter()
+            .filter_map(|(l, _)| l.strip_prefix("ublkd "))
+            .collect();
         println!(
             "{label} export on {place}: kernel nbd client ({kdev}, nbd-client -C {conns}) vs ublkd nbd ({uri}: {conns} queue(s) and connection(s), depth 128, buffers: {})",
             modes.join(", ")
@@ -685,13 +713,25 @@ fn bench_nbd(s: &Settings) {
             s.jobs, s.runtime, s.rounds
         );
         println!();
-        compare(&devices, &[(0, "vs kernel")], &LOOP_ROWS, s);
+        if *key == "nbdkit-tls" {
+            compare(
+                &devices,
+                &[(0, "vs kernel"), (1, "vs k. tls")],
+                &LOOP_ROWS,
+                s,
+            );
+        } else {
+            compare(&devices, &[(0, "vs kernel")], &LOOP_ROWS, s);
+        }
         println!();
-        let _ = Command::new("/usr/sbin/nbd-client")
-            .args(["-d", &kdev])
-            .status();
-        for (_, udev) in &devices[1..] {
-            d.ctl_ok(&["del", &ublkd_tests::dev_id(udev).to_string()]);
+        for (label, dev) in &devices {
+            if label.starts_with("kernel") {
+                let _ = Command::new("/usr/sbin/nbd-client")
+                    .args(["-d", dev])
+                    .status();
+            } else {
+                d.ctl_ok(&["del", &ublkd_tests::dev_id(dev).to_string()]);
+            }
         }
     }
     drop(servers);
