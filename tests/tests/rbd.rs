@@ -51,8 +51,8 @@ fn fio_verify(mode: &str) {
     );
     let show = d.show_json(dev_id(&dev));
     assert_eq!(show["buffer"].as_str(), Some(mode), "{show}");
-    let run = fio(&verify_job(&dev, "randwrite", "4k", "16M", 32));
-    assert!(run.total_ios() >= 2 * 4096, "{}", run.total_ios());
+    let run = fio(&verify_job(&dev, "randwrite", "4k", "8M", 32));
+    assert!(run.total_ios() >= 2 * 2048, "{}", run.total_ios());
     fio(&verify_job(&dev, "write", "128k-512k", "32M", 8));
     let show = d.show_json(dev_id(&dev));
     let queues = show["queue_stats"].as_array().unwrap();
@@ -232,7 +232,7 @@ fn kill9_during_fio_verify_recovers() {
     let name = "rbd-kill9";
     let mut d = Daemon::start(name);
     let dev = add_rbd(&d, "rbd/kill9", &["--queues", "2"]);
-    let job = verify_job(&dev, "randwrite", "4k", "8M", 16);
+    let job = verify_job(&dev, "randwrite", "4k", "4M", 16);
     let run = FioChild::start(&job);
     wait_io(&dev, 200);
     d.kill9();
@@ -259,7 +259,7 @@ fn an_osd_pause_during_fio_is_invisible() {
     c.create_image("pause", "64M");
     let d = Daemon::start("rbd-pause");
     let dev = add_rbd(&d, "rbd/pause", &["--queues", "2"]);
-    let job = verify_job(&dev, "randwrite", "4k", "8M", 16);
+    let job = verify_job(&dev, "randwrite", "4k", "4M", 16);
     let run = FioChild::start(&job);
     wait_io(&dev, 200);
     c.pause_osd(true);
