@@ -3,6 +3,10 @@
 //! JSON through librados (the test VM has no Python, so no `ceph` tool); images are
 //! made with the `rbd` tool. Dropping the cluster kills its daemons.
 //!
+//! `osd client watch timeout` is 10 s instead of 30 s: a client that died holding an
+//! image's exclusive lock (kill -9 of ublkd) counts as gone after that long, and only then
+//! may the next one break its lock and write.
+//!
 //! The monitor listens on the fixed ports 3300 and 6789: one cluster at a time per
 //! machine (a test binary shares one, see [`shared`]).
 
@@ -53,6 +57,7 @@ mon mgr mkfs grace = 86400
 mon warn on insecure global id reclaim = false
 mon warn on insecure global id reclaim allowed = false
 ms bind ipv6 = false
+osd client watch timeout = 10
 run dir = {d}/run
 log file = {d}/log/$name.log
 admin socket = {d}/run/$name.asok
