@@ -268,3 +268,35 @@ fn an_osd_pause_during_fio_is_invisible() {
     run.wait();
     d.del(&dev);
 }
+
+/// After `rbd resize`, `ublkctl resize ID` gives the device the image's new size; a size
+/// other than the image's is refused with one line.
+#[test]
+fn resize_follows_the_image() {
+    let c = cluster();
+    c.create_image("grow", "8M");
+    let d = Daemon::start("rbd-grow");
+    let dev = add_rbd(&d, "rbd/grow", &[]);
+    let id = dev_id(&dev).to_string();
+    let sectors = || {
+        let s = std::fs::read_to_string(format!("/sys/block/{}/size", &dev[5..])).unwrap();
+        s.trim().parse::<u64>().unwrap()
+    };
+    assert_eq!(sectors(), (8 << 20) >> 9);
+    let e = d.ctl_err(&["resize", &id, "12M"]);
+    assert!(e.contains("rbd resize"), "{e}");
+    c.rbd(&["resize", "--size", "16M", "rbd/grow"]);
+    // librbd learns of the new size from the image's header watch, shortly after.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sectors() != (16 << 20) >> 9 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "size {} sectors",
+            sectors()
+        );
+        d.ctl_ok(&["resize", &id]);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    fio(&verify_job(&dev, "write", "64k", "16M", 4));
+    d.del(&dev);
+}
