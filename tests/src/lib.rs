@@ -7,6 +7,7 @@ pub mod ceph;
 pub mod fake_nbd;
 pub mod nbd_server;
 pub mod pki;
+pub mod tls_nbd;
 
 use serde_json::Value;
 use std::io::Read;

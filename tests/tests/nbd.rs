@@ -561,7 +561,7 @@ fn unix_chains_survive_a_tiny_send_buffer() {
                 let _w = Sysctl::set("/proc/sys/net/core/wmem_default", "8192");
                 add_nbd(&d, &server.uri, &["--buffer", mode])
             };
-            verify_unbroken(&d, &dev, "16M", mode);
+            verify_unbroken(&d, &dev, "8M", mode);
         }
         let log = d.log_text();
         assert!(
@@ -677,8 +677,8 @@ fn reads_with_and_without_user_copy() {
                 .filter_map(|f| f.as_str())
                 .collect();
             assert_eq!(flags.contains(&"USER_COPY"), user_copy, "{mode}: {show}");
-            verify(&dev, "16M");
-            fio(&verify_job(&dev, "randwrite", "512-256k", "16M", 16));
+            verify(&dev, "8M");
+            fio(&verify_job(&dev, "randwrite", "512-256k", "8M", 16));
             let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
             assert_eq!(q["errors"].as_u64(), Some(0), "{mode}: {q}");
             d.del(&dev);

@@ -1,7 +1,8 @@
 //! Real-kernel tests of the nbd target over TLS (nbds://, nbds+unix://) against nbdkit and
-//! qemu-nbd with certificates made at test time; the session is in ublkd's relay (rustls).
-//! They run inside the test VM (tests/run-vm-tests.sh); without /dev/ublk-control they
-//! fail.
+//! qemu-nbd with certificates made at test time. Over TCP the session is in the kernel
+//! (kTLS, the guest loads net/tls/tls.ko): `show` says so and /proc/net/tls_stat counts
+//! the sockets; over a Unix socket it is in ublkd's relay (rustls). They run inside the
+//! test VM (tests/run-vm-tests.sh); without /dev/ublk-control they fail.
 
 use std::path::Path;
 use std::time::Duration;
@@ -64,6 +65,33 @@ fn detail(d: &Daemon, dev: &str, key: &str) -> String {
         .to_string()
 }
 
+/// A counter of /proc/net/tls_stat (kernel TLS; the file exists once `tls` is loaded).
+fn tls_stat(name: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/tls_stat")
+        .expect("/proc/net/tls_stat: is the kernel module tls loaded (tests/vm/run.sh)?");
+    text.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(char::is_whitespace)?;
+            (k == name).then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no {name} in /proc/net/tls_stat:\n{text}"))
+}
+
+/// Checks how the device's session runs: in the kernel over TCP, with `expect` (version
+/// and cipher) in `show`, and the kernel counting sockets with software kTLS in both
+/// directions; in the relay over a Unix socket.
+fn check_tls_path(d: &Daemon, dev: &str, kind: &str, expect: &str) {
+    let tls = detail(d, dev, "tls");
+    if kind.ends_with("unix") {
+        assert!(tls.contains("relayed by ublkd"), "{tls}");
+        return;
+    }
+    assert!(tls.contains("kernel TLS (kTLS)"), "{tls}");
+    assert!(tls.contains(expect), "{tls}");
+    assert!(tls_stat("TlsCurrTxSw") >= 1, "no kTLS TX socket");
+    assert!(tls_stat("TlsCurrRxSw") >= 1, "no kTLS RX socket");
+}
+
 fn fio_verify_over_tls(kind: &str, mode: Option<&str>, port: u16) {
     require_ublk();
     let name = format!("{kind}-{}", mode.unwrap_or("default"));
@@ -75,8 +103,7 @@ fn fio_verify_over_tls(kind: &str, mode: Option<&str>, port: u16) {
         args.extend(["--buffer", m]);
     }
     let dev = d.add(&args);
-    let tls = detail(&d, &dev, "tls");
-    assert!(tls.contains("relayed by ublkd"), "{tls}");
+    check_tls_path(&d, &dev, kind, "TLS 1.3");
     assert!(
         detail(&d, &dev, "connections").starts_with("connected"),
         "{}",
@@ -110,6 +137,60 @@ tls_tests! {
     nbdkit_tls_unix_copy => "nbdkit-unix", Some("copy"), 0;
     nbdkit_tls_unix_default => "nbdkit-unix", None, 0;
     qemu_nbd_tls_tcp_default => "qemu-tcp", None, 10944;
+}
+
+/// The ciphers and versions kernel TLS takes from rustls, each negotiated with qemu-nbd
+/// (GnuTLS priority strings) and used for a verify job.
+#[test]
+fn every_cipher_goes_to_the_kernel() {
+    require_ublk();
+    let pki = pki::make("/tmp/pki-ciphers", ServerCert::Good, false);
+    let d = Daemon::start("nbd-tls-ciphers");
+    let cases = [
+        (
+            "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-128-GCM",
+            "TLS 1.3, AES-128-GCM",
+        ),
+        (
+            "NORMAL:-VERS-ALL:+VERS-TLS1.3:-CIPHER-ALL:+AES-256-GCM",
+            "TLS 1.3, AES-256-GCM",
+        ),
+        (
+            "NORMAL:-VERS-ALL:+VERS-TLS1.2:-CIPHER-ALL:+AES-128-GCM",
+            "TLS 1.2, AES-128-GCM",
+        ),
+        (
+            "NORMAL:-VERS-ALL:+VERS-TLS1.2:-CIPHER-ALL:+AES-256-GCM",
+            "TLS 1.2, AES-256-GCM",
+        ),
+    ];
+    for (n, (priority, expect)) in cases.into_iter().enumerate() {
+        let port = 10970 + n as u16;
+        let file = format!("/tmp/nbd-tls-cipher-{n}.img");
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let creds = format!(
+            "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir={},priority={priority}",
+            pki.server.display()
+        );
+        let server = Server::qemu_nbd_with(
+            Listen::Tcp(port),
+            &file,
+            &["--object", &creds, "--tls-creds", "tls0"],
+        );
+        let uri = pki::tls_uri(&server.uri, &pki.client);
+        let dev = d.add(&["nbd", "--uri", &uri]);
+        check_tls_path(&d, &dev, "qemu-tcp", expect);
+        fio(&verify_job(&dev, "randwrite", "4k", "8M", 16));
+        fio(&verify_job(&dev, "write", "128k-512k", "8M", 4));
+        let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
+        assert_eq!(q["errors"].as_u64(), Some(0), "{expect}: {q}");
+        d.del(&dev);
+    }
+    let log = d.log_text();
+    assert!(!log.contains("connection lost"), "{log}");
 }
 
 /// A certificate the client must not accept, and a server without TLS: `add` fails with
@@ -193,6 +274,171 @@ fn server_restart_over_tls_is_invisible() {
     job.join()
         .expect("fio verify failed across the server restart");
     assert!(d.log_text().contains("reconnected"), "{}", d.log_text());
+    let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
+    assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
+    d.del(&dev);
+}
+
+/// Kernel TLS as the queue uses it, on a loopback pair with made-up keys (kTLS needs no
+/// handshake: one end encrypts with the keys the other decrypts with), so the README's
+/// claims about kTLS sockets are checked on the guest kernel: a send with MSG_WAITALL
+/// is refused, so is SEND_ZC, and a plain SEND from a registered buffer and READ_FIXED
+/// into one work.
+#[test]
+fn kernel_tls_sockets_as_the_queue_uses_them() {
+    use io_uring::{opcode, types, IoUring};
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+
+    /// struct tls12_crypto_info_aes_gcm_128 (linux/tls.h).
+    #[repr(C)]
+    struct Info {
+        version: u16,
+        cipher: u16,
+        iv: [u8; 8],
+        key: [u8; 16],
+        salt: [u8; 4],
+        rec_seq: [u8; 8],
+    }
+    fn ktls(fd: i32, dir: i32) {
+        let ulp = b"tls";
+        // SAFETY: setsockopt reads live memory of the given sizes.
+        let r = unsafe { libc::setsockopt(fd, libc::SOL_TCP, 31, ulp.as_ptr().cast(), 3) };
+        assert_eq!(r, 0, "TCP_ULP tls: {}", std::io::Error::last_os_error());
+        let info = Info {
+            version: 0x0304,
+            cipher: 51,
+            iv: [1; 8],
+            key: [2; 16],
+            salt: [3; 4],
+            rec_seq: [0; 8],
+        };
+        let len = std::mem::size_of::<Info>() as libc::socklen_t;
+        // SAFETY: as above.
+        let r =
+            unsafe { libc::setsockopt(fd, libc::SOL_TLS, dir, (&info as *const Info).cast(), len) };
+        assert_eq!(r, 0, "SOL_TLS {dir}: {}", std::io::Error::last_os_error());
+    }
+
+    require_ublk();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (mut rx, _) = l.accept().unwrap();
+    // Sockets that took kTLS so far (counters of sockets, not of records).
+    let (tx_before, rx_before) = (tls_stat("TlsTxSw"), tls_stat("TlsRxSw"));
+    ktls(tx.as_raw_fd(), 1);
+    ktls(rx.as_raw_fd(), 2);
+    assert_eq!(tls_stat("TlsTxSw"), tx_before + 1);
+    assert_eq!(tls_stat("TlsRxSw"), rx_before + 1);
+
+    const LEN: usize = 64 << 10;
+    let mut bufs = [vec![0u8; LEN], vec![0u8; LEN]];
+    for (i, b) in bufs[0].iter_mut().enumerate() {
+        *b = (i * 7 % 251) as u8;
+    }
+    let iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: LEN,
+        })
+        .collect();
+    let mut ring = IoUring::new(8).unwrap();
+    // SAFETY: `bufs` outlives the ring's use of them (every SQE is reaped below).
+    unsafe { ring.submitter().register_buffers(&iovs).unwrap() };
+    let fd = types::Fd(tx.as_raw_fd());
+    let mut run = |sqe: io_uring::squeue::Entry, cqes: usize| -> Vec<(i32, u32)> {
+        // SAFETY: the SQEs point into `bufs`, registered and alive until reaped here.
+        unsafe { ring.submission().push(&sqe).unwrap() };
+        ring.submit_and_wait(cqes).unwrap();
+        let mut got: Vec<(i32, u32)> = ring.completion().map(|c| (c.result(), c.flags())).collect();
+        // IORING_CQE_F_MORE: a zero-copy notification follows.
+        while got.last().is_some_and(|c| c.1 & (1 << 1) != 0) {
+            ring.submit_and_wait(1).unwrap();
+            got.extend(ring.completion().map(|c| (c.result(), c.flags())));
+        }
+        got
+    };
+    let src = bufs[0].as_ptr();
+
+    // MSG_WAITALL: refused, as the queue's linked chains would need it.
+    let waitall = run(
+        opcode::Send::new(fd, src, 4096)
+            .flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL)
+            .build(),
+        1,
+    );
+    assert_eq!(waitall[0].0, -libc::EOPNOTSUPP, "send with MSG_WAITALL");
+
+    // A SEND from the registered buffer (what zc mode sends a payload with): encrypted
+    // by the kernel, read back decrypted.
+    let send = run(
+        opcode::Send::new(fd, src, LEN as u32)
+            .ioprio(1 << 2)
+            .buf_group(0)
+            .flags(libc::MSG_NOSIGNAL)
+            .build(),
+        1,
+    );
+    let sent = send[0].0;
+    assert!(sent > 0, "fixed-buffer SEND on kTLS: {sent}");
+    let mut got = vec![0u8; sent as usize];
+    rx.read_exact(&mut got).unwrap();
+    assert!(
+        got == bufs[0][..sent as usize],
+        "kTLS SEND: other bytes came out"
+    );
+    assert_eq!(tls_stat("TlsDecryptError"), 0);
+
+    // SEND_ZC: refused (software kTLS encrypts into pages of its own: nothing to pin);
+    // its notification still comes.
+    let zc = run(
+        opcode::SendZc::new(fd, src, 4096)
+            .buf_index(Some(0))
+            .flags(libc::MSG_NOSIGNAL)
+            .build(),
+        1,
+    );
+    assert_eq!(zc[0].0, -libc::EOPNOTSUPP, "SEND_ZC on kTLS: {zc:?}");
+
+    // READ_FIXED on the receiving socket: decrypted into the registered buffer.
+    let mut tx2 = &tx;
+    std::io::Write::write_all(&mut tx2, &bufs[0][..4096]).unwrap();
+    let dst = bufs[1].as_mut_ptr();
+    let read = run(
+        opcode::ReadFixed::new(types::Fd(rx.as_raw_fd()), dst, 4096, 1)
+            .offset(u64::MAX)
+            .build(),
+        1,
+    );
+    assert_eq!(read[0].0, 4096, "READ_FIXED on kTLS");
+    assert!(bufs[1][..4096] == bufs[0][..4096]);
+    drop(ring);
+}
+
+/// A record that is not data after the hand-off to the kernel: the server sends a TLS
+/// KeyUpdate in the middle of a verify job. Kernel TLS fails the receive (EIO); the log
+/// says why, the connection is made again with a new handshake, and fio sees no error.
+#[test]
+fn a_key_update_after_the_hand_off_reconnects() {
+    require_ublk();
+    let pki = pki::make("/tmp/pki-keyupdate", ServerCert::Good, false);
+    let server = ublkd_tests::tls_nbd::serve(&pki.server, 64 << 20, 200);
+    let uri = pki::tls_uri(&server.uri, &pki.client);
+    let d = Daemon::start("nbd-tls-keyupdate");
+    let dev = d.add(&["nbd", "--uri", &uri, "--reconnect-timeout", "30"]);
+    check_tls_path(&d, &dev, "tcp", "TLS 1.3");
+    verify(&dev, "16M");
+    let stats = &server.stats;
+    assert_eq!(
+        stats.key_updates.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    assert_eq!(stats.sessions.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let log = d.log_text();
+    assert!(log.contains("a TLS record that is not data"), "{log}");
+    assert!(log.contains("reconnected"), "{log}");
     let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
     assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
     d.del(&dev);

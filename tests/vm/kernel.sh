@@ -7,7 +7,7 @@
 #   <dir>/package-version  Debian package version it came from
 #   <dir>/config           kernel .config (if the package ships it)
 #   <dir>/modules/*.ko     decompressed modules: configfs null_blk ublk_drv
-#                          loop nbd (+ $UBLKD_VM_EXTRA_MODULES) and every
+#                          loop nbd tls gcm ctr (+ $UBLKD_VM_EXTRA_MODULES) and every
 #                          module they depend on
 #   <dir>/modules/modules.dep   "<name>.ko: <dep>.ko ..." one line per module
 #
@@ -32,7 +32,8 @@ CACHE=${UBLKD_VM_CACHE:-/var/cache/ublkd-vm}
 SUITE=${UBLKD_VM_KERNEL_SUITE:-trixie-backports}
 META=${UBLKD_VM_KERNEL_META:-linux-image-cloud-amd64}
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-WANTED_MODULES=(configfs null_blk ublk_drv loop nbd)
+# tls, gcm and ctr: kernel TLS with AES-GCM for the nbd target's TLS tests.
+WANTED_MODULES=(configfs null_blk ublk_drv loop nbd tls gcm ctr)
 # shellcheck disable=SC2206 # word splitting intended
 WANTED_MODULES+=(${UBLKD_VM_EXTRA_MODULES:-})
 

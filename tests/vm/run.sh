@@ -302,7 +302,9 @@ load_mod() {
     [ -d "/sys/module/$1" ] && return 0
     insmod "/lib/modules/$1.ko" || { echo "ublkd-vm: insmod $1.ko failed"; return 1; }
 }
-for m in configfs ublk_drv loop nbd; do
+# tls, gcm, ctr: kernel TLS (AES-GCM) for nbds://; the guest has no modprobe aliases
+# for the kernel to load the crypto modules by itself.
+for m in configfs ublk_drv loop nbd tls gcm ctr; do
     load_mod "$m" || fail "cannot load module $m"
 done
 mount -t configfs configfs /sys/kernel/config || fail "mount configfs"

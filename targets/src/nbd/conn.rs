@@ -124,6 +124,11 @@ impl Connection {
         self
     }
 
+    /// Whether the socket is a kernel TLS one (nbds:// over TCP).
+    pub(super) fn kernel_tls(&self) -> bool {
+        super::kernel_tls(&self.uri)
+    }
+
     /// The socket, for SQEs.
     pub(super) fn fd(&self) -> types::Fd {
         self.fd
@@ -191,18 +196,33 @@ impl Connection {
     /// The connection broke (`why`): shuts it down and says what comes next. When that
     /// is reconnecting, the state says so from now on.
     pub(super) fn lost(&mut self, why: &str) -> AfterLoss {
+        self.down(why, false)
+    }
+
+    /// The connection is to be replaced (`why`; a kernel TLS key that has done its
+    /// work): as `lost`, logged as the plan it is.
+    pub(super) fn renew(&mut self, why: &str) -> AfterLoss {
+        self.down(why, true)
+    }
+
+    fn down(&mut self, why: &str, planned: bool) -> AfterLoss {
         if self.link != Link::Up {
             return AfterLoss::Nothing;
         }
         self.shut_down();
-        if self.reconnect_timeout.is_zero() || self.aborting() {
+        // A planned renewal gets its one attempt even without reconnecting.
+        if (self.reconnect_timeout.is_zero() && !planned) || self.aborting() {
             return AfterLoss::GiveUp;
         }
-        log::error!(
-            "{}: connection lost: {why}; reconnecting for up to {} s",
-            self.uri,
-            self.reconnect_timeout.as_secs()
-        );
+        if planned {
+            log::info!("{}: {why}: a new connection, with new keys", self.uri);
+        } else {
+            log::error!(
+                "{}: connection lost: {why}; reconnecting for up to {} s",
+                self.uri,
+                self.reconnect_timeout.as_secs()
+            );
+        }
         self.link = Link::Reconnecting;
         self.state.store(CONN_RECONNECTING, Ordering::Relaxed);
         AfterLoss::Reconnect
@@ -346,13 +366,13 @@ fn spawn_reconnect(
                     break Err("the device is being deleted".to_string());
                 }
                 match connect_one(&uri, &abort) {
-                    Ok((fd, info)) if info.size == export.size && info.flags == export.flags => {
-                        break Ok(fd)
+                    Ok(n) if n.info.size == export.size && n.info.flags == export.flags => {
+                        break Ok(n.sock)
                     }
-                    Ok((_, info)) => {
+                    Ok(n) => {
                         break Err(format!(
                             "the export changed (now {} bytes, flags {:#x})",
-                            info.size, info.flags
+                            n.info.size, n.info.flags
                         ))
                     }
                     Err(e) => log::debug!("{uri}: reconnect attempt failed: {e}"),

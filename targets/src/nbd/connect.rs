@@ -3,10 +3,10 @@
 
 use super::proto::{self, ExportInfo, HandshakeError};
 use super::uri::{self, Address, NbdUri};
-use super::{relay, tls};
+use super::{ktls, relay, tls};
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -50,12 +50,27 @@ pub enum NbdError {
     },
 }
 
+/// A negotiated connection, ready for the queue.
+#[derive(Debug)]
+pub(super) struct Negotiated {
+    /// The socket the queue sends and receives on: the TCP or Unix socket, or with TLS
+    /// over a Unix socket the queue's end of the relay.
+    pub(super) sock: OwnedFd,
+    pub(super) info: ExportInfo,
+    /// With TLS, how the session runs ("kernel TLS, TLS 1.3, AES-256-GCM").
+    pub(super) tls: Option<String>,
+}
+
 /// A connected stream the handshake can run on with timeouts.
-trait Stream: io::Read + io::Write + Into<OwnedFd> {
+trait Stream: io::Read + io::Write + Into<OwnedFd> + AsFd {
+    /// Whether kernel TLS can take the session (TCP; Unix sockets have none).
+    const KTLS: bool;
+
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
 }
 
 impl Stream for TcpStream {
+    const KTLS: bool = true;
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
@@ -63,6 +78,7 @@ impl Stream for TcpStream {
 }
 
 impl Stream for UnixStream {
+    const KTLS: bool = false;
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
@@ -129,14 +145,15 @@ impl<S: Stream> io::Write for Bounded<'_, S> {
 
 /// Runs the handshake on `s` until `deadline`, then hands the socket over. With `tls`
 /// (nbds), NBD_OPT_STARTTLS and the TLS handshake come first, the options go over TLS,
-/// and the queue gets its end of the session's relay (`relay.rs`).
+/// and then the session goes to the kernel (TCP, `ktls.rs`) or the queue gets its end
+/// of the session's relay (Unix sockets, `relay.rs`).
 fn negotiate<S: Stream>(
     s: S,
     uri: &NbdUri,
     tls: Option<(Arc<rustls::ClientConfig>, &uri::TlsParams)>,
     deadline: Instant,
     abort: &AtomicBool,
-) -> Result<(OwnedFd, ExportInfo), NbdError> {
+) -> Result<Negotiated, NbdError> {
     let u = uri.to_string();
     let hs = |source| NbdError::Handshake {
         uri: u.clone(),
@@ -152,7 +169,11 @@ fn negotiate<S: Stream>(
         let info = proto::options(&mut b, &uri.export, greeting).map_err(hs)?;
         b.s.set_timeouts(None)
             .map_err(|source| NbdError::Connect { uri: u, source })?;
-        return Ok((b.s.into(), info));
+        return Ok(Negotiated {
+            sock: b.s.into(),
+            info,
+            tls: None,
+        });
     };
     proto::starttls(&mut b, greeting).map_err(hs)?;
     let mut conn = tls::connection(config, params, &uri.address).map_err(tls_err)?;
@@ -178,15 +199,27 @@ fn negotiate<S: Stream>(
         uri: u.clone(),
         source,
     })?;
-    let fd = relay::start(b.s.into(), conn).map_err(tls_err)?;
-    Ok((fd, info))
+    if S::KTLS {
+        let session =
+            ktls::hand_off(b.s.as_fd(), conn).map_err(|e| tls_err(tls::TlsError::Kernel(e)))?;
+        let how = format!("kernel TLS (kTLS), {session}");
+        log::info!("{u}: {how}");
+        return Ok(Negotiated {
+            sock: b.s.into(),
+            info,
+            tls: Some(how),
+        });
+    }
+    let sock = relay::start(b.s.into(), conn).map_err(tls_err)?;
+    Ok(Negotiated {
+        sock,
+        info,
+        tls: Some("rustls, relayed by ublkd (a Unix socket has no kernel TLS)".into()),
+    })
 }
 
 /// Connects and negotiates within CONNECT_TIMEOUT in all; gives up when `abort` is set.
-pub(super) fn connect_one(
-    uri: &NbdUri,
-    abort: &AtomicBool,
-) -> Result<(OwnedFd, ExportInfo), NbdError> {
+pub(super) fn connect_one(uri: &NbdUri, abort: &AtomicBool) -> Result<Negotiated, NbdError> {
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     let connect_err = |source| NbdError::Connect {
         uri: uri.to_string(),

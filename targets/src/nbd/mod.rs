@@ -33,10 +33,12 @@
 mod conn;
 mod connect;
 mod fixed_send;
+mod ktls;
 pub mod proto;
 mod queue;
 mod recv;
 mod relay;
+mod segs;
 mod send;
 mod step;
 mod tags;
@@ -75,9 +77,19 @@ fn abort_all(abort: &AtomicBool, wakes: &Mutex<Vec<OwnedFd>>) {
     }
 }
 
+/// Whether `uri`'s connections are kernel TLS sockets (nbds:// over TCP).
+fn kernel_tls(uri: &NbdUri) -> bool {
+    uri.tls.is_some() && matches!(uri.address, Address::Tcp { .. })
+}
+
 pub struct NbdTarget {
     uri: NbdUri,
     info: ExportInfo,
+    /// With TLS, how the session runs (`show`).
+    tls: Option<String>,
+    /// How send chains go out: one SQE at a time on kernel TLS sockets, which refuse
+    /// MSG_WAITALL sends (`send.rs`).
+    pace: send::Pace,
     reconnect_timeout: Duration,
     /// Set when the device is being deleted: stop waiting for the server.
     abort: Arc<AtomicBool>,
@@ -101,7 +113,8 @@ impl NbdTarget {
     ) -> Result<Self, NbdError> {
         let u = uri.to_string();
         let no_abort = AtomicBool::new(false);
-        let (first, info) = connect_one(uri, &no_abort)?;
+        let first = connect_one(uri, &no_abort)?;
+        let (info, tls) = (first.info, first.tls);
         if connections > 1 && !info.has(proto::TFLAG_CAN_MULTI_CONN) {
             return Err(NbdError::NoMultiConn { uri: u });
         }
@@ -120,9 +133,10 @@ impl NbdTarget {
                 block_size,
             });
         }
-        let mut conns = vec![Some(first)];
+        let mut conns = vec![Some(first.sock)];
         for n in 1..usize::from(connections) {
-            let (fd, other) = connect_one(uri, &no_abort)?;
+            let next = connect_one(uri, &no_abort)?;
+            let other = next.info;
             if other.size != info.size || other.flags != info.flags {
                 return Err(NbdError::Mismatch {
                     uri: u,
@@ -131,7 +145,7 @@ impl NbdTarget {
                     flags: other.flags,
                 });
             }
-            conns.push(Some(fd));
+            conns.push(Some(next.sock));
         }
         log::info!(
             "{u}: export of {} bytes, flags {:#x}, block sizes {:?}, {connections} connection(s)",
@@ -142,6 +156,14 @@ impl NbdTarget {
         Ok(NbdTarget {
             uri: uri.clone(),
             info,
+            tls,
+            pace: if kernel_tls(uri) {
+                send::Pace::OneByOne {
+                    record_limit: send::RECORD_LIMIT,
+                }
+            } else {
+                send::Pace::Linked
+            },
             reconnect_timeout,
             abort: Arc::new(AtomicBool::new(false)),
             states: (0..connections)
@@ -158,6 +180,15 @@ impl NbdTarget {
     /// lost (zero: no limit).
     pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Sends one SQE at a time, as on a kernel TLS socket, over a plain one, renewing
+    /// the connection after `record_limit` records (the unit tests, on a host without
+    /// kernel TLS).
+    #[cfg(test)]
+    fn one_send_at_a_time(mut self, record_limit: u64) -> Self {
+        self.pace = send::Pace::OneByOne { record_limit };
         self
     }
 
@@ -215,11 +246,10 @@ impl Target for NbdTarget {
             ("connections".into(), states.join(", ")),
             (
                 "tls".into(),
-                match &self.uri.tls {
-                    None => "no",
-                    Some(_) => "yes (rustls, relayed by ublkd)",
-                }
-                .into(),
+                match &self.tls {
+                    None => "no".into(),
+                    Some(how) => format!("yes: {how}"),
+                },
             ),
             ("server flags".into(), format!("{:#x}", i.flags)),
             ("multi-conn".into(), yes(proto::TFLAG_CAN_MULTI_CONN)),
@@ -279,10 +309,12 @@ impl Target for NbdTarget {
             depth,
             self.request_timeout,
             fixed_send::PayloadSends {
-                // With TLS the queue's socket is its end of the relay's socket pair.
+                // SEND_ZC only on plain TCP: a Unix socket copies anyway, and kernel TLS
+                // refuses it (it encrypts into pages of its own).
                 zc: matches!(self.uri.address, Address::Tcp { .. }) && self.uri.tls.is_none(),
                 fixed: fixed_send::supported(),
             },
+            self.pace,
             ctx.user_copy_fd.map(|fd| (fd, ctx.qid)),
         )))
     }

@@ -15,7 +15,7 @@ use super::conn::{AfterLoss, Broken, Connection, Link, Reconnected};
 use super::fixed_send::PayloadSends;
 use super::proto;
 use super::recv::{self, Receiver};
-use super::send::{payload_len, SendChain};
+use super::send::{payload_len, Pace, SendChain};
 use super::step::{split_step, EVENT_ABORT, EVENT_RECV, EVENT_TICK, EVENT_WAKE};
 use super::step::{STEP_PAYLOAD, STEP_SEND};
 use super::tags::{Tags, Timers, ABORT_GRACE};
@@ -63,13 +63,14 @@ impl NbdQueue {
         depth: usize,
         request_timeout: Duration,
         payload_sends: PayloadSends,
+        pace: Pace,
         user_copy: Option<(libc::c_int, u16)>,
     ) -> Self {
         NbdQueue {
             conn,
             tags: Tags::new(depth),
             timers: Timers::new(request_timeout),
-            send: SendChain::new(depth, payload_sends, user_copy),
+            send: SendChain::new(depth, payload_sends, pace, user_copy),
             recv: Receiver::new(user_copy),
             user_copy,
         }
@@ -110,7 +111,17 @@ impl NbdQueue {
         if self.conn.link() != Link::Up {
             return;
         }
-        if self.send.ready() && !self.conn.closing_old() {
+        // A worn-out key (kernel TLS) sends the rest of its chain, and no new one: once
+        // every request sent has its reply, a new connection takes over.
+        let worn = self.send.key_worn_out();
+        if worn
+            && self.send.inflight() == 0
+            && !self.send.mid_chain()
+            && self.tags.awaiting().0 == 0
+        {
+            return self.renew(ring);
+        }
+        if self.send.ready() && !self.conn.closing_old() && (!worn || self.send.mid_chain()) {
             let staging = self.recv.staging();
             if let Err(b) = self.send.pump(&self.conn, &mut self.tags, staging, ring) {
                 self.broken(b, ring);
@@ -165,6 +176,30 @@ impl NbdQueue {
         let direct = resend.iter().filter(|&&t| self.tags.is_direct(t)).count();
         self.tags.forget_sent(direct);
         self.send.reset(resend);
+        if let Err(why) = self.conn.start_reconnect() {
+            self.give_up(&why, ring);
+        }
+    }
+
+    /// The kernel TLS session's send key has encrypted all it may
+    /// (`SendChain::key_worn_out`) and nothing sent waits for its reply: a new
+    /// connection, with new keys, takes the requests waiting to be sent; none of them
+    /// counts as resent.
+    fn renew(&mut self, ring: &mut dyn Ring) {
+        let why = format!(
+            "the TLS session has sent about {} records, the most its key may encrypt",
+            self.send.records()
+        );
+        match self.conn.renew(&why) {
+            AfterLoss::Nothing => return,
+            AfterLoss::GiveUp => return self.give_up(&why, ring),
+            AfterLoss::Reconnect => {}
+        }
+        self.recv.reset();
+        let queued = self.send.queued().clone();
+        let direct = queued.iter().filter(|&&t| self.tags.is_direct(t)).count();
+        self.tags.forget_sent(direct);
+        self.send.reset(queued);
         if let Err(why) = self.conn.start_reconnect() {
             self.give_up(&why, ring);
         }

@@ -57,10 +57,12 @@ pub(super) struct Reply {
     pub(super) res: i32,
 }
 
-/// Why a MSG_WAITALL receive of `expected` bytes ended with `res`: short only at the
-/// end of the stream.
-fn recv_failure(res: i32, expected: usize) -> String {
-    if res < 0 {
+/// Why a MSG_WAITALL receive of `expected` bytes on `conn` ended with `res`: short
+/// only at the end of the stream.
+fn recv_failure(res: i32, expected: usize, conn: &Connection) -> String {
+    if res == -libc::EIO && conn.kernel_tls() {
+        format!("receive: {}", super::ktls::CONTROL_RECORD)
+    } else if res < 0 {
         format!("receive: {}", io::Error::from_raw_os_error(-res))
     } else {
         format!(
@@ -405,7 +407,7 @@ impl Receiver {
                     return Ok(()); // nothing was taken: `kick` receives again
                 }
                 if res <= 0 || (all && res as usize != len) {
-                    return Err(Broken::Lost(recv_failure(res, len)));
+                    return Err(Broken::Lost(recv_failure(res, len, conn)));
                 }
                 self.rhave += res as usize;
                 self.replies_received(conn, tags)
@@ -414,7 +416,7 @@ impl Receiver {
                 let len = tags.get(tag).io.map_or(0, |io| io.len as usize);
                 if res <= 0 {
                     let left = len - tags.get(tag).got;
-                    return Err(Broken::Lost(recv_failure(res, left)));
+                    return Err(Broken::Lost(recv_failure(res, left, conn)));
                 }
                 tags.get_mut(tag).got += res as usize;
                 if tags.get(tag).got >= len {

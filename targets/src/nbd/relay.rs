@@ -5,11 +5,9 @@
 //! relay), and the relay ends. rustls handles every record the server sends (alerts,
 //! session tickets, key updates), so none of them can break the queue's stream.
 //!
-//! Why not kernel TLS (kTLS): the queue's linked send chains rely on MSG_WAITALL (a send
-//! is all or a failure, so the next one in the chain never follows a short one), and a
-//! kTLS socket refuses sends with MSG_WAITALL (EOPNOTSUPP, seen on 7.3). kTLS would need
-//! sends that may be short, continued one at a time; until the queue has that, TLS costs
-//! one copy each way through this relay.
+//! Only nbds+unix:// uses it: kernel TLS (`ktls.rs`) is TCP's, and over TCP the queue
+//! sends and receives on the kTLS socket itself. Here TLS costs one copy each way
+//! through this thread.
 
 use super::tls::TlsError;
 use rustls::ClientConnection;

@@ -13,66 +13,48 @@
 //! that cannot SEND from a registered buffer get WRITE_FIXED on Unix sockets, which can
 //! be short and so ends its chain, and SEND_ZC for every payload on TCP.)
 //!
+//! On a kernel TLS socket (nbds:// over TCP) a send with MSG_WAITALL fails (EOPNOTSUPP),
+//! and without it a send may be short, and a short send in a link does not stop the
+//! next one, which would put its bytes after a gap. There a chain's SQEs go out one at
+//! a time instead (`Pace::OneByOne`), unlinked and without MSG_WAITALL; a short one is
+//! continued from where it stopped before the next one goes. A request's bytes still
+//! never interleave with another's, at the cost of a ring round trip per SQE of a chain
+//! (one per chain when the payloads are in daemon memory: one SENDMSG).
+//!
 //! Which operation sends what is decided in one place, `SendChain::pump` (with
 //! `PayloadSends::pick` for payloads in registered pages).
 
 use super::conn::{Broken, Connection};
-use super::fixed_send::{self, stage_payload, PayloadSend, PayloadSends};
+use super::fixed_send::{stage_payload, PayloadSend, PayloadSends};
 use super::proto;
+use super::segs::{close_run, write_sqe, Segments, SendSeg, Sent};
 use super::step::{step, STEP_SEND};
 use super::tags::Tags;
 use crate::{BlockOp, IoBuf, IoDesc, Ring};
-use io_uring::{opcode, squeue, types};
+use io_uring::squeue;
 use std::collections::VecDeque;
 use std::io;
+
+/// `Pace::OneByOne` (kernel TLS): how many TLS records one connection may send before
+/// the queue makes a new one, with new keys. The kernel does not renew its send key, and
+/// AES-GCM may encrypt at most 2^24.5 records under one (RFC 8446, 5.5): about 256 GiB
+/// of full 16 KiB records here.
+pub(super) const RECORD_LIMIT: u64 = 1 << 24;
+/// The largest TLS record's plaintext.
+const RECORD_LEN: u64 = 16 << 10;
 
 /// Most requests one send chain carries.
 const MAX_CHAIN: usize = 64;
 /// The staging buffer for small write payloads of one send chain.
 const STAGE_LEN: usize = MAX_CHAIN * 4096;
-/// One SQE of a send chain, before it is built.
-#[derive(Debug, Clone, Copy)]
-enum SendSeg {
-    /// SENDMSG of iovecs `first..first + count`, accounted to request `owner`.
-    Msg {
-        owner: u16,
-        first: usize,
-        count: usize,
-        bytes: usize,
-    },
-    /// A send of request `tag`'s payload from its own pages, registered at `index`.
-    Pages {
-        tag: u16,
-        index: u16,
-        len: u32,
-        how: PayloadSend,
-    },
-}
-
-/// Ends the SENDMSG being filled, `(owner, first iovec, bytes)`, at iovec `end`.
-fn close_run(segs: &mut Vec<SendSeg>, run: Option<(u16, usize, usize)>, end: usize) {
-    if let Some((owner, first, bytes)) = run {
-        segs.push(SendSeg::Msg {
-            owner,
-            first,
-            count: end - first,
-            bytes,
-        });
-    }
-}
-
-/// What a send SQE of the chain in flight must achieve.
-#[derive(Debug, Clone, Copy)]
-enum Sent {
-    /// All of these bytes (MSG_WAITALL).
-    Bytes(usize),
-    /// A WRITE_FIXED of request `tag`'s payload from `addr` (may be short: continued).
-    Write {
-        tag: u16,
-        index: u16,
-        addr: u64,
-        len: u32,
-    },
+/// How the SQEs of a chain go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Pace {
+    /// All at once, linked, each with MSG_WAITALL: all or a failure.
+    Linked,
+    /// One at a time, without MSG_WAITALL; a short one is continued (kernel TLS). After
+    /// `record_limit` TLS records (`RECORD_LIMIT`) the connection is renewed.
+    OneByOne { record_limit: u64 },
 }
 
 /// Bytes that follow a request's header on the wire: a write's data.
@@ -100,10 +82,8 @@ pub(super) struct SendChain {
     headers: Vec<[u8; proto::REQUEST_LEN]>,
     /// Requests waiting for the next send chain.
     queue: VecDeque<u16>,
-    /// The send chain's memory: SENDMSG headers and their iovecs (never moved).
-    iovecs: Box<[libc::iovec]>,
-    msgs: Box<[libc::msghdr]>,
-    segs: Vec<SendSeg>,
+    /// The send chain's segments and their memory.
+    segs: Segments,
     /// Small write payloads copied out of requests' own pages for the chain being built
     /// or in flight (empty without user copy).
     wstage: Box<[u8]>,
@@ -111,6 +91,13 @@ pub(super) struct SendChain {
     expect: VecDeque<Sent>,
     /// How payloads in registered pages may be sent.
     payload_sends: PayloadSends,
+    pace: Pace,
+    /// `Pace::OneByOne`: the chain's segments from this one on are still to be sent.
+    next: Option<usize>,
+    /// `Pace::OneByOne`: the most TLS records the connection's sends can have made, and
+    /// how many it may make (`RECORD_LIMIT`).
+    records: u64,
+    record_limit: u64,
     /// Send SQEs in flight, of any connection: the next chain waits for zero.
     inflight: u32,
     /// `/dev/ublkcN` and this queue's id, when payloads may be copied out of requests'
@@ -122,21 +109,23 @@ impl SendChain {
     pub(super) fn new(
         depth: usize,
         payload_sends: PayloadSends,
+        pace: Pace,
         user_copy: Option<(libc::c_int, u16)>,
     ) -> Self {
-        // SAFETY: iovec and msghdr are plain C structs for which all-zero is valid.
-        let zero_iov: libc::iovec = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        let zero_msg: libc::msghdr = unsafe { std::mem::zeroed() };
         SendChain {
             headers: vec![[0; proto::REQUEST_LEN]; depth],
             queue: VecDeque::with_capacity(depth),
-            iovecs: vec![zero_iov; 2 * MAX_CHAIN].into_boxed_slice(),
-            msgs: vec![zero_msg; MAX_CHAIN + 1].into_boxed_slice(),
-            segs: Vec::with_capacity(2 * MAX_CHAIN + 1),
+            segs: Segments::new(2 * MAX_CHAIN, MAX_CHAIN + 1),
             wstage: vec![0u8; if user_copy.is_some() { STAGE_LEN } else { 0 }].into_boxed_slice(),
             expect: VecDeque::with_capacity(2 * MAX_CHAIN + 1),
             payload_sends,
+            pace,
+            next: None,
+            records: 0,
+            record_limit: match pace {
+                Pace::Linked => u64::MAX,
+                Pace::OneByOne { record_limit } => record_limit,
+            },
             inflight: 0,
             user_copy,
         }
@@ -153,14 +142,31 @@ impl SendChain {
         &self.queue
     }
 
+    /// Whether the connection has sent as many TLS records as one key may encrypt
+    /// (`RECORD_LIMIT`; kernel TLS only): time for a new connection.
+    pub(super) fn key_worn_out(&self) -> bool {
+        self.records >= self.record_limit
+    }
+
+    /// Whether part of a chain (`Pace::OneByOne`) is still to be sent.
+    pub(super) fn mid_chain(&self) -> bool {
+        self.next.is_some()
+    }
+
+    /// The most TLS records the connection's sends can have made.
+    pub(super) fn records(&self) -> u64 {
+        self.records
+    }
+
     /// Send SQEs in flight, of any connection.
     pub(super) fn inflight(&self) -> u32 {
         self.inflight
     }
 
-    /// Whether a chain can go out now: none in flight and requests waiting.
+    /// Whether a send can go out now: none in flight, and the rest of a chain or
+    /// requests waiting.
     pub(super) fn ready(&self) -> bool {
-        self.inflight == 0 && !self.queue.is_empty()
+        self.inflight == 0 && (self.next.is_some() || !self.queue.is_empty())
     }
 
     /// A send SQE completed, of any connection.
@@ -172,16 +178,20 @@ impl SendChain {
     /// for the next chain (on the next connection).
     pub(super) fn reset(&mut self, resend: VecDeque<u16>) {
         self.expect.clear();
+        self.next = None;
+        self.records = 0;
         self.queue = resend;
     }
 
     /// The connection is gone for good: nothing more is sent.
     pub(super) fn clear(&mut self) {
         self.expect.clear();
+        self.next = None;
         self.queue.clear();
     }
 
-    /// Sends the queued requests as one linked chain (see the module comment). While
+    /// Sends the queued requests as one chain (see the module comment), or with
+    /// `Pace::OneByOne` the next part of the chain under way. While
     /// a receive into the staging buffer may take several replies (`staging`), the
     /// reply of a read whose payload must go straight to its buffer must not arrive:
     /// such reads wait for that receive to end.
@@ -192,12 +202,15 @@ impl SendChain {
         staging: bool,
         ring: &mut dyn Ring,
     ) -> Result<(), Broken> {
+        if let Some(i) = self.next {
+            return self.push_part(i, conn, tags, ring);
+        }
         let n = self.queue.len().min(MAX_CHAIN);
         // Per request at most a SENDMSG and a SEND_ZC, plus the queue's registration.
         if n == 0 || !ring.reserve(3 * n + 1) {
             return Ok(());
         }
-        self.segs.clear();
+        self.segs.list.clear();
         let mut iov = 0usize;
         // The SENDMSG being filled: (owner, first iovec, bytes).
         let mut run: Option<(u16, usize, usize)> = None;
@@ -213,13 +226,13 @@ impl SendChain {
             let Some(io) = tags.get(tag).io else { continue };
             tags.sent(tag);
             let hdr = self.headers[t].as_ptr();
-            self.iovecs[iov] = libc::iovec {
+            self.segs.iovecs[iov] = libc::iovec {
                 iov_base: hdr as *mut libc::c_void,
                 iov_len: proto::REQUEST_LEN,
             };
             iov += 1;
-            let (owner, first, bytes) = run.unwrap_or((tag, iov - 1, 0));
-            run = Some((owner, first, bytes + proto::REQUEST_LEN));
+            let (_, first, bytes) = run.unwrap_or((tag, iov - 1, 0));
+            run = Some((tag, first, bytes + proto::REQUEST_LEN));
             let payload = payload_len(&io);
             if payload == 0 {
                 continue;
@@ -234,7 +247,7 @@ impl SendChain {
                 _ => None,
             };
             if let Some(addr) = user {
-                self.iovecs[iov] = libc::iovec {
+                self.segs.iovecs[iov] = libc::iovec {
                     iov_base: addr.cast(),
                     iov_len: payload,
                 };
@@ -243,11 +256,12 @@ impl SendChain {
                     run = Some((o, f, b + payload));
                 }
             } else if let Some(IoBuf::Pages { index, .. }) = tags.get(tag).buf {
-                close_run(&mut self.segs, run.take(), iov);
+                close_run(&mut self.segs.list, run.take(), iov);
                 let how = self.payload_sends.pick(payload);
-                self.segs.push(SendSeg::Pages {
+                self.segs.list.push(SendSeg::Pages {
                     tag,
                     index,
+                    at: 0,
                     len: payload as u32,
                     how,
                 });
@@ -257,68 +271,36 @@ impl SendChain {
                 }
             }
         }
-        close_run(&mut self.segs, run.take(), iov);
+        close_run(&mut self.segs.list, run.take(), iov);
         self.queue.drain(..taken);
+        match self.pace {
+            Pace::Linked => self.push_linked(conn, tags, ring),
+            Pace::OneByOne { .. } if self.segs.list.is_empty() => Ok(()),
+            Pace::OneByOne { .. } => {
+                self.next = Some(0);
+                self.push_part(0, conn, tags, ring)
+            }
+        }
+    }
 
+    /// Pushes the chain built in `segs`, linked, every SQE with MSG_WAITALL.
+    fn push_linked(
+        &mut self,
+        conn: &Connection,
+        tags: &mut Tags,
+        ring: &mut dyn Ring,
+    ) -> Result<(), Broken> {
         let generation = conn.generation();
         let fd = conn.fd();
-        let last = self.segs.len().saturating_sub(1);
+        let last = self.segs.list.len().saturating_sub(1);
         let mut msg = 0usize;
-        for i in 0..self.segs.len() {
+        for i in 0..self.segs.list.len() {
             let more = if i < last { libc::MSG_MORE } else { 0 };
             let flags = libc::MSG_NOSIGNAL | libc::MSG_WAITALL | more;
-            let (owner, sent, sqe) = match self.segs[i] {
-                SendSeg::Msg {
-                    owner,
-                    first,
-                    count,
-                    bytes,
-                } => {
-                    let m = &mut self.msgs[msg];
-                    msg += 1;
-                    // SAFETY: all-zero is a valid msghdr.
-                    *m = unsafe { std::mem::zeroed() };
-                    m.msg_iov = self.iovecs[first..].as_mut_ptr();
-                    m.msg_iovlen = count as _;
-                    let sqe = opcode::SendMsg::new(fd, m).flags(flags as u32).build();
-                    (owner, Sent::Bytes(bytes), sqe)
-                }
-                SendSeg::Pages {
-                    tag,
-                    index,
-                    len,
-                    how: PayloadSend::Send,
-                } => {
-                    let sqe = fixed_send::send(fd, index, 0, len, flags);
-                    (tag, Sent::Bytes(len as usize), sqe)
-                }
-                SendSeg::Pages {
-                    tag,
-                    index,
-                    len,
-                    how: PayloadSend::Zc,
-                } => {
-                    let sqe = opcode::SendZc::new(fd, std::ptr::null(), len)
-                        .buf_index(Some(index))
-                        .flags(flags)
-                        .build();
-                    (tag, Sent::Bytes(len as usize), sqe)
-                }
-                SendSeg::Pages {
-                    tag,
-                    index,
-                    len,
-                    how: PayloadSend::Write,
-                } => {
-                    let sent = Sent::Write {
-                        tag,
-                        index,
-                        addr: 0,
-                        len,
-                    };
-                    (tag, sent, write_sqe(fd, sent))
-                }
-            };
+            let (owner, sent, sqe) = self.segs.build(i, msg, fd, flags);
+            if matches!(self.segs.list[i], SendSeg::Msg { .. }) {
+                msg += 1;
+            }
             let sqe = if i < last {
                 sqe.flags(squeue::Flags::IO_LINK)
             } else {
@@ -347,6 +329,39 @@ impl SendChain {
         Ok(())
     }
 
+    /// `Pace::OneByOne`: pushes what is left of segment `i`, on its own, without
+    /// MSG_WAITALL. The ring being full only delays it to the next `pump`.
+    fn push_part(
+        &mut self,
+        i: usize,
+        conn: &Connection,
+        tags: &mut Tags,
+        ring: &mut dyn Ring,
+    ) -> Result<(), Broken> {
+        // The send and a zero-copy registration in front of it.
+        if !ring.reserve(2) {
+            return Ok(());
+        }
+        let more = if i + 1 < self.segs.list.len() {
+            libc::MSG_MORE
+        } else {
+            0
+        };
+        let (owner, _, sqe) = self.segs.build(i, 0, conn.fd(), libc::MSG_NOSIGNAL | more);
+        // SAFETY: as in `push_linked`; the one msghdr in use is `msgs[0]`, and what is
+        // left of a segment belongs to requests whose bytes are not all sent, so none of
+        // them can have been answered and finished.
+        match unsafe { ring.push(owner, step(STEP_SEND, conn.generation()), sqe) } {
+            Ok(()) => {
+                tags.get_mut(owner).sqes += 1;
+                self.inflight += 1;
+                self.expect.push_back(Sent::Part(i));
+                Ok(())
+            }
+            Err(_) => Ok(()),
+        }
+    }
+
     /// A send SQE of the current connection completed.
     pub(super) fn done(
         &mut self,
@@ -365,6 +380,24 @@ impl SendChain {
                 Err(Broken::Lost(format!("send: {why}")))
             }
             Sent::Bytes(_) => Ok(()),
+            Sent::Part(i) => {
+                if res == -libc::EAGAIN || res == -libc::EINTR {
+                    return Ok(()); // nothing went: `pump` sends it again
+                }
+                let left = self.segs.left(i);
+                if res <= 0 || res as usize > left {
+                    let why = socket_failure(res, left);
+                    return Err(Broken::Lost(format!("send: {why}")));
+                }
+                // Full records, and one the send may have closed or left open.
+                self.records += (res as u64).div_ceil(RECORD_LEN) + 1;
+                if (res as usize) < left {
+                    self.segs.advance(i, res as usize);
+                } else {
+                    self.next = Some(i + 1).filter(|&n| n < self.segs.list.len());
+                }
+                Ok(())
+            }
             Sent::Write {
                 tag,
                 index,
@@ -419,17 +452,5 @@ impl SendChain {
                 Err(Broken::Lost(why.into()))
             }
         }
-    }
-}
-
-/// The WRITE_FIXED that sends `w` (a payload in registered pages) on `fd`.
-fn write_sqe(fd: types::Fd, w: Sent) -> squeue::Entry {
-    match w {
-        Sent::Write {
-            index, addr, len, ..
-        } => opcode::WriteFixed::new(fd, addr as *const u8, len, index)
-            .offset(u64::MAX)
-            .build(),
-        Sent::Bytes(_) => opcode::Nop::new().build(),
     }
 }

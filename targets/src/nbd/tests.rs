@@ -28,8 +28,18 @@ const DEPTH: u16 = 32;
 
 impl Harness {
     fn new(port: u16, reconnect: Duration) -> Harness {
+        Self::with(port, reconnect, None)
+    }
+
+    /// With `one_by_one` (a record limit), sends go out as on a kernel TLS socket
+    /// (`Pace::OneByOne`).
+    fn with(port: u16, reconnect: Duration, one_by_one: Option<u64>) -> Harness {
         let uri = format!("nbd://127.0.0.1:{port}/x").parse().unwrap();
         let t = NbdTarget::connect(&uri, 1, 512, reconnect).unwrap();
+        let t = match one_by_one {
+            Some(limit) => t.one_send_at_a_time(limit),
+            None => t,
+        };
         let mut ring = TestRing::new(256);
         let mut q = t
             .queue(QueueContext {
@@ -288,4 +298,68 @@ fn without_reconnecting_a_lost_connection_fails_its_requests() {
     // And every later request.
     h.start(2, BlockOp::Read, 0, 4096, 0);
     assert_eq!(h.run()[&2], -libc::EIO);
+}
+
+/// As on a kernel TLS socket: a chain's sends one at a time, without MSG_WAITALL. A
+/// server that reads slowly through a small window makes them short; each is continued
+/// where it stopped, before the next one, so the server sees every request whole.
+#[test]
+fn short_sends_one_at_a_time_are_continued() {
+    let (port, _) = server(Fault::Dribble);
+    let mut h = Harness::with(port, Duration::ZERO, Some(super::send::RECORD_LIMIT));
+    let before = h.sends();
+    // 8 MiB in one chain: more than a socket's largest send buffer (tcp_wmem's 4 MiB).
+    write_blocks(&mut h, 0, 32, 256 << 10);
+    // One SENDMSG for the chain, and more for what the short ones left.
+    assert!(h.sends() - before > 1, "no send was short");
+    check_blocks(&mut h, 0, 32, 256 << 10);
+    write_blocks(&mut h, 4 << 20, 16, 4096);
+    check_blocks(&mut h, 4 << 20, 16, 4096);
+}
+
+/// A lost connection in the middle of a chain sent one SQE at a time: what has no reply
+/// is sent again, whole, on the next connection.
+#[test]
+fn one_at_a_time_a_lost_connection_is_resent() {
+    let (port, stats) = server(Fault::DropOnce);
+    let mut h = Harness::with(
+        port,
+        Duration::from_secs(10),
+        Some(super::send::RECORD_LIMIT),
+    );
+    for tag in 0..8u16 {
+        let off = FAULT_OFFSET - 4 * (64 << 10) + u64::from(tag) * (64 << 10);
+        h.start(tag, BlockOp::Write, off, 64 << 10, 0x80 + tag as u8);
+    }
+    let res = h.run();
+    assert!((0..8).all(|t| res[&t] == 64 << 10), "{res:?}");
+    assert_eq!(
+        stats.connections.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    for tag in 0..8u16 {
+        let off = FAULT_OFFSET - 4 * (64 << 10) + u64::from(tag) * (64 << 10);
+        h.start(tag, BlockOp::Read, off, 64 << 10, 0);
+    }
+    let res = h.run();
+    for tag in 0..8u16 {
+        assert_eq!(res[&tag], 64 << 10);
+        assert!(
+            h.data(tag).iter().all(|&b| b == 0x80 + tag as u8),
+            "tag {tag}"
+        );
+    }
+}
+
+/// On kernel TLS a connection is renewed before its send key has encrypted as many
+/// records as it may (`RECORD_LIMIT`; 64 here): the requests go on on the next one.
+#[test]
+fn a_worn_out_tls_key_makes_a_new_connection() {
+    let (port, stats) = server(Fault::None);
+    let mut h = Harness::with(port, Duration::from_secs(10), Some(64));
+    // 32 x 64 KiB: more than 64 records of 16 KiB.
+    write_blocks(&mut h, 0, 32, 64 << 10);
+    check_blocks(&mut h, 0, 32, 64 << 10);
+    let n = stats.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(n >= 2, "{n} connection(s)");
 }

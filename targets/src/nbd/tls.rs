@@ -1,7 +1,9 @@
 //! TLS for the nbd target (nbds://, nbds+unix://): the client's TLS handshake runs in
 //! userspace with rustls after NBD_OPT_STARTTLS; the rest of the option haggling (OPT_GO)
-//! runs over it; then a relay thread (`relay.rs`) keeps the session and hands the queue
-//! one end of a socket pair, on which its io_uring sends and receives plaintext as before.
+//! runs over it; then over TCP the session goes to the kernel (kTLS, `ktls.rs`) and the
+//! queue's io_uring sends and receives plaintext on the TCP socket; over a Unix socket,
+//! which has no kTLS, a relay thread (`relay.rs`) keeps the session and hands the queue
+//! one end of a socket pair.
 //!
 //! Credentials are laid out as qemu and nbdkit lay them out: `tls-certificates=DIR` holds
 //! `ca-cert.pem` (the CA that signs the server's certificate) and, for client
@@ -50,6 +52,8 @@ pub enum TlsError {
     Verifier(String),
     #[error("cannot start the TLS relay: {0}")]
     Relay(io::Error),
+    #[error("{0}")]
+    Kernel(#[from] super::ktls::KtlsError),
 }
 
 /// The ring provider: it builds with a C compiler alone (aws-lc-rs, rustls' default, needs
@@ -139,6 +143,8 @@ pub fn client_config(params: &TlsParams, address: &Address) -> Result<Arc<Client
     };
     // Every connect makes a full handshake: session tickets are of no use.
     config.resumption = Resumption::disabled();
+    // Over TCP the session's keys go to the kernel after the options (`ktls.rs`).
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 

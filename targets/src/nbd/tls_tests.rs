@@ -1,11 +1,13 @@
 //! TLS against a real server (nbdkit with GnuTLS) on this host: the handshake, the
-//! options over TLS, the Unix socket relay end to end, and the errors a user can cause.
+//! options over TLS, the Unix socket relay end to end, the hand-off to kernel TLS where
+//! the host has it, and the errors a user can cause.
 //! The device on top is proven in the VM (tests/tests/nbd_tls.rs).
 
 use super::connect::connect_one;
 use super::*;
 use std::io::{Read, Write};
 use std::net::TcpListener;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use ublkd_tests::nbd_server::{Listen, Server};
@@ -27,7 +29,7 @@ fn nbdkit_tls(listen: Listen, server_dir: &std::path::Path, extra: &[&str]) -> S
 }
 
 fn connect(uri: &str) -> Result<(OwnedFd, ExportInfo), NbdError> {
-    connect_one(&uri.parse().unwrap(), &AtomicBool::new(false))
+    connect_one(&uri.parse().unwrap(), &AtomicBool::new(false)).map(|n| (n.sock, n.info))
 }
 
 /// Writes a block and reads it back over the connection's socket.
@@ -89,9 +91,24 @@ fn tls_over_tcp_serves_the_export() {
     let dir = format!("/tmp/ublkd-tls-tcp-{}", std::process::id());
     let pki = pki::make(&dir, ServerCert::Good, false);
     let server = nbdkit_tls(Listen::Tcp(free_port()), &pki.server, &[]);
-    let (fd, info) = connect(&pki::tls_uri(&server.uri, &pki.client)).unwrap();
-    assert_eq!(info.size, 16 << 20);
-    write_and_read(fd);
+    // Over TCP the session goes to the kernel: where it has no kernel TLS (this host
+    // may not), that is one clear line naming the module, and no connection.
+    match connect(&pki::tls_uri(&server.uri, &pki.client)) {
+        Ok((fd, info)) => {
+            assert_eq!(info.size, 16 << 20);
+            assert!(ktls::active(fd.as_fd()), "kernel TLS is not on the socket");
+            write_and_read(fd);
+        }
+        Err(e) => {
+            let e = e.to_string();
+            assert!(
+                !Path::new("/sys/module/tls").exists(),
+                "the tls module is loaded but: {e}"
+            );
+            assert!(e.contains("load the kernel module `tls`"), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
 }
 
 #[test]

@@ -18,8 +18,9 @@
 //! `qemu-tcp`; `nbdkit` keeps both nbdkit ones); `--export nbdkit-tls` (only when named)
 //! serves nbdkit memory over TCP with TLS optional (`--tls=on`, certificates made by
 //! rcgen): the kernel client and one ublkd device per variant connect in plaintext,
-//! and one more ublkd device per variant over TLS, beside the kernel client over TLS
-//! (`nbd-client -x`, which relays through GnuTLS in userspace), side by side.
+//! and one more ublkd device per variant over TLS (kernel TLS after a rustls handshake),
+//! beside the kernel client over TLS
+//! (`nbd-client -enable-tls`, which relays through GnuTLS in userspace), side by side.
 //! `--buffers copy,auto-zc` measures a ublkd
 //! device in each of those buffer modes, and `--ublkd "ARGS;ARGS"` one device per
 //! `;`-separated set of extra `ublkctl add` arguments (`--ublkd ";--no-batch"`: the
