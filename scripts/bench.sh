@@ -3,7 +3,7 @@
 # by side in one VM run, and prints a table of ratios. Not a test: nothing here passes or
 # fails on speed.
 #
-# Usage: scripts/bench.sh null|loop|nbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|nbdkit-tcp|nbdkit-unix|nbdkit-tls|qemu] [--buffers MODE,...] [--ublkd "ARGS;ARGS"] [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs]
+# Usage: scripts/bench.sh null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|nbdkit-tcp|nbdkit-unix|nbdkit-tls|qemu] [--buffers MODE,...] [--ublkd "ARGS;ARGS"] [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs]
 #
 # rublk (https://github.com/ublk-org/rublk, a ublk daemon on libublk) is installed from
 # crates.io with `cargo install` into $UBLKD_BENCH_RUBLK_ROOT (default
@@ -33,10 +33,15 @@ if [ -e /dev/ublk-control ]; then
     echo "note: running in the VM anyway, so both sides see the same (emulated) machine" >&2
 fi
 plugins=$(nbdkit --dump-config | sed -n 's/^plugindir=//p')
+# rbd: the single-node Ceph cluster and rbd-nbd.
+ceph=()
+if [ "$suite" = rbd ]; then
+    mapfile -t ceph < <(tests/vm/ceph-args.sh)
+fi
 # The guest runs the command with sh -c: quote the arguments (--ublkd has ';' and spaces).
 tests/vm/run.sh --timeout 1800 --mem 3G \
     --bin target/release/ublkd --bin target/release/ublkctl --bin target/release/ublkd-bench \
     --bin "$rublk" \
     --tool /usr/bin/nbdkit --tool /usr/bin/qemu-nbd --tool /usr/sbin/nbd-client \
-    --tool "$plugins/nbdkit-memory-plugin.so" \
+    --tool "$plugins/nbdkit-memory-plugin.so" "${ceph[@]}" \
     -- "$(printf '%q ' ublkd-bench "$suite" "$@")" | stdbuf -oL tr -d '\r'

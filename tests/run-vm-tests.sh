@@ -40,6 +40,8 @@ while read -r name exe; do
     if [ -n "${UBLKD_VM_BINARIES:-}" ] && [[ " $UBLKD_VM_BINARIES " != *" $name "* ]]; then
         continue
     fi
+    # The librbd layer's tests run on the host (cargo test), against a host cluster.
+    [ "$name" = rbd_host ] && continue
     if [ "$name" = systemd ]; then
         cp "$exe" "$work/ublkd-systemd-test"
         continue
@@ -52,6 +54,9 @@ args+=(--file "tests/vm/guest-run-tests.sh:/usr/local/bin/guest-run-tests.sh")
 plugins=$(nbdkit --dump-config | sed -n 's/^plugindir=//p')
 args+=(--tool /usr/bin/nbdkit --tool /usr/bin/qemu-nbd)
 args+=(--tool "$plugins/nbdkit-memory-plugin.so" --tool "$plugins/nbdkit-file-plugin.so")
+# A single-node Ceph cluster for the rbd target's tests (tests/src/ceph.rs).
+mapfile -t ceph < <(tests/vm/ceph-args.sh)
+args+=("${ceph[@]}")
 
 # boot_seed DIR: what an earlier boot of a server leaves behind, for the systemd VM's
 # first test (systemd::a_boot_...): a loop device named "boot" recorded by ublkd (id 7),

@@ -156,6 +156,28 @@ enum AddTarget {
         #[command(flatten)]
         common: CommonAddArgs,
     },
+    /// A device backed by a Ceph RBD image (through librbd); its size is the image's.
+    /// A snapshot maps read-only.
+    Rbd {
+        /// [POOL/[NAMESPACE/]]IMAGE[@SNAP], as for the rbd tool (pool rbd by default).
+        #[arg(value_name = "POOL/[NAMESPACE/]IMAGE[@SNAP]")]
+        image: String,
+        /// The cluster's ceph.conf.
+        #[arg(long, default_value = "/etc/ceph/ceph.conf")]
+        conf: PathBuf,
+        /// The Ceph user, without "client." (the rbd tool's --id/--user; ublkctl's --id
+        /// is the device id).
+        #[arg(long, default_value = "admin")]
+        user: String,
+        /// The keyring file with the user's key (read by the daemon; never shown).
+        #[arg(long)]
+        keyring: Option<PathBuf>,
+        /// Map the image read-only.
+        #[arg(long)]
+        read_only: bool,
+        #[command(flatten)]
+        common: CommonAddArgs,
+    },
     /// A device backed by a regular file or a block device; its size is the file's.
     Loop {
         /// The backing file or block device.
@@ -211,6 +233,16 @@ fn size_arg(s: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// `path` made absolute (the daemon has its own working directory), as UTF-8.
+fn absolute_utf8(path: &std::path::Path) -> Result<String> {
+    let abs =
+        std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
+    Ok(abs
+        .to_str()
+        .ok_or_else(|| anyhow!("{} is not valid UTF-8", abs.display()))?
+        .to_string())
+}
+
 fn add_request(target: AddTarget) -> Result<AddDevice> {
     let (target, common) = match target {
         AddTarget::Null { size, common } => (
@@ -225,13 +257,7 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
             read_only,
             common,
         } => {
-            // The daemon has its own working directory: send an absolute path.
-            let file = std::path::absolute(&file)
-                .with_context(|| format!("cannot resolve {}", file.display()))?;
-            let file = file
-                .to_str()
-                .ok_or_else(|| anyhow!("{} is not valid UTF-8", file.display()))?
-                .to_string();
+            let file = absolute_utf8(&file)?;
             (
                 TargetSpec::Loop {
                     file,
@@ -241,6 +267,23 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
                 common,
             )
         }
+        AddTarget::Rbd {
+            image,
+            conf,
+            user,
+            keyring,
+            read_only,
+            common,
+        } => (
+            TargetSpec::Rbd {
+                image,
+                conf: Some(absolute_utf8(&conf)?),
+                user: Some(user),
+                keyring: keyring.as_deref().map(absolute_utf8).transpose()?,
+                read_only,
+            },
+            common,
+        ),
         AddTarget::Nbd {
             uri,
             connections,
@@ -449,6 +492,49 @@ mod tests {
         );
         assert_eq!(req.buffer, Some(BufferMode::Copy));
         assert_eq!(req.affinity, Some(QueueAffinity::Set));
+    }
+
+    #[test]
+    fn add_rbd_takes_the_image_spec_and_ceph_options() {
+        let cli = parse(&[
+            "add",
+            "rbd",
+            "rbd/ns/img@s1",
+            "--conf",
+            "/etc/c.conf",
+            "--user",
+            "u",
+            "--keyring",
+            "/k",
+            "--id",
+            "5",
+            "--queues",
+            "2",
+        ])
+        .unwrap();
+        let Command::Add { target } = cli.command else {
+            panic!()
+        };
+        let req = add_request(target).unwrap();
+        assert_eq!(
+            req.target,
+            TargetSpec::Rbd {
+                image: "rbd/ns/img@s1".into(),
+                conf: Some("/etc/c.conf".into()),
+                user: Some("u".into()),
+                keyring: Some("/k".into()),
+                read_only: false,
+            }
+        );
+        assert_eq!((req.id, req.queues), (Some(5), Some(2)));
+        let Command::Add { target } = parse(&["add", "rbd", "img"]).unwrap().command else {
+            panic!()
+        };
+        let TargetSpec::Rbd { conf, user, .. } = add_request(target).unwrap().target else {
+            panic!()
+        };
+        assert_eq!(conf.as_deref(), Some("/etc/ceph/ceph.conf"));
+        assert_eq!(user.as_deref(), Some("admin"));
     }
 
     #[test]

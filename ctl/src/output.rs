@@ -64,6 +64,27 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
             ("direct io", format!("{direct_io:?}").to_lowercase()),
             ("read only", read_only.to_string()),
         ],
+        Some(TargetSpec::Rbd {
+            image,
+            conf,
+            user,
+            keyring,
+            read_only,
+        }) => {
+            let mut rows = vec![
+                ("image", image.clone()),
+                (
+                    "conf",
+                    conf.clone().unwrap_or_else(|| "/etc/ceph/ceph.conf".into()),
+                ),
+                ("user", user.clone().unwrap_or_else(|| "admin".into())),
+            ];
+            if let Some(k) = keyring {
+                rows.push(("keyring", k.clone()));
+            }
+            rows.push(("read only", read_only.to_string()));
+            rows
+        }
         Some(TargetSpec::Nbd {
             uri,
             reconnect_timeout,

@@ -141,6 +141,23 @@ pub enum TargetSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         request_timeout: Option<u32>,
     },
+    /// A Ceph RBD image through librbd.
+    Rbd {
+        /// `[POOL/[NAMESPACE/]]IMAGE[@SNAP]`, as the `rbd` tool writes it.
+        image: String,
+        /// The cluster's ceph.conf; /etc/ceph/ceph.conf when left out.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conf: Option<String>,
+        /// The Ceph user without `client.`; `admin` when left out.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        /// The keyring file's path (the key itself is never sent or recorded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keyring: Option<String>,
+        /// Map read-only (a snapshot always is).
+        #[serde(default, skip_serializing_if = "is_false")]
+        read_only: bool,
+    },
     /// Exports a regular file or a block device.
     Loop {
         file: String,
@@ -157,7 +174,14 @@ impl TargetSpec {
             TargetSpec::Null { .. } => "null",
             TargetSpec::Loop { .. } => "loop",
             TargetSpec::Nbd { .. } => "nbd",
+            TargetSpec::Rbd { .. } => "rbd",
         }
+    }
+
+    /// Whether the target reads and writes request data in daemon memory (librbd), so
+    /// the device needs daemon buffers (copy or fixed), not the zero-copy modes.
+    pub fn needs_daemon_buffers(&self) -> bool {
+        matches!(self, TargetSpec::Rbd { .. })
     }
 }
 

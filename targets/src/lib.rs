@@ -12,6 +12,7 @@ mod io;
 pub mod r#loop;
 pub mod nbd;
 pub mod null;
+pub mod rbd;
 #[cfg(test)]
 mod test_ring;
 mod thread;

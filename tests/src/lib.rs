@@ -2,6 +2,8 @@
 //! JSON report. The tests themselves are in `tests/tests/*.rs` (one binary per area)
 //! and run inside the test VM (`tests/run-vm-tests.sh`).
 
+#[cfg(feature = "rbd")]
+pub mod ceph;
 pub mod fake_nbd;
 pub mod nbd_server;
 pub mod pki;

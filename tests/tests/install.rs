@@ -78,6 +78,7 @@ fn install_puts_man_pages_and_completions_in_place_and_uninstall_takes_all_back(
         "ublkctl-add-null.8",
         "ublkctl-add-loop.8",
         "ublkctl-add-nbd.8",
+        "ublkctl-add-rbd.8",
         "ublkctl-del.8",
         "ublkctl-list.8",
         "ublkctl-show.8",

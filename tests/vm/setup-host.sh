@@ -23,10 +23,13 @@ set -euo pipefail
 #   mmdebstrap             the Debian root file system of the systemd VM tests
 #   systemd                systemd-analyze verify for the unit file (host side)
 #   man-db                 man, to render the installed man pages (tests/tests/install.rs)
+#   librbd-dev, librados-dev  the rbd target's link libraries (cargo feature rbd)
+#   ceph-mon, ceph-osd, ceph-common  the single-node cluster of the rbd tests (rbd, monmaptool)
+#   rbd-nbd                the rbd-nbd mapper, for the rbd benchmark
 readonly PACKAGES=(
     qemu-system-x86 busybox-static fio cpio xz-utils e2fsprogs util-linux mount
     libclang-dev debian-archive-keyring apt coreutils nbdkit qemu-utils nbd-client
-    mmdebstrap systemd man-db
+    mmdebstrap systemd man-db librbd-dev librados-dev ceph-mon ceph-osd ceph-common rbd-nbd
 )
 
 die() { printf 'setup-host.sh: error: %s\n' "$*" >&2; exit 1; }

@@ -18,7 +18,10 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(30);
 /// Whether the device's backend is reached over the network (its restore waits for a
 /// server, not for a local file).
 pub(super) fn is_network(record: &Record) -> bool {
-    matches!(record.add.target, TargetSpec::Nbd { .. })
+    matches!(
+        record.add.target,
+        TargetSpec::Nbd { .. } | TargetSpec::Rbd { .. }
+    )
 }
 
 impl Daemon {

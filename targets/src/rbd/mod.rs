@@ -1,0 +1,99 @@
+//! The `rbd` target: a Ceph RBD image through librbd.
+//!
+//! One cluster connection and one open image per device, shared by its queues (librbd's
+//! image handle is thread safe). One handle per queue would be one exclusive-lock owner
+//! per queue, and librbd would pass the image's lock back and forth between them on
+//! every write. Each queue starts its requests with librbd's asynchronous calls
+//! (`queue.rs`); librbd reports each result from its own threads to the queue's
+//! [`rados::Completions`], which signals an eventfd that the queue's io_uring reads, so
+//! the queue thread never waits inside librbd.
+//!
+//! librbd reads and writes process memory, so the target needs daemon buffers (`copy`
+//! or `fixed`); the zero-copy modes are refused when the device is added.
+//!
+//! The unsafe FFI (`sys.rs`) and its safe handles (`rados.rs`) are built with the `rbd`
+//! feature (default on; it links librbd and librados); the image spec parser always is.
+
+mod spec;
+pub use spec::{ImageSpec, DEFAULT_POOL};
+
+#[cfg(feature = "rbd")]
+mod queue;
+#[cfg(feature = "rbd")]
+pub mod rados;
+#[cfg(feature = "rbd")]
+mod sys;
+#[cfg(feature = "rbd")]
+mod target;
+#[cfg(all(test, feature = "rbd"))]
+mod tests;
+#[cfg(feature = "rbd")]
+pub use target::{RbdOptions, RbdTarget};
+
+use std::io;
+
+/// The Ceph configuration `ublkctl add rbd` reads when `--conf` is left out.
+pub const DEFAULT_CONF: &str = "/etc/ceph/ceph.conf";
+/// The Ceph user when `--id` is left out.
+pub const DEFAULT_USER: &str = "admin";
+
+/// Why a cluster, pool or image could not be reached. Each message is one line saying
+/// what failed and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RbdError {
+    #[error("the {0} contains a NUL byte")]
+    Nul(String),
+    #[error("cannot create a librados handle: {0}")]
+    Create(#[source] io::Error),
+    #[error("cannot read the Ceph configuration {conf}: {source}; pass the cluster's ceph.conf with --conf")]
+    Conf {
+        conf: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("librados refused the setting {name}: {source}")]
+    Option {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot connect to the Ceph cluster of {conf} within {secs} s: {source}; check that its monitors (mon host) are up and reachable and the user and keyring are right")]
+    Connect {
+        conf: String,
+        secs: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open pool '{pool}' of the cluster of {conf}: {source}; check the pool name ('rbd pool ls' lists them)")]
+    Pool {
+        pool: String,
+        conf: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open rbd image {spec}: {source}; check the image and snapshot names ('rbd ls POOL', 'rbd snap ls IMAGE')")]
+    Open {
+        spec: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the size of rbd image {spec}: {source}")]
+    Size {
+        spec: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("rbd image {spec} is {size} bytes, not a multiple of the block size {block_size}; resize it ('rbd resize') or pick another --block-size")]
+    NotAligned {
+        spec: String,
+        size: u64,
+        block_size: u32,
+    },
+    #[error("monitor command {command} failed: {status} ({source})")]
+    MonCommand {
+        command: String,
+        status: String,
+        #[source]
+        source: io::Error,
+    },
+}

@@ -1,0 +1,264 @@
+//! One queue of an rbd device: starts each request with a librbd asynchronous call and
+//! completes it when librbd reports the result.
+//!
+//! librbd calls back on its own threads; the callback adds the result to this queue's
+//! [`Completions`] and signals its eventfd. A read of that eventfd is always in flight on
+//! the queue's ring ([`Ring::push_event`]); when it completes, [`RbdQueue::event`] takes
+//! the results, finishes their requests ([`Ring::finish`]) and reads the eventfd again.
+//! A FUA write is finished only after a flush that follows it.
+
+use super::rados::{AioOp, Completions, Image};
+use crate::{IoBuf, IoDesc, Outcome, QueueTarget, Ring};
+use io_uring::{opcode, types};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The `push_event` step of the eventfd read.
+const EVENT_DONE: u16 = 1;
+
+/// What a request id says besides its tag: which of its calls reported.
+const STAGE_SHIFT: u32 = 16;
+const STAGE_MAIN: u64 = 0;
+/// The flush after a FUA write.
+const STAGE_FUA_FLUSH: u64 = 1;
+
+fn request_id(tag: u16, stage: u64) -> u64 {
+    u64::from(tag) | stage << STAGE_SHIFT
+}
+
+fn split_id(id: u64) -> (u16, u64) {
+    ((id & 0xffff) as u16, id >> STAGE_SHIFT)
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct TagState {
+    /// The request's length: a successful read or write completes with it.
+    len: u32,
+    /// A FUA write: flush before completing.
+    fua: bool,
+}
+
+pub(super) struct RbdQueue {
+    image: Arc<Image>,
+    sink: Arc<Completions>,
+    qid: u16,
+    tags: Vec<TagState>,
+    /// Calls started and not yet reported.
+    inflight: usize,
+    /// The eventfd read's target; boxed so it does not move while the read is in flight.
+    wake_buf: Box<u64>,
+    done: Vec<(u64, i64)>,
+    /// How long dropping the queue waits for librbd to report what is in flight.
+    drain: Duration,
+}
+
+impl RbdQueue {
+    pub(super) fn new(
+        image: Arc<Image>,
+        qid: u16,
+        depth: u16,
+        drain: Duration,
+    ) -> std::io::Result<RbdQueue> {
+        Ok(RbdQueue {
+            image,
+            sink: Completions::new()?,
+            qid,
+            tags: vec![TagState::default(); usize::from(depth)],
+            inflight: 0,
+            wake_buf: Box::new(0),
+            done: Vec::new(),
+            drain,
+        })
+    }
+
+    fn arm(&mut self, ring: &mut dyn Ring) {
+        let buf: *mut u64 = &mut *self.wake_buf;
+        let sqe = opcode::Read::new(types::Fd(self.sink.fd()), buf.cast(), 8).build();
+        // SAFETY: wake_buf is boxed and owned by this handler, which outlives the ring's
+        // use of it (the queue drains its ring before dropping its target); the eventfd
+        // lives in `sink`, which this handler holds.
+        if unsafe { ring.push_event(EVENT_DONE, sqe) }.is_err() {
+            log::error!(
+                "rbd q{}: the ring is full: cannot wait for librbd's results",
+                self.qid
+            );
+        }
+    }
+
+    /// Starts `op` for `tag`: Queued, or the error librbd refused it with.
+    fn start(&mut self, tag: u16, stage: u64, op: AioOp) -> Outcome {
+        // SAFETY: the buffers of reads and writes are the request's daemon buffer, which
+        // stays the request's until it completes, and it completes only once librbd has
+        // reported (`event`), or when the queue ends after `Drop` has waited.
+        match unsafe { self.image.aio(op, &self.sink, request_id(tag, stage)) } {
+            Ok(()) => {
+                self.inflight += 1;
+                Outcome::Queued
+            }
+            Err(e) => {
+                log::warn!(
+                    "rbd q{} tag {tag}: librbd refused {op:?}: errno {}",
+                    self.qid,
+                    -e
+                );
+                Outcome::Done(e)
+            }
+        }
+    }
+
+    /// Records what `io`'s completion needs: its result on success (the length for
+    /// reads and writes, 0 for the others) and whether a flush must follow.
+    fn state(&mut self, io: &IoDesc, data: bool, fua: bool) {
+        let len = if data { io.len } else { 0 };
+        if let Some(t) = self.tags.get_mut(usize::from(io.tag)) {
+            *t = TagState { len, fua };
+        }
+    }
+
+    /// The daemon address of a request's data; None for the request's own pages
+    /// (zero-copy modes, refused for rbd when the device is added).
+    fn addr(buf: IoBuf) -> Option<*mut u8> {
+        match buf {
+            IoBuf::User { addr, .. } => Some(addr),
+            IoBuf::Fixed { addr, .. } => Some(addr as *mut u8),
+            IoBuf::None | IoBuf::Pages { .. } => None,
+        }
+    }
+
+    fn reported(&mut self, id: u64, res: i64, ring: &mut dyn Ring) {
+        self.inflight = self.inflight.saturating_sub(1);
+        let (tag, stage) = split_id(id);
+        let Some(t) = self.tags.get(usize::from(tag)).copied() else {
+            log::error!("rbd q{}: a result for unknown tag {tag}", self.qid);
+            return;
+        };
+        if res < 0 {
+            log::warn!(
+                "rbd q{} tag {tag}: librbd failed the request: errno {}",
+                self.qid,
+                -res
+            );
+            return ring.finish(tag, res.clamp(i64::from(i32::MIN), -1) as i32);
+        }
+        if stage == STAGE_MAIN && t.fua {
+            if let Outcome::Done(e) = self.start(tag, STAGE_FUA_FLUSH, AioOp::Flush) {
+                ring.finish(tag, e);
+            }
+            return;
+        }
+        ring.finish(tag, t.len as i32);
+    }
+}
+
+impl QueueTarget for RbdQueue {
+    fn start(&mut self, ring: &mut dyn Ring) {
+        self.arm(ring);
+    }
+
+    fn read(&mut self, io: &IoDesc, buf: IoBuf, _: &mut dyn Ring) -> Outcome {
+        let Some(addr) = Self::addr(buf) else {
+            return Outcome::Done(-libc::EOPNOTSUPP);
+        };
+        self.state(io, true, false);
+        let op = AioOp::Read {
+            off: io.offset,
+            buf: addr,
+            len: io.len as usize,
+        };
+        self.start(io.tag, STAGE_MAIN, op)
+    }
+
+    fn write(&mut self, io: &IoDesc, buf: IoBuf, _: &mut dyn Ring) -> Outcome {
+        let Some(addr) = Self::addr(buf) else {
+            return Outcome::Done(-libc::EOPNOTSUPP);
+        };
+        self.state(io, true, io.flags.fua);
+        let op = AioOp::Write {
+            off: io.offset,
+            buf: addr,
+            len: io.len as usize,
+        };
+        self.start(io.tag, STAGE_MAIN, op)
+    }
+
+    fn flush(&mut self, io: &IoDesc, _: &mut dyn Ring) -> Outcome {
+        self.state(io, false, false);
+        self.start(io.tag, STAGE_MAIN, AioOp::Flush)
+    }
+
+    fn discard(&mut self, io: &IoDesc, _: &mut dyn Ring) -> Outcome {
+        self.state(io, false, io.flags.fua);
+        let op = AioOp::Discard {
+            off: io.offset,
+            len: u64::from(io.len),
+        };
+        self.start(io.tag, STAGE_MAIN, op)
+    }
+
+    fn write_zeroes(&mut self, io: &IoDesc, _: &mut dyn Ring) -> Outcome {
+        self.state(io, false, io.flags.fua);
+        let op = AioOp::WriteZeroes {
+            off: io.offset,
+            len: u64::from(io.len),
+        };
+        self.start(io.tag, STAGE_MAIN, op)
+    }
+
+    fn event(&mut self, step: u16, res: i32, ring: &mut dyn Ring) {
+        if step != EVENT_DONE {
+            return;
+        }
+        let mut done = std::mem::take(&mut self.done);
+        self.sink.take(&mut done);
+        for (id, r) in done.drain(..) {
+            self.reported(id, r, ring);
+        }
+        self.done = done;
+        if res == -libc::ECANCELED {
+            return; // the queue is ending
+        }
+        if res < 0 {
+            log::warn!(
+                "rbd q{}: reading the completion eventfd: errno {}",
+                self.qid,
+                -res
+            );
+        }
+        self.arm(ring);
+    }
+}
+
+impl Drop for RbdQueue {
+    /// librbd still holds pointers into the request buffers of what is in flight: wait
+    /// (bounded by the OSD timeout, after which librbd fails each request) until it has
+    /// reported everything, before the queue frees those buffers.
+    fn drop(&mut self) {
+        let until = Instant::now() + self.drain;
+        let mut done = Vec::new();
+        while self.inflight > 0 && Instant::now() < until {
+            self.sink.wait(Duration::from_millis(100), &mut done);
+            self.inflight = self.inflight.saturating_sub(done.len());
+            done.clear();
+        }
+        if self.inflight > 0 {
+            log::error!(
+                "rbd q{}: {} librbd request(s) still unanswered after {} s",
+                self.qid,
+                self.inflight,
+                self.drain.as_secs()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_round_trip() {
+        for (tag, stage) in [(0, STAGE_MAIN), (65535, STAGE_FUA_FLUSH), (7, STAGE_MAIN)] {
+            assert_eq!(split_id(request_id(tag, stage)), (tag, stage));
+        }
+    }
+}

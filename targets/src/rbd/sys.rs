@@ -1,0 +1,90 @@
+//! The few librados and librbd functions the rbd target and the test cluster use,
+//! declared by hand from Debian's `rados/librados.h` and `rbd/librbd.h` (Ceph 16). Only
+//! `rados.rs` calls them; everything here is as unsafe as the C it names.
+
+#![allow(non_camel_case_types)]
+
+use std::ffi::{c_char, c_int, c_void};
+
+pub type rados_t = *mut c_void;
+pub type rados_ioctx_t = *mut c_void;
+pub type rbd_image_t = *mut c_void;
+pub type rbd_completion_t = *mut c_void;
+pub type rbd_callback_t = extern "C" fn(c: rbd_completion_t, arg: *mut c_void);
+
+#[link(name = "rados")]
+extern "C" {
+    pub fn rados_create(cluster: *mut rados_t, id: *const c_char) -> c_int;
+    pub fn rados_conf_read_file(cluster: rados_t, path: *const c_char) -> c_int;
+    pub fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
+    pub fn rados_connect(cluster: rados_t) -> c_int;
+    pub fn rados_shutdown(cluster: rados_t);
+    pub fn rados_ioctx_create(
+        cluster: rados_t,
+        pool: *const c_char,
+        ioctx: *mut rados_ioctx_t,
+    ) -> c_int;
+    pub fn rados_ioctx_destroy(ioctx: rados_ioctx_t);
+    pub fn rados_ioctx_set_namespace(ioctx: rados_ioctx_t, nspace: *const c_char);
+    pub fn rados_mon_command(
+        cluster: rados_t,
+        cmd: *mut *const c_char,
+        cmdlen: usize,
+        inbuf: *const c_char,
+        inbuflen: usize,
+        outbuf: *mut *mut c_char,
+        outbuflen: *mut usize,
+        outs: *mut *mut c_char,
+        outslen: *mut usize,
+    ) -> c_int;
+    pub fn rados_buffer_free(buf: *mut c_char);
+}
+
+#[link(name = "rbd")]
+extern "C" {
+    pub fn rbd_open(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
+    pub fn rbd_open_read_only(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap_name: *const c_char,
+    ) -> c_int;
+    pub fn rbd_close(image: rbd_image_t) -> c_int;
+    pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
+    pub fn rbd_aio_create_completion(
+        cb_arg: *mut c_void,
+        complete_cb: rbd_callback_t,
+        c: *mut rbd_completion_t,
+    ) -> c_int;
+    pub fn rbd_aio_get_return_value(c: rbd_completion_t) -> isize;
+    pub fn rbd_aio_release(c: rbd_completion_t);
+    pub fn rbd_aio_read(
+        image: rbd_image_t,
+        off: u64,
+        len: usize,
+        buf: *mut c_char,
+        c: rbd_completion_t,
+    ) -> c_int;
+    pub fn rbd_aio_write(
+        image: rbd_image_t,
+        off: u64,
+        len: usize,
+        buf: *const c_char,
+        c: rbd_completion_t,
+    ) -> c_int;
+    pub fn rbd_aio_flush(image: rbd_image_t, c: rbd_completion_t) -> c_int;
+    pub fn rbd_aio_discard(image: rbd_image_t, off: u64, len: u64, c: rbd_completion_t) -> c_int;
+    pub fn rbd_aio_write_zeroes(
+        image: rbd_image_t,
+        off: u64,
+        len: usize,
+        c: rbd_completion_t,
+        zero_flags: c_int,
+        op_flags: c_int,
+    ) -> c_int;
+}

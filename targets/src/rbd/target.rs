@@ -1,0 +1,132 @@
+//! The rbd device: its cluster connection and image, shared by its queues.
+
+use super::queue::RbdQueue;
+use super::rados::{ConnectOptions, Image, Rados};
+use super::{ImageSpec, RbdError};
+use crate::{DeviceShape, QueueContext, QueueTarget, Target};
+use std::sync::Arc;
+
+/// What `ublkctl add rbd` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdOptions {
+    pub spec: ImageSpec,
+    pub connect: ConnectOptions,
+    /// Map read-only (always so for a snapshot).
+    pub read_only: bool,
+    pub block_size: u32,
+}
+
+pub struct RbdTarget {
+    opts: RbdOptions,
+    image: Arc<Image>,
+    size: u64,
+}
+
+impl RbdTarget {
+    /// Connects to the cluster and opens the image: fails within the options' monitor
+    /// timeout when the cluster cannot be reached.
+    pub fn open(opts: &RbdOptions) -> Result<RbdTarget, RbdError> {
+        let mut opts = opts.clone();
+        opts.read_only |= opts.spec.snap.is_some();
+        let rados = Rados::connect(&opts.connect)?;
+        let io = rados.ioctx(&opts.spec.pool, opts.spec.namespace.as_deref())?;
+        let image = Image::open(&io, &opts.spec, opts.read_only)?;
+        let size = image.size()?;
+        if size % u64::from(opts.block_size) != 0 {
+            return Err(RbdError::NotAligned {
+                spec: opts.spec.to_string(),
+                size,
+                block_size: opts.block_size,
+            });
+        }
+        log::info!(
+            "rbd {}: {size} bytes{}, conf {}, user {}",
+            opts.spec,
+            if opts.read_only { ", read-only" } else { "" },
+            opts.connect.conf,
+            opts.connect.user
+        );
+        Ok(RbdTarget {
+            opts,
+            image: Arc::new(image),
+            size,
+        })
+    }
+}
+
+impl Target for RbdTarget {
+    fn name(&self) -> &'static str {
+        "rbd"
+    }
+
+    fn shape(&self) -> DeviceShape {
+        DeviceShape {
+            size: self.size,
+            read_only: self.opts.read_only,
+            // librbd may cache writes (rbd_cache): FLUSH is rbd_aio_flush.
+            volatile_cache: true,
+            // Done as a write followed by a flush.
+            fua: true,
+            rotational: false,
+            discard: !self.opts.read_only,
+            write_zeroes: !self.opts.read_only,
+        }
+    }
+
+    /// Never a key: the keyring is shown by its path.
+    fn details(&self) -> Vec<(String, String)> {
+        let c = &self.opts.connect;
+        let mut d = vec![
+            ("image".into(), self.opts.spec.to_string()),
+            ("conf".into(), c.conf.clone()),
+            ("user".into(), c.user.clone()),
+        ];
+        if let Some(k) = &c.keyring {
+            d.push(("keyring".into(), k.clone()));
+        }
+        d.push((
+            "osd op timeout".into(),
+            format!("{} s", c.osd_timeout.as_secs()),
+        ));
+        d.push((
+            "image handle".into(),
+            "one per device, shared by its queues".into(),
+        ));
+        d
+    }
+
+    fn queue(&self, ctx: QueueContext) -> std::io::Result<Box<dyn QueueTarget>> {
+        Ok(Box::new(RbdQueue::new(
+            self.image.clone(),
+            ctx.qid,
+            ctx.depth,
+            self.opts.osd_wait(),
+        )?))
+    }
+
+    /// The image's size now: resize the image with `rbd resize`, then the device.
+    fn resize(&self, _current: u64, requested: Option<u64>, grow: bool) -> Result<u64, String> {
+        if grow {
+            return Err(
+                "ublkd does not resize rbd images: run 'rbd resize' first, then 'ublkctl resize ID'"
+                    .into(),
+            );
+        }
+        let size = self.image.size().map_err(|e| e.to_string())?;
+        match requested {
+            Some(want) if want != size => Err(format!(
+                "rbd image {} is {size} bytes: resize the image with 'rbd resize' first, then run 'ublkctl resize ID' without a size",
+                self.opts.spec
+            )),
+            _ => Ok(size),
+        }
+    }
+}
+
+impl RbdOptions {
+    /// How long a queue that ends waits for librbd to answer what it still has: the
+    /// OSD timeout, after which librbd fails each request, and a margin.
+    fn osd_wait(&self) -> std::time::Duration {
+        self.connect.osd_timeout + std::time::Duration::from_secs(5)
+    }
+}

@@ -1,0 +1,120 @@
+//! The rbd queue against the host's single-node test cluster (tests/src/ceph.rs), with a
+//! real io_uring standing in for the queue loop: requests finish through the eventfd.
+
+use super::rados::ConnectOptions;
+use super::{RbdOptions, RbdTarget};
+use crate::test_ring::{decode, TestRing};
+use crate::{dispatch, BlockOp, IoBuf, IoDesc, IoFlags, Outcome, QueueContext, Target};
+use std::time::{Duration, Instant};
+
+fn target(image: &str) -> RbdTarget {
+    let c = ublkd_tests::ceph::shared();
+    c.create_image(image, "4M");
+    RbdTarget::open(&RbdOptions {
+        spec: format!("rbd/{image}").parse().unwrap(),
+        connect: ConnectOptions {
+            conf: c.conf.to_str().unwrap().into(),
+            user: "admin".into(),
+            keyring: None,
+            mon_timeout: Duration::from_secs(10),
+            osd_timeout: Duration::from_secs(30),
+        },
+        read_only: false,
+        block_size: 512,
+    })
+    .unwrap()
+}
+
+fn io(tag: u16, op: BlockOp, fua: bool, offset: u64, len: u32) -> IoDesc {
+    IoDesc {
+        tag,
+        op,
+        flags: IoFlags {
+            fua,
+            no_unmap: false,
+        },
+        offset,
+        len,
+    }
+}
+
+/// Runs the ring until request `tag` is finished; returns its result.
+fn finish(q: &mut dyn crate::QueueTarget, ring: &mut TestRing, tag: u16) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(i) = ring.finished.iter().position(|&(t, _)| t == tag) {
+            return ring.finished.remove(i).1;
+        }
+        assert!(Instant::now() < deadline, "tag {tag} not finished in 30 s");
+        ring.ring.submit_and_wait(1).unwrap();
+        let cqes: Vec<_> = ring.ring.completion().collect();
+        for cqe in cqes {
+            let (event, step, _) = decode(cqe.user_data());
+            assert!(event, "the rbd queue pushes only its eventfd read");
+            q.event(step, cqe.result(), ring);
+        }
+    }
+}
+
+#[test]
+fn requests_finish_through_the_eventfd() {
+    let t = target("queue-unit");
+    let shape = t.shape();
+    assert_eq!(shape.size, 4 << 20);
+    assert!(shape.fua && shape.volatile_cache && shape.discard && shape.write_zeroes);
+    let ctx = QueueContext {
+        qid: 0,
+        depth: 4,
+        first_file: 0,
+        user_copy_fd: None,
+    };
+    let mut q = t.queue(ctx).unwrap();
+    let mut ring = TestRing::new(8);
+    q.start(&mut ring);
+    let mut data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    let buf = IoBuf::User {
+        addr: data.as_mut_ptr(),
+        len: data.len(),
+    };
+    // A FUA write: written, then flushed, then finished with its length.
+    let w = io(1, BlockOp::Write, true, 8192, 65536);
+    assert_eq!(dispatch(q.as_mut(), &w, buf, &mut ring), Outcome::Queued);
+    assert_eq!(finish(q.as_mut(), &mut ring, 1), 65536);
+    let mut back = vec![0u8; 65536];
+    let rbuf = IoBuf::User {
+        addr: back.as_mut_ptr(),
+        len: back.len(),
+    };
+    let r = io(2, BlockOp::Read, false, 8192, 65536);
+    assert_eq!(dispatch(q.as_mut(), &r, rbuf, &mut ring), Outcome::Queued);
+    assert_eq!(finish(q.as_mut(), &mut ring, 2), 65536);
+    assert!(back == data, "read back differs");
+    for (tag, op) in [
+        (3, BlockOp::Flush),
+        (0, BlockOp::WriteZeroes),
+        (1, BlockOp::Discard),
+    ] {
+        let d = io(
+            tag,
+            op,
+            false,
+            8192,
+            if op == BlockOp::Flush { 0 } else { 4096 },
+        );
+        assert_eq!(
+            dispatch(q.as_mut(), &d, IoBuf::None, &mut ring),
+            Outcome::Queued
+        );
+        assert_eq!(finish(q.as_mut(), &mut ring, tag), 0, "{op:?}");
+    }
+    // The request's own pages (zero copy) are not daemon memory: refused.
+    let pages = IoBuf::Pages {
+        index: 0,
+        len: 4096,
+    };
+    let r = io(2, BlockOp::Read, false, 0, 4096);
+    assert_eq!(
+        dispatch(q.as_mut(), &r, pages, &mut ring),
+        Outcome::Done(-libc::EOPNOTSUPP)
+    );
+}

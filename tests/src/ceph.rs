@@ -1,0 +1,293 @@
+//! A single-node Ceph cluster for the rbd tests: one monitor and one OSD on 127.0.0.1,
+//! memstore, no cephx, no mgr, everything under one directory. Monitor commands go as
+//! JSON through librados (the test VM has no Python, so no `ceph` tool); images are
+//! made with the `rbd` tool. Dropping the cluster kills its daemons.
+//!
+//! `osd client watch timeout` is 10 s instead of 30 s: a client that died holding an
+//! image's exclusive lock (kill -9 of ublkd) counts as gone after that long, and only then
+//! may the next one break its lock and write.
+//!
+//! The monitor listens on the fixed ports 3300 and 6789: one cluster at a time per
+//! machine (a test binary shares one, see [`shared`]).
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use ublkd_targets::rbd::rados::{ConnectOptions, Rados};
+
+/// The monitor's address, as `mon host` and the monmap name it.
+pub const MON_HOST: &str = "127.0.0.1";
+
+pub struct Cluster {
+    pub dir: PathBuf,
+    /// The cluster's ceph.conf: what `ublkctl add rbd --conf` takes.
+    pub conf: PathBuf,
+    rados: Arc<Rados>,
+    osd_uuid: String,
+    mon: Option<Child>,
+    osd: Mutex<Option<Child>>,
+}
+
+fn uuid() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .expect("read a uuid")
+        .trim()
+        .to_string()
+}
+
+fn conf_text(dir: &Path, fsid: &str) -> String {
+    let d = dir.display();
+    format!(
+        "[global]
+fsid = {fsid}
+mon host = {MON_HOST}
+auth cluster required = none
+auth service required = none
+auth client required = none
+osd objectstore = memstore
+memstore device bytes = 536870912
+osd pool default size = 1
+osd pool default min size = 1
+mon allow pool size one = true
+osd crush chooseleaf type = 0
+osd pool default pg autoscale mode = off
+mon mgr mkfs grace = 86400
+mon warn on insecure global id reclaim = false
+mon warn on insecure global id reclaim allowed = false
+ms bind ipv6 = false
+osd client watch timeout = 10
+run dir = {d}/run
+log file = {d}/log/$name.log
+admin socket = {d}/run/$name.asok
+mon data = {d}/mon/$cluster-$id
+osd data = {d}/osd/$cluster-$id
+keyring = {d}/keyring
+"
+    )
+}
+
+/// Runs `program args` to completion; panics with its output when it fails.
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program}: {e} (install ceph: tests/vm/setup-host.sh)")
+        });
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn spawn(program: &str, args: &[&str], log: &Path) -> Child {
+    let log = std::fs::File::create(log).expect("create a daemon log");
+    Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"))
+}
+
+impl Cluster {
+    /// Makes and starts a cluster in `dir` (emptied first) with pool `rbd` ready for
+    /// images. Takes about 15 s.
+    pub fn start(dir: &Path) -> Cluster {
+        let started = Instant::now();
+        let _ = std::fs::remove_dir_all(dir);
+        for sub in ["run", "log", "mon", "osd/ceph-0"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("create the cluster's directories");
+        }
+        let fsid = uuid();
+        let conf = dir.join("ceph.conf");
+        std::fs::write(&conf, conf_text(dir, &fsid)).expect("write ceph.conf");
+        let c = conf.to_str().expect("utf-8 path");
+        let monmap = dir.join("monmap");
+        let m = monmap.to_str().expect("utf-8 path");
+        let addrs = format!("[v2:{MON_HOST}:3300,v1:{MON_HOST}:6789]");
+        run(
+            "monmaptool",
+            &[
+                "--conf", c, "--create", "--addv", "a", &addrs, "--fsid", &fsid, m,
+            ],
+        );
+        run(
+            "ceph-mon",
+            &["--conf", c, "--mkfs", "-i", "a", "--monmap", m],
+        );
+        let mon = spawn(
+            "ceph-mon",
+            &["--conf", c, "-i", "a", "-f"],
+            &dir.join("log/mon.out"),
+        );
+        let rados = Rados::connect(&ConnectOptions {
+            conf: c.to_string(),
+            user: "admin".into(),
+            keyring: None,
+            mon_timeout: Duration::from_secs(30),
+            osd_timeout: Duration::from_secs(60),
+        })
+        .unwrap_or_else(|e| panic!("the test cluster's monitor does not answer: {e}"));
+        let cluster = Cluster {
+            dir: dir.to_path_buf(),
+            conf: conf.clone(),
+            rados,
+            osd_uuid: uuid(),
+            mon: Some(mon),
+            osd: Mutex::new(None),
+        };
+        let id = cluster.mon_command(json!({"prefix": "osd new", "uuid": cluster.osd_uuid}));
+        assert_eq!(id.trim(), "0", "osd new gave osd {id:?}");
+        run(
+            "ceph-osd",
+            &[
+                "--conf",
+                c,
+                "-i",
+                "0",
+                "--mkfs",
+                "--osd-uuid",
+                &cluster.osd_uuid,
+            ],
+        );
+        cluster.start_osd();
+        cluster.mon_command(json!({"prefix": "osd pool create", "pool": "rbd", "pg_num": 8}));
+        cluster.rbd(&["pool", "init", "rbd"]);
+        eprintln!(
+            "ceph: cluster in {} up in {:.1} s",
+            dir.display(),
+            started.elapsed().as_secs_f64()
+        );
+        cluster
+    }
+
+    /// Sends a monitor command; panics when it fails. Returns its output.
+    pub fn mon_command(&self, cmd: Value) -> String {
+        self.rados
+            .mon_command(&cmd.to_string())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts the OSD and waits until the monitor counts it up and in.
+    pub fn start_osd(&self) {
+        let c = self.conf.to_str().expect("utf-8 path");
+        let mut osd = self.osd.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(osd.is_none(), "the OSD runs already");
+        *osd = Some(spawn(
+            "ceph-osd",
+            &["--conf", c, "-i", "0", "-f"],
+            &self.dir.join("log/osd.out"),
+        ));
+        drop(osd);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let stat: Value = serde_json::from_str(
+                &self.mon_command(json!({"prefix": "osd stat", "format": "json"})),
+            )
+            .expect("osd stat is JSON");
+            if stat["num_up_osds"] == 1 && stat["num_in_osds"] == 1 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the OSD is not up and in after 60 s: {stat}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Kills the OSD (its memstore data goes with it only if it is not restarted with
+    /// the same store: memstore keeps it in memory, so a killed OSD loses its data).
+    pub fn kill_osd(&self) {
+        if let Some(mut child) = self.osd.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops (SIGSTOP) or continues (SIGCONT) the OSD: an OSD that does not answer for a
+    /// while, without losing its memstore data as a killed one would.
+    pub fn pause_osd(&self, paused: bool) {
+        let osd = self.osd.lock().unwrap_or_else(|p| p.into_inner());
+        let pid = osd.as_ref().expect("the OSD runs").id() as i32;
+        let sig = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: sending a signal to a child process of ours.
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    /// Runs the `rbd` tool against this cluster; returns its stdout.
+    pub fn rbd(&self, args: &[&str]) -> String {
+        let mut full = vec!["--conf", self.conf.to_str().expect("utf-8 path")];
+        full.extend_from_slice(args);
+        run("rbd", &full)
+    }
+
+    /// Creates image `rbd/NAME` of `size` (an `rbd --size` value such as `64M`).
+    pub fn create_image(&self, name: &str, size: &str) {
+        self.rbd(&["create", "--size", size, &format!("rbd/{name}")]);
+    }
+
+    /// The librados handle the cluster was set up through.
+    pub fn rados(&self) -> &Arc<Rados> {
+        &self.rados
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_osd();
+        if let Some(mut mon) = self.mon.take() {
+            let _ = mon.kill();
+            let _ = mon.wait();
+        }
+    }
+}
+
+/// One cluster for the whole test binary, started by the first test that asks, in
+/// `/tmp/ublkd-ceph`. It lives until the process ends; its daemons are killed then by
+/// [`kill_shared_at_exit`] (a static is never dropped).
+pub fn shared() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let c = Cluster::start(Path::new("/tmp/ublkd-ceph"));
+        kill_shared_at_exit();
+        c
+    })
+}
+
+/// Registers an atexit handler that kills the shared cluster's daemons.
+fn kill_shared_at_exit() {
+    extern "C" fn kill() {
+        // The daemons' pids, from /proc: children of this process named ceph-*.
+        let me = std::process::id();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for p in procs.flatten() {
+            let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+            // "pid (comm) state ppid ..."
+            let Some((comm, rest)) = stat.split_once(") ") else {
+                continue;
+            };
+            let ppid = rest.split(' ').nth(1).and_then(|s| s.parse::<u32>().ok());
+            if comm.contains("(ceph-") && ppid == Some(me) {
+                // SAFETY: sending a signal to a child process of ours.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    // SAFETY: registering a plain extern "C" function with no arguments.
+    unsafe { libc::atexit(kill) };
+}

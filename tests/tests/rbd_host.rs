@@ -1,0 +1,190 @@
+//! The rbd target's librbd layer against a real single-node cluster on the host (no
+//! ublk): asynchronous IO through the completion eventfd, and the errors `add rbd`
+//! gives for a bad pool, image, conf or an unreachable monitor.
+
+use std::time::{Duration, Instant};
+use ublkd_targets::rbd::rados::{AioOp, Completions, ConnectOptions, Image, Rados};
+use ublkd_targets::rbd::{ImageSpec, RbdOptions, RbdTarget};
+use ublkd_targets::Target;
+use ublkd_tests::ceph;
+
+fn options(conf: &str, mon_secs: u64) -> ConnectOptions {
+    ConnectOptions {
+        conf: conf.to_string(),
+        user: "admin".into(),
+        keyring: None,
+        mon_timeout: Duration::from_secs(mon_secs),
+        osd_timeout: Duration::from_secs(30),
+    }
+}
+
+fn rbd_options(spec: &str, conf: &str, mon_secs: u64) -> RbdOptions {
+    RbdOptions {
+        spec: spec.parse().unwrap(),
+        connect: options(conf, mon_secs),
+        read_only: false,
+        block_size: 512,
+    }
+}
+
+fn conf() -> String {
+    ceph::shared().conf.to_str().unwrap().to_string()
+}
+
+/// Runs one request and waits for its result.
+fn io(image: &Image, sink: &std::sync::Arc<Completions>, op: AioOp) -> i64 {
+    // SAFETY: the buffers in `op` outlive the call, which waits for the result.
+    unsafe { image.aio(op, sink, 7) }.expect("librbd takes the request");
+    let mut done = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done.is_empty() {
+        assert!(Instant::now() < deadline, "no result within 30 s");
+        sink.wait(Duration::from_millis(500), &mut done);
+    }
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].0, 7);
+    done[0].1
+}
+
+#[test]
+fn async_io_reports_on_the_eventfd() {
+    let c = ceph::shared();
+    c.create_image("host-io", "8M");
+    let rados = Rados::connect(&options(&conf(), 10)).unwrap();
+    let ioctx = rados.ioctx("rbd", None).unwrap();
+    let spec: ImageSpec = "rbd/host-io".parse().unwrap();
+    let image = Image::open(&ioctx, &spec, false).unwrap();
+    assert_eq!(image.size().unwrap(), 8 << 20);
+    let sink = Completions::new().unwrap();
+    let data: Vec<u8> = (0..1 << 20).map(|i| (i * 7 + 3) as u8).collect();
+    let w = AioOp::Write {
+        off: 1 << 20,
+        buf: data.as_ptr(),
+        len: data.len(),
+    };
+    assert!(io(&image, &sink, w) >= 0);
+    assert_eq!(io(&image, &sink, AioOp::Flush), 0);
+    let mut back = vec![0u8; data.len()];
+    let r = AioOp::Read {
+        off: 1 << 20,
+        buf: back.as_mut_ptr(),
+        len: back.len(),
+    };
+    assert_eq!(io(&image, &sink, r), data.len() as i64);
+    assert!(back == data, "read back differs from what was written");
+    let z = AioOp::WriteZeroes {
+        off: 1 << 20,
+        len: 4096,
+    };
+    assert_eq!(io(&image, &sink, z), 0);
+    let d = AioOp::Discard {
+        off: (1 << 20) + 8192,
+        len: 4096,
+    };
+    assert_eq!(io(&image, &sink, d), 0);
+    let r = AioOp::Read {
+        off: 1 << 20,
+        buf: back.as_mut_ptr(),
+        len: 16384,
+    };
+    assert_eq!(io(&image, &sink, r), 16384);
+    assert!(
+        back[..4096].iter().all(|&b| b == 0),
+        "write-zeroes left data"
+    );
+    // A discard below librbd's discard granularity (64 KiB) may leave the data: only
+    // write-zeroes promises zeroes.
+    assert!(back[4096..8192] == data[4096..8192]);
+    assert!(back[12288..16384] == data[12288..16384]);
+}
+
+#[test]
+fn a_snapshot_opens_read_only_with_its_data() {
+    let c = ceph::shared();
+    c.create_image("host-snap", "4M");
+    let t = RbdTarget::open(&rbd_options("rbd/host-snap", &conf(), 10)).unwrap();
+    assert_eq!(t.shape().size, 4 << 20);
+    assert!(!t.shape().read_only);
+    c.rbd(&["snap", "create", "rbd/host-snap@s1"]);
+    let t = RbdTarget::open(&rbd_options("rbd/host-snap@s1", &conf(), 10)).unwrap();
+    assert!(t.shape().read_only, "a snapshot maps read-only");
+    assert!(!t.shape().discard);
+    let details = format!("{:?}", t.details());
+    assert!(details.contains("rbd/host-snap@s1"), "{details}");
+}
+
+/// The error `RbdTarget::open` gives, which must be one line.
+fn open_error(opts: &RbdOptions) -> (String, Duration) {
+    let start = Instant::now();
+    let e = match RbdTarget::open(opts) {
+        Ok(_) => panic!("{:?} opened", opts.spec),
+        Err(e) => e.to_string(),
+    };
+    assert!(!e.contains('\n'), "more than one line: {e}");
+    (e, start.elapsed())
+}
+
+#[test]
+fn bad_pool_image_and_conf_are_one_line_errors() {
+    let conf = conf();
+    let (e, _) = open_error(&rbd_options("nopool/img", &conf, 10));
+    assert!(e.contains("cannot open pool 'nopool'"), "{e}");
+    let (e, _) = open_error(&rbd_options("rbd/noimage", &conf, 10));
+    assert!(e.contains("cannot open rbd image rbd/noimage"), "{e}");
+    let (e, _) = open_error(&rbd_options("rbd/img", "/nonexistent/ceph.conf", 10));
+    assert!(
+        e.contains("cannot read the Ceph configuration /nonexistent/ceph.conf"),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_unreachable_monitor_fails_within_the_timeout() {
+    // A monitor address where nothing listens.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("ceph.conf");
+    std::fs::write(
+        &conf,
+        "[global]\nmon host = 127.0.0.1:6799\nauth client required = none\n",
+    )
+    .unwrap();
+    let (e, took) = open_error(&rbd_options("rbd/img", conf.to_str().unwrap(), 3));
+    assert!(e.contains("cannot connect to the Ceph cluster"), "{e}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+}
+
+/// Two clients writing one image (the exclusive-lock feature is on by default): librbd
+/// passes the lock to whoever writes, so both writes succeed, in order.
+#[test]
+fn another_client_takes_the_exclusive_lock_in_turn() {
+    let c = ceph::shared();
+    c.create_image("host-lock", "4M");
+    let spec: ImageSpec = "rbd/host-lock".parse().unwrap();
+    let open = || {
+        let rados = Rados::connect(&options(&conf(), 10)).unwrap();
+        Image::open(&rados.ioctx("rbd", None).unwrap(), &spec, false).unwrap()
+    };
+    let (a, b) = (open(), open());
+    let sink = Completions::new().unwrap();
+    for (n, image) in [(1u8, &a), (2, &b), (3, &a)] {
+        let data = vec![n; 4096];
+        let w = AioOp::Write {
+            off: 0,
+            buf: data.as_ptr(),
+            len: data.len(),
+        };
+        assert!(io(image, &sink, w) >= 0, "write {n} failed");
+        assert_eq!(io(image, &sink, AioOp::Flush), 0);
+    }
+    let mut back = vec![0u8; 4096];
+    let r = AioOp::Read {
+        off: 0,
+        buf: back.as_mut_ptr(),
+        len: back.len(),
+    };
+    assert_eq!(io(&b, &sink, r), 4096);
+    assert!(
+        back.iter().all(|&x| x == 3),
+        "the last write is not what reads back"
+    );
+}
