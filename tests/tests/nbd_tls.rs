@@ -183,8 +183,8 @@ fn every_cipher_goes_to_the_kernel() {
         let uri = pki::tls_uri(&server.uri, &pki.client);
         let dev = d.add(&["nbd", "--uri", &uri]);
         check_tls_path(&d, &dev, "qemu-tcp", expect);
-        fio(&verify_job(&dev, "randwrite", "4k", "8M", 16));
-        fio(&verify_job(&dev, "write", "128k-512k", "8M", 4));
+        fio(&verify_job(&dev, "randwrite", "4k", "4M", 16));
+        fio(&verify_job(&dev, "write", "128k-512k", "4M", 4));
         let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
         assert_eq!(q["errors"].as_u64(), Some(0), "{expect}: {q}");
         d.del(&dev);
