@@ -48,9 +48,14 @@ fn systemctl(args: &[&str]) {
     );
 }
 
-fn property(name: &str) -> String {
-    let out = run("/usr/bin/systemctl", &["show", UNIT, "-p", name, "--value"]);
+/// A property of any unit (`systemctl show UNIT -p NAME --value`).
+fn unit_property(unit: &str, name: &str) -> String {
+    let out = run("/usr/bin/systemctl", &["show", unit, "-p", name, "--value"]);
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn property(name: &str) -> String {
+    unit_property(UNIT, name)
 }
 
 fn main_pid() -> i32 {
@@ -151,26 +156,22 @@ impl Drop for BootSeed {
 fn a_boot_restores_the_recorded_device_and_mounts_it_from_fstab() {
     let _cleanup = BootSeed;
     let mount = "mnt-boot.mount";
-    let unit_prop = |unit: &str, p: &str| {
-        let out = run("/usr/bin/systemctl", &["show", unit, "-p", p, "--value"]);
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
     // The mount may still be on its way when the test command starts.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while unit_prop(mount, "ActiveState") != "active" && Instant::now() < deadline {
+    while unit_property(mount, "ActiveState") != "active" && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
     let boot = run("/usr/bin/journalctl", &["-b", "--no-pager", "-o", "cat"]);
     let boot = String::from_utf8_lossy(&boot.stdout).to_string();
     assert_eq!(
-        unit_prop(mount, "ActiveState"),
+        unit_property(mount, "ActiveState"),
         "active",
         "{mount} is not mounted after boot:\n{boot}"
     );
     assert!(!boot.contains("ordering cycle"), "{boot}");
     // Both were started by the boot itself, ublkd first.
     let ublkd_up: u64 = property("ActiveEnterTimestampMonotonic").parse().unwrap();
-    let mount_up: u64 = unit_prop(mount, "ActiveEnterTimestampMonotonic")
+    let mount_up: u64 = unit_property(mount, "ActiveEnterTimestampMonotonic")
         .parse()
         .unwrap();
     assert!(
@@ -478,10 +479,7 @@ fn an_fstab_mount_is_unmounted_before_ublkd_stops() {
     std::fs::write("/etc/fstab", format!("{old}{line}")).unwrap();
     systemctl(&["daemon-reload"]);
     let mount = "mnt-ublk.mount";
-    let show = |p: &str| {
-        let out = run("/usr/bin/systemctl", &["show", mount, "-p", p, "--value"]);
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
+    let show = |p: &str| unit_property(mount, p);
     assert!(show("After").contains(UNIT), "After={}", show("After"));
     assert!(
         show("Requires").contains(UNIT),
