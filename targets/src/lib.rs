@@ -180,6 +180,13 @@ pub fn user_copy_pos(qid: u16, tag: u16, offset: u32) -> u64 {
     IO_BUF_OFFSET + ((u64::from(qid) << QID_OFF) | (u64::from(tag) << TAG_OFF) | u64::from(offset))
 }
 
+/// What a size watch calls when the backend's size may have changed
+/// ([`Target::watch_size`]).
+pub type SizeNotice = Box<dyn Fn() + Send + Sync>;
+
+/// A size watch: dropping it ends the watch.
+pub type SizeWatch = Box<dyn Send>;
+
 /// A device's backend: its shape and one [`QueueTarget`] per hardware queue.
 pub trait Target: Send + Sync {
     /// Short name: `null`, `loop`, `nbd`.
@@ -231,6 +238,17 @@ pub trait Target: Send + Sync {
     ) -> Result<u64, String> {
         let _ = (current, requested, grow_backend);
         Err(format!("a {} device cannot be resized", self.name()))
+    }
+
+    /// Watches the backend for size changes made outside ublkd (an rbd image resized
+    /// with `rbd resize`) and calls `notice` after each; the daemon then asks
+    /// [`Target::resize`] for the size now (no size requested, no growing) and resizes
+    /// the device to it. `notice` may run on any thread and must not block. The watch
+    /// ends when the returned handle is dropped, and `notice` is not called after.
+    /// `None`: the backend changes size only through `ublkctl resize` (the default).
+    fn watch_size(&self, notice: SizeNotice) -> Result<Option<SizeWatch>, String> {
+        let _ = notice;
+        Ok(None)
     }
 
     /// The device is being deleted and the kernel drains it (in-flight requests and

@@ -11,6 +11,10 @@
 //! librbd reads and writes process memory, so the target needs daemon buffers (`copy`
 //! or `fixed`); the zero-copy modes are refused when the device is added.
 //!
+//! The device follows the image's size: a watch on the image (`watch.rs`) tells the
+//! daemon of every change made elsewhere (`rbd resize`), and the daemon resizes the
+//! device to the image's new size ([`crate::Target::watch_size`]).
+//!
 //! The unsafe FFI (`sys.rs`) and its safe handles (`rados.rs`) are built with the `rbd`
 //! feature (default on; it links librbd and librados); the image spec parser always is.
 
@@ -27,6 +31,8 @@ mod sys;
 mod target;
 #[cfg(all(test, feature = "rbd"))]
 mod tests;
+#[cfg(feature = "rbd")]
+pub mod watch;
 #[cfg(feature = "rbd")]
 pub use target::{RbdOptions, RbdTarget};
 
@@ -79,6 +85,12 @@ pub enum RbdError {
     },
     #[error("cannot read the size of rbd image {spec}: {source}")]
     Size {
+        spec: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot watch rbd image {spec} for changes: {source}")]
+    Watch {
         spec: String,
         #[source]
         source: io::Error,

@@ -256,6 +256,16 @@ impl Image {
         })
     }
 
+    /// The librbd handle, for `watch.rs`; valid as long as `self` is.
+    pub(super) fn raw(&self) -> sys::rbd_image_t {
+        self.raw
+    }
+
+    /// The image's spec (`pool/image`), for messages.
+    pub fn spec(&self) -> &str {
+        &self.spec
+    }
+
     pub fn size(&self) -> Result<u64, RbdError> {
         let mut size = 0u64;
         // SAFETY: an open image and a valid out pointer.

@@ -1,6 +1,6 @@
 //! The few librados and librbd functions the rbd target and the test cluster use,
 //! declared by hand from Debian's `rados/librados.h` and `rbd/librbd.h` (Ceph 16). Only
-//! `rados.rs` calls them; everything here is as unsafe as the C it names.
+//! `rados.rs` and `watch.rs` call them; everything here is as unsafe as the C it names.
 
 #![allow(non_camel_case_types)]
 
@@ -11,6 +11,7 @@ pub type rados_ioctx_t = *mut c_void;
 pub type rbd_image_t = *mut c_void;
 pub type rbd_completion_t = *mut c_void;
 pub type rbd_callback_t = extern "C" fn(c: rbd_completion_t, arg: *mut c_void);
+pub type rbd_update_callback_t = extern "C" fn(arg: *mut c_void);
 
 #[link(name = "rados")]
 extern "C" {
@@ -56,6 +57,13 @@ extern "C" {
     ) -> c_int;
     pub fn rbd_close(image: rbd_image_t) -> c_int;
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
+    pub fn rbd_update_watch(
+        image: rbd_image_t,
+        handle: *mut u64,
+        watch_cb: rbd_update_callback_t,
+        arg: *mut c_void,
+    ) -> c_int;
+    pub fn rbd_update_unwatch(image: rbd_image_t, handle: u64) -> c_int;
     pub fn rbd_aio_create_completion(
         cb_arg: *mut c_void,
         complete_cb: rbd_callback_t,

@@ -2,8 +2,9 @@
 
 use super::queue::RbdQueue;
 use super::rados::{ConnectOptions, Image, Rados};
+use super::watch::UpdateWatch;
 use super::{ImageSpec, RbdError};
-use crate::{DeviceShape, QueueContext, QueueTarget, Target};
+use crate::{DeviceShape, QueueContext, QueueTarget, SizeNotice, SizeWatch, Target};
 use std::sync::Arc;
 
 /// What `ublkctl add rbd` asks for.
@@ -104,18 +105,28 @@ impl Target for RbdTarget {
         )?))
     }
 
-    /// The image's size now: resize the image with `rbd resize`, then the device.
+    /// A snapshot never changes size; an image is watched for `rbd resize`.
+    fn watch_size(&self, notice: SizeNotice) -> Result<Option<SizeWatch>, String> {
+        if self.opts.spec.snap.is_some() {
+            return Ok(None);
+        }
+        let watch = UpdateWatch::new(&self.image, notice).map_err(|e| e.to_string())?;
+        Ok(Some(Box::new(watch)))
+    }
+
+    /// The image's size now: the device follows `rbd resize` by itself (`watch_size`);
+    /// `ublkctl resize ID` asks for the image's size at once.
     fn resize(&self, _current: u64, requested: Option<u64>, grow: bool) -> Result<u64, String> {
         if grow {
             return Err(
-                "ublkd does not resize rbd images: run 'rbd resize' first, then 'ublkctl resize ID'"
+                "ublkd does not resize rbd images: resize the image with 'rbd resize' and the device follows"
                     .into(),
             );
         }
         let size = self.image.size().map_err(|e| e.to_string())?;
         match requested {
             Some(want) if want != size => Err(format!(
-                "rbd image {} is {size} bytes: resize the image with 'rbd resize' first, then run 'ublkctl resize ID' without a size",
+                "rbd image {} is {size} bytes: resize the image with 'rbd resize' and the device follows",
                 self.opts.spec
             )),
             _ => Ok(size),

@@ -118,3 +118,47 @@ fn requests_finish_through_the_eventfd() {
         Outcome::Done(-libc::EOPNOTSUPP)
     );
 }
+
+/// `rbd resize` by another client reaches the image's watch, on librbd's thread; the
+/// target then reports the new size. Dropping the watch frees its notice, and nothing
+/// is reported after.
+#[test]
+fn the_size_watch_reports_rbd_resize() {
+    use std::sync::mpsc::{channel, RecvTimeoutError};
+    use std::sync::Arc;
+    let t = target("watch-unit");
+    let c = ublkd_tests::ceph::shared();
+    let (tx, rx) = channel();
+    let keep = tx.clone();
+    let alive = Arc::new(());
+    let held = alive.clone();
+    let watch = t
+        .watch_size(Box::new(move || {
+            let _ = &held;
+            let _ = tx.send(std::thread::current().id());
+        }))
+        .unwrap()
+        .expect("an image is watched");
+    c.rbd(&["resize", "--size", "8M", "rbd/watch-unit"]);
+    let thread = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("no notice within 10 s of rbd resize");
+    assert_ne!(thread, std::thread::current().id());
+    assert_eq!(t.resize(4 << 20, None, false), Ok(8 << 20));
+    assert!(t.resize(4 << 20, Some(12 << 20), false).is_err());
+    drop(watch);
+    assert_eq!(
+        Arc::strong_count(&alive),
+        1,
+        "the notice outlived its watch"
+    );
+    while rx.try_recv().is_ok() {}
+    c.rbd(&["resize", "--size", "4M", "--allow-shrink", "rbd/watch-unit"]);
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(2)),
+        Err(RecvTimeoutError::Timeout),
+        "a notice after the watch was dropped"
+    );
+    drop(keep);
+    assert_eq!(t.resize(8 << 20, None, false), Ok(4 << 20));
+}
