@@ -12,6 +12,7 @@
 //! entry. Requests that change devices are refused until the records have been restored.
 
 mod connect;
+mod sizes;
 
 use crate::device::{self, Device, IdTaken, Persist};
 use crate::fault;
@@ -20,7 +21,7 @@ use crate::state::{Record, StateDir};
 use anyhow::{anyhow, bail, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use ublkd_proto::validate::{self, DEFAULT_BLOCK_SIZE, DEFAULT_DEPTH, DEFAULT_QUEUES};
 use ublkd_proto::{
@@ -177,10 +178,15 @@ pub struct Daemon {
     shutting_down: AtomicBool,
     /// Adds under way, so shutdown can wait for them.
     adding: (Mutex<usize>, Condvar),
+    /// Ids of devices whose backend changed size by itself (`sizes.rs`), and their
+    /// receiver until the thread that follows them starts.
+    resized: mpsc::Sender<u32>,
+    resized_rx: Mutex<Option<mpsc::Receiver<u32>>>,
 }
 
 impl Daemon {
     pub fn new(kernel: KernelInfo, state: StateDir) -> Self {
+        let (resized, resized_rx) = mpsc::channel();
         Daemon {
             kernel,
             state,
@@ -188,6 +194,8 @@ impl Daemon {
             restoring: AtomicBool::new(true),
             shutting_down: AtomicBool::new(false),
             adding: (Mutex::new(0), Condvar::new()),
+            resized,
+            resized_rx: Mutex::new(Some(resized_rx)),
         }
     }
 
@@ -211,6 +219,7 @@ impl Daemon {
     /// Network devices (nbd) are not waited for: they connect in the background
     /// (`connect`), listed as connecting, and are not counted.
     pub fn restore_all(self: &Arc<Self>) -> Result<(usize, usize)> {
+        self.follow_sizes()?;
         let result = self.restore_records();
         self.restoring.store(false, Ordering::Release);
         result
@@ -268,7 +277,8 @@ impl Daemon {
             match Device::restore(&record, &self.kernel, &self.state) {
                 Ok(dev) => {
                     served += 1;
-                    self.devices().insert(id, Entry::Live(Box::new(dev)));
+                    let entry = self.live(dev);
+                    self.devices().insert(id, entry);
                 }
                 Err(e) => {
                     failed += 1;
@@ -484,7 +494,8 @@ impl Daemon {
             self.state.remove(id)?;
             bail!("ublkd is shutting down");
         }
-        devices.insert(dev.id, Entry::Live(Box::new(dev)));
+        let id = dev.id;
+        devices.insert(id, self.live(dev));
         Ok(info)
     }
 
@@ -526,7 +537,8 @@ impl Daemon {
         match Device::restore(&record, &self.kernel, &self.state) {
             Ok(dev) => {
                 let info = dev.info();
-                self.devices().insert(id, Entry::Live(Box::new(dev)));
+                let entry = self.live(dev);
+                self.devices().insert(id, entry);
                 log::info!("dev {id}: recovered by request");
                 Ok(info)
             }

@@ -90,7 +90,8 @@ impl Daemon {
             match result {
                 Ok(dev) => {
                     log::info!("dev {id}: its server answered; served again (attempt {attempts})");
-                    self.devices().insert(id, Entry::Live(Box::new(dev)));
+                    let entry = self.live(dev);
+                    self.devices().insert(id, entry);
                     done(count);
                     return;
                 }

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use ublkd_proto::features;
 use ublkd_proto::validate::{self, Geometry};
 use ublkd_proto::{AddDevice, BufferMode, CommandMode, DeviceDetail, DeviceInfo, KernelDeviceInfo};
-use ublkd_targets::{DeviceShape, Target};
+use ublkd_targets::{DeviceShape, SizeNotice, SizeWatch, Target};
 
 /// How long a queue thread may take to set up, and the block node to appear.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -60,6 +60,9 @@ pub struct Device {
     target: Arc<dyn Target>,
     shape: DeviceShape,
     counters: Vec<Arc<QueueCounters>>,
+    /// The target's watch on its backend's size (`Device::watch_size`), ended first
+    /// when the device goes.
+    size_watch: Option<SizeWatch>,
     // Teardown order matters; see `Device::shutdown`.
     queues: Vec<QueueHandle>,
     dev: Option<UblkDev>,
@@ -306,6 +309,7 @@ impl Device {
             shape: target.shape(),
             target,
             counters: Vec::new(),
+            size_watch: None,
             queues: Vec::new(),
             dev: None,
             ctrl: Some(ctrl),
@@ -401,6 +405,31 @@ impl Device {
         }
     }
 
+    /// Has the target watch its backend's size and call `notice` on a change, when it
+    /// can (an rbd image); true when it does.
+    pub fn watch_size(&mut self, notice: SizeNotice) -> bool {
+        match self.target.watch_size(notice) {
+            Ok(watch) => {
+                self.size_watch = watch;
+                self.size_watch.is_some()
+            }
+            Err(e) => {
+                log::warn!(
+                    "dev {}: {e}; after resizing its backend, run 'ublkctl resize {}'",
+                    self.id,
+                    self.id
+                );
+                false
+            }
+        }
+    }
+
+    /// The target and the device's size now: what following the backend's size
+    /// (`follow_backend`) asks the target about, outside the device table's lock.
+    pub fn target_and_size(&self) -> (Arc<dyn Target>, u64) {
+        (self.target.clone(), self.shape.size)
+    }
+
     pub fn path(&self) -> String {
         format!("/dev/ublkb{}", self.id)
     }
@@ -491,6 +520,7 @@ impl Device {
     /// taking requests, finish what their target has in flight and end; the driver
     /// holds every later request until the next ublkd recovers the device.
     pub fn detach(mut self) {
+        self.size_watch = None;
         for q in &self.queues {
             q.request_detach();
         }
@@ -565,6 +595,8 @@ impl Device {
     }
 
     fn teardown(&mut self) -> Result<()> {
+        // Before the target and its backend go (an rbd image closes only once unwatched).
+        self.size_watch = None;
         let Some(ctrl) = self.ctrl.take() else {
             return Ok(());
         };
@@ -612,6 +644,7 @@ impl Device {
         }
         // Stopped while nobody had it open: its last closer wrote its page cache back,
         // and no request of a file system can be in flight.
+        self.size_watch = None;
         let Some(ctrl) = self.ctrl.take() else {
             return Deletion::Done(Ok(()));
         };

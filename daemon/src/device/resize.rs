@@ -1,6 +1,8 @@
-//! `ublkctl resize`: a served device gets a new size (UBLK_U_CMD_UPDATE_SIZE, Linux
-//! 6.16), which the target decides (`Target::resize`: null any size, loop its file's,
+//! A served device gets a new size (UBLK_U_CMD_UPDATE_SIZE, Linux 6.16), which the
+//! target decides (`Target::resize`: null any size, loop its file's, rbd its image's,
 //! nbd none) and the record keeps, so a restart or a recovery finds the same size.
+//! Two ways in: `ublkctl resize`, and a backend that changed size by itself (an rbd
+//! image resized with `rbd resize`), which the device follows (`follow_backend`).
 
 use super::{in_use, Device};
 use crate::kernel::{describe, ensure_ctrl_ring};
@@ -43,6 +45,49 @@ impl Device {
                 );
             }
         }
+        self.set_size(size, state)?;
+        log::info!("dev {id}: resized from {current} to {size} bytes");
+        Ok(self.info())
+    }
+
+    /// Gives the device `size` bytes, the size its backend has now after changing by
+    /// itself. A shrink is followed too, holders or not: the backend's end has moved
+    /// already, and the block layer fails IO past the device's new end.
+    pub fn follow_backend(&mut self, size: u64, state: &StateDir) -> Result<()> {
+        let id = self.id;
+        let current = self.shape.size;
+        if size == current {
+            return Ok(());
+        }
+        ensure_ctrl_ring()?;
+        validate::device_size(size, self.geometry.block_size).map_err(|e| {
+            anyhow!("its {} backend is now {size} bytes, which the device cannot follow ({e}); it stays at {current} bytes", self.target.name())
+        })?;
+        if size < current {
+            let holders = in_use::holders(id);
+            let who = if holders.is_empty() {
+                String::new()
+            } else {
+                format!(" while it is {}", holders.join(", "))
+            };
+            log::warn!(
+                "dev {id}: its {} backend shrank from {current} to {size} bytes{who}: \
+                 the device shrinks with it, and what was past the new end is gone",
+                self.target.name()
+            );
+        }
+        self.set_size(size, state)?;
+        log::info!(
+            "dev {id}: resized from {current} to {size} bytes, following its {} backend",
+            self.target.name()
+        );
+        Ok(())
+    }
+
+    /// The record (where it keeps the size), then the kernel's device; the record is
+    /// put back if the kernel refuses.
+    fn set_size(&mut self, size: u64, state: &StateDir) -> Result<()> {
+        let id = self.id;
         // The record first: a daemon that dies after the kernel's resize must find the
         // new size there, or its recovery would see a device of another size.
         let old_record = self.record.clone();
@@ -67,7 +112,6 @@ impl Device {
             );
         }
         self.shape.size = size;
-        log::info!("dev {id}: resized from {current} to {size} bytes");
-        Ok(self.info())
+        Ok(())
     }
 }
