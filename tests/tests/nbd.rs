@@ -85,12 +85,12 @@ fn fio_verify_against(kind: &str, mode: Option<&str>, port: u16) {
     if let Some(m) = mode {
         assert_eq!(d.show_json(dev_id(&dev))["buffer"].as_str(), Some(m));
     }
-    // 64 MiB for one variant, 32 MiB for the others keeps the suite's time in bounds
+    // 32 MiB for one variant, 16 MiB for the others keeps the suite's time in bounds
     // (TCG runs NBD over loopback at a few thousand IOPS).
     let size = if kind == "nbdkit-tcp" && mode.is_none() {
-        "64M"
-    } else {
         "32M"
+    } else {
+        "16M"
     };
     verify(&dev, size);
     let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
