@@ -4,9 +4,14 @@
 //! For every block request it calls [`dispatch`], which calls one method of the queue's
 //! [`QueueTarget`]. A target either completes the request at once ([`Outcome::Done`]),
 //! or pushes SQEs onto the queue's ring through [`Ring`] and returns
-//! [`Outcome::Queued`]; each of those SQEs' completions comes back through
-//! [`QueueTarget::complete`]. A target that cannot get ring space returns
-//! [`Outcome::Busy`] and the queue retries after its next reap.
+//! [`Outcome::Queued`]. Every completion of a target's SQE, whether it was pushed for a
+//! request or for the target as a whole, comes back through one method,
+//! [`QueueTarget::complete`], told whose it is ([`Owner`]). A target that cannot get
+//! ring space returns [`Outcome::Busy`] and the queue retries after its next reap.
+//!
+//! The queue owns the request buffers: it registers a request's pages in the zero-copy
+//! modes (counting the SQEs that takes, see [`Ring::reserve`]) and copies data into or
+//! out of any request's buffer for targets that need to ([`Ring::copy_to_request`]).
 
 mod io;
 pub mod r#loop;
@@ -34,6 +39,26 @@ pub enum Outcome {
     Busy,
 }
 
+/// Whose SQE a completion belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// An SQE pushed with [`Ring::push`] for this request; `IoBuf` is its buffer.
+    Request(IoDesc, IoBuf),
+    /// An SQE pushed with [`Ring::push_event`], for the target as a whole (a receive
+    /// loop, a timer, an eventfd read).
+    Target,
+}
+
+/// The completion of one SQE a target pushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    pub owner: Owner,
+    /// The label the target gave the SQE when it pushed it.
+    pub step: u16,
+    /// The CQE's result.
+    pub res: i32,
+}
+
 /// The submission queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingFull;
@@ -55,11 +80,11 @@ pub trait Ring {
     unsafe fn push(&mut self, tag: u16, step: u16, sqe: squeue::Entry) -> Result<(), RingFull>;
 
     /// Pushes `sqe` on behalf of the target as a whole, not of one request (a network
-    /// target's receive loop). Its completion goes to [`QueueTarget::event`] with `step`.
+    /// target's receive loop). Its completion comes back as [`Owner::Target`] with `step`.
     ///
     /// # Safety
     /// What the SQE points to must stay valid until its completion has been passed to
-    /// [`QueueTarget::event`] (or the queue has ended).
+    /// [`QueueTarget::complete`] (or the queue has ended).
     unsafe fn push_event(&mut self, step: u16, sqe: squeue::Entry) -> Result<(), RingFull>;
 
     /// Completes request `tag` with `result` (bytes or -errno) once the current call
@@ -67,15 +92,40 @@ pub trait Ring {
     /// target must have no SQE of that request still in flight.
     fn finish(&mut self, tag: u16, result: i32);
 
-    /// Makes sure the next `n` pushes fit in the submission queue without it being
+    /// Makes sure the next `sqes` pushes fit in the submission queue without it being
     /// submitted in between (submitting what is already queued if needed), so that a
-    /// chain of linked SQEs (IOSQE_IO_LINK) reaches the kernel whole. False when there
-    /// is no room for `n`. A zero-copy queue may put one SQE of its own in front of a
-    /// request's first SQE: count two for each request whose buffer a chain touches.
-    /// The default (a ring that cannot promise this) is false.
-    fn reserve(&mut self, n: usize) -> bool {
-        let _ = n;
+    /// chain of linked SQEs (IOSQE_IO_LINK) reaches the kernel whole. `requests` is how
+    /// many requests' buffers those SQEs touch at most: the queue adds room for the SQEs
+    /// it puts in front of them itself (in the zero-copy modes, the registration of a
+    /// request's pages before its first SQE). False when there is no room. The default
+    /// (a ring that cannot promise this) is false.
+    fn reserve(&mut self, sqes: usize, requests: usize) -> bool {
+        let _ = (sqes, requests);
         false
+    }
+
+    /// Copies `data` into request `tag`'s buffer at byte `offset`: a read's payload that
+    /// arrived somewhere else (a network target's receive buffer). The queue reaches the
+    /// buffer in every mode: daemon buffers directly, a request's own pages (zc, auto-zc)
+    /// through the ublk char device (UBLK_F_USER_COPY, which it enables for targets that
+    /// ask, [`Target::copies_in`]; [`QueueContext::user_copy`] says whether it did). An
+    /// error means the bytes are not there. No SQE of the request may be writing to the
+    /// same bytes. The default (a ring without buffers) fails.
+    fn copy_to_request(&mut self, tag: u16, offset: usize, data: &[u8]) -> std::io::Result<()> {
+        let _ = (tag, offset, data);
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
+    /// Copies `into.len()` bytes of request `tag`'s buffer from byte `offset` into
+    /// `into` (a write's payload), as [`Ring::copy_to_request`] the other way.
+    fn copy_from_request(
+        &mut self,
+        tag: u16,
+        offset: usize,
+        into: &mut [u8],
+    ) -> std::io::Result<()> {
+        let _ = (tag, offset, into);
+        Err(std::io::ErrorKind::Unsupported.into())
     }
 }
 
@@ -100,22 +150,17 @@ pub trait QueueTarget {
         let _ = ring;
     }
 
-    /// The completion of an SQE pushed with [`Ring::push_event`].
-    fn event(&mut self, step: u16, res: i32, ring: &mut dyn Ring) {
-        let _ = (step, res, ring);
-    }
-
-    /// The completion of an SQE this target pushed for `io` (`res` is the CQE's result).
-    fn complete(
-        &mut self,
-        io: &IoDesc,
-        buf: IoBuf,
-        step: u16,
-        res: i32,
-        ring: &mut dyn Ring,
-    ) -> Outcome {
-        let _ = (io, buf, step, ring);
-        Outcome::Done(res)
+    /// The completion of an SQE this target pushed, for a request or for itself. For a
+    /// request, what to do with it next; for the target's own SQEs ([`Owner::Target`])
+    /// the outcome means nothing and the queue ignores it (requests answered there are
+    /// finished with [`Ring::finish`]). The default completes a request with the CQE's
+    /// result.
+    fn complete(&mut self, done: Completion, ring: &mut dyn Ring) -> Outcome {
+        let _ = ring;
+        match done.owner {
+            Owner::Request(..) => Outcome::Done(done.res),
+            Owner::Target => Outcome::Queued,
+        }
     }
 }
 
@@ -163,21 +208,10 @@ pub struct QueueContext {
     pub depth: u16,
     /// Index in the ring's registered file table of the first of [`Target::files`].
     pub first_file: u32,
-    /// The device's `/dev/ublkcN` when the daemon may copy data into a request's pages
-    /// with `pwrite` at [`user_copy_pos`] (UBLK_F_USER_COPY): given only to targets that
-    /// ask for it ([`Target::copies_in`]) in the zero-copy buffer modes, where a
-    /// request's pages are not mapped into the daemon.
-    pub user_copy_fd: Option<std::os::fd::RawFd>,
-}
-
-/// The `/dev/ublkcN` file position of byte `offset` of request `tag` of queue `qid`,
-/// for reads and writes with UBLK_F_USER_COPY (`include/uapi/linux/ublk_cmd.h`).
-pub fn user_copy_pos(qid: u16, tag: u16, offset: u32) -> u64 {
-    const IO_BUF_OFFSET: u64 = 0x8000_0000;
-    const TAG_OFF: u32 = 25; // UBLK_IO_BUF_BITS
-    const QID_OFF: u32 = TAG_OFF + 16; // + UBLK_TAG_BITS
-    debug_assert!(offset < 1 << TAG_OFF);
-    IO_BUF_OFFSET + ((u64::from(qid) << QID_OFF) | (u64::from(tag) << TAG_OFF) | u64::from(offset))
+    /// [`Ring::copy_to_request`] and [`Ring::copy_from_request`] reach requests' own
+    /// pages (`IoBuf::Pages`) in this queue (user copy; only for targets that ask,
+    /// [`Target::copies_in`]). Daemon buffers (`User`, `Fixed`) they reach always.
+    pub user_copy: bool,
 }
 
 /// What a size watch calls when the backend's size may have changed
@@ -199,9 +233,9 @@ pub trait Target: Send + Sync {
     fn files(&self) -> Vec<std::os::fd::RawFd> {
         Vec::new()
     }
-    /// Whether the target wants to copy data into requests' pages itself in the
-    /// zero-copy modes ([`QueueContext::user_copy_fd`]): a network target that receives
-    /// many small replies in one buffer.
+    /// Whether the target wants the queue to copy data into and out of requests' pages
+    /// in the zero-copy modes ([`Ring::copy_to_request`], [`QueueContext::user_copy`]):
+    /// a network target that receives many small replies in one buffer.
     fn copies_in(&self) -> bool {
         false
     }
@@ -381,16 +415,6 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<BackingId>(&json).unwrap(),
             file(1, 12, 7)
-        );
-    }
-
-    #[test]
-    fn user_copy_positions_follow_the_uapi() {
-        // UBLKSRV_IO_BUF_OFFSET + (qid << UBLK_QID_OFF | tag << UBLK_TAG_OFF | offset)
-        assert_eq!(user_copy_pos(0, 0, 0), 0x8000_0000);
-        assert_eq!(
-            user_copy_pos(3, 5, 4096),
-            0x8000_0000 + (3u64 << 41) + (5u64 << 25) + 4096
         );
     }
 

@@ -96,7 +96,7 @@ mod tests {
                 qid: 0,
                 depth: 1,
                 first_file: 1,
-                user_copy_fd: None,
+                user_copy: false,
             })
             .unwrap();
         for (op, expect) in [

@@ -1,9 +1,12 @@
 //! A real io_uring standing in for the daemon's queue loop in the targets' unit tests:
 //! it labels SQEs the way a queue does (step and tag, or a target-wide event), hands
-//! completions back, and takes requests finished through `Ring::finish`.
+//! completions back, takes requests finished through `Ring::finish`, and copies into
+//! the daemon buffers a test lends it (`lend`), as a queue does.
 
-use crate::{Ring, RingFull};
+use crate::{IoBuf, Ring, RingFull};
 use io_uring::{squeue, IoUring};
+use std::collections::HashMap;
+use std::io;
 
 /// user_data: bit 63 marks a target-wide SQE, bits 16..32 the step, 0..16 the tag.
 pub(crate) const EVENT: u64 = 1 << 63;
@@ -14,6 +17,8 @@ pub(crate) struct TestRing {
     pub(crate) finished: Vec<(u16, i32)>,
     /// Steps of the per-request SQEs pushed, in order.
     pub(crate) pushed: Vec<u16>,
+    /// The buffers of the requests in flight, for `copy_to_request`.
+    bufs: HashMap<u16, IoBuf>,
 }
 
 impl TestRing {
@@ -22,7 +27,21 @@ impl TestRing {
             ring: IoUring::new(entries).expect("io_uring"),
             finished: Vec::new(),
             pushed: Vec::new(),
+            bufs: HashMap::new(),
         }
+    }
+
+    /// Request `tag`'s buffer, which the queue would know: daemon memory that stays valid
+    /// and untouched by the test until the request is finished.
+    pub(crate) fn lend(&mut self, tag: u16, buf: IoBuf) {
+        self.bufs.insert(tag, buf);
+    }
+
+    fn buf(&self, tag: u16) -> io::Result<IoBuf> {
+        self.bufs
+            .get(&tag)
+            .copied()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no buffer lent"))
     }
 }
 
@@ -51,7 +70,9 @@ impl Ring for TestRing {
     fn finish(&mut self, tag: u16, result: i32) {
         self.finished.push((tag, result));
     }
-    fn reserve(&mut self, n: usize) -> bool {
+    fn reserve(&mut self, sqes: usize, _requests: usize) -> bool {
+        // No zero copy here: nothing of the ring's own goes in front.
+        let n = sqes;
         let free = |r: &mut IoUring| {
             let sq = r.submission();
             sq.capacity() - sq.len()
@@ -60,6 +81,14 @@ impl Ring for TestRing {
             let _ = self.ring.submit();
         }
         free(&mut self.ring) >= n
+    }
+    fn copy_to_request(&mut self, tag: u16, offset: usize, data: &[u8]) -> io::Result<()> {
+        // SAFETY: `lend`'s contract.
+        unsafe { self.buf(tag)?.copy_in(offset, data) }
+    }
+    fn copy_from_request(&mut self, tag: u16, offset: usize, into: &mut [u8]) -> io::Result<()> {
+        // SAFETY: `lend`'s contract.
+        unsafe { self.buf(tag)?.copy_out(offset, into) }
     }
 }
 

@@ -24,7 +24,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// The cluster's ceph.conf: what `ublkctl add rbd --conf` takes.
     pub conf: PathBuf,
-    rados: Arc<Rados>,
+    /// The client the cluster is set up through; taken by [`Cluster::disconnect`].
+    rados: Mutex<Option<Arc<Rados>>>,
     osd_uuid: String,
     mon: Option<Child>,
     osd: Mutex<Option<Child>>,
@@ -140,7 +141,7 @@ impl Cluster {
         let cluster = Cluster {
             dir: dir.to_path_buf(),
             conf: conf.clone(),
-            rados,
+            rados: Mutex::new(Some(rados)),
             osd_uuid: uuid(),
             mon: Some(mon),
             osd: Mutex::new(None),
@@ -172,7 +173,7 @@ impl Cluster {
 
     /// Sends a monitor command; panics when it fails. Returns its output.
     pub fn mon_command(&self, cmd: Value) -> String {
-        self.rados
+        self.rados()
             .mon_command(&cmd.to_string())
             .unwrap_or_else(|e| panic!("{e}"))
     }
@@ -237,13 +238,27 @@ impl Cluster {
     }
 
     /// The librados handle the cluster was set up through.
-    pub fn rados(&self) -> &Arc<Rados> {
-        &self.rados
+    pub fn rados(&self) -> Arc<Rados> {
+        self.rados
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .expect("the cluster's client is disconnected")
+    }
+
+    /// Shuts the cluster's librados client down (its threads joined) if nothing else
+    /// holds it. Done before the daemons are killed: a client whose monitor vanishes while
+    /// the process exits can abort in librados' threads (seen as `boost::bad_get` and
+    /// SIGABRT after every test had passed).
+    fn disconnect(&self) {
+        let client = self.rados.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(client);
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        self.disconnect();
         self.kill_osd();
         if let Some(mut mon) = self.mon.take() {
             let _ = mon.kill();
@@ -256,17 +271,22 @@ impl Drop for Cluster {
 /// `/tmp/ublkd-ceph`. It lives until the process ends; its daemons are killed then by
 /// [`kill_shared_at_exit`] (a static is never dropped).
 pub fn shared() -> &'static Cluster {
-    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| {
+    SHARED.get_or_init(|| {
         let c = Cluster::start(Path::new("/tmp/ublkd-ceph"));
         kill_shared_at_exit();
         c
     })
 }
 
-/// Registers an atexit handler that kills the shared cluster's daemons.
+static SHARED: OnceLock<Cluster> = OnceLock::new();
+
+/// Registers an atexit handler that shuts the shared cluster's client down, then kills
+/// its daemons.
 fn kill_shared_at_exit() {
     extern "C" fn kill() {
+        if let Some(c) = SHARED.get() {
+            c.disconnect();
+        }
         // The daemons' pids, from /proc: children of this process named ceph-*.
         let me = std::process::id();
         let Ok(procs) = std::fs::read_dir("/proc") else {

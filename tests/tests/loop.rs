@@ -45,7 +45,7 @@ fn add_loop(d: &Daemon, file: &Path, mode: &str, extra: &[&str]) -> String {
     dev
 }
 
-/// fio writes 256 MiB with 4k random writes, then with 128k-512k sequential writes, and
+/// fio writes 64 MiB with 4k random writes, then with 128k-512k sequential writes, and
 /// reads everything back checking crc32c; the queues run the command path `commands`
 /// ("batch" or "per-tag").
 fn fio_verify(mode: &str, commands: &str) {
@@ -54,16 +54,16 @@ fn fio_verify(mode: &str, commands: &str) {
     let file = backing(&format!("fio-{mode}-{commands}"), 320 << 20);
     let dev = add_loop(&d, &file, mode, &[commands_flag(commands)]);
     assert_commands(&d.show_json(dev_id(&dev)), commands);
-    // 128 MiB each way: a 4k job of 32768 writes then reads, in every buffer mode and
+    // 64 MiB each way: a 4k job of 16384 writes then reads, in every buffer mode and
     // command path (8 runs), within the suite's time.
-    let rand = verify_job(&dev, "randwrite", "4k", "128M", 32);
+    let rand = verify_job(&dev, "randwrite", "4k", "64M", 32);
     let run = fio(&rand);
     assert!(
-        run.total_ios() >= 2 * 32768,
-        "wrote and verified 128 MiB in 4k: {}",
+        run.total_ios() >= 2 * 16384,
+        "wrote and verified 64 MiB in 4k: {}",
         run.total_ios()
     );
-    let seq = verify_job(&dev, "write", "128k-512k", "128M", 8);
+    let seq = verify_job(&dev, "write", "128k-512k", "64M", 8);
     fio(&seq);
     let show = d.show_json(dev_id(&dev));
     for q in show["queue_stats"].as_array().unwrap() {
@@ -183,7 +183,7 @@ fn resize_follows_the_backing_file() {
     let file = backing("resize", 32 << 20);
     let dev = d.add(&["loop", "--file", file.to_str().unwrap(), "--name", "img"]);
     let id = dev_id(&dev);
-    fio(&verify_job(&dev, "randwrite", "4k", "32M", 16));
+    fio(&verify_job(&dev, "randwrite", "4k", "8M", 16));
     let before = checksum(&dev, 32 << 20);
 
     OpenOptions::new()
@@ -197,9 +197,9 @@ fn resize_follows_the_backing_file() {
     d.ctl_ok(&["resize", "img", "96M", "--grow-file"]);
     assert_eq!(std::fs::metadata(&file).unwrap().len(), 96 << 20);
     assert_eq!(d.show_json(id)["size"].as_u64(), Some(96 << 20));
-    // The new space serves IO; the old data is still there.
-    let mut job = verify_job(&dev, "randwrite", "4k", "64M", 16);
-    job.push("--offset=32M".into());
+    // The new space, from both resizes, serves IO; the old data is still there.
+    let mut job = verify_job(&dev, "randwrite", "4k", "16M", 16);
+    job.push("--offset=56M".into());
     fio(&job);
     assert_eq!(checksum(&dev, 32 << 20), before);
 

@@ -85,12 +85,12 @@ fn fio_verify_against(kind: &str, mode: Option<&str>, port: u16) {
     if let Some(m) = mode {
         assert_eq!(d.show_json(dev_id(&dev))["buffer"].as_str(), Some(m));
     }
-    // 64 MiB for one variant, 32 MiB for the others keeps the suite's time in bounds
+    // 32 MiB for one variant, 16 MiB for the others keeps the suite's time in bounds
     // (TCG runs NBD over loopback at a few thousand IOPS).
     let size = if kind == "nbdkit-tcp" && mode.is_none() {
-        "64M"
-    } else {
         "32M"
+    } else {
+        "16M"
     };
     verify(&dev, size);
     let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
@@ -454,8 +454,8 @@ fn a_server_that_is_down_at_start_is_waited_for_in_the_background() {
     let dev = add_nbd(&d, &a.uri, &[]);
     let gone = add_nbd(&d, &b.uri, &[]);
     let (id, gone_id) = (dev_id(&dev), dev_id(&gone));
-    fio(&verify_job(&dev, "randwrite", "4k", "16M", 16));
-    let sum = checksum(&dev, 16 << 20);
+    fio(&verify_job(&dev, "randwrite", "4k", "8M", 16));
+    let sum = checksum(&dev, 8 << 20);
     assert_eq!(d.stop(), Some(0));
     a.kill();
     b.kill();
@@ -484,11 +484,11 @@ fn a_server_that_is_down_at_start_is_waited_for_in_the_background() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(
-        checksum(&dev, 16 << 20),
+        checksum(&dev, 8 << 20),
         sum,
         "the data is not what was written"
     );
-    fio(&verify_job(&dev, "randwrite", "4k", "16M", 16));
+    fio(&verify_job(&dev, "randwrite", "4k", "8M", 16));
     assert!(!Path::new(&gone).exists());
     d.del(&dev);
     for f in [a_file, b_file] {
@@ -533,7 +533,7 @@ fn chains_survive_partial_sends_and_replies() {
             let _r = Sysctl::set("/proc/sys/net/ipv4/tcp_rmem", "4096 4096 4096");
             add_nbd(&d, "nbd://127.0.0.1:10940/", &["--buffer", mode])
         };
-        verify_unbroken(&d, &dev, "8M", mode);
+        verify_unbroken(&d, &dev, "4M", mode);
     }
 }
 
@@ -561,7 +561,7 @@ fn unix_chains_survive_a_tiny_send_buffer() {
                 let _w = Sysctl::set("/proc/sys/net/core/wmem_default", "8192");
                 add_nbd(&d, &server.uri, &["--buffer", mode])
             };
-            verify_unbroken(&d, &dev, "8M", mode);
+            verify_unbroken(&d, &dev, "4M", mode);
         }
         let log = d.log_text();
         assert!(

@@ -109,7 +109,7 @@ fn fio_verify_over_tls(kind: &str, mode: Option<&str>, port: u16) {
         "{}",
         d.log_text()
     );
-    verify(&dev, "24M");
+    verify(&dev, "12M");
     let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
     assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
     let log = d.log_text();

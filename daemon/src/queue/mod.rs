@@ -54,7 +54,8 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use ublkd_proto::BufferMode;
 use ublkd_targets::{
-    dispatch, BlockOp, IoBuf, IoDesc, Outcome, QueueContext, QueueTarget, Ring, RingFull, Target,
+    dispatch, BlockOp, Completion, IoBuf, IoDesc, Outcome, Owner, QueueContext, QueueTarget, Ring,
+    RingFull, Target,
 };
 use user_data::{decode, encode, Kind};
 
@@ -334,6 +335,24 @@ fn buf_cmd(op: u32, kind: Kind, qid: u16, tag: u16) -> squeue::Entry {
         .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
 }
 
+/// Where request `io`'s data is: a daemon buffer of `bufs` (copy, fixed) or its own
+/// pages (zc, auto-zc).
+fn io_buf(buffer: BufferMode, bufs: Option<&uapi::BufferArena>, io: &IoDesc) -> IoBuf {
+    let len = io.len as usize;
+    if len == 0 {
+        return IoBuf::None;
+    }
+    match (buffer, bufs.map(|b| b.addr(io.tag))) {
+        (BufferMode::Copy, Some(addr)) => IoBuf::User { addr, len },
+        (BufferMode::Fixed, Some(addr)) => IoBuf::Fixed {
+            addr: addr as u64,
+            index: io.tag,
+            len,
+        },
+        _ => IoBuf::Pages { index: io.tag, len },
+    }
+}
+
 /// The queue ring as targets see it: every SQE gets the Target user_data of its tag, and
 /// in zero-copy mode the first one of a request is preceded by the buffer registration.
 struct TargetRing<'a> {
@@ -342,6 +361,31 @@ struct TargetRing<'a> {
     /// Requests the target finished with [`Ring::finish`], committed after the call.
     finished: &'a mut Vec<(u16, i32)>,
     qid: u16,
+    buffer: BufferMode,
+    bufs: Option<&'a uapi::BufferArena>,
+    /// `/dev/ublkcN` when the device has UBLK_F_USER_COPY.
+    user_copy: Option<RawFd>,
+}
+
+impl TargetRing<'_> {
+    /// The buffer of request `tag`, which must be in flight.
+    fn request_buf(&self, tag: u16) -> io::Result<IoBuf> {
+        match self.tags.get(usize::from(tag)).and_then(|t| t.io) {
+            Some(io) => Ok(io_buf(self.buffer, self.bufs, &io)),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("tag {tag} has no request in flight"),
+            )),
+        }
+    }
+
+    /// Request pages are reached through user copy; no user copy is an error.
+    fn cdev(&self) -> io::Result<RawFd> {
+        self.user_copy.ok_or_else(|| {
+            let why = "the request's pages are not reachable: the device has no user copy";
+            io::Error::new(io::ErrorKind::Unsupported, why)
+        })
+    }
 }
 
 impl Ring for TargetRing<'_> {
@@ -379,8 +423,48 @@ impl Ring for TargetRing<'_> {
         self.finished.push((tag, result));
     }
 
-    fn reserve(&mut self, n: usize) -> bool {
-        ensure_room(self.ring, n)
+    fn reserve(&mut self, sqes: usize, requests: usize) -> bool {
+        // Zero copy registers a request's pages with one SQE before its first one.
+        let ours = match self.buffer {
+            BufferMode::Zc | BufferMode::AutoZc => requests,
+            BufferMode::Copy | BufferMode::Fixed => 0,
+        };
+        ensure_room(self.ring, sqes + ours)
+    }
+
+    fn copy_to_request(&mut self, tag: u16, offset: usize, data: &[u8]) -> io::Result<()> {
+        match self.request_buf(tag)? {
+            IoBuf::Pages { len, .. } if offset + data.len() <= len => {
+                uapi::user_copy_write(self.cdev()?, self.qid, tag, offset, data)
+            }
+            IoBuf::Pages { len, .. } => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} bytes at {offset} are beyond a {len}-byte request",
+                    data.len()
+                ),
+            )),
+            // SAFETY: the queue's own buffer of a request in flight in the target, which
+            // asks for the copy and has no SQE writing there (the trait's contract).
+            buf => unsafe { buf.copy_in(offset, data) },
+        }
+    }
+
+    fn copy_from_request(&mut self, tag: u16, offset: usize, into: &mut [u8]) -> io::Result<()> {
+        match self.request_buf(tag)? {
+            IoBuf::Pages { len, .. } if offset + into.len() <= len => {
+                uapi::user_copy_read(self.cdev()?, self.qid, tag, offset, into)
+            }
+            IoBuf::Pages { len, .. } => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} bytes at {offset} are beyond a {len}-byte request",
+                    into.len()
+                ),
+            )),
+            // SAFETY: as in `copy_to_request`.
+            buf => unsafe { buf.copy_out(offset, into) },
+        }
     }
 }
 
@@ -470,7 +554,7 @@ impl Queue {
             qid: spec.qid,
             depth: spec.depth,
             first_file: 1,
-            user_copy_fd: spec.user_copy.then_some(spec.cdev_fd),
+            user_copy: spec.user_copy,
         };
         let handler = target
             .queue(ctx)
@@ -500,25 +584,8 @@ impl Queue {
         })
     }
 
-    /// Address of `tag`'s daemon buffer (copy and fixed modes).
-    fn buf_addr(&self, tag: u16) -> Option<*mut u8> {
-        self.bufs.as_ref().map(|b| b.addr(tag))
-    }
-
     fn io_buf(&self, io: &IoDesc) -> IoBuf {
-        let len = io.len as usize;
-        if len == 0 {
-            return IoBuf::None;
-        }
-        match (self.spec.buffer, self.buf_addr(io.tag)) {
-            (BufferMode::Copy, Some(addr)) => IoBuf::User { addr, len },
-            (BufferMode::Fixed, Some(addr)) => IoBuf::Fixed {
-                addr: addr as u64,
-                index: io.tag,
-                len,
-            },
-            _ => IoBuf::Pages { index: io.tag, len },
-        }
+        io_buf(self.spec.buffer, self.bufs.as_ref(), io)
     }
 
     fn arm_wake(&mut self) -> bool {
@@ -706,7 +773,14 @@ impl Queue {
                 t.registered = false;
                 t.needs_reg = t.io.is_some();
             }
-            Kind::TargetEvent => self.call_target(|t, ring| t.event(ud.step, res, ring)),
+            Kind::TargetEvent => {
+                let done = Completion {
+                    owner: Owner::Target,
+                    step: ud.step,
+                    res,
+                };
+                self.call_target(|t, ring| t.complete(done, ring));
+            }
             kind => log::error!("dev {dev} queue {q}: unexpected {kind:?} completion"),
         }
     }
@@ -760,6 +834,9 @@ impl Queue {
             tags: &mut self.tags,
             finished: &mut self.finished,
             qid: self.spec.qid,
+            buffer: self.spec.buffer,
+            bufs: self.bufs.as_ref(),
+            user_copy: self.spec.user_copy.then_some(self.spec.cdev_fd),
         };
         let r = f(self.handler.as_mut(), &mut ring);
         while let Some((tag, res)) = self.finished.pop() {
@@ -789,8 +866,12 @@ impl Queue {
             );
             return;
         };
-        let buf = self.io_buf(&io);
-        let outcome = self.call_target(|t, ring| t.complete(&io, buf, step, res, ring));
+        let done = Completion {
+            owner: Owner::Request(io, self.io_buf(&io)),
+            step,
+            res,
+        };
+        let outcome = self.call_target(|t, ring| t.complete(done, ring));
         self.settle(tag, outcome);
     }
 

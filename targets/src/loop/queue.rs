@@ -1,7 +1,7 @@
 //! The loop target's queue: one request at a time becomes READ/WRITE (or their fixed
 //! forms), fsync, fallocate SQEs on the backing file, continued when short.
 
-use crate::{IoBuf, IoDesc, Outcome, QueueTarget, Ring};
+use crate::{Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring};
 use io_uring::{opcode, squeue, types};
 use std::io;
 
@@ -140,14 +140,12 @@ impl QueueTarget for LoopQueue {
         self.fallocate(io, STEP_WRITE_ZEROES, mode, ring)
     }
 
-    fn complete(
-        &mut self,
-        io: &IoDesc,
-        buf: IoBuf,
-        step: u16,
-        res: i32,
-        ring: &mut dyn Ring,
-    ) -> Outcome {
+    fn complete(&mut self, done: Completion, ring: &mut dyn Ring) -> Outcome {
+        // Every SQE of this target belongs to a request.
+        let Owner::Request(io, buf) = done.owner else {
+            return Outcome::Queued;
+        };
+        let (io, step, res) = (&io, done.step, done.res);
         if res == -libc::EAGAIN {
             // Try the same operation again.
             return match step {

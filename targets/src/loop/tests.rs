@@ -1,7 +1,7 @@
 use super::*;
 use crate::test_ring::{decode, TestRing};
 use crate::{dispatch, BlockOp, IoFlags};
-use crate::{IoBuf, IoDesc, Outcome, QueueTarget};
+use crate::{Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -172,7 +172,12 @@ fn run(q: &mut dyn QueueTarget, ring: &mut TestRing, io: &IoDesc, buf: IoBuf) ->
                 let cqe = ring.ring.completion().next().unwrap();
                 let (event, step, _) = decode(cqe.user_data());
                 assert!(!event, "the loop target has no target-wide SQEs");
-                out = q.complete(io, buf, step, cqe.result(), ring);
+                let done = Completion {
+                    owner: Owner::Request(*io, buf),
+                    step,
+                    res: cqe.result(),
+                };
+                out = q.complete(done, ring);
             }
         }
     }
@@ -197,7 +202,7 @@ fn reads_writes_flushes_and_punches_a_file() {
             qid: 0,
             depth: 4,
             first_file: 0,
-            user_copy_fd: None,
+            user_copy: false,
         })
         .unwrap();
 
@@ -304,7 +309,7 @@ fn read_only_targets_refuse_writes() {
             qid: 0,
             depth: 1,
             first_file: 0,
-            user_copy_fd: None,
+            user_copy: false,
         })
         .unwrap();
     let wr = IoDesc {

@@ -9,6 +9,7 @@
 //! requests may follow it, on TCP and Unix sockets alike; unlike SEND_ZC it completes
 //! once, so the request is not held until a zero-copy notification.
 
+use crate::Ring;
 use io_uring::{opcode, squeue, types, IoUring};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -66,30 +67,21 @@ impl PayloadSends {
 /// registered buffer, which is what the payload gets when this returns None.
 pub(super) fn stage_payload(
     room: &mut [u8],
-    user_copy: Option<(libc::c_int, u16)>,
+    ring: &mut dyn Ring,
     tag: u16,
     len: usize,
 ) -> Option<*mut u8> {
-    let (fd, qid) = user_copy?;
     if len > STAGE_MAX || len > room.len() {
         return None;
     }
-    let dst = room.as_mut_ptr();
-    let pos = crate::user_copy_pos(qid, tag, 0);
-    // SAFETY: reads `len` bytes into `room`, which has space for them (checked above),
-    // from the ublk char device: the request's pages. No SQE points into `wstage` now:
-    // a chain is built only when none is in flight.
-    let n = unsafe { libc::pread(fd, dst.cast(), len, pos as i64) };
-    if n != len as isize {
-        let why = if n < 0 {
-            io::Error::last_os_error().to_string()
-        } else {
-            format!("{n} of {len} bytes")
-        };
-        log::debug!("tag {tag}: copying a write payload out of the request failed ({why}): sent from its pages");
+    // No SQE points into `wstage` now: a chain is built only when none is in flight.
+    if let Err(e) = ring.copy_from_request(tag, 0, &mut room[..len]) {
+        log::debug!(
+            "tag {tag}: copying a write payload out of the request failed ({e}): sent from its pages"
+        );
         return None;
     }
-    Some(dst)
+    Some(room.as_mut_ptr())
 }
 
 /// A SEND of `len` bytes at `addr` in registered buffer `index`, with `flags`.
@@ -162,6 +154,8 @@ fn probe() -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_ring::TestRing;
+    use crate::IoBuf;
 
     #[test]
     fn payload_sends_pick_send_zc_only_for_large_tcp_payloads() {
@@ -194,28 +188,35 @@ mod tests {
 
     #[test]
     fn only_small_payloads_that_fit_are_staged() {
+        let mut ring = TestRing::new(4);
+        let mut request = vec![7u8; STAGE_MAX + 1];
+        let buf = IoBuf::User {
+            addr: request.as_mut_ptr(),
+            len: request.len(),
+        };
+        ring.lend(3, buf);
         let mut room = vec![0u8; 8192];
-        // No user copy: never staged.
-        assert!(stage_payload(&mut room, None, 0, 4096).is_none());
         // Too large, or more than the room left: not staged (and nothing is read).
-        assert!(stage_payload(&mut room, Some((-1, 0)), 0, STAGE_MAX + 1).is_none());
-        assert!(stage_payload(&mut room[4096..], Some((-1, 0)), 0, 8192).is_none());
-        // A failing copy (a bad descriptor here) falls back to a send from the pages.
-        assert!(stage_payload(&mut room, Some((-1, 0)), 0, 4096).is_none());
+        assert!(stage_payload(&mut room, &mut ring, 3, STAGE_MAX + 1).is_none());
+        assert!(stage_payload(&mut room[4096..], &mut ring, 3, 8192).is_none());
+        assert!(room.iter().all(|&b| b == 0));
+        // A copy the queue cannot make (no buffer for the tag) falls back to a send from
+        // the pages.
+        assert!(stage_payload(&mut room, &mut ring, 4, 4096).is_none());
     }
 
-    /// The copy reads the request's bytes at its user-copy position (a sparse file
-    /// stands in for /dev/ublkcN).
+    /// The staged bytes are the request's, copied by the queue.
     #[test]
-    fn a_staged_payload_is_read_at_the_requests_position() {
-        use std::os::unix::fs::FileExt;
-        let path = std::env::temp_dir().join(format!("ublkd-stage-{}", std::process::id()));
-        let f = std::fs::File::create_new(&path).unwrap();
-        let pos = crate::user_copy_pos(1, 3, 0);
-        f.write_all_at(b"payload!", pos).unwrap();
+    fn a_staged_payload_is_the_requests() {
+        let mut ring = TestRing::new(4);
+        let mut request = b"payload!".to_vec();
+        let buf = IoBuf::User {
+            addr: request.as_mut_ptr(),
+            len: request.len(),
+        };
+        ring.lend(3, buf);
         let mut room = vec![0u8; 64];
-        let got = stage_payload(&mut room, Some((f.as_raw_fd(), 1)), 3, 8);
-        std::fs::remove_file(&path).unwrap();
+        let got = stage_payload(&mut room, &mut ring, 3, 8);
         assert_eq!(got, Some(room.as_mut_ptr()));
         assert_eq!(&room[..8], b"payload!");
     }

@@ -315,7 +315,7 @@ impl Target for NbdTarget {
                 fixed: fixed_send::supported(),
             },
             self.pace,
-            ctx.user_copy_fd.map(|fd| (fd, ctx.qid)),
+            ctx.user_copy,
         )))
     }
 

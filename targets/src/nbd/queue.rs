@@ -19,7 +19,7 @@ use super::send::{payload_len, Pace, SendChain};
 use super::step::{split_step, EVENT_ABORT, EVENT_RECV, EVENT_TICK, EVENT_WAKE};
 use super::step::{STEP_PAYLOAD, STEP_SEND};
 use super::tags::{Tags, Timers, ABORT_GRACE};
-use crate::{BlockOp, IoBuf, IoDesc, Outcome, QueueTarget, Ring};
+use crate::{BlockOp, Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring};
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -33,9 +33,9 @@ pub(super) struct NbdQueue {
     timers: Timers,
     send: SendChain,
     recv: Receiver,
-    /// `/dev/ublkcN` and this queue's id, when payloads may be copied into and out of
-    /// requests' own pages (user copy).
-    user_copy: Option<(libc::c_int, u16)>,
+    /// The queue copies payloads into and out of requests' own pages (user copy,
+    /// `Ring::copy_to_request`).
+    user_copy: bool,
 }
 
 fn nbd_command(io: &IoDesc) -> Option<(u16, u16)> {
@@ -64,7 +64,7 @@ impl NbdQueue {
         request_timeout: Duration,
         payload_sends: PayloadSends,
         pace: Pace,
-        user_copy: Option<(libc::c_int, u16)>,
+        user_copy: bool,
     ) -> Self {
         NbdQueue {
             conn,
@@ -333,16 +333,13 @@ impl QueueTarget for NbdQueue {
         self.start_request(io, IoBuf::None)
     }
 
-    fn complete(
-        &mut self,
-        io: &IoDesc,
-        _: IoBuf,
-        step: u16,
-        res: i32,
-        ring: &mut dyn Ring,
-    ) -> Outcome {
-        let tag = io.tag;
-        let (kind, generation) = split_step(step);
+    fn complete(&mut self, done: Completion, ring: &mut dyn Ring) -> Outcome {
+        let Owner::Request(io, _) = done.owner else {
+            self.target_completed(done.step, done.res, ring);
+            return Outcome::Queued;
+        };
+        let (tag, res) = (io.tag, done.res);
+        let (kind, generation) = split_step(done.step);
         self.tags.sqe_completed(tag);
         match kind {
             STEP_SEND => {
@@ -356,7 +353,9 @@ impl QueueTarget for NbdQueue {
             STEP_PAYLOAD => {
                 self.recv.sqe_completed();
                 if self.conn.current(generation) {
-                    let r = self.recv.done(Some(tag), res, &self.conn, &mut self.tags);
+                    let r = self
+                        .recv
+                        .done(Some(tag), res, &self.conn, &mut self.tags, ring);
                     self.settle_replies(ring);
                     if let Err(b) = r {
                         self.broken(b, ring);
@@ -368,13 +367,21 @@ impl QueueTarget for NbdQueue {
         self.tags.take_result_if_idle(tag)
     }
 
-    fn event(&mut self, step: u16, res: i32, ring: &mut dyn Ring) {
+    fn end_turn(&mut self, ring: &mut dyn Ring) {
+        self.kick(ring);
+    }
+}
+
+impl NbdQueue {
+    /// A completion of the target's own SQEs (`Ring::push_event`): the staging receive,
+    /// the reconnect wake-up, the timers.
+    fn target_completed(&mut self, step: u16, res: i32, ring: &mut dyn Ring) {
         let (kind, generation) = split_step(step);
         match kind {
             EVENT_RECV => {
                 self.recv.sqe_completed();
                 if self.conn.current(generation) {
-                    let r = self.recv.done(None, res, &self.conn, &mut self.tags);
+                    let r = self.recv.done(None, res, &self.conn, &mut self.tags, ring);
                     self.settle_replies(ring);
                     if let Err(b) = r {
                         self.broken(b, ring);
@@ -386,9 +393,5 @@ impl QueueTarget for NbdQueue {
             EVENT_ABORT => self.abort_timer(ring),
             _ => {}
         }
-    }
-
-    fn end_turn(&mut self, ring: &mut dyn Ring) {
-        self.kick(ring);
     }
 }

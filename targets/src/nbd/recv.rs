@@ -73,9 +73,9 @@ fn recv_failure(res: i32, expected: usize, conn: &Connection) -> String {
 
 /// Whether a payload can be copied from `rbuf` into the buffer `buf`: always, but into
 /// the request's own pages only with user copy.
-fn can_stage(buf: Option<IoBuf>, user_copy: Option<(libc::c_int, u16)>) -> bool {
+fn can_stage(buf: Option<IoBuf>, user_copy: bool) -> bool {
     match buf {
-        Some(IoBuf::Pages { .. }) => user_copy.is_some(),
+        Some(IoBuf::Pages { .. }) => user_copy,
         _ => true,
     }
 }
@@ -83,7 +83,7 @@ fn can_stage(buf: Option<IoBuf>, user_copy: Option<(libc::c_int, u16)>) -> bool 
 /// Whether request `io` in `buf` is a read whose payload is received straight into its
 /// buffer, never through `rbuf`: a large one, or one whose buffer `rbuf` cannot be
 /// copied into.
-pub(super) fn is_direct(io: &IoDesc, buf: IoBuf, user_copy: Option<(libc::c_int, u16)>) -> bool {
+pub(super) fn is_direct(io: &IoDesc, buf: IoBuf, user_copy: bool) -> bool {
     matches!(io.op, BlockOp::Read)
         && io.len > 0
         && (!can_stage(Some(buf), user_copy) || io.len as usize >= DIRECT_MIN)
@@ -100,15 +100,14 @@ pub(super) struct Receiver {
     rhave: usize,
     /// The read whose payload is being received.
     partial: Option<u16>,
-    /// `/dev/ublkcN` and this queue's id, when payloads may be copied into requests'
-    /// own pages (user copy).
-    user_copy: Option<(libc::c_int, u16)>,
+    /// The queue copies payloads into requests' own pages (user copy).
+    user_copy: bool,
     /// The requests answered by the last receive, for the queue to settle.
     replies: Vec<Reply>,
 }
 
 impl Receiver {
-    pub(super) fn new(user_copy: Option<(libc::c_int, u16)>) -> Self {
+    pub(super) fn new(user_copy: bool) -> Self {
         Receiver {
             item: None,
             inflight: 0,
@@ -224,57 +223,34 @@ impl Receiver {
         }
     }
 
-    /// Copies `rbuf[at..at + len]` into `tag`'s buffer at its payload offset `got`.
-    fn copy_in(&self, conn: &Connection, tags: &mut Tags, tag: u16, at: usize, len: usize) {
-        let t = tags.get(tag);
-        let got = t.got;
-        let src = &self.rbuf[at..at + len];
-        let ok = match t.buf {
-            Some(IoBuf::User { addr, .. }) => {
-                // SAFETY: the request's buffer holds io.len bytes (checked at start) and
-                // got + len <= io.len; it is daemon memory that nothing else writes while
-                // the request is in this target.
-                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), addr.add(got), len) };
-                true
-            }
-            Some(IoBuf::Fixed { addr, .. }) => {
-                // SAFETY: as above, for the registered arena slot of the request.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(src.as_ptr(), (addr as *mut u8).add(got), len)
-                };
-                true
-            }
-            Some(IoBuf::Pages { .. }) => match self.user_copy {
-                Some((fd, qid)) => {
-                    let pos = crate::user_copy_pos(qid, tag, got as u32);
-                    // SAFETY: writes `len` bytes from a live buffer to the ublk char
-                    // device, which copies them into the request's pages.
-                    let n = unsafe { libc::pwrite(fd, src.as_ptr().cast(), len, pos as i64) };
-                    if n != len as isize {
-                        let why = if n < 0 {
-                            io::Error::last_os_error().to_string()
-                        } else {
-                            format!("{n} of {len} bytes")
-                        };
-                        log::error!(
-                            "{}: tag {tag}: copying the read payload into the request failed: {why}",
-                            conn.uri
-                        );
-                    }
-                    n == len as isize
-                }
-                None => false,
-            },
-            _ => false,
-        };
-        if !ok {
+    /// Copies `rbuf[at..at + len]` into `tag`'s buffer at its payload offset `got`
+    /// (the queue's copy: no SQE of the request writes there, a staged read has none).
+    fn copy_in(
+        &self,
+        conn: &Connection,
+        tags: &mut Tags,
+        tag: u16,
+        (at, len): (usize, usize),
+        ring: &mut dyn Ring,
+    ) {
+        let got = tags.get(tag).got;
+        if let Err(e) = ring.copy_to_request(tag, got, &self.rbuf[at..at + len]) {
+            log::error!(
+                "{}: tag {tag}: copying the read payload into the request failed: {e}",
+                conn.uri
+            );
             tags.get_mut(tag).copy_failed = true;
         }
     }
 
     /// Handles what `rbuf` holds: payload for the read in progress, then every
     /// complete reply; keeps a partial header.
-    fn replies_received(&mut self, conn: &Connection, tags: &mut Tags) -> Result<(), Broken> {
+    fn replies_received(
+        &mut self,
+        conn: &Connection,
+        tags: &mut Tags,
+        ring: &mut dyn Ring,
+    ) -> Result<(), Broken> {
         let mut pos = 0;
         loop {
             if let Some(tag) = self.partial {
@@ -287,7 +263,7 @@ impl Receiver {
                         let why = "read payload bytes in the staging buffer";
                         return Err(Broken::Lost(why.into()));
                     }
-                    self.copy_in(conn, tags, tag, pos, n);
+                    self.copy_in(conn, tags, tag, (pos, n), ring);
                     tags.get_mut(tag).got += n;
                     pos += n;
                 }
@@ -335,8 +311,8 @@ impl Receiver {
         ring: &mut dyn Ring,
     ) -> Result<(), Broken> {
         let full = || Broken::Failed("the ring is full: cannot post a receive".into());
-        // A zero-copy registration, the poll and the receive.
-        if !ring.reserve(3) {
+        // The poll and the receive of one request (or one receive into `rbuf`).
+        if !ring.reserve(2, 1) {
             return Err(full());
         }
         let generation = conn.generation();
@@ -396,6 +372,7 @@ impl Receiver {
         res: i32,
         conn: &Connection,
         tags: &mut Tags,
+        ring: &mut dyn Ring,
     ) -> Result<(), Broken> {
         let Some(item) = self.item.take() else {
             let why = "a receive completion nobody waited for";
@@ -410,7 +387,7 @@ impl Receiver {
                     return Err(Broken::Lost(recv_failure(res, len, conn)));
                 }
                 self.rhave += res as usize;
-                self.replies_received(conn, tags)
+                self.replies_received(conn, tags, ring)
             }
             (RecvItem::Payload(want), Some(tag)) if want == tag => {
                 let len = tags.get(tag).io.map_or(0, |io| io.len as usize);

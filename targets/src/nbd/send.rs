@@ -100,9 +100,6 @@ pub(super) struct SendChain {
     record_limit: u64,
     /// Send SQEs in flight, of any connection: the next chain waits for zero.
     inflight: u32,
-    /// `/dev/ublkcN` and this queue's id, when payloads may be copied out of requests'
-    /// own pages (user copy).
-    user_copy: Option<(libc::c_int, u16)>,
 }
 
 impl SendChain {
@@ -110,13 +107,15 @@ impl SendChain {
         depth: usize,
         payload_sends: PayloadSends,
         pace: Pace,
-        user_copy: Option<(libc::c_int, u16)>,
+        // The queue copies payloads out of requests' own pages (user copy): small ones
+        // are staged in `wstage`.
+        user_copy: bool,
     ) -> Self {
         SendChain {
             headers: vec![[0; proto::REQUEST_LEN]; depth],
             queue: VecDeque::with_capacity(depth),
             segs: Segments::new(2 * MAX_CHAIN, MAX_CHAIN + 1),
-            wstage: vec![0u8; if user_copy.is_some() { STAGE_LEN } else { 0 }].into_boxed_slice(),
+            wstage: vec![0u8; if user_copy { STAGE_LEN } else { 0 }].into_boxed_slice(),
             expect: VecDeque::with_capacity(2 * MAX_CHAIN + 1),
             payload_sends,
             pace,
@@ -127,7 +126,6 @@ impl SendChain {
                 Pace::OneByOne { record_limit } => record_limit,
             },
             inflight: 0,
-            user_copy,
         }
     }
 
@@ -206,8 +204,8 @@ impl SendChain {
             return self.push_part(i, conn, tags, ring);
         }
         let n = self.queue.len().min(MAX_CHAIN);
-        // Per request at most a SENDMSG and a SEND_ZC, plus the queue's registration.
-        if n == 0 || !ring.reserve(3 * n + 1) {
+        // Per request at most a SENDMSG and a SEND_ZC (the queue adds its registrations).
+        if n == 0 || !ring.reserve(2 * n + 1, n) {
             return Ok(());
         }
         self.segs.list.clear();
@@ -241,7 +239,7 @@ impl SendChain {
                 Some(IoBuf::User { addr, .. }) => Some(addr),
                 Some(IoBuf::Fixed { addr, .. }) => Some(addr as *mut u8),
                 Some(IoBuf::Pages { .. }) => {
-                    stage_payload(&mut self.wstage[staged..], self.user_copy, tag, payload)
+                    stage_payload(&mut self.wstage[staged..], ring, tag, payload)
                         .inspect(|_| staged += payload)
                 }
                 _ => None,
@@ -338,8 +336,8 @@ impl SendChain {
         tags: &mut Tags,
         ring: &mut dyn Ring,
     ) -> Result<(), Broken> {
-        // The send and a zero-copy registration in front of it.
-        if !ring.reserve(2) {
+        // The send, of one request's bytes.
+        if !ring.reserve(1, 1) {
             return Ok(());
         }
         let more = if i + 1 < self.segs.list.len() {

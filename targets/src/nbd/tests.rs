@@ -5,7 +5,10 @@
 use super::NbdTarget;
 use crate::test_ring::{decode, TestRing};
 use crate::Target;
-use crate::{dispatch, BlockOp, IoBuf, IoDesc, IoFlags, Outcome, QueueContext, QueueTarget};
+use crate::{
+    dispatch, BlockOp, Completion, IoBuf, IoDesc, IoFlags, Outcome, Owner, QueueContext,
+    QueueTarget,
+};
 use io_uring::types;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -46,7 +49,7 @@ impl Harness {
                 qid: 0,
                 depth: DEPTH,
                 first_file: 0,
-                user_copy_fd: None,
+                user_copy: false,
             })
             .unwrap();
         q.start(&mut ring);
@@ -80,6 +83,8 @@ impl Harness {
             _ => IoBuf::None,
         };
         self.done.remove(&tag);
+        // `data` stays in `bufs`, untouched, until the request is finished.
+        self.ring.lend(tag, buf);
         match dispatch(self.q.as_mut(), &io, buf, &mut self.ring) {
             Outcome::Done(r) => {
                 self.done.insert(tag, r);
@@ -127,12 +132,19 @@ impl Harness {
                 .collect();
             for (ud, res) in cqes {
                 let (event, step, tag) = decode(ud);
+                let owner = if event {
+                    Owner::Target
+                } else {
+                    let (io, buf) = self.inflight[&tag];
+                    Owner::Request(io, buf)
+                };
+                let out = self
+                    .q
+                    .complete(Completion { owner, step, res }, &mut self.ring);
                 if event {
-                    self.q.event(step, res, &mut self.ring);
                     continue;
                 }
-                let (io, buf) = self.inflight[&tag];
-                match self.q.complete(&io, buf, step, res, &mut self.ring) {
+                match out {
                     Outcome::Done(r) => {
                         self.inflight.remove(&tag);
                         self.done.insert(tag, r);

@@ -3,12 +3,12 @@
 //!
 //! librbd calls back on its own threads; the callback adds the result to this queue's
 //! [`Completions`] and signals its eventfd. A read of that eventfd is always in flight on
-//! the queue's ring ([`Ring::push_event`]); when it completes, [`RbdQueue::event`] takes
+//! the queue's ring ([`Ring::push_event`]); when it completes, [`RbdQueue::complete`] takes
 //! the results, finishes their requests ([`Ring::finish`]) and reads the eventfd again.
 //! A FUA write is finished only after a flush that follows it.
 
 use super::rados::{AioOp, Completions, Image};
-use crate::{IoBuf, IoDesc, Outcome, QueueTarget, Ring};
+use crate::{Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring};
 use io_uring::{opcode, types};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -204,10 +204,16 @@ impl QueueTarget for RbdQueue {
         self.start(io.tag, STAGE_MAIN, op)
     }
 
-    fn event(&mut self, step: u16, res: i32, ring: &mut dyn Ring) {
-        if step != EVENT_DONE {
-            return;
+    /// The eventfd read ([`Owner::Target`]) completed: librbd reported requests. (The
+    /// target pushes no SQE for a request.)
+    fn complete(&mut self, c: Completion, ring: &mut dyn Ring) -> Outcome {
+        if let Owner::Request(..) = c.owner {
+            return Outcome::Done(c.res);
         }
+        if c.step != EVENT_DONE {
+            return Outcome::Queued;
+        }
+        let res = c.res;
         let mut done = std::mem::take(&mut self.done);
         self.sink.take(&mut done);
         for (id, r) in done.drain(..) {
@@ -215,7 +221,7 @@ impl QueueTarget for RbdQueue {
         }
         self.done = done;
         if res == -libc::ECANCELED {
-            return; // the queue is ending
+            return Outcome::Queued; // the queue is ending
         }
         if res < 0 {
             log::warn!(
@@ -225,6 +231,7 @@ impl QueueTarget for RbdQueue {
             );
         }
         self.arm(ring);
+        Outcome::Queued
     }
 }
 

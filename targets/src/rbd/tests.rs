@@ -4,7 +4,9 @@
 use super::rados::ConnectOptions;
 use super::{RbdOptions, RbdTarget};
 use crate::test_ring::{decode, TestRing};
-use crate::{dispatch, BlockOp, IoBuf, IoDesc, IoFlags, Outcome, QueueContext, Target};
+use crate::{
+    dispatch, BlockOp, Completion, IoBuf, IoDesc, IoFlags, Outcome, Owner, QueueContext, Target,
+};
 use std::time::{Duration, Instant};
 
 fn target(image: &str) -> RbdTarget {
@@ -51,7 +53,12 @@ fn finish(q: &mut dyn crate::QueueTarget, ring: &mut TestRing, tag: u16) -> i32 
         for cqe in cqes {
             let (event, step, _) = decode(cqe.user_data());
             assert!(event, "the rbd queue pushes only its eventfd read");
-            q.event(step, cqe.result(), ring);
+            let done = Completion {
+                owner: Owner::Target,
+                step,
+                res: cqe.result(),
+            };
+            q.complete(done, ring);
         }
     }
 }
@@ -66,7 +73,7 @@ fn requests_finish_through_the_eventfd() {
         qid: 0,
         depth: 4,
         first_file: 0,
-        user_copy_fd: None,
+        user_copy: false,
     };
     let mut q = t.queue(ctx).unwrap();
     let mut ring = TestRing::new(8);
