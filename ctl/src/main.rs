@@ -175,6 +175,10 @@ enum AddTarget {
         /// Map the image read-only.
         #[arg(long)]
         read_only: bool,
+        /// Seconds a request waits for its OSD before it fails with EIO; also the
+        /// longest `del` waits for requests an unreachable cluster holds.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
+        osd_timeout: u32,
         #[command(flatten)]
         common: CommonAddArgs,
     },
@@ -273,6 +277,7 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
             user,
             keyring,
             read_only,
+            osd_timeout,
             common,
         } => (
             TargetSpec::Rbd {
@@ -281,6 +286,7 @@ fn add_request(target: AddTarget) -> Result<AddDevice> {
                 user: Some(user),
                 keyring: keyring.as_deref().map(absolute_utf8).transpose()?,
                 read_only,
+                osd_timeout: Some(osd_timeout),
             },
             common,
         ),
@@ -524,6 +530,7 @@ mod tests {
                 user: Some("u".into()),
                 keyring: Some("/k".into()),
                 read_only: false,
+                osd_timeout: Some(60),
             }
         );
         assert_eq!((req.id, req.queues), (Some(5), Some(2)));

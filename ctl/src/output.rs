@@ -70,6 +70,7 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
             user,
             keyring,
             read_only,
+            osd_timeout,
         }) => {
             let mut rows = vec![
                 ("image", image.clone()),
@@ -83,6 +84,7 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
                 rows.push(("keyring", k.clone()));
             }
             rows.push(("read only", read_only.to_string()));
+            rows.push(("osd op timeout", format!("{} s", osd_timeout.unwrap_or(60))));
             rows
         }
         Some(TargetSpec::Nbd {

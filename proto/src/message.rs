@@ -157,6 +157,11 @@ pub enum TargetSpec {
         /// Map read-only (a snapshot always is).
         #[serde(default, skip_serializing_if = "is_false")]
         read_only: bool,
+        /// Seconds a request waits for its OSD before it fails with EIO (librados'
+        /// `rados_osd_op_timeout`, at least 1); 60 when left out. Also bounds how long
+        /// `del` waits for requests an unreachable cluster holds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        osd_timeout: Option<u32>,
     },
     /// Exports a regular file or a block device.
     Loop {

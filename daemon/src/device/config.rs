@@ -178,7 +178,23 @@ pub(super) fn build_target(spec: &TargetSpec, geometry: &Geometry) -> Result<Arc
             user,
             keyring,
             read_only,
-        } => rbd_target(image, conf, user, keyring, *read_only, block_size),
+            osd_timeout,
+        } => {
+            let osd_timeout = match osd_timeout {
+                None => RBD_OSD_TIMEOUT,
+                Some(0) => bail!("--osd-timeout must be at least 1 s: librados' 0 would let a request wait forever"),
+                Some(s) => Duration::from_secs(u64::from(*s)),
+            };
+            rbd_target(
+                image,
+                conf,
+                user,
+                keyring,
+                *read_only,
+                osd_timeout,
+                block_size,
+            )
+        }
         TargetSpec::Nbd {
             uri,
             reconnect_timeout,
@@ -202,6 +218,7 @@ fn rbd_target(
     user: &Option<String>,
     keyring: &Option<String>,
     read_only: bool,
+    osd_timeout: Duration,
     block_size: u32,
 ) -> Result<Arc<dyn Target>> {
     use ublkd_targets::rbd::rados::ConnectOptions;
@@ -213,7 +230,7 @@ fn rbd_target(
             user: user.clone().unwrap_or_else(|| DEFAULT_USER.into()),
             keyring: keyring.clone(),
             mon_timeout: RBD_MON_TIMEOUT,
-            osd_timeout: RBD_OSD_TIMEOUT,
+            osd_timeout,
         },
         read_only,
         block_size,
@@ -224,8 +241,8 @@ fn rbd_target(
 /// How long `add rbd` waits for the monitors (and each monitor command).
 #[cfg(feature = "rbd")]
 const RBD_MON_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an rbd request waits for its OSD before it fails with EIO.
-#[cfg(feature = "rbd")]
+/// How long an rbd request waits for its OSD before it fails with EIO, unless the
+/// device says (`--osd-timeout`).
 const RBD_OSD_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[cfg(not(feature = "rbd"))]
@@ -235,6 +252,7 @@ fn rbd_target(
     _: &Option<String>,
     _: &Option<String>,
     _: bool,
+    _: Duration,
     _: u32,
 ) -> Result<Arc<dyn Target>> {
     bail!("this ublkd was built without the rbd target (cargo feature rbd, which needs librbd-dev); rebuild it with the feature")
@@ -447,6 +465,7 @@ mod tests {
             user: None,
             keyring: None,
             read_only: false,
+            osd_timeout: None,
         };
         let choose = |m| choose_buffer_for(&rbd, m, &all, 128);
         assert_eq!(choose(None).unwrap(), BufferMode::Copy);

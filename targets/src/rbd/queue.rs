@@ -138,7 +138,7 @@ impl RbdQueue {
                 self.qid,
                 -res
             );
-            return ring.finish(tag, res.clamp(i64::from(i32::MIN), -1) as i32);
+            return ring.finish(tag, device_errno(res));
         }
         if stage == STAGE_MAIN && t.fua {
             if let Outcome::Done(e) = self.start(tag, STAGE_FUA_FLUSH, AioOp::Flush) {
@@ -147,6 +147,17 @@ impl RbdQueue {
             return;
         }
         ring.finish(tag, t.len as i32);
+    }
+}
+
+/// The result a request fails with for librbd's error `res` (< 0). An OSD that did not
+/// answer within the OSD timeout is ETIMEDOUT in librados, which the block layer would
+/// hand to applications as ETIMEDOUT; a disk that cannot reach its data is an IO error
+/// (EIO), as with every other target. The rest pass as they are (ENOSPC, EROFS...).
+fn device_errno(res: i64) -> i32 {
+    match res.clamp(i64::from(i32::MIN), -1) as i32 {
+        e if e == -libc::ETIMEDOUT => -libc::EIO,
+        e => e,
     }
 }
 
@@ -261,6 +272,13 @@ impl Drop for RbdQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_osd_timeout_is_an_io_error() {
+        assert_eq!(device_errno(-i64::from(libc::ETIMEDOUT)), -libc::EIO);
+        assert_eq!(device_errno(-i64::from(libc::ENOSPC)), -libc::ENOSPC);
+        assert_eq!(device_errno(i64::MIN), i32::MIN);
+    }
 
     #[test]
     fn request_ids_round_trip() {
