@@ -269,6 +269,124 @@ fn an_osd_pause_during_fio_is_invisible() {
     d.del(&dev);
 }
 
+/// Resumes the shared cluster's OSD when dropped, also when a test fails half-way: the
+/// tests after it need the cluster.
+struct ResumeOsd(&'static ceph::Cluster);
+
+impl Drop for ResumeOsd {
+    fn drop(&mut self) {
+        self.0.pause_osd(false);
+    }
+}
+
+/// With the OSD stopped, a write waits for it; `del --force` of the device returns
+/// within a bound set by the device's --osd-timeout (the request fails with EIO once it
+/// passes, the queue drains, librbd closes the image), the daemon serves another device
+/// meanwhile, and once the OSD resumes the image maps again with its data.
+#[test]
+fn del_while_the_osd_is_unreachable() {
+    use std::time::{Duration, Instant};
+    let c = cluster();
+    c.create_image("unreach", "8M");
+    let d = Daemon::start("rbd-unreach");
+    let dev = add_rbd(&d, "rbd/unreach", &["--osd-timeout", "3"]);
+    let id = dev_id(&dev);
+    let show = d.show_json(id);
+    assert!(
+        show["target_details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|kv| kv[0] == "osd op timeout" && kv[1] == "3 s"),
+        "{show}"
+    );
+    let other = d.add(&["null", "--size", "16M"]);
+    let before = pattern(61, 64 << 10);
+    write_direct(&dev, &before);
+
+    let _resume = ResumeOsd(c);
+    c.pause_osd(true);
+    let start = Instant::now();
+    let writer = {
+        let dev = dev.clone();
+        std::thread::spawn(move || {
+            let f = OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&dev)
+                .unwrap();
+            let r = f.write_all_at(AlignedBuf::new(&pattern(62, 64 << 10)).as_slice(), 0);
+            (r, start.elapsed())
+        })
+    };
+    let inflight = |show: &serde_json::Value| {
+        show["queue_stats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| q["inflight"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    while inflight(&d.show_json(id)) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "the write never reached ublkd: {}",
+            d.show_json(id)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let del_start = Instant::now();
+    let (out, del_time) = std::thread::scope(|s| {
+        let del = s.spawn(|| {
+            let out = d.ctl(&["del", "--force", &id.to_string()]);
+            (out, del_start.elapsed())
+        });
+        // The other device serves while the delete waits on the cluster.
+        let data = pattern(63, 1 << 20);
+        write_direct(&other, &data);
+        assert!(
+            read_direct(&other, 1 << 20) == data,
+            "the null device lost data"
+        );
+        assert!(!del.is_finished(), "del did not wait for the stuck request");
+        del.join().unwrap()
+    });
+    let (write, write_time) = writer.join().unwrap();
+    eprintln!(
+        "rbd del with the OSD stopped (--osd-timeout 3): del {del_time:?}, the write ended after {write_time:?} with {write:?}"
+    );
+    assert!(
+        out.status.success(),
+        "del failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    assert_eq!(
+        write.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EIO)),
+        "the stuck write did not fail with EIO"
+    );
+    assert!(
+        del_time < Duration::from_secs(20),
+        "del took {del_time:?}:\n{}",
+        d.log_text()
+    );
+    assert!(
+        !std::path::Path::new(&dev).exists(),
+        "{dev} is still there after del"
+    );
+    assert_eq!(d.list_json().len(), 1, "{:?}", d.list_json());
+
+    drop(_resume);
+    let again = add_rbd(&d, "rbd/unreach", &["--read-only"]);
+    assert!(
+        read_direct(&again, 64 << 10) == before,
+        "the image lost what was written before the OSD stopped"
+    );
+    d.del(&again);
+    d.del(&other);
+}
+
 /// `rbd resize` alone resizes the device: ublkd watches the image and follows a grow
 /// and a shrink (the shrink with a warning in the log) within a few seconds, with no
 /// ublkctl command. `show` and `list` say the new size, and IO at the new end works.
