@@ -279,8 +279,9 @@ impl Drop for ResumeOsd {
     }
 }
 
-/// With the OSD stopped, a read waits for it (a write would not: after the first flush
-/// librbd's cache takes writes back); `del --force` of the device returns within a
+/// With the OSD stopped, a FUA write (O_DSYNC) waits for it: its flush does (a plain
+/// write goes to librbd's write-back cache, a read may come from that cache or, for
+/// what was never written, from the object map). `del --force` of the device returns within a
 /// bound set by the device's --osd-timeout (the request fails with EIO once it
 /// passes, the queue drains, librbd closes the image), the daemon serves another device
 /// meanwhile, and once the OSD resumes the image maps again with its data.
@@ -308,16 +309,15 @@ fn del_while_the_osd_is_unreachable() {
     let _resume = ResumeOsd(c);
     c.pause_osd(true);
     let start = Instant::now();
-    let reader = {
+    let writer = {
         let dev = dev.clone();
         std::thread::spawn(move || {
             let f = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
+                .write(true)
+                .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
                 .open(&dev)
                 .unwrap();
-            let mut buf = AlignedBuf::zeroed(64 << 10);
-            let r = f.read_exact_at(buf.as_mut_slice(), 4 << 20);
+            let r = f.write_all_at(AlignedBuf::new(&pattern(62, 64 << 10)).as_slice(), 1 << 20);
             (r, start.elapsed())
         })
     };
@@ -332,7 +332,7 @@ fn del_while_the_osd_is_unreachable() {
     while inflight(&d.show_json(id)) == 0 {
         assert!(
             start.elapsed() < Duration::from_secs(2),
-            "the read never reached ublkd: {}",
+            "the write never reached ublkd: {}",
             d.show_json(id)
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -353,9 +353,9 @@ fn del_while_the_osd_is_unreachable() {
         assert!(!del.is_finished(), "del did not wait for the stuck request");
         del.join().unwrap()
     });
-    let (read, read_time) = reader.join().unwrap();
+    let (write, write_time) = writer.join().unwrap();
     eprintln!(
-        "rbd del with the OSD stopped (--osd-timeout 3): del {del_time:?}, the read ended after {read_time:?} with {read:?}"
+        "rbd del with the OSD stopped (--osd-timeout 3): del {del_time:?}, the write ended after {write_time:?} with {write:?}"
     );
     assert!(
         out.status.success(),
@@ -364,9 +364,9 @@ fn del_while_the_osd_is_unreachable() {
         d.log_text()
     );
     assert_eq!(
-        read.as_ref().map_err(|e| e.raw_os_error()),
+        write.as_ref().map_err(|e| e.raw_os_error()),
         Err(Some(libc::EIO)),
-        "the stuck read did not fail with EIO"
+        "the stuck write did not fail with EIO"
     );
     assert!(
         del_time < Duration::from_secs(20),
