@@ -1,7 +1,7 @@
 //! A watch on an image's header (`rbd_update_watch`): librbd calls back whenever the
 //! image changes outside this handle (`rbd resize`, a snapshot taken), on a thread of
 //! its own. The callback only runs the caller's `notice`, which must return at once
-//! (the daemon's queues the device's id for a thread of ublkd's).
+//! (the daemon's notice sends the device's id to a thread of ublkd's).
 //!
 //! The callback's argument is a box that the watch owns. Dropping the watch first
 //! unregisters it (`rbd_update_unwatch` returns only once a callback under way has
