@@ -226,7 +226,7 @@ fn bad_certificates_and_plaintext_servers_make_no_device() {
         "--uri",
         "nbds://127.0.0.1:10955/?tls-psk-file=/k",
     ]);
-    assert!(line.contains("TLS-PSK is not supported yet"), "{line}");
+    assert!(line.contains("cannot read the PSK file /k"), "{line}");
     assert!(d.list_json().is_empty(), "{:?}", d.list_json());
 }
 

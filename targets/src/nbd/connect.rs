@@ -9,7 +9,6 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
@@ -146,11 +145,12 @@ impl<S: Stream> io::Write for Bounded<'_, S> {
 /// Runs the handshake on `s` until `deadline`, then hands the socket over. With `tls`
 /// (nbds), NBD_OPT_STARTTLS and the TLS handshake come first, the options go over TLS,
 /// and then the session goes to the kernel (TCP, `ktls.rs`) or the queue gets its end
-/// of the session's relay (Unix sockets, `relay.rs`).
+/// of the session's relay (Unix sockets, `relay.rs`). A pre-shared key's session runs
+/// in OpenSSL (`psk.rs`) and goes to the kernel the same way; it has no relay.
 fn negotiate<S: Stream>(
     s: S,
     uri: &NbdUri,
-    tls: Option<(Arc<rustls::ClientConfig>, &uri::TlsParams)>,
+    tls: Option<(tls::Client, &uri::TlsParams)>,
     deadline: Instant,
     abort: &AtomicBool,
 ) -> Result<Negotiated, NbdError> {
@@ -165,7 +165,7 @@ fn negotiate<S: Stream>(
     };
     let mut b = Bounded { s, deadline, abort };
     let greeting = proto::greet(&mut b).map_err(hs)?;
-    let Some((config, params)) = tls else {
+    let Some((client, params)) = tls else {
         let info = proto::options(&mut b, &uri.export, greeting).map_err(hs)?;
         b.s.set_timeouts(None)
             .map_err(|source| NbdError::Connect { uri: u, source })?;
@@ -176,6 +176,28 @@ fn negotiate<S: Stream>(
         });
     };
     proto::starttls(&mut b, greeting).map_err(hs)?;
+    let config = match client {
+        tls::Client::X509(config) => config,
+        tls::Client::Psk(c) if S::KTLS => {
+            let mut session = c.handshake(&mut b).map_err(tls_err)?;
+            let info = proto::options(&mut session.stream, &uri.export, greeting).map_err(hs)?;
+            let session = session.into_session().map_err(tls_err)?;
+            b.s.set_timeouts(None).map_err(|source| NbdError::Connect {
+                uri: u.clone(),
+                source,
+            })?;
+            let session = ktls::install(b.s.as_fd(), &session)
+                .map_err(|e| tls_err(tls::TlsError::Kernel(e)))?;
+            let how = format!("kernel TLS (kTLS), {session}, pre-shared key");
+            log::info!("{u}: {how}");
+            return Ok(Negotiated {
+                sock: b.s.into(),
+                info,
+                tls: Some(how),
+            });
+        }
+        tls::Client::Psk(_) => return Err(tls_err(tls::TlsError::PskUnix)),
+    };
     let mut conn = tls::connection(config, params, &uri.address).map_err(tls_err)?;
     tls::handshake(&mut conn, &mut b).map_err(tls_err)?;
     let info = match proto::options(
@@ -228,12 +250,11 @@ pub(super) fn connect_one(uri: &NbdUri, abort: &AtomicBool) -> Result<Negotiated
     // Credentials are read before connecting: a missing file needs no server to tell.
     let tls = match &uri.tls {
         Some(params) => {
-            let config =
-                tls::client_config(params, &uri.address).map_err(|source| NbdError::Tls {
-                    uri: uri.to_string(),
-                    source,
-                })?;
-            Some((config, params))
+            let client = tls::client(params, &uri.address).map_err(|source| NbdError::Tls {
+                uri: uri.to_string(),
+                source,
+            })?;
+            Some((client, params))
         }
         None => None,
     };

@@ -35,6 +35,7 @@ mod connect;
 mod fixed_send;
 mod ktls;
 pub mod proto;
+mod psk;
 mod queue;
 mod recv;
 mod relay;
