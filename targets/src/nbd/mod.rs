@@ -36,6 +36,7 @@ mod fixed_send;
 mod ktls;
 pub mod proto;
 mod psk;
+mod psk_relay;
 mod queue;
 mod recv;
 mod relay;
@@ -113,7 +114,7 @@ impl NbdTarget {
         reconnect_timeout: Duration,
     ) -> Result<Self, NbdError> {
         let u = uri.to_string();
-        let no_abort = AtomicBool::new(false);
+        let no_abort = Arc::new(AtomicBool::new(false));
         let first = connect_one(uri, &no_abort)?;
         let (info, tls) = (first.info, first.tls);
         if connections > 1 && !info.has(proto::TFLAG_CAN_MULTI_CONN) {

@@ -22,7 +22,7 @@ use openssl::md::Md;
 use openssl::pkey::Id;
 use openssl::pkey_ctx::{HkdfMode, PkeyCtx};
 use openssl::ssl::{
-    ErrorCode, HandshakeError, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions,
+    ErrorCode, HandshakeError, Ssl, SslContext, SslContextBuilder, SslMethod, SslMode, SslOptions,
     SslStream, SslVerifyMode, SslVersion,
 };
 use std::io::{self, Read, Write};
@@ -159,6 +159,8 @@ pub fn connector(file: &Path, user: Option<&str>) -> Result<Connector, TlsError>
     // One record read at a time: what the stream counts is what OpenSSL processed.
     b.set_read_ahead(false);
     b.set_options(SslOptions::NO_TICKET);
+    // Partial writes that may be retried from a moved buffer (the relay's).
+    b.set_mode(SslMode::ACCEPT_MOVING_WRITE_BUFFER | SslMode::ENABLE_PARTIAL_WRITE);
     // The server proves itself with the key. A server that ignores it and shows a
     // certificate instead fails verification (no CA is trusted here); `handshake`
     // checks that the key was used, too.

@@ -43,8 +43,6 @@ pub enum TlsError {
         user: String,
         why: &'static str,
     },
-    #[error("TLS-PSK over a Unix socket (nbds+unix://) is not supported: its session would need a relay in OpenSSL, which ublkd does not have; use nbds://HOST:PORT, or tls-certificates=DIR")]
-    PskUnix,
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -109,9 +107,6 @@ pub fn client(params: &TlsParams, address: &Address) -> Result<Client, TlsError>
     match &params.creds {
         TlsCreds::X509 { dir } => client_config(params, dir, address).map(Client::X509),
         TlsCreds::Psk { file, username } => {
-            if matches!(address, Address::Unix(_)) {
-                return Err(TlsError::PskUnix);
-            }
             super::psk::connector(file, username.as_deref()).map(Client::Psk)
         }
     }

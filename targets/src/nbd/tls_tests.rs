@@ -29,7 +29,8 @@ fn nbdkit_tls(listen: Listen, server_dir: &std::path::Path, extra: &[&str]) -> S
 }
 
 fn connect(uri: &str) -> Result<(OwnedFd, ExportInfo), NbdError> {
-    connect_one(&uri.parse().unwrap(), &AtomicBool::new(false)).map(|n| (n.sock, n.info))
+    let abort = std::sync::Arc::new(AtomicBool::new(false));
+    connect_one(&uri.parse().unwrap(), &abort).map(|n| (n.sock, n.info))
 }
 
 /// Writes a block and reads it back over the connection's socket.
@@ -378,14 +379,33 @@ fn psk_errors_are_one_clear_line() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("the server does not offer TLS"), "{e}");
-    // Over a Unix socket: refused before connecting.
-    let e = connect(&format!(
-        "nbds+unix:///?socket={dir}/none.sock&tls-psk-file={file}"
-    ))
-    .unwrap_err()
-    .to_string();
-    assert!(
-        e.contains("TLS-PSK over a Unix socket (nbds+unix://) is not supported"),
-        "{e}"
+}
+
+/// Over a Unix socket the PSK session stays in OpenSSL, in its relay: the queue's end
+/// serves the export; the server going away ends the queue's end.
+#[test]
+fn psk_over_a_unix_socket_serves_the_export() {
+    let dir = format!("/tmp/ublkd-psk-unix-{}", std::process::id());
+    let (file, _) = psk_file(&dir);
+    let sock = format!("{dir}/nbd.sock");
+    let psk = format!("--tls-psk={file}");
+    let mut server = Server::nbdkit_memory(
+        Listen::Unix(sock.clone()),
+        "16M",
+        &["--tls=require", psk.as_str()],
+    );
+    let uri = format!("nbds+unix:///?socket={sock}&tls-psk-file={file}&tls-username=alice");
+    let (fd, info) = connect(&uri).unwrap();
+    assert_eq!(info.size, 16 << 20);
+    let mut s = UnixStream::from(fd);
+    write_and_read(s.try_clone().unwrap().into());
+    server.kill();
+    let mut rest = Vec::new();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(
+        s.read_to_end(&mut rest).unwrap(),
+        0,
+        "the relay ends with the server"
     );
 }
