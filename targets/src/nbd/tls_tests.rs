@@ -409,3 +409,28 @@ fn psk_over_a_unix_socket_serves_the_export() {
         "the relay ends with the server"
     );
 }
+
+/// qemu-nbd with `tls-creds-psk` (DIR/keys.psk), over a Unix socket (the relay) and
+/// with the default user, qemu's own default.
+#[test]
+fn qemu_nbd_over_tls_psk() {
+    let dir = format!("/tmp/ublkd-psk-qemu-{}", std::process::id());
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = format!("{dir}/disk.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let keys = format!("{dir}/keys.psk");
+    std::fs::write(&keys, format!("qemu:{}\n", "5a".repeat(32))).unwrap();
+    let creds = format!("tls-creds-psk,id=tls0,endpoint=server,dir={dir}");
+    let server = Server::qemu_nbd_with(
+        Listen::Unix(format!("{dir}/nbd.sock")),
+        &file,
+        &["--object", &creds, "--tls-creds", "tls0"],
+    );
+    let uri = server.uri.replacen("nbd+unix", "nbds+unix", 1) + &format!("&tls-psk-file={keys}");
+    let (fd, info) = connect(&uri).unwrap();
+    assert_eq!(info.size, 16 << 20);
+    write_and_read(fd);
+}
