@@ -544,3 +544,46 @@ fn nbdkit_tls_psk_over_a_unix_socket() {
     assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
     d.del(&dev);
 }
+
+/// TLS-PSK against qemu-nbd's `tls-creds-psk` (DIR/keys.psk) over TCP: the default user
+/// `qemu`, the session in the kernel, a verify job; then a copy of the key file without
+/// that user is one line naming the user and the file, and no device.
+#[test]
+fn qemu_nbd_tls_psk_over_kernel_tls() {
+    require_ublk();
+    let dir = "/tmp/nbd-qemu-psk";
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let (file, _) = psk_file("nbd-qemu-psk");
+    std::fs::copy(&file, format!("{dir}/keys.psk")).unwrap();
+    let image = "/tmp/nbd-qemu-psk.img";
+    std::fs::File::create(image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let creds = format!("tls-creds-psk,id=tls0,endpoint=server,dir={dir}");
+    let _server = Server::qemu_nbd_with(
+        Listen::Tcp(10985),
+        image,
+        &["--object", &creds, "--tls-creds", "tls0"],
+    );
+    let d = Daemon::start("nbd-tls-qemu-psk");
+    let uri = format!("nbds://127.0.0.1:10985/disk?tls-psk-file={file}");
+    let dev = d.add(&["nbd", "--uri", &uri]);
+    check_tls_path(&d, &dev, "tcp", "pre-shared key");
+    fio(&verify_job(&dev, "randwrite", "4k", "4M", 16));
+    let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
+    assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
+    d.del(&dev);
+
+    let only_alice = "/tmp/nbd-qemu-psk-alice.psk";
+    let alice = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(only_alice, alice.lines().next().unwrap()).unwrap();
+    let uri = format!("nbds://127.0.0.1:10985/disk?tls-psk-file={only_alice}");
+    let line = d.ctl_err(&["add", "nbd", "--uri", &uri]);
+    assert!(
+        line.contains("has no key for user 'qemu'") && line.contains(only_alice),
+        "{line}"
+    );
+    assert!(d.list_json().is_empty(), "{:?}", d.list_json());
+}
