@@ -25,19 +25,27 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("{program}: {e}"));
-        let s = Server { child, uri };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut s = Server { child, uri };
+        // Generous: a server that starts in a second here once took over 20 s in the
+        // VM on a busy host.
+        let started = Instant::now();
         loop {
             let up = match &listen {
                 Listen::Tcp(port) => TcpStream::connect(("127.0.0.1", *port)).is_ok(),
                 Listen::Unix(path) => UnixStream::connect(path).is_ok(),
             };
             if up {
+                if started.elapsed() > Duration::from_secs(5) {
+                    eprintln!("{program} took {:?} to listen", started.elapsed());
+                }
                 return s;
             }
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("{program} {args:?} exited before listening: {status}");
+            }
             assert!(
-                Instant::now() < deadline,
-                "{program} did not start listening"
+                started.elapsed() < Duration::from_secs(60),
+                "{program} {args:?} did not start listening in 60 s"
             );
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -145,7 +145,7 @@ fn multi_conn_with_two_queues() {
         "--rw=randwrite".into(),
         "--bs=4k".into(),
         "--iodepth=16".into(),
-        "--size=64M".into(),
+        "--size=16M".into(),
         "--verify=crc32c".into(),
         "--do_verify=1".into(),
         "--verify_fatal=1".into(),
@@ -412,7 +412,8 @@ fn server_restart_within_the_timeout_is_invisible() {
     let d = Daemon::start("nbd-restart");
     let dev = add_nbd(&d, &server.uri, &["--reconnect-timeout", "30"]);
     let fio_dev = dev.clone();
-    let job = std::thread::spawn(move || verify(&fio_dev, "96M"));
+    // 64 MiB: fio is still writing or verifying when the server dies 1.5 s in.
+    let job = std::thread::spawn(move || verify(&fio_dev, "64M"));
     std::thread::sleep(Duration::from_millis(1500));
     server.kill();
     std::thread::sleep(Duration::from_secs(2));
@@ -677,8 +678,8 @@ fn reads_with_and_without_user_copy() {
                 .filter_map(|f| f.as_str())
                 .collect();
             assert_eq!(flags.contains(&"USER_COPY"), user_copy, "{mode}: {show}");
-            verify(&dev, "8M");
-            fio(&verify_job(&dev, "randwrite", "512-256k", "8M", 16));
+            verify(&dev, "4M");
+            fio(&verify_job(&dev, "randwrite", "512-256k", "4M", 16));
             let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
             assert_eq!(q["errors"].as_u64(), Some(0), "{mode}: {q}");
             d.del(&dev);

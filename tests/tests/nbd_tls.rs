@@ -1,8 +1,9 @@
 //! Real-kernel tests of the nbd target over TLS (nbds://, nbds+unix://) against nbdkit and
 //! qemu-nbd with certificates made at test time. Over TCP the session is in the kernel
 //! (kTLS, the guest loads net/tls/tls.ko): `show` says so and /proc/net/tls_stat counts
-//! the sockets; over a Unix socket it is in ublkd's relay (rustls). They run inside the
-//! test VM (tests/run-vm-tests.sh); without /dev/ublk-control they fail.
+//! the sockets; over a Unix socket it is in ublkd's relay (rustls; OpenSSL for a
+//! pre-shared key). They run inside the test VM (tests/run-vm-tests.sh); without
+//! /dev/ublk-control they fail.
 
 use std::path::Path;
 use std::time::Duration;
@@ -226,7 +227,7 @@ fn bad_certificates_and_plaintext_servers_make_no_device() {
         "--uri",
         "nbds://127.0.0.1:10955/?tls-psk-file=/k",
     ]);
-    assert!(line.contains("TLS-PSK is not supported yet"), "{line}");
+    assert!(line.contains("cannot read the PSK file /k"), "{line}");
     assert!(d.list_json().is_empty(), "{:?}", d.list_json());
 }
 
@@ -444,4 +445,145 @@ fn a_key_update_after_the_hand_off_reconnects() {
     let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
     assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
     d.del(&dev);
+}
+
+/// A PSK file as psktool writes it: `alice` and `qemu` (the default user) with keys of
+/// their own; returns its path and alice's key in hex.
+fn psk_file(name: &str) -> (String, String) {
+    let key = |seed: u64| -> String {
+        pattern(seed, 32)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let (alice, qemu) = (key(1), key(2));
+    let path = format!("/tmp/{name}.psk");
+    std::fs::write(&path, format!("alice:{alice}\nqemu:{qemu}\n")).unwrap();
+    (path, alice)
+}
+
+fn nbdkit_psk(file: &str, port: u16) -> Server {
+    let psk = format!("--tls-psk={file}");
+    Server::nbdkit_memory(Listen::Tcp(port), "64M", &["--tls=require", &psk])
+}
+
+/// TLS-PSK against nbdkit `--tls-psk`: a wrong key is one line and no device; the user
+/// from the URI's userinfo and the default user `qemu` each get a device whose session
+/// is in the kernel (OpenSSL's handshake, then our hand-off: `psk.rs`) and passes a
+/// verify job; the key is nowhere in `list`, `show` or the log; a restarted server is
+/// reconnected to with a new PSK handshake.
+#[test]
+fn nbdkit_tls_psk_over_kernel_tls() {
+    require_ublk();
+    let (file, key) = psk_file("nbd-psk");
+    let mut server = nbdkit_psk(&file, 10980);
+    let d = Daemon::start("nbd-tls-psk");
+
+    let wrong = "/tmp/nbd-psk-wrong.psk";
+    std::fs::write(wrong, format!("alice:{}\n", "ab".repeat(32))).unwrap();
+    let line = d.ctl_err(&[
+        "add",
+        "nbd",
+        "--uri",
+        &format!("nbds://alice@127.0.0.1:10980/?tls-psk-file={wrong}"),
+    ]);
+    assert!(
+        line.contains("the server refused the TLS-PSK handshake")
+            && line.contains("user 'alice' in /tmp/nbd-psk-wrong.psk"),
+        "{line}"
+    );
+    assert!(d.list_json().is_empty(), "{:?}", d.list_json());
+
+    let uri = format!("nbds://alice@127.0.0.1:10980/?tls-psk-file={file}");
+    let dev = d.add(&["nbd", "--uri", &uri, "--reconnect-timeout", "30"]);
+    check_tls_path(&d, &dev, "tcp", "TLS 1.3, AES-128-GCM, pre-shared key");
+    verify(&dev, "8M");
+    let default_user = format!("nbds://127.0.0.1:10980/?tls-psk-file={file}");
+    let dev2 = d.add(&["nbd", "--uri", &default_user]);
+    check_tls_path(&d, &dev2, "tcp", "pre-shared key");
+    fio(&verify_job(&dev2, "randwrite", "4k", "4M", 16));
+
+    // The server restarts: the next requests wait for a reconnect, which makes a new
+    // PSK handshake.
+    server.kill();
+    server = nbdkit_psk(&file, 10980);
+    fio(&verify_job(&dev, "randwrite", "4k", "4M", 16));
+    let log = d.log_text();
+    assert!(log.contains("reconnected"), "{log}");
+    for dev in [&dev, &dev2] {
+        let q = &d.show_json(dev_id(dev))["queue_stats"][0];
+        assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
+    }
+    let shown = format!("{:?} {}", d.list_json(), d.show_json(dev_id(&dev)));
+    assert!(shown.contains("tls-psk-file=/tmp/nbd-psk.psk"), "{shown}");
+    assert!(shown.contains("tls-username=alice"), "{shown}");
+    assert!(
+        !shown.contains(&key) && !log.contains(&key),
+        "the key is shown"
+    );
+    d.del(&dev);
+    d.del(&dev2);
+    drop(server);
+}
+
+/// TLS-PSK over a Unix socket: the session stays in OpenSSL, in ublkd's relay.
+#[test]
+fn nbdkit_tls_psk_over_a_unix_socket() {
+    require_ublk();
+    let (file, _) = psk_file("nbd-psk-unix");
+    let sock = "/tmp/nbd-psk.sock";
+    let psk = format!("--tls-psk={file}");
+    let _server = Server::nbdkit_memory(Listen::Unix(sock.into()), "64M", &["--tls=require", &psk]);
+    let d = Daemon::start("nbd-tls-psk-unix");
+    let uri = format!("nbds+unix:///?socket={sock}&tls-psk-file={file}&tls-username=alice");
+    let dev = d.add(&["nbd", "--uri", &uri]);
+    let tls = detail(&d, &dev, "tls");
+    assert!(tls.contains("pre-shared key, relayed by ublkd"), "{tls}");
+    verify(&dev, "4M");
+    let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
+    assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
+    d.del(&dev);
+}
+
+/// TLS-PSK against qemu-nbd's `tls-creds-psk` (DIR/keys.psk) over TCP: the default user
+/// `qemu`, the session in the kernel, a verify job; then a copy of the key file without
+/// that user is one line naming the user and the file, and no device.
+#[test]
+fn qemu_nbd_tls_psk_over_kernel_tls() {
+    require_ublk();
+    let dir = "/tmp/nbd-qemu-psk";
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let (file, _) = psk_file("nbd-qemu-psk");
+    std::fs::copy(&file, format!("{dir}/keys.psk")).unwrap();
+    let image = "/tmp/nbd-qemu-psk.img";
+    std::fs::File::create(image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let creds = format!("tls-creds-psk,id=tls0,endpoint=server,dir={dir}");
+    let _server = Server::qemu_nbd_with(
+        Listen::Tcp(10985),
+        image,
+        &["--object", &creds, "--tls-creds", "tls0"],
+    );
+    let d = Daemon::start("nbd-tls-qemu-psk");
+    let uri = format!("nbds://127.0.0.1:10985/disk?tls-psk-file={file}");
+    let dev = d.add(&["nbd", "--uri", &uri]);
+    check_tls_path(&d, &dev, "tcp", "pre-shared key");
+    fio(&verify_job(&dev, "randwrite", "4k", "4M", 16));
+    let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
+    assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
+    d.del(&dev);
+
+    let only_alice = "/tmp/nbd-qemu-psk-alice.psk";
+    let alice = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(only_alice, alice.lines().next().unwrap()).unwrap();
+    let uri = format!("nbds://127.0.0.1:10985/disk?tls-psk-file={only_alice}");
+    let line = d.ctl_err(&["add", "nbd", "--uri", &uri]);
+    assert!(
+        line.contains("has no key for user 'qemu'") && line.contains(only_alice),
+        "{line}"
+    );
+    assert!(d.list_json().is_empty(), "{:?}", d.list_json());
 }

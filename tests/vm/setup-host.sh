@@ -15,6 +15,7 @@ set -euo pipefail
 #   util-linux             blkdiscard (+ flock, used by kernel.sh)
 #   mount                  losetup (bookworm ships losetup in "mount", not util-linux)
 #   libclang-dev           bindgen for the Rust build
+#   libssl-dev, pkg-config OpenSSL for the nbd target's TLS-PSK (crate openssl)
 #   nbdkit, qemu-utils     NBD servers for the nbd target's tests (nbdkit, qemu-nbd)
 #   nbd-client             the kernel NBD client, for the nbd benchmark
 #   debian-archive-keyring trixie keys, used to verify trixie-backports
@@ -28,7 +29,7 @@ set -euo pipefail
 #   rbd-nbd                the rbd-nbd mapper, for the rbd benchmark
 readonly PACKAGES=(
     qemu-system-x86 busybox-static fio cpio xz-utils e2fsprogs util-linux mount
-    libclang-dev debian-archive-keyring apt coreutils nbdkit qemu-utils nbd-client
+    libclang-dev libssl-dev pkg-config debian-archive-keyring apt coreutils nbdkit qemu-utils nbd-client
     mmdebstrap systemd man-db librbd-dev librados-dev ceph-mon ceph-osd ceph-common rbd-nbd
 )
 

@@ -587,9 +587,6 @@ mod tests {
         )
         .err()
         .unwrap();
-        assert!(
-            e.to_string().contains("TLS-PSK is not supported yet"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("cannot read the PSK file /k"), "{e}");
     }
 }

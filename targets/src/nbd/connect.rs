@@ -3,7 +3,7 @@
 
 use super::proto::{self, ExportInfo, HandshakeError};
 use super::uri::{self, Address, NbdUri};
-use super::{ktls, relay, tls};
+use super::{ktls, psk, psk_relay, relay, tls};
 use std::io;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, OwnedFd};
@@ -62,11 +62,12 @@ pub(super) struct Negotiated {
 }
 
 /// A connected stream the handshake can run on with timeouts.
-trait Stream: io::Read + io::Write + Into<OwnedFd> + AsFd {
+trait Stream: io::Read + io::Write + Into<OwnedFd> + AsFd + Send + Sized + 'static {
     /// Whether kernel TLS can take the session (TCP; Unix sockets have none).
     const KTLS: bool;
 
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()>;
+    fn try_clone(&self) -> io::Result<Self>;
 }
 
 impl Stream for TcpStream {
@@ -74,6 +75,9 @@ impl Stream for TcpStream {
     fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
+    }
+    fn try_clone(&self) -> io::Result<Self> {
+        TcpStream::try_clone(self)
     }
 }
 
@@ -83,6 +87,9 @@ impl Stream for UnixStream {
         self.set_read_timeout(t)?;
         self.set_write_timeout(t)
     }
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
 }
 
 /// How often a handshake that is waiting for the server checks `abort`.
@@ -90,15 +97,21 @@ const HANDSHAKE_POLL: Duration = Duration::from_millis(100);
 
 /// A stream whose reads and writes fail once `deadline` has passed or `abort` is set:
 /// connecting and the whole handshake share one deadline, however slowly the server
-/// trickles its bytes, and deleting the device stops a reconnect's handshake.
-struct Bounded<'a, S> {
+/// trickles its bytes, and deleting the device stops a reconnect's handshake. Once
+/// `relaying` (a PSK relay's session, after the handshake), reads and writes go
+/// straight to the socket.
+struct Bounded<S> {
     s: S,
     deadline: Instant,
-    abort: &'a AtomicBool,
+    abort: Arc<AtomicBool>,
+    relaying: bool,
 }
 
-impl<S: Stream> Bounded<'_, S> {
+impl<S: Stream> Bounded<S> {
     fn run<T>(&mut self, mut op: impl FnMut(&mut S) -> io::Result<T>) -> io::Result<T> {
+        if self.relaying {
+            return op(&mut self.s);
+        }
         loop {
             if self.abort.load(Ordering::Acquire) {
                 return Err(io::Error::other("the device is being deleted"));
@@ -128,13 +141,13 @@ impl<S: Stream> Bounded<'_, S> {
     }
 }
 
-impl<S: Stream> io::Read for Bounded<'_, S> {
+impl<S: Stream> io::Read for Bounded<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.run(|s| s.read(buf))
     }
 }
 
-impl<S: Stream> io::Write for Bounded<'_, S> {
+impl<S: Stream> io::Write for Bounded<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.run(|s| s.write(buf))
     }
@@ -143,16 +156,36 @@ impl<S: Stream> io::Write for Bounded<'_, S> {
     }
 }
 
+impl<S: Stream> psk_relay::RelayIo for Bounded<S> {
+    fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.s.as_fd().as_raw_fd()
+    }
+
+    fn relay(&mut self) -> io::Result<()> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        use std::os::fd::AsRawFd;
+        self.relaying = true;
+        self.s.set_timeouts(None)?;
+        let fd = self.s.as_fd().as_raw_fd();
+        let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+        fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        Ok(())
+    }
+}
+
 /// Runs the handshake on `s` until `deadline`, then hands the socket over. With `tls`
 /// (nbds), NBD_OPT_STARTTLS and the TLS handshake come first, the options go over TLS,
 /// and then the session goes to the kernel (TCP, `ktls.rs`) or the queue gets its end
-/// of the session's relay (Unix sockets, `relay.rs`).
+/// of the session's relay (Unix sockets, `relay.rs`). A pre-shared key's session runs
+/// in OpenSSL (`psk.rs`) and goes to the kernel the same way, or to its own relay
+/// (`psk_relay.rs`).
 fn negotiate<S: Stream>(
     s: S,
     uri: &NbdUri,
-    tls: Option<(Arc<rustls::ClientConfig>, &uri::TlsParams)>,
+    tls: Option<(tls::Client, &uri::TlsParams)>,
     deadline: Instant,
-    abort: &AtomicBool,
+    abort: &Arc<AtomicBool>,
 ) -> Result<Negotiated, NbdError> {
     let u = uri.to_string();
     let hs = |source| NbdError::Handshake {
@@ -163,9 +196,14 @@ fn negotiate<S: Stream>(
         uri: u.clone(),
         source,
     };
-    let mut b = Bounded { s, deadline, abort };
+    let mut b = Bounded {
+        s,
+        deadline,
+        abort: abort.clone(),
+        relaying: false,
+    };
     let greeting = proto::greet(&mut b).map_err(hs)?;
-    let Some((config, params)) = tls else {
+    let Some((client, params)) = tls else {
         let info = proto::options(&mut b, &uri.export, greeting).map_err(hs)?;
         b.s.set_timeouts(None)
             .map_err(|source| NbdError::Connect { uri: u, source })?;
@@ -176,6 +214,10 @@ fn negotiate<S: Stream>(
         });
     };
     proto::starttls(&mut b, greeting).map_err(hs)?;
+    let config = match client {
+        tls::Client::X509(config) => config,
+        tls::Client::Psk(c) => return negotiate_psk(b, &c, uri, greeting),
+    };
     let mut conn = tls::connection(config, params, &uri.address).map_err(tls_err)?;
     tls::handshake(&mut conn, &mut b).map_err(tls_err)?;
     let info = match proto::options(
@@ -218,8 +260,57 @@ fn negotiate<S: Stream>(
     })
 }
 
+/// The rest of a TLS-PSK negotiation on `b`, after NBD_OPT_STARTTLS: OpenSSL's
+/// handshake and the options on a handle of the socket that OpenSSL owns, then the
+/// session to the kernel on the other handle (TCP) or to its relay (Unix sockets).
+fn negotiate_psk<S: Stream>(
+    b: Bounded<S>,
+    c: &psk::Connector,
+    uri: &NbdUri,
+    greeting: proto::Greeting,
+) -> Result<Negotiated, NbdError> {
+    let u = uri.to_string();
+    let tls_err = |source| NbdError::Tls {
+        uri: u.clone(),
+        source,
+    };
+    let connect_err = |source| NbdError::Connect {
+        uri: u.clone(),
+        source,
+    };
+    let sock = b.s.try_clone().map_err(connect_err)?;
+    let mut session = c.handshake(b).map_err(tls_err)?;
+    let info = proto::options(&mut session.stream, &uri.export, greeting).map_err(|source| {
+        NbdError::Handshake {
+            uri: u.clone(),
+            source,
+        }
+    })?;
+    if !S::KTLS {
+        let relayed = psk_relay::start(session.stream).map_err(tls_err)?;
+        let how = "OpenSSL, pre-shared key, relayed by ublkd (a Unix socket has no kernel TLS)";
+        return Ok(Negotiated {
+            sock: relayed,
+            info,
+            tls: Some(how.into()),
+        });
+    }
+    // Ends the OpenSSL session and closes its handle.
+    let keys = session.into_session().map_err(tls_err)?;
+    sock.set_timeouts(None).map_err(connect_err)?;
+    let session =
+        ktls::install(sock.as_fd(), &keys).map_err(|e| tls_err(tls::TlsError::Kernel(e)))?;
+    let how = format!("kernel TLS (kTLS), {session}, pre-shared key");
+    log::info!("{u}: {how}");
+    Ok(Negotiated {
+        sock: sock.into(),
+        info,
+        tls: Some(how),
+    })
+}
+
 /// Connects and negotiates within CONNECT_TIMEOUT in all; gives up when `abort` is set.
-pub(super) fn connect_one(uri: &NbdUri, abort: &AtomicBool) -> Result<Negotiated, NbdError> {
+pub(super) fn connect_one(uri: &NbdUri, abort: &Arc<AtomicBool>) -> Result<Negotiated, NbdError> {
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     let connect_err = |source| NbdError::Connect {
         uri: uri.to_string(),
@@ -228,12 +319,11 @@ pub(super) fn connect_one(uri: &NbdUri, abort: &AtomicBool) -> Result<Negotiated
     // Credentials are read before connecting: a missing file needs no server to tell.
     let tls = match &uri.tls {
         Some(params) => {
-            let config =
-                tls::client_config(params, &uri.address).map_err(|source| NbdError::Tls {
-                    uri: uri.to_string(),
-                    source,
-                })?;
-            Some((config, params))
+            let client = tls::client(params, &uri.address).map_err(|source| NbdError::Tls {
+                uri: uri.to_string(),
+                source,
+            })?;
+            Some((client, params))
         }
         None => None,
     };
@@ -313,7 +403,7 @@ mod tests {
         // Trickling: every read gets a byte in time, the handshake as a whole does not.
         let uri = slow_server(CONNECT_TIMEOUT.as_secs() + 5, false);
         let started = Instant::now();
-        let err = connect_one(&uri, &AtomicBool::new(false))
+        let err = connect_one(&uri, &Arc::new(AtomicBool::new(false)))
             .unwrap_err()
             .to_string();
         let took = started.elapsed();

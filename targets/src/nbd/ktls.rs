@@ -1,5 +1,6 @@
-//! Kernel TLS (kTLS) for nbds:// over TCP: once rustls has made the handshake and the
-//! NBD options have gone through it, the session's keys and sequence numbers go to the
+//! Kernel TLS (kTLS) for nbds:// over TCP: once rustls (or for a pre-shared key OpenSSL,
+//! `psk.rs`) has made the handshake and the NBD options have gone through it, the
+//! session's keys and sequence numbers go to the
 //! kernel (TCP_ULP "tls", then SOL_TLS TLS_TX and TLS_RX), and the queue's io_uring sends
 //! and receives plaintext on the TCP socket itself: the kernel encrypts and decrypts.
 //!
@@ -19,7 +20,6 @@
 //! Unix sockets have no kTLS (TCP_ULP is TCP's): nbds+unix:// goes through the relay
 //! (`relay.rs`).
 
-use rustls::crypto::cipher::{AeadKey, Iv};
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -59,20 +59,105 @@ pub enum KtlsError {
     Extract(String),
 }
 
-/// A session's version and cipher, as `show` and the log name them.
-pub fn describe(version: Option<ProtocolVersion>, secrets: &ConnectionTrafficSecrets) -> String {
-    let v = match version {
-        Some(ProtocolVersion::TLSv1_3) => "TLS 1.3",
-        Some(ProtocolVersion::TLSv1_2) => "TLS 1.2",
-        _ => "TLS",
+/// An AEAD cipher kernel TLS takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cipher {
+    Aes128Gcm,
+    Aes256Gcm,
+    Chacha20Poly1305,
+}
+
+impl Cipher {
+    pub fn name(self) -> &'static str {
+        match self {
+            Cipher::Aes128Gcm => "AES-128-GCM",
+            Cipher::Aes256Gcm => "AES-256-GCM",
+            Cipher::Chacha20Poly1305 => "ChaCha20-Poly1305",
+        }
+    }
+}
+
+/// One direction's traffic keys and the sequence number of its next record, from
+/// whichever TLS library made the handshake (rustls here, OpenSSL in `psk.rs`).
+pub struct DirKeys {
+    pub key: Vec<u8>,
+    /// The 12-byte static iv (for AES-GCM the 4-byte salt, then the nonce part).
+    pub iv: Vec<u8>,
+    pub seq: u64,
+}
+
+impl Drop for DirKeys {
+    fn drop(&mut self) {
+        // Key material does not outlive its use (best effort: not a volatile write).
+        self.key.fill(0);
+        self.iv.fill(0);
+    }
+}
+
+/// A session ready for the kernel: version, cipher, and both directions' keys.
+pub struct Session {
+    pub tls13: bool,
+    pub cipher: Cipher,
+    pub tx: DirKeys,
+    pub rx: DirKeys,
+}
+
+impl Session {
+    /// The version and cipher, as `show` and the log name them.
+    pub fn describe(&self) -> String {
+        let v = if self.tls13 { "TLS 1.3" } else { "TLS 1.2" };
+        format!("{v}, {}", self.cipher.name())
+    }
+}
+
+/// The session rustls made, once it holds nothing the kernel would miss.
+fn from_rustls(mut conn: rustls::ClientConnection) -> Result<Session, KtlsError> {
+    let tls13 = match conn.protocol_version() {
+        Some(ProtocolVersion::TLSv1_3) => true,
+        Some(ProtocolVersion::TLSv1_2) => false,
+        _ => return Err(KtlsError::Cipher),
     };
-    let c = match secrets {
-        ConnectionTrafficSecrets::Aes128Gcm { .. } => "AES-128-GCM",
-        ConnectionTrafficSecrets::Aes256Gcm { .. } => "AES-256-GCM",
-        ConnectionTrafficSecrets::Chacha20Poly1305 { .. } => "ChaCha20-Poly1305",
-        _ => "unknown cipher",
+    if conn.wants_write() {
+        return Err(KtlsError::Extract(
+            "rustls still has records to send".into(),
+        ));
+    }
+    // Decrypted bytes nobody asked for would be lost: the server sends nothing after
+    // NBD_OPT_GO's reply until it gets a request.
+    match io::Read::read(&mut conn.reader(), &mut [0u8; 1]) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        _ => {
+            let why = "the server sent more than the reply to NBD_OPT_GO";
+            return Err(KtlsError::Extract(why.into()));
+        }
+    }
+    let secrets = conn
+        .dangerous_extract_secrets()
+        .map_err(|e| KtlsError::Extract(e.to_string()))?;
+    let split = |(seq, s): &(u64, ConnectionTrafficSecrets)| -> Result<_, KtlsError> {
+        let (cipher, key, iv) = match s {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                (Cipher::Chacha20Poly1305, key, iv)
+            }
+            _ => return Err(KtlsError::Cipher),
+        };
+        let keys = DirKeys {
+            key: key.as_ref().to_vec(),
+            iv: iv.as_ref().to_vec(),
+            seq: *seq,
+        };
+        Ok((cipher, keys))
     };
-    format!("{v}, {c}")
+    let (cipher, tx) = split(&secrets.tx)?;
+    let (_, rx) = split(&secrets.rx)?;
+    Ok(Session {
+        tls13,
+        cipher,
+        tx,
+        rx,
+    })
 }
 
 /// `struct tls12_crypto_info_aes_gcm_128`, `_aes_gcm_256` and `_chacha20_poly1305`: the
@@ -89,7 +174,7 @@ struct CryptoInfo<const IV: usize, const KEY: usize, const SALT: usize> {
 }
 
 impl<const IV: usize, const KEY: usize, const SALT: usize> CryptoInfo<IV, KEY, SALT> {
-    fn new(version: u16, cipher_type: u16, key: &AeadKey, iv: &[u8], seq: u64) -> Option<Self> {
+    fn new(version: u16, cipher_type: u16, key: &[u8], iv: &[u8], seq: u64) -> Option<Self> {
         let mut c = CryptoInfo {
             version,
             cipher_type,
@@ -98,11 +183,11 @@ impl<const IV: usize, const KEY: usize, const SALT: usize> CryptoInfo<IV, KEY, S
             salt: [0; SALT],
             rec_seq: seq.to_be_bytes(),
         };
-        // rustls' iv is the salt (4 bytes for AES-GCM) followed by the nonce part.
-        if key.as_ref().len() != KEY || iv.len() != SALT + IV {
+        // The TLS iv is the salt (4 bytes for AES-GCM) followed by the nonce part.
+        if key.len() != KEY || iv.len() != SALT + IV {
             return None;
         }
-        c.key.copy_from_slice(key.as_ref());
+        c.key.copy_from_slice(key);
         c.salt.copy_from_slice(&iv[..SALT]);
         c.iv.copy_from_slice(&iv[SALT..]);
         Some(c)
@@ -158,80 +243,61 @@ fn set_keys(
     fd: BorrowedFd<'_>,
     dir: libc::c_int,
     version: u16,
-    seq: u64,
-    secrets: &ConnectionTrafficSecrets,
+    cipher: Cipher,
+    keys: &DirKeys,
 ) -> Result<(), (io::Error, &'static str)> {
     let bad = || (io::Error::from_raw_os_error(libc::EINVAL), "");
     let gcm = "; the kernel needs the modules `gcm` and `ctr` (and `aesni_intel` for speed)";
-    match secrets {
-        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
-            let iv = nonce(dir, version, iv, seq);
+    let (key, seq) = (keys.key.as_slice(), keys.seq);
+    match cipher {
+        Cipher::Aes128Gcm => {
+            let iv = nonce(dir, version, &keys.iv, seq);
             CryptoInfo::<8, 16, 4>::new(version, TLS_CIPHER_AES_GCM_128, key, &iv, seq)
                 .ok_or_else(bad)?
                 .set(fd, dir)
                 .map_err(|e| (e, gcm))
         }
-        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
-            let iv = nonce(dir, version, iv, seq);
+        Cipher::Aes256Gcm => {
+            let iv = nonce(dir, version, &keys.iv, seq);
             CryptoInfo::<8, 32, 4>::new(version, TLS_CIPHER_AES_GCM_256, key, &iv, seq)
                 .ok_or_else(bad)?
                 .set(fd, dir)
                 .map_err(|e| (e, gcm))
         }
-        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => CryptoInfo::<12, 32, 0>::new(
-            version,
-            TLS_CIPHER_CHACHA20_POLY1305,
-            key,
-            iv.as_ref(),
-            seq,
-        )
-        .ok_or_else(bad)?
-        .set(fd, dir)
-        .map_err(|e| (e, "; the kernel needs the module `chacha20poly1305`")),
-        _ => Err((io::Error::from_raw_os_error(libc::EOPNOTSUPP), "")),
-    }
-}
-
-/// The iv handed to the kernel for AES-GCM: rustls' own, but for TLS 1.2 TX see
-/// `tls12_tx_nonce`.
-fn nonce(dir: libc::c_int, version: u16, iv: &Iv, seq: u64) -> Vec<u8> {
-    if dir == TLS_TX && version == TLS_1_2_VERSION {
-        tls12_tx_nonce(iv.as_ref(), seq)
-    } else {
-        iv.as_ref().to_vec()
-    }
-}
-
-/// Hands the session `conn` (handshake done, options over) to the kernel on the TCP
-/// socket `fd`; returns what `describe` says of it.
-pub fn hand_off(
-    fd: BorrowedFd<'_>,
-    mut conn: rustls::ClientConnection,
-) -> Result<String, KtlsError> {
-    let version = conn.protocol_version();
-    let v = match version {
-        Some(ProtocolVersion::TLSv1_3) => TLS_1_3_VERSION,
-        Some(ProtocolVersion::TLSv1_2) => TLS_1_2_VERSION,
-        _ => return Err(KtlsError::Cipher),
-    };
-    if conn.wants_write() {
-        return Err(KtlsError::Extract(
-            "rustls still has records to send".into(),
-        ));
-    }
-    // Decrypted bytes nobody asked for would be lost: the server sends nothing after
-    // NBD_OPT_GO's reply until it gets a request.
-    match io::Read::read(&mut conn.reader(), &mut [0u8; 1]) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        _ => {
-            let why = "the server sent more than the reply to NBD_OPT_GO";
-            return Err(KtlsError::Extract(why.into()));
+        Cipher::Chacha20Poly1305 => {
+            CryptoInfo::<12, 32, 0>::new(version, TLS_CIPHER_CHACHA20_POLY1305, key, &keys.iv, seq)
+                .ok_or_else(bad)?
+                .set(fd, dir)
+                .map_err(|e| (e, "; the kernel needs the module `chacha20poly1305`"))
         }
     }
-    let secrets = conn
-        .dangerous_extract_secrets()
-        .map_err(|e| KtlsError::Extract(e.to_string()))?;
-    let session = describe(version, &secrets.tx.1);
+}
+
+/// The iv handed to the kernel for AES-GCM: the session's own, but for TLS 1.2 TX see
+/// `tls12_tx_nonce`.
+fn nonce(dir: libc::c_int, version: u16, iv: &[u8], seq: u64) -> Vec<u8> {
+    if dir == TLS_TX && version == TLS_1_2_VERSION {
+        tls12_tx_nonce(iv, seq)
+    } else {
+        iv.to_vec()
+    }
+}
+
+/// Hands the session rustls made in `conn` (handshake done, options over) to the kernel
+/// on the TCP socket `fd`; returns what `Session::describe` says of it.
+pub fn hand_off(fd: BorrowedFd<'_>, conn: rustls::ClientConnection) -> Result<String, KtlsError> {
+    install(fd, &from_rustls(conn)?)
+}
+
+/// Hands `session` to the kernel on the TCP socket `fd`: TCP_ULP "tls", then the send
+/// and receive keys; returns what `Session::describe` says of it.
+pub fn install(fd: BorrowedFd<'_>, session: &Session) -> Result<String, KtlsError> {
+    let v = if session.tls13 {
+        TLS_1_3_VERSION
+    } else {
+        TLS_1_2_VERSION
+    };
+    let described = session.describe();
     let ulp = b"tls";
     // SAFETY: setsockopt reads `ulp.len()` bytes from a live byte string.
     let r = unsafe {
@@ -251,13 +317,13 @@ pub fn hand_off(
             KtlsError::Ulp(e)
         });
     }
-    for (dir, name, (seq, s)) in [
-        (TLS_TX, "send", &secrets.tx),
-        (TLS_RX, "receive", &secrets.rx),
+    for (dir, name, keys) in [
+        (TLS_TX, "send", &session.tx),
+        (TLS_RX, "receive", &session.rx),
     ] {
-        set_keys(fd, dir, v, *seq, s).map_err(|(source, hint)| KtlsError::Keys {
+        set_keys(fd, dir, v, session.cipher, keys).map_err(|(source, hint)| KtlsError::Keys {
             dir: name,
-            session: session.clone(),
+            session: described.clone(),
             source,
             hint,
         })?;
@@ -281,7 +347,7 @@ pub fn hand_off(
             log::debug!("TLS_RX_EXPECT_NO_PAD: {}", io::Error::last_os_error());
         }
     }
-    Ok(session)
+    Ok(described)
 }
 
 /// Whether kernel TLS sends and receives on `fd` (getsockopt SOL_TLS TLS_TX works).
@@ -316,7 +382,7 @@ mod tests {
 
     #[test]
     fn aes_gcm_ivs_split_into_salt_and_nonce() {
-        let key = AeadKey::from([7u8; 32]);
+        let key = [7u8; 32];
         let iv: Vec<u8> = (1..=12).collect();
         let c = CryptoInfo::<8, 16, 4>::new(TLS_1_3_VERSION, 51, &key, &iv, 5);
         assert!(c.is_none(), "a 32-byte key is not AES-128's");

@@ -35,6 +35,8 @@ mod connect;
 mod fixed_send;
 mod ktls;
 pub mod proto;
+mod psk;
+mod psk_relay;
 mod queue;
 mod recv;
 mod relay;
@@ -112,7 +114,7 @@ impl NbdTarget {
         reconnect_timeout: Duration,
     ) -> Result<Self, NbdError> {
         let u = uri.to_string();
-        let no_abort = AtomicBool::new(false);
+        let no_abort = Arc::new(AtomicBool::new(false));
         let first = connect_one(uri, &no_abort)?;
         let (info, tls) = (first.info, first.tls);
         if connections > 1 && !info.has(proto::TFLAG_CAN_MULTI_CONN) {

@@ -7,8 +7,9 @@
 //!
 //! Credentials are laid out as qemu and nbdkit lay them out: `tls-certificates=DIR` holds
 //! `ca-cert.pem` (the CA that signs the server's certificate) and, for client
-//! authentication, `client-cert.pem` and `client-key.pem`. TLS-PSK is refused with a
-//! clear error: rustls has no client support for external pre-shared keys.
+//! authentication, `client-cert.pem` and `client-key.pem`. TLS-PSK (`tls-psk-file=FILE`)
+//! runs in OpenSSL instead (`psk.rs`): rustls has no client support for external
+//! pre-shared keys.
 
 use super::uri::{Address, TlsCreds, TlsParams};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -28,8 +29,20 @@ pub const CLIENT_KEY: &str = "client-key.pem";
 
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("TLS-PSK is not supported yet: rustls, the TLS library, has no client support for external pre-shared keys (use tls-certificates=DIR with X.509 certificates)")]
-    PskUnsupported,
+    #[error("cannot read the PSK file {path}: {source}")]
+    PskFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the PSK file {path} has no key for user '{user}' (lines are USERNAME:HEXKEY; the user is tls-username=NAME or the URI's NAME@, by default 'qemu')")]
+    PskUser { path: PathBuf, user: String },
+    #[error("the key of user '{user}' in {path} is bad: {why} (lines are USERNAME:HEXKEY, as psktool writes them)")]
+    PskKey {
+        path: PathBuf,
+        user: String,
+        why: &'static str,
+    },
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -80,16 +93,34 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// The client configuration for `params`: the CA and client certificate are read now,
-/// at every connect, so a reconnect sees renewed files.
-pub fn client_config(params: &TlsParams, address: &Address) -> Result<Arc<ClientConfig>, TlsError> {
-    let dir = match &params.creds {
-        TlsCreds::X509 { dir } => dir,
-        TlsCreds::Psk { .. } => return Err(TlsError::PskUnsupported),
-    };
+/// A connection's TLS client: rustls with X.509 certificates, or OpenSSL with a
+/// pre-shared key.
+#[derive(Debug)]
+pub enum Client {
+    X509(Arc<ClientConfig>),
+    Psk(super::psk::Connector),
+}
+
+/// The client for `params`, with its credentials read now, at every connect, so a
+/// reconnect sees renewed files.
+pub fn client(params: &TlsParams, address: &Address) -> Result<Client, TlsError> {
+    match &params.creds {
+        TlsCreds::X509 { dir } => client_config(params, dir, address).map(Client::X509),
+        TlsCreds::Psk { file, username } => {
+            super::psk::connector(file, username.as_deref()).map(Client::Psk)
+        }
+    }
+}
+
+/// The rustls configuration for the certificates in `dir`.
+fn client_config(
+    params: &TlsParams,
+    dir: &Path,
+    address: &Address,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = provider();
     let cfg_err = |source| TlsError::Config {
-        dir: dir.clone(),
+        dir: dir.into(),
         source,
     };
     let inner = if params.verify_peer {
