@@ -28,6 +28,9 @@
 //!   delivers the request and unregisters them at commit; when it cannot, it says so
 //!   (UBLK_IO_F_NEED_REG_BUF) and the queue registers by hand as in `zc`.
 //!
+//! The ring a target pushes on, the registrations it puts in front, and the copies into
+//! and out of request buffers it makes for targets are in `target_ring`.
+//!
 //! Zero-copy sends (IORING_OP_SEND_ZC) a target pushes complete twice: the result, with
 //! IORING_CQE_F_MORE, goes to the target; the notification (IORING_CQE_F_NOTIF) that the
 //! network no longer holds the buffer stays here. A request whose buffer is still held
@@ -38,6 +41,7 @@ mod commands;
 mod per_tag;
 mod placement;
 mod stats;
+mod target_ring;
 mod uapi;
 mod user_data;
 
@@ -52,10 +56,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use target_ring::{io_buf, TagState, TargetRing};
 use ublkd_proto::BufferMode;
 use ublkd_targets::{
     dispatch, BlockOp, Completion, IoBuf, IoDesc, Outcome, Owner, QueueContext, QueueTarget, Ring,
-    RingFull, Target,
+    Target,
 };
 use user_data::{decode, encode, Kind};
 
@@ -247,22 +252,6 @@ fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Where a tag is in its life.
-#[derive(Debug, Clone, Copy, Default)]
-struct TagState {
-    /// The request being served (between FETCH completion and commit).
-    io: Option<IoDesc>,
-    /// Zero copy: the request's pages must be registered before the target's first SQE.
-    needs_reg: bool,
-    /// Zero copy: the request's pages are registered by us and must be unregistered.
-    registered: bool,
-    /// Zero-copy sends of this request whose notification has not arrived yet.
-    notifs: u32,
-    /// The result of a request the target finished while `notifs` was not 0: committed
-    /// when the last notification arrives.
-    deferred: Option<i32>,
-}
-
 struct Queue {
     // Declared first so it is dropped first: closing the ring cancels every SQE that
     // still points into the buffers, the descriptor table, `wake_buf` or the target's
@@ -333,139 +322,6 @@ fn buf_cmd(op: u32, kind: Kind, qid: u16, tag: u16) -> squeue::Entry {
     uapi::io_cmd_sqe(op, qid, tag, 0, u64::from(tag))
         .user_data(encode(kind, tag, 0))
         .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
-}
-
-/// Where request `io`'s data is: a daemon buffer of `bufs` (copy, fixed) or its own
-/// pages (zc, auto-zc).
-fn io_buf(buffer: BufferMode, bufs: Option<&uapi::BufferArena>, io: &IoDesc) -> IoBuf {
-    let len = io.len as usize;
-    if len == 0 {
-        return IoBuf::None;
-    }
-    match (buffer, bufs.map(|b| b.addr(io.tag))) {
-        (BufferMode::Copy, Some(addr)) => IoBuf::User { addr, len },
-        (BufferMode::Fixed, Some(addr)) => IoBuf::Fixed {
-            addr: addr as u64,
-            index: io.tag,
-            len,
-        },
-        _ => IoBuf::Pages { index: io.tag, len },
-    }
-}
-
-/// The queue ring as targets see it: every SQE gets the Target user_data of its tag, and
-/// in zero-copy mode the first one of a request is preceded by the buffer registration.
-struct TargetRing<'a> {
-    ring: &'a mut IoUring,
-    tags: &'a mut [TagState],
-    /// Requests the target finished with [`Ring::finish`], committed after the call.
-    finished: &'a mut Vec<(u16, i32)>,
-    qid: u16,
-    buffer: BufferMode,
-    bufs: Option<&'a uapi::BufferArena>,
-    /// `/dev/ublkcN` when the device has UBLK_F_USER_COPY.
-    user_copy: Option<RawFd>,
-}
-
-impl TargetRing<'_> {
-    /// The buffer of request `tag`, which must be in flight.
-    fn request_buf(&self, tag: u16) -> io::Result<IoBuf> {
-        match self.tags.get(usize::from(tag)).and_then(|t| t.io) {
-            Some(io) => Ok(io_buf(self.buffer, self.bufs, &io)),
-            None => Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("tag {tag} has no request in flight"),
-            )),
-        }
-    }
-
-    /// Request pages are reached through user copy; no user copy is an error.
-    fn cdev(&self) -> io::Result<RawFd> {
-        self.user_copy.ok_or_else(|| {
-            let why = "the request's pages are not reachable: the device has no user copy";
-            io::Error::new(io::ErrorKind::Unsupported, why)
-        })
-    }
-}
-
-impl Ring for TargetRing<'_> {
-    unsafe fn push(&mut self, tag: u16, step: u16, sqe: squeue::Entry) -> Result<(), RingFull> {
-        let sqe = sqe.user_data(encode(Kind::Target, tag, step));
-        let Some(state) = self.tags.get_mut(usize::from(tag)) else {
-            return Err(RingFull);
-        };
-        let pushed = if state.needs_reg {
-            let reg = buf_cmd(uapi::REGISTER_IO_BUF, Kind::RegBuf, self.qid, tag);
-            // SAFETY: the registration carries no pointers; the target's SQE is covered
-            // by the caller's guarantee (the Ring::push contract).
-            let ok = unsafe { push_all(self.ring, &[reg, sqe]) };
-            if ok {
-                state.needs_reg = false;
-                state.registered = true;
-            }
-            ok
-        } else {
-            // SAFETY: the caller's guarantee (the Ring::push contract).
-            unsafe { push_all(self.ring, &[sqe]) }
-        };
-        pushed.then_some(()).ok_or(RingFull)
-    }
-
-    unsafe fn push_event(&mut self, step: u16, sqe: squeue::Entry) -> Result<(), RingFull> {
-        let sqe = sqe.user_data(encode(Kind::TargetEvent, 0, step));
-        // SAFETY: the caller's guarantee (the Ring::push_event contract).
-        unsafe { push_all(self.ring, &[sqe]) }
-            .then_some(())
-            .ok_or(RingFull)
-    }
-
-    fn finish(&mut self, tag: u16, result: i32) {
-        self.finished.push((tag, result));
-    }
-
-    fn reserve(&mut self, sqes: usize, requests: usize) -> bool {
-        // Zero copy registers a request's pages with one SQE before its first one.
-        let ours = match self.buffer {
-            BufferMode::Zc | BufferMode::AutoZc => requests,
-            BufferMode::Copy | BufferMode::Fixed => 0,
-        };
-        ensure_room(self.ring, sqes + ours)
-    }
-
-    fn copy_to_request(&mut self, tag: u16, offset: usize, data: &[u8]) -> io::Result<()> {
-        match self.request_buf(tag)? {
-            IoBuf::Pages { len, .. } if offset + data.len() <= len => {
-                uapi::user_copy_write(self.cdev()?, self.qid, tag, offset, data)
-            }
-            IoBuf::Pages { len, .. } => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{} bytes at {offset} are beyond a {len}-byte request",
-                    data.len()
-                ),
-            )),
-            // SAFETY: the queue's own buffer of a request in flight in the target, which
-            // asks for the copy and has no SQE writing there (the trait's contract).
-            buf => unsafe { buf.copy_in(offset, data) },
-        }
-    }
-
-    fn copy_from_request(&mut self, tag: u16, offset: usize, into: &mut [u8]) -> io::Result<()> {
-        match self.request_buf(tag)? {
-            IoBuf::Pages { len, .. } if offset + into.len() <= len => {
-                uapi::user_copy_read(self.cdev()?, self.qid, tag, offset, into)
-            }
-            IoBuf::Pages { len, .. } => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{} bytes at {offset} are beyond a {len}-byte request",
-                    into.len()
-                ),
-            )),
-            // SAFETY: as in `copy_to_request`.
-            buf => unsafe { buf.copy_out(offset, into) },
-        }
-    }
 }
 
 impl Drop for Queue {

@@ -1,0 +1,163 @@
+//! The queue's ring as a target sees it ([`TargetRing`], the `Ring` of the targets'
+//! interface), and the per-tag state it keeps: every SQE a target pushes gets the
+//! Target user_data of its tag; in the zero-copy modes a request's pages are registered
+//! in front of its first SQE (and counted when a target reserves room for a chain); and
+//! the queue copies data into and out of request buffers for targets that ask.
+
+use super::uapi;
+use super::user_data::{encode, Kind};
+use super::{buf_cmd, ensure_room, push_all};
+use io_uring::{squeue, IoUring};
+use std::io;
+use std::os::fd::RawFd;
+use ublkd_proto::BufferMode;
+use ublkd_targets::{IoBuf, IoDesc, Ring, RingFull};
+
+/// Where a tag is in its life.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct TagState {
+    /// The request being served (between FETCH completion and commit).
+    pub(super) io: Option<IoDesc>,
+    /// Zero copy: the request's pages must be registered before the target's first SQE.
+    pub(super) needs_reg: bool,
+    /// Zero copy: the request's pages are registered by us and must be unregistered.
+    pub(super) registered: bool,
+    /// Zero-copy sends of this request whose notification has not arrived yet.
+    pub(super) notifs: u32,
+    /// The result of a request the target finished while `notifs` was not 0: committed
+    /// when the last notification arrives.
+    pub(super) deferred: Option<i32>,
+}
+
+/// Where request `io`'s data is: a daemon buffer of `bufs` (copy, fixed) or its own
+/// pages (zc, auto-zc).
+pub(super) fn io_buf(buffer: BufferMode, bufs: Option<&uapi::BufferArena>, io: &IoDesc) -> IoBuf {
+    let len = io.len as usize;
+    if len == 0 {
+        return IoBuf::None;
+    }
+    match (buffer, bufs.map(|b| b.addr(io.tag))) {
+        (BufferMode::Copy, Some(addr)) => IoBuf::User { addr, len },
+        (BufferMode::Fixed, Some(addr)) => IoBuf::Fixed {
+            addr: addr as u64,
+            index: io.tag,
+            len,
+        },
+        _ => IoBuf::Pages { index: io.tag, len },
+    }
+}
+
+/// The queue ring as targets see it: every SQE gets the Target user_data of its tag, and
+/// in zero-copy mode the first one of a request is preceded by the buffer registration.
+pub(super) struct TargetRing<'a> {
+    pub(super) ring: &'a mut IoUring,
+    pub(super) tags: &'a mut [TagState],
+    /// Requests the target finished with [`Ring::finish`], committed after the call.
+    pub(super) finished: &'a mut Vec<(u16, i32)>,
+    pub(super) qid: u16,
+    pub(super) buffer: BufferMode,
+    pub(super) bufs: Option<&'a uapi::BufferArena>,
+    /// `/dev/ublkcN` when the device has UBLK_F_USER_COPY.
+    pub(super) user_copy: Option<RawFd>,
+}
+
+impl TargetRing<'_> {
+    /// The buffer of request `tag`, which must be in flight.
+    fn request_buf(&self, tag: u16) -> io::Result<IoBuf> {
+        match self.tags.get(usize::from(tag)).and_then(|t| t.io) {
+            Some(io) => Ok(io_buf(self.buffer, self.bufs, &io)),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("tag {tag} has no request in flight"),
+            )),
+        }
+    }
+
+    /// Request pages are reached through user copy; no user copy is an error.
+    fn cdev(&self) -> io::Result<RawFd> {
+        self.user_copy.ok_or_else(|| {
+            let why = "the request's pages are not reachable: the device has no user copy";
+            io::Error::new(io::ErrorKind::Unsupported, why)
+        })
+    }
+}
+
+impl Ring for TargetRing<'_> {
+    unsafe fn push(&mut self, tag: u16, step: u16, sqe: squeue::Entry) -> Result<(), RingFull> {
+        let sqe = sqe.user_data(encode(Kind::Target, tag, step));
+        let Some(state) = self.tags.get_mut(usize::from(tag)) else {
+            return Err(RingFull);
+        };
+        let pushed = if state.needs_reg {
+            let reg = buf_cmd(uapi::REGISTER_IO_BUF, Kind::RegBuf, self.qid, tag);
+            // SAFETY: the registration carries no pointers; the target's SQE is covered
+            // by the caller's guarantee (the Ring::push contract).
+            let ok = unsafe { push_all(self.ring, &[reg, sqe]) };
+            if ok {
+                state.needs_reg = false;
+                state.registered = true;
+            }
+            ok
+        } else {
+            // SAFETY: the caller's guarantee (the Ring::push contract).
+            unsafe { push_all(self.ring, &[sqe]) }
+        };
+        pushed.then_some(()).ok_or(RingFull)
+    }
+
+    unsafe fn push_event(&mut self, step: u16, sqe: squeue::Entry) -> Result<(), RingFull> {
+        let sqe = sqe.user_data(encode(Kind::TargetEvent, 0, step));
+        // SAFETY: the caller's guarantee (the Ring::push_event contract).
+        unsafe { push_all(self.ring, &[sqe]) }
+            .then_some(())
+            .ok_or(RingFull)
+    }
+
+    fn finish(&mut self, tag: u16, result: i32) {
+        self.finished.push((tag, result));
+    }
+
+    fn reserve(&mut self, sqes: usize, requests: usize) -> bool {
+        // Zero copy registers a request's pages with one SQE before its first one.
+        let ours = match self.buffer {
+            BufferMode::Zc | BufferMode::AutoZc => requests,
+            BufferMode::Copy | BufferMode::Fixed => 0,
+        };
+        ensure_room(self.ring, sqes + ours)
+    }
+
+    fn copy_to_request(&mut self, tag: u16, offset: usize, data: &[u8]) -> io::Result<()> {
+        match self.request_buf(tag)? {
+            IoBuf::Pages { len, .. } if offset + data.len() <= len => {
+                uapi::user_copy_write(self.cdev()?, self.qid, tag, offset, data)
+            }
+            IoBuf::Pages { len, .. } => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} bytes at {offset} are beyond a {len}-byte request",
+                    data.len()
+                ),
+            )),
+            // SAFETY: the queue's own buffer of a request in flight in the target, which
+            // asks for the copy and has no SQE writing there (the trait's contract).
+            buf => unsafe { buf.copy_in(offset, data) },
+        }
+    }
+
+    fn copy_from_request(&mut self, tag: u16, offset: usize, into: &mut [u8]) -> io::Result<()> {
+        match self.request_buf(tag)? {
+            IoBuf::Pages { len, .. } if offset + into.len() <= len => {
+                uapi::user_copy_read(self.cdev()?, self.qid, tag, offset, into)
+            }
+            IoBuf::Pages { len, .. } => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} bytes at {offset} are beyond a {len}-byte request",
+                    into.len()
+                ),
+            )),
+            // SAFETY: as in `copy_to_request`.
+            buf => unsafe { buf.copy_out(offset, into) },
+        }
+    }
+}
