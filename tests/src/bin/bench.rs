@@ -36,6 +36,10 @@
 //! context switches per IO: the ublk server's (from /proc of the process holding
 //! /dev/ublkcN), its io-wq workers' and fio's. `--backing tmpfs` puts the loop backing
 //! file on tmpfs instead of ext4 on a memory-backed null_blk device.
+//!
+//! `UBLKD_BENCH_HOOK=COMMAND` (environment) runs COMMAND with `sh -c` beside every fio
+//! run, e.g. a profiler (`scripts/prof/nbd-hook.sh`, with `--profile` for the server's
+//! pid); see `hook_start`.
 
 use std::process::Command;
 use ublkd_tests::nbd_server::{Listen, Server};
@@ -173,10 +177,29 @@ fn server_pid(dev: &str) -> Option<u32> {
     })
 }
 
+/// `UBLKD_BENCH_HOOK`: a shell command started beside every fio run (a profiler in the
+/// guest), with the device in `BENCH_DEV`, the row in `BENCH_ROW` and the serving
+/// process, if any, in `BENCH_PID`; waited for after fio.
+fn hook_start(dev: &str, row: &Row, server: Option<u32>) -> Option<std::process::Child> {
+    let cmd = std::env::var("UBLKD_BENCH_HOOK").ok()?;
+    std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("BENCH_DEV", dev)
+        .env("BENCH_ROW", format!("{} {}", row.bs, row.rw))
+        .env(
+            "BENCH_PID",
+            server.map(|p| p.to_string()).unwrap_or_default(),
+        )
+        .spawn()
+        .ok()
+}
+
 fn measure(dev: &str, row: &Row, s: &Settings) -> Sample {
     let jobs = s.jobs;
     let server = if s.profile { server_pid(dev) } else { None };
     let before = server.map(process_cpu);
+    let hook = hook_start(dev, row, server);
     let run = fio(&[
         "--name=bench",
         &format!("--filename={dev}"),
@@ -196,6 +219,9 @@ fn measure(dev: &str, row: &Row, s: &Settings) -> Sample {
     } else {
         "read"
     };
+    if let Some(mut hook) = hook {
+        let _ = hook.wait();
+    }
     let iops = run.iops(0, dir);
     let mut cost = Cost::default();
     if s.profile && iops > 0.0 {
