@@ -117,28 +117,34 @@ impl IoBuf {
         self.len() == 0
     }
 
+    /// Whether `len` bytes from `offset` lie inside the buffer (`InvalidInput` if not).
+    pub fn check_range(&self, offset: usize, len: usize) -> std::io::Result<()> {
+        let size = self.len();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{len} bytes at {offset} are beyond a {size}-byte request buffer"),
+            )),
+        }
+    }
+
     /// The daemon memory of a `User` or `Fixed` buffer, checked to hold `len` bytes from
     /// `offset`. Errors: a request's own pages or no data (`Unsupported`), a range
     /// beyond the buffer (`InvalidInput`).
     fn daemon_range(&self, offset: usize, len: usize) -> std::io::Result<*mut u8> {
-        use std::io::{Error, ErrorKind};
-        let (addr, size) = match *self {
-            IoBuf::User { addr, len } => (addr, len),
-            IoBuf::Fixed { addr, len, .. } => (addr as *mut u8, len),
+        let addr = match *self {
+            IoBuf::User { addr, .. } => addr,
+            IoBuf::Fixed { addr, .. } => addr as *mut u8,
             IoBuf::Pages { .. } | IoBuf::None => {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
                     "the request's pages are not daemon memory",
                 ))
             }
         };
-        match offset.checked_add(len) {
-            Some(end) if end <= size => Ok(addr),
-            _ => Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("{len} bytes at {offset} are beyond a {size}-byte request buffer"),
-            )),
-        }
+        self.check_range(offset, len)?;
+        Ok(addr)
     }
 
     /// Copies `data` into a daemon buffer (`User`, `Fixed`) at byte `offset`: what a

@@ -128,16 +128,10 @@ impl Ring for TargetRing<'_> {
 
     fn copy_to_request(&mut self, tag: u16, offset: usize, data: &[u8]) -> io::Result<()> {
         match self.request_buf(tag)? {
-            IoBuf::Pages { len, .. } if offset + data.len() <= len => {
+            buf @ IoBuf::Pages { .. } => {
+                buf.check_range(offset, data.len())?;
                 uapi::user_copy_write(self.cdev()?, self.qid, tag, offset, data)
             }
-            IoBuf::Pages { len, .. } => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{} bytes at {offset} are beyond a {len}-byte request",
-                    data.len()
-                ),
-            )),
             // SAFETY: the queue's own buffer of a request in flight in the target, which
             // asks for the copy and has no SQE writing there (the trait's contract).
             buf => unsafe { buf.copy_in(offset, data) },
@@ -146,16 +140,10 @@ impl Ring for TargetRing<'_> {
 
     fn copy_from_request(&mut self, tag: u16, offset: usize, into: &mut [u8]) -> io::Result<()> {
         match self.request_buf(tag)? {
-            IoBuf::Pages { len, .. } if offset + into.len() <= len => {
+            buf @ IoBuf::Pages { .. } => {
+                buf.check_range(offset, into.len())?;
                 uapi::user_copy_read(self.cdev()?, self.qid, tag, offset, into)
             }
-            IoBuf::Pages { len, .. } => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{} bytes at {offset} are beyond a {len}-byte request",
-                    into.len()
-                ),
-            )),
             // SAFETY: as in `copy_to_request`.
             buf => unsafe { buf.copy_out(offset, into) },
         }

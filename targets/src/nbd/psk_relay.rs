@@ -5,6 +5,7 @@
 //! queue sees its connection end and reconnects (a new handshake, a new relay).
 
 use super::psk::Counted;
+use super::relay::{gone, poll_pair, would_block};
 use super::tls::TlsError;
 use openssl::ssl::{ErrorCode, SslStream};
 use std::io::{self, Read, Write};
@@ -49,17 +50,6 @@ pub(super) fn start<T: RelayIo>(mut tls: SslStream<Counted<T>>) -> Result<OwnedF
         })
         .map_err(TlsError::Relay)?;
     Ok(queue.into())
-}
-
-fn gone(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, what.to_string())
-}
-
-fn would_block(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-    )
 }
 
 /// What OpenSSL waits for before it can go on.
@@ -144,41 +134,23 @@ fn run<T: RelayIo>(tls: &mut SslStream<Counted<T>>, mut ours: &UnixStream) -> io
         if moved {
             continue;
         }
-        let mut fds = [
-            libc::pollfd {
-                fd: tls.get_ref().inner.fd(),
-                events: 0,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: ours.as_raw_fd(),
-                events: 0,
-                revents: 0,
-            },
-        ];
+        let (mut server_events, mut ours_events) = (0, 0);
         if wants.read || to_queue.len() < MAX_PENDING {
-            fds[0].events |= libc::POLLIN;
+            server_events |= libc::POLLIN;
         }
         if wants.write {
-            fds[0].events |= libc::POLLOUT;
+            server_events |= libc::POLLOUT;
         }
         if to_server.is_empty() {
-            fds[1].events |= libc::POLLIN;
+            ours_events |= libc::POLLIN;
         }
         if !to_queue.is_empty() {
-            fds[1].events |= libc::POLLOUT;
+            ours_events |= libc::POLLOUT;
         }
-        // SAFETY: `fds` is a live array of two pollfds.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if would_block(&e) {
-                continue;
-            }
-            return Err(e);
-        }
-        if fds[1].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
-            return Err(gone("the queue's end failed"));
-        }
+        // Whatever became ready, the next turn tries every direction again.
+        poll_pair(
+            (tls.get_ref().inner.fd(), server_events),
+            (ours.as_raw_fd(), ours_events),
+        )?;
     }
 }

@@ -54,15 +54,49 @@ fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-fn gone(what: &str) -> io::Error {
+pub(super) fn gone(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, what.to_string())
 }
 
-fn would_block(e: &io::Error) -> bool {
+pub(super) fn would_block(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
     )
+}
+
+/// Waits until the server's socket or the queue's end is ready for what is asked of it
+/// (`poll` events); returns their `revents`, or None when interrupted (call again). The
+/// queue's end failing is an error. Shared by the rustls relay and the OpenSSL one.
+pub(super) fn poll_pair(
+    (server, server_events): (i32, i16),
+    (ours, ours_events): (i32, i16),
+) -> io::Result<Option<(i16, i16)>> {
+    let mut fds = [
+        libc::pollfd {
+            fd: server,
+            events: server_events,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: ours,
+            events: ours_events,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a live array of two pollfds.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if would_block(&e) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    if fds[1].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+        return Err(gone("the queue's end failed"));
+    }
+    Ok(Some((fds[0].revents, fds[1].revents)))
 }
 
 fn run(mut server: &File, mut ours: &UnixStream, mut conn: ClientConnection) -> io::Result<()> {
@@ -92,43 +126,23 @@ fn run(mut server: &File, mut ours: &UnixStream, mut conn: ClientConnection) -> 
                 Err(e) => return Err(e),
             }
         }
-        let mut fds = [
-            libc::pollfd {
-                fd: server.as_raw_fd(),
-                events: 0,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: ours.as_raw_fd(),
-                events: 0,
-                revents: 0,
-            },
-        ];
+        let (mut to_server, mut to_ours) = (0, 0);
         if pending.len() < MAX_PENDING {
-            fds[0].events |= libc::POLLIN;
+            to_server |= libc::POLLIN;
         }
         if conn.wants_write() {
-            fds[0].events |= libc::POLLOUT;
+            to_server |= libc::POLLOUT;
         } else {
             // Take the queue's requests only when the last ones went out.
-            fds[1].events |= libc::POLLIN;
+            to_ours |= libc::POLLIN;
         }
         if !pending.is_empty() {
-            fds[1].events |= libc::POLLOUT;
+            to_ours |= libc::POLLOUT;
         }
-        // SAFETY: `fds` is a live array of two pollfds.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if would_block(&e) {
-                continue;
-            }
-            return Err(e);
-        }
-        let (sr, or) = (fds[0].revents, fds[1].revents);
-        if or & (libc::POLLERR | libc::POLLNVAL) != 0 {
-            return Err(gone("the queue's end failed"));
-        }
+        let polled = poll_pair((server.as_raw_fd(), to_server), (ours.as_raw_fd(), to_ours))?;
+        let Some((sr, or)) = polled else {
+            continue;
+        };
         if sr & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
             match conn.read_tls(&mut server) {
                 Ok(0) => return Err(gone("the server closed the connection")),
@@ -156,7 +170,7 @@ fn run(mut server: &File, mut ours: &UnixStream, mut conn: ClientConnection) -> 
                 Err(e) => return Err(e),
             }
         }
-        if or & (libc::POLLIN | libc::POLLHUP) != 0 && fds[1].events & libc::POLLIN != 0 {
+        if or & (libc::POLLIN | libc::POLLHUP) != 0 && to_ours & libc::POLLIN != 0 {
             match ours.read(&mut buf) {
                 Ok(0) => return Err(gone("the queue closed its end")),
                 Ok(n) => conn.writer().write_all(&buf[..n])?,
