@@ -116,6 +116,33 @@ pub trait Ring {
         Err(std::io::ErrorKind::Unsupported.into())
     }
 
+    /// Pushes an SQE that copies `len` bytes of the target's staging buffer (the one
+    /// the queue registered, [`QueueTarget::staging_buffer`]), from byte `at`, into
+    /// request `tag`'s own pages at byte `offset`, and labels it `step` as [`Ring::push`]
+    /// does: its completion comes back for the request, with the bytes copied or
+    /// -errno. Only for a request whose buffer is its own pages (zc, auto-zc) in a queue
+    /// with user copy: an io_uring WRITE of the staged bytes to the request's user-copy
+    /// position on the ublk char device, the copy of [`Ring::copy_to_request`] without a
+    /// `pwrite` system call per request. (The driver copies only from user memory, so it
+    /// cannot be a WRITE_FIXED from the registered pages.) Err(Unsupported) where it
+    /// does not apply ([`Ring::copy_to_request`] does), Err(WouldBlock) when the ring is
+    /// full. The default pushes nothing.
+    ///
+    /// # Safety
+    /// The staging bytes `at..at + len` must stay unchanged until the completion has
+    /// been passed to [`QueueTarget::complete`].
+    unsafe fn push_staged_copy(
+        &mut self,
+        tag: u16,
+        step: u16,
+        offset: usize,
+        at: usize,
+        len: usize,
+    ) -> std::io::Result<()> {
+        let _ = (tag, step, offset, at, len);
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+
     /// Copies `into.len()` bytes of request `tag`'s buffer from byte `offset` into
     /// `into` (a write's payload), as [`Ring::copy_to_request`] the other way.
     fn copy_from_request(
@@ -136,6 +163,18 @@ pub trait QueueTarget {
     fn flush(&mut self, io: &IoDesc, ring: &mut dyn Ring) -> Outcome;
     fn discard(&mut self, io: &IoDesc, ring: &mut dyn Ring) -> Outcome;
     fn write_zeroes(&mut self, io: &IoDesc, ring: &mut dyn Ring) -> Outcome;
+
+    /// The target's staging buffer (a network target's receive buffer) for the queue to
+    /// register in the ring's buffer table at [`QueueContext::staging_index`], asked
+    /// once, right after the handler is created: the target can then receive into it
+    /// with READ_FIXED (the kernel copies into registered pages without a user copy) and
+    /// have parts of it copied into requests with [`Ring::push_staged_copy`]. The memory
+    /// must stay where it is for as long as the handler lives (a boxed slice never
+    /// reallocated); the queue drops its ring, and with it the registration, first. The
+    /// default has none.
+    fn staging_buffer(&mut self) -> Option<&mut [u8]> {
+        None
+    }
 
     /// Called once on the queue thread before the first request, to post target-wide
     /// SQEs (a receive loop).
@@ -212,6 +251,10 @@ pub struct QueueContext {
     /// pages (`IoBuf::Pages`) in this queue (user copy; only for targets that ask,
     /// [`Target::copies_in`]). Daemon buffers (`User`, `Fixed`) they reach always.
     pub user_copy: bool,
+    /// Where in the ring's buffer table the queue registers the handler's
+    /// [`QueueTarget::staging_buffer`], if it offers one: None where the ring has no
+    /// buffer table for it (a test ring), and the target then uses plain receives.
+    pub staging_index: Option<u16>,
 }
 
 /// What a size watch calls when the backend's size may have changed

@@ -97,6 +97,7 @@ mod tests {
                 depth: 1,
                 first_file: 1,
                 user_copy: false,
+                staging_index: None,
             })
             .unwrap();
         for (op, expect) in [

@@ -287,6 +287,8 @@ struct Queue {
     in_target: usize,
     /// Fault injection: fail as on a ring error after this many requests.
     fail_after: Option<u64>,
+    /// The target's staging buffer registered at index `depth`: (address, length).
+    staging: Option<(u64, usize)>,
 }
 
 /// Makes sure the submission queue has room for `n` more SQEs, flushing it once.
@@ -317,6 +319,49 @@ unsafe fn push_all(ring: &mut IoUring, sqes: &[squeue::Entry]) -> bool {
     unsafe { ring.submission().push_multiple(sqes) }.is_ok()
 }
 
+/// Registers the ring's buffer table: in fixed mode the daemon's request buffers at
+/// their tags, in the zero-copy modes an empty slot per tag for the requests' pages;
+/// and the target's `staging` buffer, if any, at index `depth`.
+fn register_buffers(
+    ring: &IoUring,
+    buffer: BufferMode,
+    bufs: Option<&uapi::BufferArena>,
+    depth: u32,
+    staging: Option<libc::iovec>,
+) -> io::Result<()> {
+    let submitter = ring.submitter();
+    match (buffer, bufs) {
+        (BufferMode::Fixed, Some(arena)) => {
+            let mut iovecs = arena.iovecs();
+            iovecs.extend(staging);
+            // SAFETY: the iovecs describe the arena and the target's staging buffer,
+            // which the queue keeps until after the ring's registrations are gone.
+            return unsafe { submitter.register_buffers(&iovecs) };
+        }
+        (BufferMode::Copy, _) if staging.is_none() => return Ok(()),
+        _ => submitter.register_buffers_sparse(depth + 1)?,
+    }
+    if let Some(iov) = staging {
+        // SAFETY: as above: the staging buffer outlives the registration.
+        unsafe { submitter.register_buffers_update(depth, &[iov], None) }?;
+    }
+    Ok(())
+}
+
+/// Sets O_NONBLOCK on `fd`'s open file.
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The uring_cmd that registers (or unregisters) request `tag`'s pages at index `tag`.
 fn buf_cmd(op: u32, kind: Kind, qid: u16, tag: u16) -> squeue::Entry {
     uapi::io_cmd_sqe(op, qid, tag, 0, u64::from(tag))
@@ -338,9 +383,8 @@ impl Drop for Queue {
                 self.spec.qid
             );
         }
-        if self.spec.buffer != BufferMode::Copy {
-            let _ = submitter.unregister_buffers();
-        }
+        // A copy-mode ring without a staging buffer has no table: nothing to undo.
+        let _ = submitter.unregister_buffers();
     }
 }
 
@@ -366,6 +410,15 @@ impl Queue {
             .setup_defer_taskrun()
             .build(sq_entries)
             .map_err(|e| fail("cannot create the io_uring", e))?;
+        if spec.user_copy {
+            // io_uring runs a read or write of a file inline only when the file says it
+            // will not block (FMODE_NOWAIT, or O_NONBLOCK), and reads that when the file
+            // is registered: without it, the user copies the queue pushes on the char
+            // device (`Ring::push_staged_copy`) would each go to an io-wq worker. The
+            // driver's copies never block, and nothing else of it looks at the flag.
+            set_nonblocking(spec.cdev_fd)
+                .map_err(|e| fail("cannot make the char device non-blocking", e))?;
+        }
         let mut files = vec![spec.cdev_fd];
         files.extend(target.files());
         ring.submitter()
@@ -380,20 +433,6 @@ impl Queue {
             ),
             BufferMode::Zc | BufferMode::AutoZc => None,
         };
-        match (&spec.buffer, &bufs) {
-            (BufferMode::Fixed, Some(arena)) => {
-                let iovecs = arena.iovecs();
-                // SAFETY: the iovecs describe the arena, which the queue keeps until after
-                // the ring (and with it the registration) is gone.
-                unsafe { ring.submitter().register_buffers(&iovecs) }
-                    .map_err(|e| fail("cannot register the request buffers (fixed mode)", e))?;
-            }
-            (BufferMode::Zc | BufferMode::AutoZc, _) => ring
-                .submitter()
-                .register_buffers_sparse(depth)
-                .map_err(|e| fail("cannot create the sparse buffer table", e))?,
-            _ => {}
-        }
         let addrs = (0..spec.depth)
             .map(|tag| bufs.as_ref().map_or(0, |b| b.addr(tag) as u64))
             .collect();
@@ -411,10 +450,18 @@ impl Queue {
             depth: spec.depth,
             first_file: 1,
             user_copy: spec.user_copy,
+            // The slot after the requests' (fixed: their buffers; zc: their pages).
+            staging_index: Some(spec.depth),
         };
-        let handler = target
+        let mut handler = target
             .queue(ctx)
             .map_err(|e| fail("target setup failed", e))?;
+        let staging = handler.staging_buffer().map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        });
+        register_buffers(&ring, spec.buffer, bufs.as_ref(), depth, staging)
+            .map_err(|e| fail("cannot register buffers in the ring", e))?;
         Ok(Queue {
             ring,
             handler,
@@ -436,6 +483,7 @@ impl Queue {
             finished: Vec::new(),
             in_target: 0,
             fail_after: crate::fault::queue_error_after(),
+            staging: staging.map(|v| (v.iov_base as u64, v.iov_len)),
             spec,
         })
     }
@@ -693,6 +741,7 @@ impl Queue {
             buffer: self.spec.buffer,
             bufs: self.bufs.as_ref(),
             user_copy: self.spec.user_copy.then_some(self.spec.cdev_fd),
+            staging: self.staging,
         };
         let r = f(self.handler.as_mut(), &mut ring);
         while let Some((tag, res)) = self.finished.pop() {

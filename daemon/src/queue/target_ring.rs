@@ -7,7 +7,7 @@
 use super::uapi;
 use super::user_data::{encode, Kind};
 use super::{buf_cmd, ensure_room, push_all};
-use io_uring::{squeue, IoUring};
+use io_uring::{opcode, squeue, types, IoUring};
 use std::io;
 use std::os::fd::RawFd;
 use ublkd_proto::BufferMode;
@@ -59,6 +59,8 @@ pub(super) struct TargetRing<'a> {
     pub(super) bufs: Option<&'a uapi::BufferArena>,
     /// `/dev/ublkcN` when the device has UBLK_F_USER_COPY.
     pub(super) user_copy: Option<RawFd>,
+    /// The target's staging buffer (registered in the ring): (address, length).
+    pub(super) staging: Option<(u64, usize)>,
 }
 
 impl TargetRing<'_> {
@@ -135,6 +137,49 @@ impl Ring for TargetRing<'_> {
             // SAFETY: the queue's own buffer of a request in flight in the target, which
             // asks for the copy and has no SQE writing there (the trait's contract).
             buf => unsafe { buf.copy_in(offset, data) },
+        }
+    }
+
+    unsafe fn push_staged_copy(
+        &mut self,
+        tag: u16,
+        step: u16,
+        offset: usize,
+        at: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        let unsupported = |why: &str| io::Error::new(io::ErrorKind::Unsupported, why.to_owned());
+        let Some((addr, staging_len)) = self.staging else {
+            return Err(unsupported("the target has no registered staging buffer"));
+        };
+        let buf @ IoBuf::Pages { .. } = self.request_buf(tag)? else {
+            return Err(unsupported("the request's buffer is daemon memory"));
+        };
+        if self.user_copy.is_none() {
+            return Err(unsupported("the device has no user copy"));
+        }
+        buf.check_range(offset, len)?;
+        if at.checked_add(len).is_none_or(|end| end > staging_len) {
+            let why = format!("bytes {at}+{len} are outside the staging buffer ({staging_len})");
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        }
+        if !ensure_room(self.ring, 1) {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        // The char device is file 0 of the ring's table (non-blocking: runs inline). A
+        // plain WRITE, not WRITE_FIXED: the driver refuses to copy from anything but
+        // user memory (a registered buffer is a kernel bvec to it: EACCES).
+        let pos = uapi::user_copy_pos(self.qid, tag, offset as u32);
+        let sqe = opcode::Write::new(types::Fixed(0), (addr + at as u64) as *const u8, len as u32)
+            .offset(pos)
+            .build()
+            .user_data(encode(Kind::Target, tag, step));
+        // SAFETY: the staging bytes stay unchanged until the completion is handed to the
+        // target (the caller's guarantee); the buffer itself outlives the ring.
+        if unsafe { push_all(self.ring, &[sqe]) } {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
         }
     }
 

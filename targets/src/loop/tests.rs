@@ -203,6 +203,7 @@ fn reads_writes_flushes_and_punches_a_file() {
             depth: 4,
             first_file: 0,
             user_copy: false,
+            staging_index: None,
         })
         .unwrap();
 
@@ -310,6 +311,7 @@ fn read_only_targets_refuse_writes() {
             depth: 1,
             first_file: 0,
             user_copy: false,
+            staging_index: None,
         })
         .unwrap();
     let wr = IoDesc {

@@ -50,6 +50,7 @@ impl Harness {
                 depth: DEPTH,
                 first_file: 0,
                 user_copy: false,
+                staging_index: None,
             })
             .unwrap();
         q.start(&mut ring);

@@ -74,6 +74,7 @@ fn requests_finish_through_the_eventfd() {
         depth: 4,
         first_file: 0,
         user_copy: false,
+        staging_index: None,
     };
     let mut q = t.queue(ctx).unwrap();
     let mut ring = TestRing::new(8);
