@@ -318,6 +318,7 @@ impl Target for NbdTarget {
             },
             self.pace,
             ctx.user_copy,
+            ctx.staging_index,
         )))
     }
 

@@ -17,7 +17,7 @@ use super::proto;
 use super::recv::{self, Receiver};
 use super::send::{payload_len, Pace, SendChain};
 use super::step::{split_step, EVENT_ABORT, EVENT_RECV, EVENT_TICK, EVENT_WAKE};
-use super::step::{STEP_PAYLOAD, STEP_SEND};
+use super::step::{STEP_COPY, STEP_PAYLOAD, STEP_SEND};
 use super::tags::{Tags, Timers, ABORT_GRACE};
 use crate::{BlockOp, Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring};
 use std::collections::VecDeque;
@@ -65,13 +65,14 @@ impl NbdQueue {
         payload_sends: PayloadSends,
         pace: Pace,
         user_copy: bool,
+        staging_index: Option<u16>,
     ) -> Self {
         NbdQueue {
             conn,
             tags: Tags::new(depth),
             timers: Timers::new(request_timeout),
             send: SendChain::new(depth, payload_sends, pace, user_copy),
-            recv: Receiver::new(user_copy),
+            recv: Receiver::new(user_copy, staging_index),
             user_copy,
         }
     }
@@ -312,6 +313,10 @@ impl NbdQueue {
 }
 
 impl QueueTarget for NbdQueue {
+    fn staging_buffer(&mut self) -> Option<&mut [u8]> {
+        self.recv.staging_buffer()
+    }
+
     fn start(&mut self, ring: &mut dyn Ring) {
         self.conn.arm_wake(ring);
         self.kick(ring);
@@ -362,6 +367,7 @@ impl QueueTarget for NbdQueue {
                     }
                 }
             }
+            STEP_COPY => self.recv.copied(tag, res, &self.conn, &mut self.tags),
             _ => {}
         }
         self.tags.take_result_if_idle(tag)

@@ -1,12 +1,23 @@
 //! The receive side of one connection: reply headers matched to their requests, and
 //! read payloads placed into the requests' buffers.
 //!
-//! Replies land in `rbuf`, a staging buffer, as many as have arrived in one RECV (up
+//! Replies land in `rbuf`, a staging buffer, as many as have arrived in one receive (up
 //! to `RBUF_LEN`): every reply header in it is matched, and a read's payload is copied
 //! from it into the request's buffer: `memcpy` when that is daemon memory (copy,
-//! fixed), `pwrite` to `/dev/ublkcN` at the request's user-copy position when it is the
-//! request's own pages (zc, auto-zc; UBLK_F_USER_COPY). Replies to small reads thus
-//! cost no ring round trip each. A large read's payload (from `DIRECT_MIN` bytes on)
+//! fixed); when it is the request's own pages (zc, auto-zc; UBLK_F_USER_COPY), an
+//! io_uring WRITE of the staged bytes to `/dev/ublkcN` at the request's user-copy
+//! position, which the request waits for (`Ring::push_staged_copy`: no system call per
+//! request), or a `pwrite` where the ring has no staging buffer. Replies to small reads
+//! thus cost no ring round trip each.
+//!
+//! The queue registers `rbuf` in its ring (`QueueTarget::staging_buffer`), and a
+//! receive into it is a READ_FIXED: the kernel copies socket data into the pinned pages
+//! with its own memcpy, not with the user-copy routine, which under QEMU's TCG (the
+//! test VM) runs `rep movsb` a byte per step and cost about 15 us per 4 KiB. (The copy
+//! into the request cannot be done that way: the driver copies only from user memory.)
+//! While copies are in flight the staged bytes stay where they are: the next receive
+//! waits for them (they count as receive SQEs) and moves a partial header to the front
+//! only then. A large read's payload (from `DIRECT_MIN` bytes on)
 //! goes straight into the request's buffer instead: RECV with MSG_WAITALL into daemon
 //! memory, or READ_FIXED into the registered pages; while such a read may answer, a
 //! receive takes exactly one header, so its payload never passes through `rbuf`, and
@@ -25,7 +36,7 @@
 
 use super::conn::{Broken, Connection};
 use super::proto;
-use super::step::{step, EVENT_RECV, STEP_PAYLOAD, STEP_POLL};
+use super::step::{step, EVENT_RECV, STEP_COPY, STEP_PAYLOAD, STEP_POLL};
 use super::tags::Tags;
 use crate::{BlockOp, IoBuf, IoDesc, Ring};
 use io_uring::{opcode, squeue};
@@ -94,10 +105,14 @@ pub(super) struct Receiver {
     item: Option<RecvItem>,
     /// Receive SQEs in flight, of any connection: the next receive waits for zero.
     inflight: u32,
-    /// Replies received and not yet handled (boxed: receive SQEs point into it): the
-    /// first `rhave` bytes; between receives only a partial header stays.
+    /// Replies received and not yet handled (boxed: receive SQEs and copies point into
+    /// it): bytes `rstart..rhave`; between receives only a partial header stays.
     rbuf: Box<[u8]>,
+    /// Bytes before `rstart` were handled; those up to `rhave` not yet.
+    rstart: usize,
     rhave: usize,
+    /// `rbuf` is registered in the ring's buffer table at this index.
+    index: Option<u16>,
     /// The read whose payload is being received.
     partial: Option<u16>,
     /// The queue copies payloads into requests' own pages (user copy).
@@ -107,19 +122,27 @@ pub(super) struct Receiver {
 }
 
 impl Receiver {
-    pub(super) fn new(user_copy: bool) -> Self {
+    /// A receiver; `index`: where the queue registers its staging buffer, if it does.
+    pub(super) fn new(user_copy: bool, index: Option<u16>) -> Self {
         Receiver {
             item: None,
             inflight: 0,
             rbuf: vec![0u8; RBUF_LEN].into_boxed_slice(),
+            rstart: 0,
             rhave: 0,
+            index,
             partial: None,
             user_copy,
             replies: Vec::new(),
         }
     }
 
-    /// Receive SQEs in flight, of any connection.
+    /// The staging buffer, for the queue to register (when it gave an index).
+    pub(super) fn staging_buffer(&mut self) -> Option<&mut [u8]> {
+        self.index.map(|_| &mut self.rbuf[..])
+    }
+
+    /// Receive SQEs in flight, of any connection, and copies out of `rbuf`.
     pub(super) fn inflight(&self) -> u32 {
         self.inflight
     }
@@ -137,6 +160,7 @@ impl Receiver {
     /// The connection is gone: nothing is received on it any more.
     pub(super) fn reset(&mut self) {
         self.item = None;
+        self.rstart = 0;
         self.rhave = 0;
         self.partial = None;
     }
@@ -159,6 +183,11 @@ impl Receiver {
         tags: &mut Tags,
         ring: &mut dyn Ring,
     ) -> Result<(), Broken> {
+        // Nothing copies out of `rbuf` now (posts wait for that): keep only what is
+        // not handled, at the front.
+        self.rbuf.copy_within(self.rstart..self.rhave, 0);
+        self.rhave -= self.rstart;
+        self.rstart = 0;
         if let Some(tag) = self.partial {
             let t = tags.get(tag);
             let left = t.io.map_or(0, |io| io.len as usize) - t.got;
@@ -224,9 +253,11 @@ impl Receiver {
     }
 
     /// Copies `rbuf[at..at + len]` into `tag`'s buffer at its payload offset `got`
-    /// (the queue's copy: no SQE of the request writes there, a staged read has none).
+    /// (the queue's copy: no SQE of the request writes there, a staged read has none):
+    /// with an SQE when the buffer is the request's pages and `rbuf` is registered, at
+    /// once otherwise.
     fn copy_in(
-        &self,
+        &mut self,
         conn: &Connection,
         tags: &mut Tags,
         tag: u16,
@@ -234,6 +265,29 @@ impl Receiver {
         ring: &mut dyn Ring,
     ) {
         let got = tags.get(tag).got;
+        if self.index.is_some() && matches!(tags.get(tag).buf, Some(IoBuf::Pages { .. })) {
+            let label = step(STEP_COPY, conn.generation());
+            // SAFETY: `rbuf[at..at + len]` stays as it is until the copy completes: the
+            // copy counts as a receive in flight, and the next receive (the only writer
+            // of `rbuf`, and the one that moves its bytes) waits until none is.
+            match unsafe { ring.push_staged_copy(tag, label, got, at, len) } {
+                Ok(()) => {
+                    tags.get_mut(tag).sqes += 1;
+                    self.inflight += 1;
+                    return;
+                }
+                // A full ring: copy now instead.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    log::error!(
+                        "{}: tag {tag}: cannot copy the read payload into the request: {e}",
+                        conn.uri
+                    );
+                    tags.get_mut(tag).copy_failed = true;
+                    return;
+                }
+            }
+        }
         if let Err(e) = ring.copy_to_request(tag, got, &self.rbuf[at..at + len]) {
             log::error!(
                 "{}: tag {tag}: copying the read payload into the request failed: {e}",
@@ -251,7 +305,7 @@ impl Receiver {
         tags: &mut Tags,
         ring: &mut dyn Ring,
     ) -> Result<(), Broken> {
-        let mut pos = 0;
+        let mut pos = self.rstart;
         loop {
             if let Some(tag) = self.partial {
                 let t = tags.get(tag);
@@ -290,9 +344,29 @@ impl Receiver {
                 }
             }
         }
-        self.rbuf.copy_within(pos..self.rhave, 0);
-        self.rhave -= pos;
+        // Moved to the front by the next `post`, once no copy reads `rbuf`.
+        self.rstart = pos;
         Ok(())
+    }
+
+    /// A copy out of `rbuf` into `tag`'s pages completed with `res`.
+    pub(super) fn copied(&mut self, tag: u16, res: i32, conn: &Connection, tags: &mut Tags) {
+        self.sqe_completed();
+        if res > 0 {
+            return;
+        }
+        log::error!(
+            "{}: tag {tag}: copying the read payload into the request failed: {}",
+            conn.uri,
+            io::Error::from_raw_os_error(-res)
+        );
+        let t = tags.get_mut(tag);
+        match t.result {
+            // Already answered: the answer is now an error.
+            Some(r) if r >= 0 => t.result = Some(-libc::EIO),
+            Some(_) => {}
+            None => t.copy_failed = true,
+        }
     }
 
     /// Pushes one receive. Replies into `rbuf` are taken as soon as a byte is there
@@ -321,8 +395,17 @@ impl Receiver {
             RecvItem::Staged { len, all } => {
                 conn.set_lowat(1);
                 let at = self.rbuf[self.rhave..].as_mut_ptr();
-                let flags = if all { libc::MSG_WAITALL } else { 0 };
-                let sqe = opcode::Recv::new(fd, at, len as u32).flags(flags).build();
+                let sqe = match (all, self.index) {
+                    // Into the registered pages: a kernel-to-kernel copy (a READ stops at
+                    // what the socket holds, as a RECV without MSG_WAITALL does).
+                    (false, Some(index)) => opcode::ReadFixed::new(fd, at, len as u32, index)
+                        .offset(u64::MAX)
+                        .build(),
+                    (false, None) => opcode::Recv::new(fd, at, len as u32).build(),
+                    (true, _) => opcode::Recv::new(fd, at, len as u32)
+                        .flags(libc::MSG_WAITALL)
+                        .build(),
+                };
                 // SAFETY: `rbuf` is boxed and owned by this handler, which outlives the
                 // ring; nothing else writes there while the receive is in flight.
                 unsafe { ring.push_event(step(EVENT_RECV, generation), sqe) }

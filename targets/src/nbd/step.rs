@@ -9,6 +9,9 @@ pub(super) const STEP_SEND: u16 = 1;
 pub(super) const STEP_PAYLOAD: u16 = 2;
 /// The POLL_ADD linked in front of a READ_FIXED payload receive (`Receiver::post`).
 pub(super) const STEP_POLL: u16 = 3;
+/// A copy of a read's payload from the staging buffer into the request's pages
+/// (`Ring::push_staged_copy`).
+pub(super) const STEP_COPY: u16 = 4;
 /// Target-wide (`Ring::push_event`): a receive into the staging buffer.
 pub(super) const EVENT_RECV: u16 = 1;
 /// The eventfd's read (`Connection::arm_wake`).
@@ -34,7 +37,14 @@ mod tests {
     #[test]
     fn steps_carry_the_generation() {
         for g in [0u16, 1, 0x0fff, 0x1000, 0xffff] {
-            for k in [STEP_SEND, STEP_PAYLOAD, STEP_POLL, EVENT_RECV, EVENT_TICK] {
+            for k in [
+                STEP_SEND,
+                STEP_PAYLOAD,
+                STEP_POLL,
+                STEP_COPY,
+                EVENT_RECV,
+                EVENT_TICK,
+            ] {
                 assert_eq!(split_step(step(k, g)), (k, g & 0x0fff));
             }
         }
