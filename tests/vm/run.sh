@@ -31,7 +31,9 @@
 # errors.
 #
 # Environment: UBLKD_VM_CACHE (kernel cache, default /var/cache/ublkd-vm),
-# UBLKD_VM_QEMU (default qemu-system-x86_64).
+# UBLKD_VM_QEMU (default qemu-system-x86_64), UBLKD_VM_CPU (the guest's CPU model,
+# qemu -cpu syntax, default max; for experiments such as max,-erms, where the guest's
+# user copies use rep movsq, which TCG runs 8 bytes per step instead of 1).
 set -euo pipefail
 
 PROG=run.sh
@@ -346,7 +348,7 @@ fi
 # shellcheck disable=SC2054 # commas are qemu option syntax
 qemu_cmd=(
     timeout --kill-after=15 "$timeout_secs"
-    "$QEMU" -accel tcg,thread=multi -cpu max -smp "$smp" -m "$mem"
+    "$QEMU" -accel tcg,thread=multi -cpu "${UBLKD_VM_CPU:-max}" -smp "$smp" -m "$mem"
     -display none -vga none -monitor none -serial stdio -no-reboot -nic none
     -kernel "$KDIR/vmlinuz" -initrd "$INITRD" -append "$append"
 )
