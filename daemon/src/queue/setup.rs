@@ -1,0 +1,168 @@
+//! Setting a queue up and taking it down: its ring, the files and buffers registered in
+//! it (the request buffers of fixed mode, the zero-copy table, the target's staging
+//! buffer), the request descriptors, the commands, and the target's handler.
+
+use super::*;
+
+impl Queue {
+    pub(super) fn new(
+        spec: QueueSpec,
+        target: Arc<dyn Target>,
+        counters: Arc<QueueCounters>,
+        stop: Arc<AtomicBool>,
+        detach: Arc<AtomicBool>,
+        wake: Arc<OwnedFd>,
+    ) -> Result<Self, String> {
+        let fail = |what: &str, e: io::Error| format!("{what}: {e}");
+        let depth = u32::from(spec.depth);
+        // Each tag has at most its command, a buffer (un)registration and a few target
+        // SQEs in flight.
+        let sq_entries = (depth * 4 + 8).next_power_of_two().min(32768);
+        let ring = IoUring::builder()
+            .setup_cqsize(sq_entries * 2)
+            // Only this thread submits, and it always reaps inside io_uring_enter: run
+            // completion work there, in batches, instead of interrupting the thread.
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(sq_entries)
+            .map_err(|e| fail("cannot create the io_uring", e))?;
+        if spec.user_copy {
+            // io_uring runs a read or write of a file inline only when the file says it
+            // will not block (FMODE_NOWAIT, or O_NONBLOCK), and reads that when the file
+            // is registered: without it, the user copies the queue pushes on the char
+            // device (`Ring::push_staged_copy`) would each go to an io-wq worker. The
+            // driver's copies never block, and nothing else of it looks at the flag.
+            set_nonblocking(spec.cdev_fd)
+                .map_err(|e| fail("cannot make the char device non-blocking", e))?;
+        }
+        let mut files = vec![spec.cdev_fd];
+        files.extend(target.files());
+        ring.submitter()
+            .register_files(&files)
+            .map_err(|e| fail("cannot register files in the ring", e))?;
+        let iods = uapi::IoDescTable::map(spec.cdev_fd, spec.qid, spec.depth)
+            .map_err(|e| fail("cannot map the request descriptors", e))?;
+        let bufs = match spec.buffer {
+            BufferMode::Copy | BufferMode::Fixed => Some(
+                uapi::BufferArena::new(spec.depth, spec.max_io_bytes as usize)
+                    .map_err(|e| fail("cannot allocate request buffers", e))?,
+            ),
+            BufferMode::Zc | BufferMode::AutoZc => None,
+        };
+        let addrs = (0..spec.depth)
+            .map(|tag| bufs.as_ref().map_or(0, |b| b.addr(tag) as u64))
+            .collect();
+        let cmds = Commands::new(
+            spec.batch,
+            spec.dev_id,
+            spec.qid,
+            spec.depth,
+            spec.buffer,
+            addrs,
+        )
+        .map_err(|e| fail("cannot allocate the batch command buffers", e))?;
+        let ctx = QueueContext {
+            qid: spec.qid,
+            depth: spec.depth,
+            first_file: 1,
+            user_copy: spec.user_copy,
+            // The slot after the requests' (fixed: their buffers; zc: their pages).
+            staging_index: Some(spec.depth),
+        };
+        let mut handler = target
+            .queue(ctx)
+            .map_err(|e| fail("target setup failed", e))?;
+        let staging = handler.staging_buffer().map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        });
+        register_buffers(&ring, spec.buffer, bufs.as_ref(), depth, staging)
+            .map_err(|e| fail("cannot register buffers in the ring", e))?;
+        Ok(Queue {
+            ring,
+            handler,
+            _target: target,
+            iods,
+            bufs,
+            tags: vec![TagState::default(); usize::from(spec.depth)],
+            retry: VecDeque::new(),
+            cmds,
+            // A fetch completion carries at most 128 tags.
+            delivered: Vec::with_capacity(usize::from(spec.depth).max(128)),
+            counters,
+            stop,
+            detach,
+            wake,
+            wake_buf: Box::new(0),
+            dumped: DUMP_GENERATION.load(Ordering::Acquire),
+            cqes: Vec::with_capacity(sq_entries as usize * 2),
+            finished: Vec::new(),
+            in_target: 0,
+            fail_after: crate::fault::queue_error_after(),
+            staging: staging.map(|v| (v.iov_base as u64, v.iov_len)),
+            spec,
+        })
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // Closing a ring releases its registered files and buffers later, from a kernel
+        // worker. Unregistering them here releases them now, on this thread, so that
+        // once `del` returns the backing file is closed (its file system can be
+        // unmounted). Nothing of the target's is in flight by now.
+        let submitter = self.ring.submitter();
+        if let Err(e) = submitter.unregister_files() {
+            log::debug!(
+                "dev {} queue {}: unregister files: {e}",
+                self.spec.dev_id,
+                self.spec.qid
+            );
+        }
+        // A copy-mode ring without a staging buffer has no table: nothing to undo.
+        let _ = submitter.unregister_buffers();
+    }
+}
+
+/// Registers the ring's buffer table: in fixed mode the daemon's request buffers at
+/// their tags, in the zero-copy modes an empty slot per tag for the requests' pages;
+/// and the target's `staging` buffer, if any, at index `depth`.
+fn register_buffers(
+    ring: &IoUring,
+    buffer: BufferMode,
+    bufs: Option<&uapi::BufferArena>,
+    depth: u32,
+    staging: Option<libc::iovec>,
+) -> io::Result<()> {
+    let submitter = ring.submitter();
+    match (buffer, bufs) {
+        (BufferMode::Fixed, Some(arena)) => {
+            let mut iovecs = arena.iovecs();
+            iovecs.extend(staging);
+            // SAFETY: the iovecs describe the arena and the target's staging buffer,
+            // which the queue keeps until after the ring's registrations are gone.
+            return unsafe { submitter.register_buffers(&iovecs) };
+        }
+        (BufferMode::Copy, _) if staging.is_none() => return Ok(()),
+        _ => submitter.register_buffers_sparse(depth + 1)?,
+    }
+    if let Some(iov) = staging {
+        // SAFETY: as above: the staging buffer outlives the registration.
+        unsafe { submitter.register_buffers_update(depth, &[iov], None) }?;
+    }
+    Ok(())
+}
+
+/// Sets O_NONBLOCK on `fd`'s open file.
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor the caller owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
