@@ -328,6 +328,14 @@ pub trait Target: Send + Sync {
         Ok(None)
     }
 
+    /// Whether the device follows its backend's size ([`Target::watch_size`]): then a
+    /// backend that changed size while no ublkd ran is no reason to refuse recovery;
+    /// the device is recovered at the size the kernel has and then follows. False (the
+    /// default): a backend whose size changed behind ublkd's back stops recovery.
+    fn follows_backend_size(&self) -> bool {
+        false
+    }
+
     /// The device is being deleted and the kernel drains it (in-flight requests and
     /// the writeback of dirty pages) while the queues keep serving. A target that may
     /// wait on something slow calls [`Target::abort`] on itself when waiting is no

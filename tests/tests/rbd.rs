@@ -391,12 +391,14 @@ fn del_while_the_osd_is_unreachable() {
 /// ublkctl command. `show` and `list` say the new size, and IO at the new end works.
 /// (An rbd record keeps no size to check: the image's is the truth, read when the
 /// device is restored or recovered.) `ublkctl resize` with another size than the
-/// image's is refused with one line; without a size it changes nothing.
+/// image's is refused with one line; without a size it changes nothing. An image
+/// resized while ublkd is down (kill -9) does not stop recovery: the device comes back
+/// at the kernel's size with its data and then follows the image.
 #[test]
 fn resize_follows_the_image() {
     let c = cluster();
     c.create_image("grow", "8M");
-    let d = Daemon::start("rbd-grow");
+    let mut d = Daemon::start("rbd-grow");
     let dev = add_rbd(&d, "rbd/grow", &[]);
     let id = dev_id(&dev);
     let sectors = || {
@@ -458,5 +460,29 @@ fn resize_follows_the_image() {
         d.log_text()
     );
     fio(&verify_job(&dev, "write", "64k", "12M", 4));
+
+    // Resized while no ublkd runs: recovered at 12M, then grown to 20M.
+    let head = pattern(78, 1 << 20);
+    write_direct(&dev, &head);
+    d.kill9();
+    c.rbd(&["resize", "--size", "20M", "rbd/grow"]);
+    let d = Daemon::start_with("rbd-grow", &[]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while list_entry(&d, id)["state"] != "live" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not served again within 60 s:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    follow(&d, 20 << 20);
+    assert!(
+        d.log_text().contains("changed size while it was not served"),
+        "{}",
+        d.log_text()
+    );
+    assert!(read_direct(&dev, head.len()) == head, "data changed across the recovery");
+    fio(&verify_job(&dev, "write", "64k", "20M", 4));
     d.del(&dev);
 }

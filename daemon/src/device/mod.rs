@@ -263,10 +263,20 @@ impl Device {
         })?;
         let kernel_size = params.basic.dev_sectors << 9;
         if kernel_size != shape.size {
-            bail!(
-                "the backing store of device {id} is now {} bytes, but the device has {} bytes",
-                shape.size,
-                kernel_size
+            if !target.follows_backend_size() {
+                bail!(
+                    "the backing store of device {id} is now {} bytes, but the device has {} bytes",
+                    shape.size,
+                    kernel_size
+                );
+            }
+            // Recovered as the kernel has it; once served, the device follows its
+            // backend (`Daemon::live` looks at the size right away).
+            log::warn!(
+                "dev {id}: its {} backend changed size while it was not served ({kernel_size} -> {} bytes): \
+                 recovering it at {kernel_size} bytes, then following the backend",
+                target.name(),
+                shape.size
             );
         }
         ctrl.start_user_recover().map_err(|e| {
@@ -277,13 +287,13 @@ impl Device {
         })?;
         fault::crash_point("recovering");
         log::info!(
-            "dev {id}: recovering ({} target, {} bytes, {} queues x depth {}, {buffer} buffers)",
+            "dev {id}: recovering ({} target, {kernel_size} bytes, {} queues x depth {}, {buffer} buffers)",
             target.name(),
-            shape.size,
             geometry.queues,
             geometry.depth
         );
         let mut device = Device::new(record.clone(), geometry, buffer, target, ctrl);
+        device.shape.size = kernel_size;
         if let Err(e) = device.start(RECOVER_TIMEOUT) {
             // Leave the device to a later attempt: never delete what holds user data.
             device.disown();

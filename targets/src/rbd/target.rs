@@ -105,6 +105,11 @@ impl Target for RbdTarget {
         )?))
     }
 
+    /// An image resized while no ublkd ran is followed after recovery, as any resize.
+    fn follows_backend_size(&self) -> bool {
+        self.opts.spec.snap.is_none()
+    }
+
     /// A snapshot never changes size; an image is watched for `rbd resize`.
     fn watch_size(&self, notice: SizeNotice) -> Result<Option<SizeWatch>, String> {
         if self.opts.spec.snap.is_some() {
