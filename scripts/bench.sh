@@ -38,10 +38,27 @@ ceph=()
 if [ "$suite" = rbd ]; then
     mapfile -t ceph < <(tests/vm/ceph-args.sh)
 fi
+# Profiling (see tests/src/bin/bench.rs): UBLKD_BENCH_HOOK=FILE copies the script FILE in
+# and runs it beside every fio run; UBLKD_BENCH_PERF=1 copies perf in too and lets it see
+# kernel symbols. UBLKD_BENCH_ENV="NAME=VALUE ..." sets environment variables for the
+# benchmark (and the daemon it starts) in the guest.
+prof=()
+guest_env=()
+if [ -n "${UBLKD_BENCH_HOOK:-}" ]; then
+    prof+=(--file "$(realpath "$UBLKD_BENCH_HOOK"):/root/bench-hook.sh")
+    guest_env+=(UBLKD_BENCH_HOOK="sh /root/bench-hook.sh")
+fi
+pre=""
+if [ "${UBLKD_BENCH_PERF:-}" = 1 ]; then
+    prof+=(--tool /usr/bin/perf)
+    pre="echo 0 > /proc/sys/kernel/kptr_restrict; echo -1 > /proc/sys/kernel/perf_event_paranoid; "
+fi
+read -ra extra_env <<< "${UBLKD_BENCH_ENV:-}"
+guest_env+=("${extra_env[@]}")
 # The guest runs the command with sh -c: quote the arguments (--ublkd has ';' and spaces).
 tests/vm/run.sh --timeout 1800 --mem 3G \
     --bin target/release/ublkd --bin target/release/ublkctl --bin target/release/ublkd-bench \
     --bin "$rublk" \
     --tool /usr/bin/nbdkit --tool /usr/bin/qemu-nbd --tool /usr/sbin/nbd-client \
-    --tool "$plugins/nbdkit-memory-plugin.so" "${ceph[@]}" \
-    -- "$(printf '%q ' ublkd-bench "$suite" "$@")" | stdbuf -oL tr -d '\r'
+    --tool "$plugins/nbdkit-memory-plugin.so" "${ceph[@]}" "${prof[@]}" \
+    -- "$pre$(printf '%q ' env "${guest_env[@]}" ublkd-bench "$suite" "$@")" | stdbuf -oL tr -d '\r'

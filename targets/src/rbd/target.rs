@@ -64,7 +64,9 @@ impl Target for RbdTarget {
         DeviceShape {
             size: self.size,
             read_only: self.opts.read_only,
-            // librbd may cache writes (rbd_cache): FLUSH is rbd_aio_flush.
+            // FLUSH is rbd_aio_flush. ublkd turns librbd's cache off (rados.rs), so a
+            // completed write is on the OSD already; a flush costs little then and keeps
+            // FLUSH and FUA correct whatever librbd does.
             volatile_cache: true,
             // Done as a write followed by a flush.
             fua: true,
@@ -89,6 +91,11 @@ impl Target for RbdTarget {
             "osd op timeout".into(),
             format!("{} s", c.osd_timeout.as_secs()),
         ));
+        let librbd: Vec<String> = super::rados::LIBRBD_SETTINGS
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        d.push(("librbd".into(), librbd.join(", ")));
         d.push((
             "image handle".into(),
             "one per device, shared by its queues".into(),

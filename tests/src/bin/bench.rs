@@ -34,12 +34,13 @@
 //! to CPUs: pinning fio changes how the two clients compare, and users rarely pin); it
 //! needs an export that advertises multi-conn. `--profile` adds a table of CPU time and
 //! context switches per IO: the ublk server's (from /proc of the process holding
-//! /dev/ublkcN), its io-wq workers' and fio's. `--backing tmpfs` puts the loop backing
+//! /dev/ublkcN; rbd-nbd's for the rbd benchmark's nbd device), its io-wq workers' and fio's. `--backing tmpfs` puts the loop backing
 //! file on tmpfs instead of ext4 on a memory-backed null_blk device.
 //!
 //! `UBLKD_BENCH_HOOK=COMMAND` (environment) runs COMMAND with `sh -c` beside every fio
-//! run, e.g. a profiler (`scripts/prof/nbd-hook.sh`, with `--profile` for the server's
-//! pid); see `hook_start`.
+//! run, e.g. a profiler (`scripts/prof/nbd-hook.sh`, `scripts/prof/rbd-hook.sh`, with
+//! `--profile` for the server's pid); see `hook_start`. scripts/bench.sh copies the hook
+//! (and perf) into the guest.
 
 use std::process::Command;
 use ublkd_tests::nbd_server::{Listen, Server};
@@ -165,8 +166,17 @@ fn process_cpu(pid: u32) -> ((u64, u64), (u64, u64)) {
     (own, iowq)
 }
 
-/// The process serving ublk device `dev` (`/dev/ublkbN`): the one holding `/dev/ublkcN`.
+/// The process serving ublk device `dev` (`/dev/ublkbN`): the one holding `/dev/ublkcN`;
+/// for an nbd device (`/dev/nbdN`), rbd-nbd if one runs (the rbd benchmark maps one), so
+/// librbd's cost is measured on both sides.
 fn server_pid(dev: &str) -> Option<u32> {
+    if dev.starts_with("/dev/nbd") {
+        return std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+            let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(p.path().join("comm")).ok()?;
+            (comm.trim() == "rbd-nbd").then_some(pid)
+        });
+    }
     let cdev = format!("/dev/ublkc{}", dev.strip_prefix("/dev/ublkb")?);
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
         let pid: u32 = p.file_name().to_str()?.parse().ok()?;
