@@ -478,11 +478,15 @@ fn resize_follows_the_image() {
     }
     follow(&d, 20 << 20);
     assert!(
-        d.log_text().contains("changed size while it was not served"),
+        d.log_text()
+            .contains("changed size while it was not served"),
         "{}",
         d.log_text()
     );
-    assert!(read_direct(&dev, head.len()) == head, "data changed across the recovery");
+    assert!(
+        read_direct(&dev, head.len()) == head,
+        "data changed across the recovery"
+    );
     fio(&verify_job(&dev, "write", "64k", "20M", 4));
     d.del(&dev);
 }
