@@ -17,13 +17,14 @@
 //! into the request cannot be done that way: the driver copies only from user memory.)
 //! While copies are in flight the staged bytes stay where they are: the next receive
 //! waits for them (they count as receive SQEs) and moves a partial header to the front
-//! only then. A large read's payload (from `DIRECT_MIN` bytes on)
-//! goes straight into the request's buffer instead: RECV with MSG_WAITALL into daemon
-//! memory, or READ_FIXED into the registered pages; while such a read may answer, a
-//! receive takes exactly one header, so its payload never passes through `rbuf`, and
-//! such reads wait to be sent while a staging receive is in flight (`staging`).
-//! Without user copy (a kernel that refuses it), every read in the zero-copy modes is
-//! received that way.
+//! only then.
+//!
+//! A large read's payload (from `DIRECT_MIN` bytes on) goes straight into the request's
+//! buffer instead: RECV with MSG_WAITALL into daemon memory, or READ_FIXED into the
+//! registered pages; while such a read may answer, a receive takes exactly one header,
+//! so its payload never passes through `rbuf`, and such reads wait to be sent while a
+//! staging receive is in flight (`staging`). Without user copy (a kernel that refuses
+//! it), every read in the zero-copy modes is received that way.
 //!
 //! A READ_FIXED on a socket can be short, and a short one does not fail an IO_LINK
 //! (seen on Linux 7.2), so receives are never linked to each other: one is in flight at
