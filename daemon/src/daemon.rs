@@ -277,8 +277,7 @@ impl Daemon {
             match Device::restore(&record, &self.kernel, &self.state) {
                 Ok(dev) => {
                     served += 1;
-                    let entry = self.live(dev);
-                    self.devices().insert(id, entry);
+                    self.insert_live(dev, None);
                 }
                 Err(e) => {
                     failed += 1;
@@ -494,8 +493,7 @@ impl Daemon {
             self.state.remove(id)?;
             bail!("ublkd is shutting down");
         }
-        let id = dev.id;
-        devices.insert(id, self.live(dev));
+        self.insert_live(dev, Some(&mut devices));
         Ok(info)
     }
 
@@ -537,8 +535,7 @@ impl Daemon {
         match Device::restore(&record, &self.kernel, &self.state) {
             Ok(dev) => {
                 let info = dev.info();
-                let entry = self.live(dev);
-                self.devices().insert(id, entry);
+                self.insert_live(dev, None);
                 log::info!("dev {id}: recovered by request");
                 Ok(info)
             }

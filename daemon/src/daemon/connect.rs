@@ -90,8 +90,7 @@ impl Daemon {
             match result {
                 Ok(dev) => {
                     log::info!("dev {id}: its server answered; served again (attempt {attempts})");
-                    let entry = self.live(dev);
-                    self.devices().insert(id, entry);
+                    self.insert_live(dev, None);
                     done(count);
                     return;
                 }

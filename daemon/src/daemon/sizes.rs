@@ -8,7 +8,7 @@
 use super::{Daemon, Entry};
 use crate::device::Device;
 use anyhow::{anyhow, Context, Result};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -40,18 +40,27 @@ impl Daemon {
             .context("cannot start the thread that follows backend sizes")
     }
 
-    /// The entry of a device that is now served, its backend watched for size
-    /// changes when the target can do that. The size is looked at once right away too:
-    /// the backend may have changed between the target's open and the watch.
-    pub(super) fn live(&self, mut dev: Device) -> Entry {
+    /// Puts a device that is now served into the device table (into `held` when the
+    /// caller holds the table's lock), its backend watched for size changes when the
+    /// target can do that (outside the lock, unless the caller holds it: librbd asks
+    /// the cluster). The size is looked at once right away too: the backend may have
+    /// changed between the target's open and the watch, or while no ublkd ran (a
+    /// recovery). That look is asked for only once the entry is in the table, so that
+    /// the size thread finds the device live.
+    pub(super) fn insert_live(&self, mut dev: Device, held: Option<&mut BTreeMap<u32, Entry>>) {
         let id = dev.id;
         let resized = self.resized.clone();
-        if dev.watch_size(Box::new(move || {
+        let watched = dev.watch_size(Box::new(move || {
             let _ = resized.send(id);
-        })) {
+        }));
+        let entry = Entry::Live(Box::new(dev));
+        match held {
+            Some(devices) => devices.insert(id, entry),
+            None => self.devices().insert(id, entry),
+        };
+        if watched {
             let _ = self.resized.send(id);
         }
-        Entry::Live(Box::new(dev))
     }
 
     /// Gives device `id` its backend's size now, if that changed.
