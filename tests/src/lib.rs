@@ -382,6 +382,21 @@ pub fn list_entry(d: &Daemon, id: u64) -> Value {
         .unwrap_or_else(|| panic!("device {id} is not listed:\n{}", d.log_text()))
 }
 
+/// Waits until device `id` is served (`live` in `list`), for at most 60 s: a network
+/// or rbd device is restored or reconnected in the background. `what` says after what,
+/// for the failure message.
+pub fn wait_live(d: &Daemon, id: u64, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while list_entry(d, id)["state"] != "live" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "device {id} not served 60 s {what}:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// The command path ublkd gives a device by default, also on the test VM's kernel,
 /// which has UBLK_F_BATCH_IO (batch is asked for with --batch).
 pub const DEFAULT_COMMANDS: &str = "per-tag";

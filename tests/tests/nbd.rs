@@ -475,15 +475,7 @@ fn a_server_that_is_down_at_start_is_waited_for_in_the_background() {
     assert!(!d.record_path(gone_id).exists());
 
     let _a = Server::qemu_nbd(Listen::Tcp(10931), a_file);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while list_entry(&d, id)["state"] != "live" {
-        assert!(
-            Instant::now() < deadline,
-            "not served 60 s after its server came back:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_live(&d, id, "after its server came back");
     assert_eq!(
         checksum(&dev, 8 << 20),
         sum,

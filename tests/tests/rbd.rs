@@ -238,15 +238,7 @@ fn kill9_during_fio_verify_recovers() {
     d.kill9();
     let d = Daemon::start_with(name, &[]);
     // Restored in the background, as every network device is.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while list_entry(&d, dev_id(&dev))["state"] != "live" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not served again within 60 s:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_live(&d, dev_id(&dev), "after the restart");
     run.wait();
     d.del(&dev);
 }
@@ -467,15 +459,7 @@ fn resize_follows_the_image() {
     d.kill9();
     c.rbd(&["resize", "--size", "20M", "rbd/grow"]);
     let d = Daemon::start_with("rbd-grow", &[]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while list_entry(&d, id)["state"] != "live" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not served again within 60 s:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    wait_live(&d, id, "after the restart");
     follow(&d, 20 << 20);
     assert!(
         d.log_text()
