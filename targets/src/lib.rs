@@ -143,15 +143,29 @@ pub trait Ring {
         Err(std::io::ErrorKind::Unsupported.into())
     }
 
-    /// Copies `into.len()` bytes of request `tag`'s buffer from byte `offset` into
-    /// `into` (a write's payload), as [`Ring::copy_to_request`] the other way.
-    fn copy_from_request(
+    /// Pushes an SQE that copies `len` bytes of request `tag`'s own pages (zc, auto-zc),
+    /// from byte `offset`, into daemon memory at `into` (a write's payload to be sent
+    /// from there), labelled `step` as [`Ring::push`] does: its completion comes back for
+    /// the request, with the bytes copied or -errno. An io_uring READ from the request's
+    /// user-copy position on the ublk char device, without a `pread` system call per
+    /// request. With `link` the SQE carries IOSQE_IO_LINK: the next SQE pushed starts
+    /// only after this one copied all `len` bytes, and is cancelled if it did not.
+    /// Err(Unsupported) where it does not apply (daemon buffers, no user copy),
+    /// Err(WouldBlock) when the ring is full. The default pushes nothing.
+    ///
+    /// # Safety
+    /// `into..into + len` must stay valid, and neither read nor written by anybody else,
+    /// until the completion has been passed to [`QueueTarget::complete`].
+    unsafe fn push_copy_from_request(
         &mut self,
         tag: u16,
+        step: u16,
         offset: usize,
-        into: &mut [u8],
+        into: *mut u8,
+        len: usize,
+        link: bool,
     ) -> std::io::Result<()> {
-        let _ = (tag, offset, into);
+        let _ = (tag, step, offset, into, len, link);
         Err(std::io::ErrorKind::Unsupported.into())
     }
 }
@@ -247,9 +261,10 @@ pub struct QueueContext {
     pub depth: u16,
     /// Index in the ring's registered file table of the first of [`Target::files`].
     pub first_file: u32,
-    /// [`Ring::copy_to_request`] and [`Ring::copy_from_request`] reach requests' own
-    /// pages (`IoBuf::Pages`) in this queue (user copy; only for targets that ask,
-    /// [`Target::copies_in`]). Daemon buffers (`User`, `Fixed`) they reach always.
+    /// [`Ring::copy_to_request`], [`Ring::push_staged_copy`] and
+    /// [`Ring::push_copy_from_request`] reach requests' own pages (`IoBuf::Pages`) in
+    /// this queue (user copy; only for targets that ask, [`Target::copies_in`]).
+    /// [`Ring::copy_to_request`] reaches daemon buffers (`User`, `Fixed`) always.
     pub user_copy: bool,
     /// Where in the ring's buffer table the queue registers the handler's
     /// [`QueueTarget::staging_buffer`], if it offers one: None where the ring has no

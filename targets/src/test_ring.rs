@@ -86,10 +86,6 @@ impl Ring for TestRing {
         // SAFETY: `lend`'s contract.
         unsafe { self.buf(tag)?.copy_in(offset, data) }
     }
-    fn copy_from_request(&mut self, tag: u16, offset: usize, into: &mut [u8]) -> io::Result<()> {
-        // SAFETY: `lend`'s contract.
-        unsafe { self.buf(tag)?.copy_out(offset, into) }
-    }
 }
 
 #[cfg(test)]

@@ -183,14 +183,39 @@ impl Ring for TargetRing<'_> {
         }
     }
 
-    fn copy_from_request(&mut self, tag: u16, offset: usize, into: &mut [u8]) -> io::Result<()> {
-        match self.request_buf(tag)? {
-            buf @ IoBuf::Pages { .. } => {
-                buf.check_range(offset, into.len())?;
-                uapi::user_copy_read(self.cdev()?, self.qid, tag, offset, into)
-            }
-            // SAFETY: as in `copy_to_request`.
-            buf => unsafe { buf.copy_out(offset, into) },
+    unsafe fn push_copy_from_request(
+        &mut self,
+        tag: u16,
+        step: u16,
+        offset: usize,
+        into: *mut u8,
+        len: usize,
+        link: bool,
+    ) -> io::Result<()> {
+        let buf @ IoBuf::Pages { .. } = self.request_buf(tag)? else {
+            let why = "the request's buffer is daemon memory";
+            return Err(io::Error::new(io::ErrorKind::Unsupported, why));
+        };
+        self.cdev()?;
+        buf.check_range(offset, len)?;
+        // The char device is file 0 of the ring's table (non-blocking: runs inline). A
+        // plain READ into daemon memory: the driver copies only to user memory.
+        let pos = uapi::user_copy_pos(self.qid, tag, offset as u32);
+        let sqe = opcode::Read::new(types::Fixed(0), into, len as u32)
+            .offset(pos)
+            .build()
+            .user_data(encode(Kind::Target, tag, step));
+        let sqe = if link {
+            sqe.flags(squeue::Flags::IO_LINK)
+        } else {
+            sqe
+        };
+        // SAFETY: `into..into + len` stays valid and untouched until the completion is
+        // handed to the target (the caller's guarantee).
+        if unsafe { push_all(self.ring, &[sqe]) } {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
         }
     }
 }

@@ -17,7 +17,7 @@ use super::proto;
 use super::recv::{self, Receiver};
 use super::send::{payload_len, Pace, SendChain};
 use super::step::{split_step, EVENT_ABORT, EVENT_RECV, EVENT_TICK, EVENT_WAKE};
-use super::step::{STEP_COPY, STEP_PAYLOAD, STEP_SEND};
+use super::step::{STEP_COPY, STEP_PAYLOAD, STEP_SEND, STEP_STAGE};
 use super::tags::{Tags, Timers, ABORT_GRACE};
 use crate::{BlockOp, Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring};
 use std::collections::VecDeque;
@@ -363,6 +363,14 @@ impl QueueTarget for NbdQueue {
                         .done(Some(tag), res, &self.conn, &mut self.tags, ring);
                     self.settle_replies(ring);
                     if let Err(b) = r {
+                        self.broken(b, ring);
+                    }
+                }
+            }
+            STEP_STAGE => {
+                self.send.sqe_completed();
+                if self.conn.current(generation) {
+                    if let Err(b) = self.send.staged(tag, res, &self.tags) {
                         self.broken(b, ring);
                     }
                 }

@@ -6,10 +6,11 @@
 //! own registered pages, SENDMSG of the headers up to a write's payload, a send of that
 //! payload from the registered buffer (`PayloadSends::pick`: SEND, or SEND_ZC for a
 //! large one on TCP), SENDMSG of what follows, and so on. Small payloads in registered
-//! pages are copied out (user copy) and sent with the headers instead
-//! (`stage_payload`). Every SQE of a chain has MSG_WAITALL and the chain is linked
-//! (IO_LINK): each starts when the one before has sent all of its bytes, and a failed
-//! or short one cancels the rest, so requests never interleave on the wire. (Kernels
+//! pages are copied out (user copy: a READ on the char device that the queue pushes,
+//! `stage_payload`) and sent with the headers instead; those READs go first in the
+//! chain. Every SQE of a chain has MSG_WAITALL and the chain is linked (IO_LINK): each
+//! starts when the one before has sent (or copied) all of its bytes, and a failed or
+//! short one cancels the rest, so requests never interleave on the wire. (Kernels
 //! that cannot SEND from a registered buffer get WRITE_FIXED on Unix sockets, which can
 //! be short and so ends its chain, and SEND_ZC for every payload on TCP.)
 //!
@@ -17,7 +18,8 @@
 //! and without it a send may be short, and a short send in a link does not stop the
 //! next one, which would put its bytes after a gap. There a chain's SQEs go out one at
 //! a time instead (`Pace::OneByOne`), unlinked and without MSG_WAITALL; a short one is
-//! continued from where it stopped before the next one goes. A request's bytes still
+//! continued from where it stopped before the next one goes (and the first goes only
+//! once the payload copies have completed). A request's bytes still
 //! never interleave with another's, at the cost of a ring round trip per SQE of a chain
 //! (one per chain when the payloads are in daemon memory: one SENDMSG).
 //!
@@ -28,7 +30,7 @@ use super::conn::{Broken, Connection};
 use super::fixed_send::{stage_payload, PayloadSend, PayloadSends};
 use super::proto;
 use super::segs::{close_run, write_sqe, Segments, SendSeg, Sent};
-use super::step::{step, STEP_SEND};
+use super::step::{step, STEP_SEND, STEP_STAGE};
 use super::tags::Tags;
 use crate::{BlockOp, IoBuf, IoDesc, Ring};
 use io_uring::squeue;
@@ -172,6 +174,26 @@ impl SendChain {
         self.inflight = self.inflight.saturating_sub(1);
     }
 
+    /// The copy of request `tag`'s payload into `wstage` (`stage_payload`) completed
+    /// with `res`, on the current connection. Nothing of the chain has gone out before
+    /// it: a failed or short copy cancelled the rest of a linked chain, and a chain
+    /// sent one by one waits for its copies. Either way the connection's sends no longer
+    /// match what was built, so it is treated as lost and its requests are sent again
+    /// (each a limited number of times) on the next one.
+    pub(super) fn staged(&mut self, tag: u16, res: i32, tags: &Tags) -> Result<(), Broken> {
+        let want = tags.get(tag).io.map_or(0, |io| payload_len(&io));
+        if res >= 0 && res as usize == want {
+            return Ok(());
+        }
+        let why = if res < 0 {
+            io::Error::from_raw_os_error(-res).to_string()
+        } else {
+            format!("{res} of {want} bytes")
+        };
+        let why = format!("copying tag {tag}'s write payload out of its pages failed: {why}");
+        Err(Broken::Lost(why))
+    }
+
     /// The connection is gone: what was expected of it is forgotten, and `resend` waits
     /// for the next chain (on the next connection).
     pub(super) fn reset(&mut self, resend: VecDeque<u16>) {
@@ -204,8 +226,9 @@ impl SendChain {
             return self.push_part(i, conn, tags, ring);
         }
         let n = self.queue.len().min(MAX_CHAIN);
-        // Per request at most a SENDMSG and a SEND_ZC (the queue adds its registrations).
-        if n == 0 || !ring.reserve(2 * n + 1, n) {
+        // Per request at most a payload copy, a SENDMSG and a SEND_ZC (the queue adds its
+        // registrations).
+        if n == 0 || !ring.reserve(3 * n + 1, n) {
             return Ok(());
         }
         self.segs.list.clear();
@@ -213,8 +236,11 @@ impl SendChain {
         // The SENDMSG being filled: (owner, first iovec, bytes).
         let mut run: Option<(u16, usize, usize)> = None;
         let mut taken = 0;
-        // Bytes of `wstage` this chain uses.
+        // Bytes of `wstage` this chain uses, and the copies into it pushed.
         let mut staged = 0usize;
+        let mut copies = 0u32;
+        let link = self.pace == Pace::Linked;
+        let generation = conn.generation();
         for &tag in self.queue.iter().take(n) {
             if staging && tags.is_direct(tag) {
                 break;
@@ -239,8 +265,16 @@ impl SendChain {
                 Some(IoBuf::User { addr, .. }) => Some(addr),
                 Some(IoBuf::Fixed { addr, .. }) => Some(addr as *mut u8),
                 Some(IoBuf::Pages { .. }) => {
-                    stage_payload(&mut self.wstage[staged..], ring, tag, payload)
-                        .inspect(|_| staged += payload)
+                    let room = &mut self.wstage[staged..];
+                    let label = step(STEP_STAGE, generation);
+                    // SAFETY: `wstage` is not touched again before every SQE of this
+                    // chain has completed (`inflight`, which counts the copy; a chain
+                    // is built only when it is zero), and outlives the queue's ring.
+                    unsafe { stage_payload(room, ring, tag, payload, label, link) }.inspect(|_| {
+                        staged += payload;
+                        copies += 1;
+                        tags.get_mut(tag).sqes += 1;
+                    })
                 }
                 _ => None,
             };
@@ -271,11 +305,17 @@ impl SendChain {
         }
         close_run(&mut self.segs.list, run.take(), iov);
         self.queue.drain(..taken);
+        self.inflight += copies;
         match self.pace {
             Pace::Linked => self.push_linked(conn, tags, ring),
             Pace::OneByOne { .. } if self.segs.list.is_empty() => Ok(()),
             Pace::OneByOne { .. } => {
                 self.next = Some(0);
+                if copies > 0 {
+                    // The first send waits for the copies (`ready`): unlinked, they
+                    // could otherwise be overtaken.
+                    return Ok(());
+                }
                 self.push_part(0, conn, tags, ring)
             }
         }

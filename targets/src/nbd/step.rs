@@ -12,6 +12,9 @@ pub(super) const STEP_POLL: u16 = 3;
 /// A copy of a read's payload from the staging buffer into the request's pages
 /// (`Ring::push_staged_copy`).
 pub(super) const STEP_COPY: u16 = 4;
+/// A copy of a write's payload out of the request's pages into the send chain's
+/// staging buffer (`Ring::push_copy_from_request`, `SendChain::pump`).
+pub(super) const STEP_STAGE: u16 = 5;
 /// Target-wide (`Ring::push_event`): a receive into the staging buffer.
 pub(super) const EVENT_RECV: u16 = 1;
 /// The eventfd's read (`Connection::arm_wake`).
@@ -42,6 +45,7 @@ mod tests {
                 STEP_PAYLOAD,
                 STEP_POLL,
                 STEP_COPY,
+                STEP_STAGE,
                 EVENT_RECV,
                 EVENT_TICK,
             ] {
