@@ -18,11 +18,13 @@ pub mod r#loop;
 pub mod nbd;
 pub mod null;
 pub mod rbd;
+mod staging;
 #[cfg(test)]
 mod test_ring;
 mod thread;
 
 pub use io::{BlockOp, IoBuf, IoDesc, IoFlags};
+pub use staging::Staging;
 pub use thread::io_flusher;
 
 use io_uring::squeue;
@@ -120,13 +122,15 @@ pub trait Ring {
     /// the queue registered, [`QueueTarget::staging_buffer`]), from byte `at`, into
     /// request `tag`'s own pages at byte `offset`, and labels it `step` as [`Ring::push`]
     /// does: its completion comes back for the request, with the bytes copied or
-    /// -errno. Only for a request whose buffer is its own pages (zc, auto-zc) in a queue
-    /// with user copy: an io_uring WRITE of the staged bytes to the request's user-copy
-    /// position on the ublk char device, the copy of [`Ring::copy_to_request`] without a
-    /// `pwrite` system call per request. (The driver copies only from user memory, so it
-    /// cannot be a WRITE_FIXED from the registered pages.) Err(Unsupported) where it
-    /// does not apply ([`Ring::copy_to_request`] does), Err(WouldBlock) when the ring is
-    /// full. The default pushes nothing.
+    /// -errno. Only for a request whose buffer is its own pages (zc, auto-zc): a
+    /// READ_FIXED of the staging buffer's memfd ([`Staging::file`]) into the request's
+    /// registered pages (a kernel memcpy), or where the buffer has no file, in a queue
+    /// with user copy, an io_uring WRITE of the staged bytes to the request's user-copy
+    /// position on the ublk char device (the driver copies only from user memory, so it
+    /// cannot be a WRITE_FIXED from the registered staging buffer). Either way the copy
+    /// of [`Ring::copy_to_request`] without a system call per request. Err(Unsupported)
+    /// where it does not apply ([`Ring::copy_to_request`] does), Err(WouldBlock) when
+    /// the ring is full. The default pushes nothing.
     ///
     /// # Safety
     /// The staging bytes `at..at + len` must stay unchanged until the completion has
@@ -182,11 +186,11 @@ pub trait QueueTarget {
     /// register in the ring's buffer table at [`QueueContext::staging_index`], asked
     /// once, right after the handler is created: the target can then receive into it
     /// with READ_FIXED (the kernel copies into registered pages without a user copy) and
-    /// have parts of it copied into requests with [`Ring::push_staged_copy`]. The memory
-    /// must stay where it is for as long as the handler lives (a boxed slice never
-    /// reallocated); the queue drops its ring, and with it the registration, first. The
+    /// have parts of it copied into requests with [`Ring::push_staged_copy`] (from its
+    /// memfd, [`Staging::file`], where it has one). The buffer must live as long as the
+    /// handler; the queue drops its ring, and with it the registration, first. The
     /// default has none.
-    fn staging_buffer(&mut self) -> Option<&mut [u8]> {
+    fn staging_buffer(&mut self) -> Option<&mut Staging> {
         None
     }
 

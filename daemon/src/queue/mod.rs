@@ -60,7 +60,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use target_ring::{io_buf, TagState, TargetRing};
+use target_ring::{io_buf, StagingArea, TagState, TargetRing};
 use ublkd_proto::BufferMode;
 use ublkd_targets::{
     dispatch, BlockOp, Completion, IoBuf, IoDesc, Outcome, Owner, QueueContext, QueueTarget, Ring,
@@ -291,8 +291,8 @@ struct Queue {
     in_target: usize,
     /// Fault injection: fail as on a ring error after this many requests.
     fail_after: Option<u64>,
-    /// The target's staging buffer registered at index `depth`: (address, length).
-    staging: Option<(u64, usize)>,
+    /// The target's staging buffer, registered at index `depth`.
+    staging: Option<StagingArea>,
 }
 
 /// Makes sure the submission queue has room for `n` more SQEs, flushing it once.

@@ -72,11 +72,16 @@ impl Queue {
         let mut handler = target
             .queue(ctx)
             .map_err(|e| fail("target setup failed", e))?;
-        let staging = handler.staging_buffer().map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
+        let staging = handler.staging_buffer().map(|b| StagingArea {
+            addr: b.as_mut_ptr() as u64,
+            len: b.len(),
+            file: b.file(),
         });
-        register_buffers(&ring, spec.buffer, bufs.as_ref(), depth, staging)
+        let staging_iov = staging.map(|s| libc::iovec {
+            iov_base: s.addr as *mut libc::c_void,
+            iov_len: s.len,
+        });
+        register_buffers(&ring, spec.buffer, bufs.as_ref(), depth, staging_iov)
             .map_err(|e| fail("cannot register buffers in the ring", e))?;
         Ok(Queue {
             ring,
@@ -99,7 +104,7 @@ impl Queue {
             finished: Vec::new(),
             in_target: 0,
             fail_after: crate::fault::queue_error_after(),
-            staging: staging.map(|v| (v.iov_base as u64, v.iov_len)),
+            staging,
             spec,
         })
     }

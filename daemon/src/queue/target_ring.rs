@@ -59,8 +59,17 @@ pub(super) struct TargetRing<'a> {
     pub(super) bufs: Option<&'a uapi::BufferArena>,
     /// `/dev/ublkcN` when the device has UBLK_F_USER_COPY.
     pub(super) user_copy: Option<RawFd>,
-    /// The target's staging buffer (registered in the ring): (address, length).
-    pub(super) staging: Option<(u64, usize)>,
+    /// The target's staging buffer (registered in the ring).
+    pub(super) staging: Option<StagingArea>,
+}
+
+/// Where a target's staging buffer is ([`QueueTarget::staging_buffer`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StagingArea {
+    pub(super) addr: u64,
+    pub(super) len: usize,
+    /// Its memfd, read from to copy staged bytes into a request's registered pages.
+    pub(super) file: Option<RawFd>,
 }
 
 impl TargetRing<'_> {
@@ -149,19 +158,39 @@ impl Ring for TargetRing<'_> {
         len: usize,
     ) -> io::Result<()> {
         let unsupported = |why: &str| io::Error::new(io::ErrorKind::Unsupported, why.to_owned());
-        let Some((addr, staging_len)) = self.staging else {
+        let Some(staging) = self.staging else {
             return Err(unsupported("the target has no registered staging buffer"));
         };
-        let buf @ IoBuf::Pages { .. } = self.request_buf(tag)? else {
+        let buf @ IoBuf::Pages { index, .. } = self.request_buf(tag)? else {
             return Err(unsupported("the request's buffer is daemon memory"));
         };
+        buf.check_range(offset, len)?;
+        if at.checked_add(len).is_none_or(|end| end > staging.len) {
+            let why = format!(
+                "bytes {at}+{len} are outside the staging buffer ({})",
+                staging.len
+            );
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        }
+        if let Some(file) = staging.file {
+            // The staging buffer's memfd at `at` into the request's registered pages at
+            // `offset` (a ublk-registered buffer is addressed from 0): the kernel's
+            // memcpy. The file is non-blocking, so the read runs inline.
+            let sqe = opcode::ReadFixed::new(types::Fd(file), offset as *mut u8, len as u32, index)
+                .offset(at as u64)
+                .build();
+            // SAFETY: the staging bytes stay unchanged until the completion is handed to
+            // the target (the caller's guarantee); the memfd lives as long as the
+            // buffer, which outlives the ring; the request's pages are registered (in
+            // front of this SQE in zc mode) until the request is committed, which waits
+            // for this completion.
+            return match unsafe { self.push(tag, step, sqe) } {
+                Ok(()) => Ok(()),
+                Err(RingFull) => Err(io::ErrorKind::WouldBlock.into()),
+            };
+        }
         if self.user_copy.is_none() {
             return Err(unsupported("the device has no user copy"));
-        }
-        buf.check_range(offset, len)?;
-        if at.checked_add(len).is_none_or(|end| end > staging_len) {
-            let why = format!("bytes {at}+{len} are outside the staging buffer ({staging_len})");
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
         }
         if !ensure_room(self.ring, 1) {
             return Err(io::ErrorKind::WouldBlock.into());
@@ -170,7 +199,8 @@ impl Ring for TargetRing<'_> {
         // plain WRITE, not WRITE_FIXED: the driver refuses to copy from anything but
         // user memory (a registered buffer is a kernel bvec to it: EACCES).
         let pos = uapi::user_copy_pos(self.qid, tag, offset as u32);
-        let sqe = opcode::Write::new(types::Fixed(0), (addr + at as u64) as *const u8, len as u32)
+        let addr = staging.addr + at as u64;
+        let sqe = opcode::Write::new(types::Fixed(0), addr as *const u8, len as u32)
             .offset(pos)
             .build()
             .user_data(encode(Kind::Target, tag, step));

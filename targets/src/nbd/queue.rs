@@ -19,7 +19,7 @@ use super::send::{payload_len, Pace, SendChain};
 use super::step::{split_step, EVENT_ABORT, EVENT_RECV, EVENT_TICK, EVENT_WAKE};
 use super::step::{STEP_COPY, STEP_PAYLOAD, STEP_SEND, STEP_STAGE};
 use super::tags::{Tags, Timers, ABORT_GRACE};
-use crate::{BlockOp, Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring};
+use crate::{BlockOp, Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring, Staging};
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -313,7 +313,7 @@ impl NbdQueue {
 }
 
 impl QueueTarget for NbdQueue {
-    fn staging_buffer(&mut self) -> Option<&mut [u8]> {
+    fn staging_buffer(&mut self) -> Option<&mut Staging> {
         self.recv.staging_buffer()
     }
 

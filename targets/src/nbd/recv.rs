@@ -39,7 +39,7 @@ use super::conn::{Broken, Connection};
 use super::proto;
 use super::step::{step, EVENT_RECV, STEP_COPY, STEP_PAYLOAD, STEP_POLL};
 use super::tags::Tags;
-use crate::{BlockOp, IoBuf, IoDesc, Ring};
+use crate::{BlockOp, IoBuf, IoDesc, Ring, Staging};
 use io_uring::{opcode, squeue};
 use std::io;
 
@@ -106,9 +106,10 @@ pub(super) struct Receiver {
     item: Option<RecvItem>,
     /// Receive SQEs in flight, of any connection: the next receive waits for zero.
     inflight: u32,
-    /// Replies received and not yet handled (boxed: receive SQEs and copies point into
-    /// it): bytes `rstart..rhave`; between receives only a partial header stays.
-    rbuf: Box<[u8]>,
+    /// Replies received and not yet handled (a mapping that never moves: receive SQEs
+    /// and copies point into it): bytes `rstart..rhave`; between receives only a
+    /// partial header stays.
+    rbuf: Staging,
     /// Bytes before `rstart` were handled; those up to `rhave` not yet.
     rstart: usize,
     rhave: usize,
@@ -128,7 +129,7 @@ impl Receiver {
         Receiver {
             item: None,
             inflight: 0,
-            rbuf: vec![0u8; RBUF_LEN].into_boxed_slice(),
+            rbuf: Staging::new(RBUF_LEN),
             rstart: 0,
             rhave: 0,
             index,
@@ -139,8 +140,8 @@ impl Receiver {
     }
 
     /// The staging buffer, for the queue to register (when it gave an index).
-    pub(super) fn staging_buffer(&mut self) -> Option<&mut [u8]> {
-        self.index.map(|_| &mut self.rbuf[..])
+    pub(super) fn staging_buffer(&mut self) -> Option<&mut Staging> {
+        self.index.map(|_| &mut self.rbuf)
     }
 
     /// Receive SQEs in flight, of any connection, and copies out of `rbuf`.
