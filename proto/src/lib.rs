@@ -5,10 +5,12 @@
 
 pub mod features;
 pub mod message;
+pub mod options;
 pub mod size;
 pub mod validate;
 
 pub use message::*;
+pub use options::*;
 
 /// Default path of the daemon's control socket.
 pub const DEFAULT_SOCKET: &str = "/run/ublkd/ublkd.sock";
