@@ -1,18 +1,17 @@
 //! ublkctl: the control tool for ublkd.
 
+mod add;
 mod client;
 mod generate;
 mod output;
 mod prometheus;
 
-use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use add::{add_request, size_arg, AddTarget};
+use anyhow::{bail, Result};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use ublkd_proto::size::parse_size;
-use ublkd_proto::validate::{DEFAULT_DEPTH, DEFAULT_NULL_SIZE, DEFAULT_QUEUES};
-use ublkd_proto::{
-    AddDevice, BufferMode, DeviceRef, DirectIo, QueueAffinity, Request, Response, TargetSpec,
-};
+use ublkd_proto::{DeviceRef, Request, Response};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -122,213 +121,6 @@ enum Generate {
     Man { dir: PathBuf },
     /// The completion script for SHELL, on standard output.
     Completions { shell: generate::Shell },
-}
-
-#[derive(Debug, Subcommand)]
-enum AddTarget {
-    /// A device that completes every request at once and stores nothing.
-    Null {
-        /// Device size: bytes, or with a K, M, G or T suffix (1024-based).
-        #[arg(long, default_value_t = DEFAULT_NULL_SIZE.to_string(), value_parser = size_arg)]
-        size: String,
-        #[command(flatten)]
-        common: CommonAddArgs,
-    },
-    /// A device backed by an NBD export; its size and capabilities are the server's.
-    Nbd {
-        /// nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (port 10809 by default);
-        /// nbds:// and nbds+unix:// with tls-certificates=DIR for TLS.
-        #[arg(long)]
-        uri: String,
-        /// Connections to the server, one per queue (more than one needs multi-conn);
-        /// the same as --queues.
-        #[arg(long)]
-        connections: Option<u32>,
-        /// Seconds to keep reconnecting after the connection drops; requests wait and are
-        /// sent again, then fail with EIO. 0 fails them at once.
-        #[arg(long, default_value_t = 30)]
-        reconnect_timeout: u32,
-        /// Seconds a request may wait for its reply; a server that stays connected but
-        /// does not answer in time counts as lost (reconnect and resend). 0: no limit.
-        /// Also the longest `del` waits for a connected server (30 s when 0).
-        #[arg(long, default_value_t = 30)]
-        request_timeout: u32,
-        #[command(flatten)]
-        common: CommonAddArgs,
-    },
-    /// A device backed by a Ceph RBD image (through librbd); its size is the image's.
-    /// A snapshot maps read-only.
-    Rbd {
-        /// [POOL/[NAMESPACE/]]IMAGE[@SNAP], as for the rbd tool (pool rbd by default).
-        #[arg(value_name = "POOL/[NAMESPACE/]IMAGE[@SNAP]")]
-        image: String,
-        /// The cluster's ceph.conf.
-        #[arg(long, default_value = "/etc/ceph/ceph.conf")]
-        conf: PathBuf,
-        /// The Ceph user, without "client." (the rbd tool's --id/--user; ublkctl's --id
-        /// is the device id).
-        #[arg(long, default_value = "admin")]
-        user: String,
-        /// The keyring file with the user's key (read by the daemon; never shown).
-        #[arg(long)]
-        keyring: Option<PathBuf>,
-        /// Map the image read-only.
-        #[arg(long)]
-        read_only: bool,
-        /// Seconds a request waits for its OSD before it fails with EIO; also the
-        /// longest `del` waits for requests an unreachable cluster holds.
-        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
-        osd_timeout: u32,
-        #[command(flatten)]
-        common: CommonAddArgs,
-    },
-    /// A device backed by a regular file or a block device; its size is the file's.
-    Loop {
-        /// The backing file or block device.
-        #[arg(long)]
-        file: PathBuf,
-        /// O_DIRECT on the backing file: auto (when possible), on (or fail), off.
-        #[arg(long, default_value = "auto")]
-        direct_io: DirectIo,
-        /// Export the file read-only.
-        #[arg(long)]
-        read_only: bool,
-        #[command(flatten)]
-        common: CommonAddArgs,
-    },
-}
-
-/// Options every target takes.
-#[derive(Debug, Args)]
-struct CommonAddArgs {
-    /// Device id, so the device is /dev/ublkbID [default: the first free one].
-    #[arg(long)]
-    id: Option<u32>,
-    /// A label for the device, unique among the daemon's devices.
-    #[arg(long)]
-    name: Option<String>,
-    /// Hardware queues, one daemon thread each [default: 1].
-    #[arg(long, help = format!("Hardware queues, one daemon thread each [default: {DEFAULT_QUEUES}]"))]
-    queues: Option<u32>,
-    /// Requests in flight per queue, 1-4096.
-    #[arg(long, help = format!("Requests in flight per queue, 1-4096 [default: {DEFAULT_DEPTH}]"))]
-    depth: Option<u32>,
-    /// Logical block size: 512 or 4096 [default: 512].
-    #[arg(long)]
-    block_size: Option<u32>,
-    /// How request data moves: copy, fixed, zc, auto-zc [default: the best the kernel supports].
-    #[arg(long)]
-    buffer: Option<BufferMode>,
-    /// Fetch and commit requests in batches (UBLK_F_BATCH_IO, Linux 7.0) [default: off].
-    #[arg(long, conflicts_with = "no_batch")]
-    batch: bool,
-    /// One command per request: the per-tag path (the default).
-    #[arg(long)]
-    no_batch: bool,
-    /// Where the queue threads run: cpu (each pinned to one CPU of the CPUs the kernel
-    /// maps to its queue), set (any of those CPUs) or off (not pinned) [default: cpu].
-    #[arg(long)]
-    affinity: Option<QueueAffinity>,
-}
-
-fn size_arg(s: &str) -> Result<String, String> {
-    parse_size(s)
-        .map(|_| s.to_string())
-        .map_err(|e| e.to_string())
-}
-
-/// `path` made absolute (the daemon has its own working directory), as UTF-8.
-fn absolute_utf8(path: &std::path::Path) -> Result<String> {
-    let abs =
-        std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
-    Ok(abs
-        .to_str()
-        .ok_or_else(|| anyhow!("{} is not valid UTF-8", abs.display()))?
-        .to_string())
-}
-
-fn add_request(target: AddTarget) -> Result<AddDevice> {
-    let (target, common) = match target {
-        AddTarget::Null { size, common } => (
-            TargetSpec::Null {
-                size: parse_size(&size)?,
-            },
-            common,
-        ),
-        AddTarget::Loop {
-            file,
-            direct_io,
-            read_only,
-            common,
-        } => {
-            let file = absolute_utf8(&file)?;
-            (
-                TargetSpec::Loop {
-                    file,
-                    direct_io,
-                    read_only,
-                },
-                common,
-            )
-        }
-        AddTarget::Rbd {
-            image,
-            conf,
-            user,
-            keyring,
-            read_only,
-            osd_timeout,
-            common,
-        } => (
-            TargetSpec::Rbd {
-                image,
-                conf: Some(absolute_utf8(&conf)?),
-                user: Some(user),
-                keyring: keyring.as_deref().map(absolute_utf8).transpose()?,
-                read_only,
-                osd_timeout: Some(osd_timeout),
-            },
-            common,
-        ),
-        AddTarget::Nbd {
-            uri,
-            connections,
-            reconnect_timeout,
-            request_timeout,
-            mut common,
-        } => {
-            match (connections, common.queues) {
-                (Some(c), Some(q)) if c != q => {
-                    bail!("--connections {c} and --queues {q} disagree: there is one connection per queue")
-                }
-                (Some(c), _) => common.queues = Some(c),
-                _ => {}
-            }
-            (
-                TargetSpec::Nbd {
-                    uri,
-                    reconnect_timeout: Some(reconnect_timeout),
-                    request_timeout: Some(request_timeout),
-                },
-                common,
-            )
-        }
-    };
-    Ok(AddDevice {
-        target,
-        id: common.id,
-        name: common.name,
-        queues: common.queues,
-        depth: common.depth,
-        block_size: common.block_size,
-        buffer: common.buffer,
-        batch: match (common.batch, common.no_batch) {
-            (true, _) => Some(true),
-            (_, true) => Some(false),
-            _ => None,
-        },
-        affinity: common.affinity,
-    })
 }
 
 fn main() {
@@ -444,6 +236,8 @@ fn run(cli: Cli) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ublkd_proto::validate::DEFAULT_NULL_SIZE;
+    use ublkd_proto::{BufferMode, DirectIo, QueueAffinity, TargetSpec};
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("ublkctl").chain(args.iter().copied()))
