@@ -724,6 +724,17 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// `dev` opened with O_DIRECT, for reading, and for writing too with `write`.
+pub fn open_direct(dev: &str, write: bool) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap_or_else(|e| panic!("{dev}: {e}"))
+}
+
 /// A buffer of `len` bytes aligned for O_DIRECT (4096), filled with `data`.
 pub struct AlignedBuf {
     raw: Vec<u8>,

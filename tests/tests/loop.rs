@@ -85,11 +85,7 @@ fn content_matches_backing_file(mode: &str) {
     let dev = add_loop(&d, &file, mode, &[]);
 
     // O_DIRECT: scattered 4k blocks and one 1 MiB run.
-    let direct = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&dev)
-        .unwrap();
+    let direct = open_direct(&dev, true);
     let mut writes: Vec<(usize, usize)> =
         (0..64).map(|i| ((i * 977 % 16000) * 4096, 4096)).collect();
     writes.push((40 << 20, 1 << 20));
@@ -111,11 +107,7 @@ fn content_matches_backing_file(mode: &str) {
     drop(buffered);
 
     // Read back through the device with O_DIRECT before deleting it.
-    let reader = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&dev)
-        .unwrap();
+    let reader = open_direct(&dev, false);
     let mut back = AlignedBuf::zeroed(size);
     reader.read_exact_at(back.as_mut_slice(), 0).unwrap();
     drop(reader);
@@ -273,12 +265,7 @@ fn discard(mode: &str) {
     );
 
     let len = 32usize << 20;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&dev)
-        .unwrap();
+    let f = open_direct(&dev, true);
     f.write_all_at(AlignedBuf::new(&pattern(9, len)).as_slice(), 0)
         .unwrap();
     f.sync_all().unwrap();

@@ -254,12 +254,7 @@ fn a_dead_server_fails_io_and_del_still_works() {
     let dev = add_nbd(&d, &server.uri, &["--reconnect-timeout", "3"]);
     fio(&fio_job(&dev, "randrw", "4k", 16, 1));
     server.kill();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags_direct()
-        .open(&dev)
-        .unwrap();
+    let f = open_direct(&dev, true);
     let buf = AlignedBuf::new(&[7u8; 4096]);
     let started = Instant::now();
     assert!(
@@ -285,17 +280,6 @@ fn a_dead_server_fails_io_and_del_still_works() {
     );
 }
 
-trait DirectOpen {
-    fn custom_flags_direct(&mut self) -> &mut Self;
-}
-
-impl DirectOpen for std::fs::OpenOptions {
-    fn custom_flags_direct(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_DIRECT)
-    }
-}
-
 /// A server that breaks the protocol: each fault is logged, the request gets an errno,
 /// the connection is dropped (an error reply keeps it), and the daemon keeps serving.
 #[test]
@@ -304,11 +288,7 @@ fn misbehaving_servers_fail_requests_not_the_daemon() {
     require_ublk();
     let d = Daemon::start("nbd-faults");
     let read_at = |dev: &str, off: u64| {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags_direct()
-            .open(dev)
-            .unwrap();
+        let f = open_direct(dev, false);
         let mut b = AlignedBuf::zeroed(4096);
         f.read_exact_at(b.as_mut_slice(), off).map(|_| ())
     };
@@ -361,11 +341,7 @@ fn misbehaving_servers_fail_requests_not_the_daemon() {
     // connection stays.
     serve(10924, Fault::Error(28));
     let dev = add_nbd(&d, "nbd://127.0.0.1:10924/", &[]);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags_direct()
-        .open(&dev)
-        .unwrap();
+    let f = open_direct(&dev, true);
     let e = f
         .write_all_at(AlignedBuf::new(&[1u8; 4096]).as_slice(), FAULT_OFFSET)
         .unwrap_err();
@@ -586,11 +562,7 @@ fn a_server_that_never_answers_times_out() {
     );
     let show = d.show_json(dev_id(&dev)).to_string();
     assert!(show.contains("request timeout"), "{show}");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags_direct()
-        .open(&dev)
-        .unwrap();
+    let f = open_direct(&dev, false);
     let mut b = AlignedBuf::zeroed(4096);
     f.read_exact_at(b.as_mut_slice(), 0).unwrap();
     let started = Instant::now();
@@ -629,11 +601,7 @@ fn del_does_not_wait_for_a_silent_server() {
     let dev = add_nbd(&d, "nbd://127.0.0.1:10942/", &["--request-timeout", "3"]);
     let path = dev.clone();
     let reader = std::thread::spawn(move || {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags_direct()
-            .open(&path)
-            .unwrap();
+        let f = open_direct(&path, false);
         let mut b = AlignedBuf::zeroed(4096);
         f.read_exact_at(b.as_mut_slice(), FAULT_OFFSET)
     });
@@ -683,15 +651,6 @@ fn reads_with_and_without_user_copy() {
             d.del(&dev);
         }
     }
-}
-
-fn open_direct(dev: &str, write: bool) -> std::fs::File {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .custom_flags_direct()
-        .open(dev)
-        .unwrap_or_else(|e| panic!("{dev}: {e}"))
 }
 
 /// Deleting a device drains it: the pages a writer left dirty are written back while

@@ -129,21 +129,13 @@ fn ext4_files_read_back() {
 
 /// Writes `data` at offset 0 of `dev`, O_DIRECT, and syncs.
 fn write_direct(dev: &str, data: &[u8]) {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap();
+    let mut f = open_direct(dev, true);
     f.write_all(AlignedBuf::new(data).as_slice()).unwrap();
     f.sync_all().unwrap();
 }
 
 fn read_direct(dev: &str, len: usize) -> Vec<u8> {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap();
+    let mut f = open_direct(dev, false);
     let mut buf = AlignedBuf::zeroed(len);
     f.read_exact(buf.as_mut_slice()).unwrap();
     buf.as_slice().to_vec()
@@ -426,12 +418,7 @@ fn resize_follows_the_image() {
     // The new end: written and read back, O_DIRECT.
     let tail = pattern(77, 64 << 10);
     let end = (16 << 20) - tail.len() as u64;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&dev)
-        .unwrap();
+    let f = open_direct(&dev, true);
     f.write_all_at(AlignedBuf::new(&tail).as_slice(), end)
         .unwrap();
     f.sync_all().unwrap();

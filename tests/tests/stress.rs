@@ -4,7 +4,6 @@
 //! without /dev/ublk-control they fail, never skip.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,11 +17,7 @@ const MODES: [&str; 4] = ["copy", "fixed", "zc", "auto-zc"];
 /// MiB with O_DIRECT within a bound.
 fn assert_serves(dev: &str) {
     let start = Instant::now();
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap_or_else(|e| panic!("{dev}: {e}"));
+    let mut f = open_direct(dev, false);
     let mut buf = AlignedBuf::zeroed(1 << 20);
     f.read_exact(buf.as_mut_slice())
         .unwrap_or_else(|e| panic!("{dev}: {e}"));
