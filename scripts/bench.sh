@@ -33,10 +33,13 @@ if [ -e /dev/ublk-control ]; then
     echo "note: running in the VM anyway, so both sides see the same (emulated) machine" >&2
 fi
 plugins=$(nbdkit --dump-config | sed -n 's/^plugindir=//p')
-# rbd: the single-node Ceph cluster and rbd-nbd.
+# rbd: the single-node Ceph cluster and rbd-nbd, and krbd: tests/vm/kernel.sh extracts the
+# rbd module (and libceph) only when asked, so the test runs need not carry them; asking
+# here fetches the kernel package once more (a few seconds) if the cached kernel lacks them.
 ceph=()
 if [ "$suite" = rbd ]; then
     mapfile -t ceph < <(tests/vm/ceph-args.sh)
+    export UBLKD_VM_EXTRA_MODULES="${UBLKD_VM_EXTRA_MODULES:-} rbd"
 fi
 # Profiling (see tests/src/bin/bench.rs): UBLKD_BENCH_HOOK=FILE copies the script FILE in
 # and runs it beside every fio run; UBLKD_BENCH_PERF=1 copies perf in too and lets it see

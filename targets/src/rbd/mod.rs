@@ -3,10 +3,12 @@
 //! One cluster connection and one open image per device, shared by its queues (librbd's
 //! image handle is thread safe). One handle per queue would be one exclusive-lock owner
 //! per queue, and librbd would pass the image's lock back and forth between them on
-//! every write. Each queue starts its requests with librbd's asynchronous calls
-//! (`queue.rs`); librbd reports each result from its own threads to the queue's
-//! [`rados::Completions`], which signals an eventfd that the queue's io_uring reads, so
-//! the queue thread never waits inside librbd.
+//! every write (measured: 4k random writes at 0.58x over two queues; on images without
+//! exclusive-lock no reproducible gain; docs/research/issue-15-rbd-speed.md section 5).
+//! Each queue starts its requests with librbd's asynchronous calls (`queue.rs`); librbd
+//! reports each result from its own threads to the queue's [`rados::Completions`], which
+//! signals an eventfd that the queue's io_uring reads, so the queue thread never waits
+//! inside librbd.
 //!
 //! librbd reads and writes process memory, so the target needs daemon buffers (`copy`
 //! or `fixed`); the zero-copy modes are refused when the device is added.

@@ -32,7 +32,8 @@
 //! N`, one per hardware queue on both) and splits each workload's queue depth over N fio
 //! jobs, so that more than one queue and connection carries IO (the jobs are not pinned
 //! to CPUs: pinning fio changes how the two clients compare, and users rarely pin); it
-//! needs an export that advertises multi-conn. `--profile` adds a table of CPU time and
+//! needs an export that advertises multi-conn; for rbd it only splits each workload over
+//! N fio jobs, so that a ublkd device with `--queues N` gets IO on more than one queue. `--profile` adds a table of CPU time and
 //! context switches per IO: the ublk server's (from /proc of the process holding
 //! /dev/ublkcN; rbd-nbd's for the rbd benchmark's nbd device), its io-wq workers' and fio's. `--backing tmpfs` puts the loop backing
 //! file on tmpfs instead of ext4 on a memory-backed null_blk device.
@@ -41,6 +42,10 @@
 //! run, e.g. a profiler (`scripts/prof/nbd-hook.sh`, `scripts/prof/rbd-hook.sh`, with
 //! `--profile` for the server's pid); see `hook_start`. scripts/bench.sh copies the hook
 //! (and perf) into the guest.
+
+#[cfg(feature = "rbd")]
+#[path = "bench/rbd.rs"]
+mod rbd;
 
 use std::process::Command;
 use ublkd_tests::nbd_server::{Listen, Server};
@@ -774,69 +779,6 @@ fn bench_nbd(s: &Settings) {
     drop(servers);
 }
 
-/// Fills `dev` once with 512 KiB writes, so reads find written objects (librbd answers
-/// reads of objects that were never written without asking an OSD).
-#[cfg(feature = "rbd")]
-fn fill(dev: &str, size: &str) {
-    fio(&[
-        "--name=fill",
-        &format!("--filename={dev}"),
-        "--ioengine=io_uring",
-        "--direct=1",
-        "--rw=write",
-        "--bs=512k",
-        "--iodepth=8",
-        &format!("--size={size}"),
-    ]);
-}
-
-/// ublkd's rbd target against rbd-nbd (librbd behind the kernel's nbd client), each on
-/// its own 64 MiB image of the single-node test cluster (tests/src/ceph.rs): one image
-/// each, so the two never take the image's exclusive lock from each other.
-#[cfg(feature = "rbd")]
-fn bench_rbd(s: &Settings) {
-    let c = ublkd_tests::ceph::shared();
-    let conf = c.conf.to_str().expect("utf-8 conf path").to_string();
-    c.create_image("bench-nbd", "64M");
-    let out = Command::new("/usr/bin/rbd-nbd")
-        .args(["--conf", &conf, "map", "rbd/bench-nbd"])
-        .output()
-        .expect("run rbd-nbd");
-    assert!(
-        out.status.success(),
-        "rbd-nbd map: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let nbd = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let d = Daemon::start("bench-rbd");
-    let mut devices = vec![("rbd-nbd".to_string(), nbd.clone())];
-    for (n, extra) in s.variants.iter().enumerate() {
-        let image = format!("bench-ublkd{n}");
-        c.create_image(&image, "64M");
-        let spec = format!("rbd/{image}");
-        let args = vec!["rbd", &spec, "--conf", &conf, "--depth", "128"];
-        devices.push(add_ublkd(&d, args, extra));
-    }
-    for (_, dev) in &devices {
-        fill(dev, "64M");
-    }
-    println!(
-        "rbd: rbd-nbd ({nbd}) vs ublkd rbd (one queue, depth 128), each on its own 64 MiB image of a one-OSD memstore cluster in the VM"
-    );
-    println!(
-        "fio io_uring, direct, {} s per run (+1 s ramp), {} rounds, median shown; ratio = device / rbd-nbd",
-        s.runtime, s.rounds
-    );
-    println!();
-    compare(&devices, &[(0, "vs rbd-nbd")], &LOOP_ROWS, s);
-    let _ = Command::new("/usr/bin/rbd-nbd")
-        .args(["--conf", &conf, "unmap", &nbd])
-        .status();
-    for (_, udev) in &devices[1..] {
-        d.ctl_ok(&["del", &ublkd_tests::dev_id(udev).to_string()]);
-    }
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opt = |name: &str, default: usize| {
@@ -868,7 +810,7 @@ fn main() {
         Some("loop") => bench_loop(&s),
         Some("nbd") => bench_nbd(&s),
         #[cfg(feature = "rbd")]
-        Some("rbd") => bench_rbd(&s),
+        Some("rbd") => rbd::bench(&s),
         _ => {
             eprintln!("usage: ublkd-bench null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd \"ARGS;ARGS\"] [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs]");
             std::process::exit(2);

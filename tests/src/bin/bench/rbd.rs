@@ -1,0 +1,256 @@
+//! The rbd benchmark: ublkd's rbd target against rbd-nbd (librbd behind the kernel's nbd
+//! client) and krbd (the kernel's own rbd driver, `drivers/block/rbd` on
+//! `net/ceph/libceph`), each on its own 64 MiB image of the single-node test cluster
+//! (tests/src/ceph.rs): one image each, so no two take an image's exclusive lock from
+//! each other.
+//!
+//! krbd needs the `rbd` module (scripts/bench.sh has tests/vm/kernel.sh extract it and
+//! libceph for this benchmark); when it cannot be loaded or the image cannot be mapped,
+//! the benchmark says why in one line and goes on without it.
+//!
+//! A `--ublkd` variant may carry `--image-feature FEATURES` (as `rbd create` takes it,
+//! e.g. `layering`): the benchmark creates that variant's image with those features
+//! instead of the cluster's defaults and does not pass the option to `ublkctl add`.
+
+use super::{add_ublkd, compare, Settings, LOOP_ROWS};
+use std::process::Command;
+use ublkd_tests::{fio, Daemon};
+
+/// The benchmark's own option in a `--ublkd` variant: the features of its image.
+const IMAGE_FEATURE: &str = "--image-feature";
+
+/// Fills `dev` once with 512 KiB writes, so reads find written objects (librbd and krbd
+/// answer reads of objects that were never written without asking an OSD).
+fn fill(dev: &str, size: &str) {
+    fio(&[
+        "--name=fill",
+        &format!("--filename={dev}"),
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=write",
+        "--bs=512k",
+        "--iodepth=8",
+        &format!("--size={size}"),
+    ]);
+}
+
+/// Splits the benchmark's `--image-feature FEATURES` off a variant's `ublkctl add`
+/// arguments.
+fn image_features(extra: &[String]) -> (Vec<String>, Option<String>) {
+    let mut args = Vec::new();
+    let mut features = None;
+    let mut it = extra.iter();
+    while let Some(a) = it.next() {
+        if a == IMAGE_FEATURE {
+            features = it.next().cloned();
+        } else {
+            args.push(a.clone());
+        }
+    }
+    (args, features)
+}
+
+/// A krbd mapping: its id under /sys/bus/rbd/devices and its `/dev/rbdN`.
+struct Krbd {
+    id: String,
+    dev: String,
+}
+
+/// Loads the rbd module (and libceph with it) and maps `rbd/IMAGE` of the test cluster
+/// (no cephx) with krbd. Err says why not, in one line.
+fn krbd_map(image: &str) -> Result<Krbd, String> {
+    load_module("rbd")?;
+    let ids = || -> Vec<String> {
+        std::fs::read_dir("/sys/bus/rbd/devices")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = ids();
+    let add = "/sys/bus/rbd/add_single_major";
+    let spec = format!(
+        "{}:6789 name=admin rbd {image}",
+        ublkd_tests::ceph::MON_HOST
+    );
+    if let Err(e) = std::fs::write(add, &spec) {
+        return Err(format!(
+            "mapping with '{spec}' > {add} failed: {e}; kernel: {}",
+            last_rbd_message()
+        ));
+    }
+    let id = ids()
+        .into_iter()
+        .find(|i| !before.contains(i))
+        .ok_or("mapped, but no new device under /sys/bus/rbd/devices")?;
+    let dev = format!("/dev/rbd{id}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::path::Path::new(&dev).exists() {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("mapped as id {id}, but {dev} did not appear"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(Krbd { id, dev })
+}
+
+/// Loads module `name` from /lib/modules after the modules it depends on, as
+/// /lib/modules/modules.dep lists them (tests/vm/kernel.sh writes it; busybox modprobe
+/// loaded libceph before its dependency krb5). Err says which insmod failed and why.
+fn load_module(name: &str) -> Result<(), String> {
+    if std::path::Path::new(&format!("/sys/module/{name}")).exists() {
+        return Ok(());
+    }
+    let dep = std::fs::read_to_string("/lib/modules/modules.dep")
+        .map_err(|e| format!("cannot read /lib/modules/modules.dep: {e}"))?;
+    let prefix = format!("{name}.ko:");
+    let line = dep
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .ok_or_else(|| {
+            format!("module {name} is not in the guest (tests/vm/kernel.sh extracts it when UBLKD_VM_EXTRA_MODULES names it)")
+        })?;
+    for d in line.split_whitespace() {
+        load_module(d.trim_end_matches(".ko"))?;
+    }
+    let out = Command::new("insmod")
+        .arg(format!("/lib/modules/{name}.ko"))
+        .output()
+        .map_err(|e| format!("cannot run insmod: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "insmod {name}.ko failed: {}; kernel: {}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            last_rbd_message()
+        ));
+    }
+    Ok(())
+}
+
+/// The kernel's last message from rbd, libceph or a module load: why a map or load failed.
+fn last_rbd_message() -> String {
+    Command::new("dmesg")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .rev()
+                .find(|l| {
+                    ["rbd", "libceph", "module", "symbol"]
+                        .iter()
+                        .any(|w| l.contains(w))
+                })
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "no message".into())
+}
+
+fn krbd_unmap(k: &Krbd) {
+    if let Err(e) = std::fs::write("/sys/bus/rbd/remove_single_major", &k.id) {
+        eprintln!("krbd: unmapping {} failed: {e}", k.dev);
+    }
+}
+
+pub(super) fn bench(s: &Settings) {
+    let c = ublkd_tests::ceph::shared();
+    let conf = c.conf.to_str().expect("utf-8 conf path").to_string();
+    c.create_image("bench-nbd", "64M");
+    let out = Command::new("/usr/bin/rbd-nbd")
+        .args(["--conf", &conf, "map", "rbd/bench-nbd"])
+        .output()
+        .expect("run rbd-nbd");
+    assert!(
+        out.status.success(),
+        "rbd-nbd map: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let nbd = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let mut devices = vec![("rbd-nbd".to_string(), nbd.clone())];
+    c.create_image("bench-krbd", "64M");
+    let krbd = match krbd_map("bench-krbd") {
+        Ok(k) => {
+            devices.push(("krbd".to_string(), k.dev.clone()));
+            Some(k)
+        }
+        Err(e) => {
+            println!("krbd: not measured: {e}");
+            None
+        }
+    };
+    let d = Daemon::start("bench-rbd");
+    let first_ublkd = devices.len();
+    for (n, extra) in s.variants.iter().enumerate() {
+        let (extra, features) = image_features(extra);
+        let image = format!("bench-ublkd{n}");
+        let size = "64M".to_string();
+        let mut create = vec!["create", "--size", &size];
+        if let Some(f) = &features {
+            create.extend([IMAGE_FEATURE, f]);
+        }
+        let spec = format!("rbd/{image}");
+        create.push(&spec);
+        c.rbd(&create);
+        let args = vec!["rbd", &spec, "--conf", &conf, "--depth", "128"];
+        let (mut label, dev) = add_ublkd(&d, args, &extra);
+        if let Some(f) = features {
+            label.push_str(&format!(" img {f}"));
+        }
+        devices.push((label, dev));
+    }
+    for (_, dev) in &devices {
+        fill(dev, "64M");
+    }
+    let krbd_text = match &krbd {
+        Some(k) => format!(
+            " vs krbd ({}: rbd module, queue depth {})",
+            k.dev,
+            std::fs::read_to_string(format!("/sys/block/rbd{}/queue/nr_requests", k.id))
+                .unwrap_or_default()
+                .trim()
+        ),
+        None => String::new(),
+    };
+    println!(
+        "rbd: rbd-nbd ({nbd}){krbd_text} vs ublkd rbd (depth 128; one queue unless --queues), each on its own 64 MiB image of a one-OSD memstore cluster in the VM"
+    );
+    let mut refs = vec![(0, "vs rbd-nbd")];
+    if krbd.is_some() {
+        refs.push((1, "vs krbd"));
+    }
+    println!(
+        "fio io_uring, direct, {} job(s) sharing the queue depth, {} s per run (+1 s ramp), {} rounds, median shown; ratios = device / rbd-nbd{}",
+        s.jobs,
+        s.runtime,
+        s.rounds,
+        if krbd.is_some() { ", device / krbd" } else { "" }
+    );
+    println!();
+    compare(&devices, &refs, &LOOP_ROWS, s);
+    let _ = Command::new("/usr/bin/rbd-nbd")
+        .args(["--conf", &conf, "unmap", &nbd])
+        .status();
+    if let Some(k) = &krbd {
+        krbd_unmap(k);
+    }
+    for (_, udev) in &devices[first_ublkd..] {
+        d.ctl_ok(&["del", &ublkd_tests::dev_id(udev).to_string()]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::image_features;
+
+    #[test]
+    fn image_features_are_split_off() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            image_features(&v(&["--queues", "2", "--image-feature", "layering"])),
+            (v(&["--queues", "2"]), Some("layering".to_string()))
+        );
+        assert_eq!(image_features(&v(&[])), (v(&[]), None));
+    }
+}
