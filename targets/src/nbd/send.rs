@@ -180,7 +180,7 @@ impl SendChain {
     /// sent one by one waits for its copies. Either way the connection's sends no longer
     /// match what was built, so it is treated as lost and its requests are sent again
     /// (each a limited number of times) on the next one.
-    pub(super) fn staged(&mut self, tag: u16, res: i32, tags: &Tags) -> Result<(), Broken> {
+    pub(super) fn staged(&self, tag: u16, res: i32, tags: &Tags) -> Result<(), Broken> {
         let want = tags.get(tag).io.map_or(0, |io| payload_len(&io));
         if res >= 0 && res as usize == want {
             return Ok(());
