@@ -208,8 +208,8 @@ mod tests {
         // Too large, or more than the room left: not staged.
         assert!(stage(&mut room, STAGE_MAX + 1).is_none());
         assert!(stage(&mut room[4096..], 8192).is_none());
-        // A copy the ring cannot push (a test ring reaches no request pages) falls back
-        // to a send from the pages.
+        // A copy the ring cannot push (tag 3 has no buffer lent) falls back to a send
+        // from the pages.
         assert!(stage(&mut room, 4096).is_none());
         assert!(ring.pushed.is_empty());
     }
