@@ -28,11 +28,12 @@ pub struct Staging {
 unsafe impl Send for Staging {}
 
 impl Staging {
-    /// A staging buffer of `len` bytes (rounded up to pages), filled with zeros.
-    pub fn new(len: usize) -> Staging {
+    /// A staging buffer of `len` bytes (rounded up to pages), filled with zeros; an
+    /// error only when not even anonymous memory can be mapped.
+    pub fn new(len: usize) -> io::Result<Staging> {
         let len = len.max(1).next_multiple_of(page_size());
         match Self::with_memfd(len) {
-            Ok(s) => s,
+            Ok(s) => Ok(s),
             Err(e) => {
                 log::warn!(
                     "cannot back a {len}-byte staging buffer with a memfd ({e}): read payloads are copied into requests with a user copy"
@@ -73,17 +74,19 @@ impl Staging {
         })
     }
 
-    fn anonymous(len: usize) -> Staging {
+    fn anonymous(len: usize) -> io::Result<Staging> {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE;
-        let addr = map(len, flags, -1).unwrap_or_else(|e| {
-            // As a failed heap allocation would.
-            panic!("cannot map {len} bytes of staging memory: {e}")
-        });
-        Staging {
+        let addr = map(len, flags, -1).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot map {len} bytes of staging memory: {e}"),
+            )
+        })?;
+        Ok(Staging {
             addr,
             len,
             file: None,
-        }
+        })
     }
 }
 
@@ -134,7 +137,7 @@ mod tests {
 
     #[test]
     fn the_file_reads_what_the_buffer_holds() {
-        let mut s = Staging::new(10_000);
+        let mut s = Staging::new(10_000).unwrap();
         assert_eq!(s.len(), 12_288, "rounded up to pages");
         assert!(s.iter().all(|&b| b == 0));
         s[4096..4100].copy_from_slice(b"abcd");

@@ -319,7 +319,7 @@ impl Target for NbdTarget {
             self.pace,
             ctx.user_copy,
             ctx.staging_index,
-        )))
+        )?))
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -66,15 +66,15 @@ impl NbdQueue {
         pace: Pace,
         user_copy: bool,
         staging_index: Option<u16>,
-    ) -> Self {
-        NbdQueue {
+    ) -> std::io::Result<Self> {
+        Ok(NbdQueue {
             conn,
             tags: Tags::new(depth),
             timers: Timers::new(request_timeout),
             send: SendChain::new(depth, payload_sends, pace, user_copy),
-            recv: Receiver::new(user_copy, staging_index),
+            recv: Receiver::new(user_copy, staging_index)?,
             user_copy,
-        }
+        })
     }
 
     /// Queues request `io` for sending.

@@ -125,18 +125,18 @@ pub(super) struct Receiver {
 
 impl Receiver {
     /// A receiver; `index`: where the queue registers its staging buffer, if it does.
-    pub(super) fn new(user_copy: bool, index: Option<u16>) -> Self {
-        Receiver {
+    pub(super) fn new(user_copy: bool, index: Option<u16>) -> io::Result<Self> {
+        Ok(Receiver {
             item: None,
             inflight: 0,
-            rbuf: Staging::new(RBUF_LEN),
+            rbuf: Staging::new(RBUF_LEN)?,
             rstart: 0,
             rhave: 0,
             index,
             partial: None,
             user_copy,
             replies: Vec::new(),
-        }
+        })
     }
 
     /// The staging buffer, for the queue to register (when it gave an index).
