@@ -20,10 +20,14 @@ impl Queue {
         let sq_entries = (depth * 4 + 8).next_power_of_two().min(32768);
         let ring = IoUring::builder()
             .setup_cqsize(sq_entries * 2)
-            // Only this thread submits, and it always reaps inside io_uring_enter: run
-            // completion work there, in batches, instead of interrupting the thread.
+            // Completion work runs when this thread enters the kernel, without an
+            // interrupt (COOP_TASKRUN); only this thread submits (SINGLE_ISSUER). Not
+            // DEFER_TASKRUN: there, the completion of a backing-file write that io-wq
+            // ran goes back to this thread as task work and wakes it, and 4k random
+            // writes of the loop target measured 6-7% slower with it (0.95x of rublk,
+            // which uses COOP_TASKRUN, against 1.01x; docs/research/issue-12-speed.md 7.3).
+            .setup_coop_taskrun()
             .setup_single_issuer()
-            .setup_defer_taskrun()
             .build(sq_entries)
             .map_err(|e| fail("cannot create the io_uring", e))?;
         if spec.user_copy {
