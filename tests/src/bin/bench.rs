@@ -331,10 +331,51 @@ fn compare(devices: &[(String, String)], refs: &[(usize, &str)], rows: &[Row], s
             println!("{line}");
         }
     }
+    let placed: Vec<String> = devices
+        .iter()
+        .filter_map(|(label, dev)| Some(format!("{label} {}", queue_cpus(dev)?)))
+        .collect();
+    if !placed.is_empty() {
+        println!();
+        println!("queue threads' CPUs: {}", placed.join("; "));
+    }
     if s.profile {
         println!();
         print_costs(devices, &rows, &samples);
     }
+}
+
+/// The CPUs the queue threads of ublk device `dev` may run on (their Cpus_allowed_list,
+/// one entry per queue): ublkd names its queue threads `ublk<dev>q<queue>`; for another
+/// server (rublk) they are its threads pinned to a single CPU. The CPU a queue is pinned
+/// to moves some rows by several percent in the VM, and rublk picks it at random, so the
+/// tables say where each one ran. None for a kernel device or an unpinned peer.
+fn queue_cpus(dev: &str) -> Option<String> {
+    let id = dev.strip_prefix("/dev/ublkb")?;
+    let pid = server_pid(dev)?;
+    let prefix = format!("ublk{id}q");
+    let (mut named, mut pinned) = (Vec::new(), Vec::new());
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        let Some(cpus) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|c| c.trim().to_string())
+        else {
+            continue;
+        };
+        if comm.trim().starts_with(&prefix) {
+            named.push(cpus);
+        } else if !cpus.contains([',', '-']) {
+            pinned.push(cpus);
+        }
+    }
+    let list = if named.is_empty() { pinned } else { named };
+    (!list.is_empty()).then(|| format!("CPU {}", list.join(" ")))
 }
 
 /// The `--profile` table: medians over the rounds of each device's CPU time per IO.
