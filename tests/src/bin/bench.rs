@@ -11,7 +11,7 @@
 //! Usage: ublkd-bench null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT]
 //!        [--export nbdkit|nbdkit-tcp|nbdkit-unix|nbdkit-tls|qemu] [--buffers MODE,...]
 //!        [--ublkd "ARGS;ARGS"] [--connections N] [--rublk-multi-cpus] [--profile]
-//!        [--backing ext4|tmpfs]
+//!        [--backing ext4|tmpfs] [--nbdkit-threads N]
 //!
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
 //! `--export` keeps the nbd exports whose key starts with it (`nbdkit-tcp`, `nbdkit-unix`,
@@ -36,7 +36,10 @@
 //! N fio jobs, so that a ublkd device with `--queues N` gets IO on more than one queue. `--profile` adds a table of CPU time and
 //! context switches per IO: the ublk server's (from /proc of the process holding
 //! /dev/ublkcN; rbd-nbd's for the rbd benchmark's nbd device), its io-wq workers' and fio's. `--backing tmpfs` puts the loop backing
-//! file on tmpfs instead of ext4 on a memory-backed null_blk device.
+//! file on tmpfs instead of ext4 on a memory-backed null_blk device. `--nbdkit-threads N`
+//! runs the nbdkit exports with `--threads=N` (nbdkit's default is 16 per connection):
+//! the same server for both clients, and on two CPUs it decides how they compare (the
+//! README's nbd section).
 //!
 //! `UBLKD_BENCH_HOOK=COMMAND` (environment) runs COMMAND with `sh -c` beside every fio
 //! run, e.g. a profiler (`scripts/prof/nbd-hook.sh`, `scripts/prof/rbd-hook.sh`, with
@@ -104,6 +107,8 @@ struct Settings {
     profile: bool,
     /// loop: where the backing file lives (see [`loop_backing_dir`]).
     backing: Option<String>,
+    /// nbd: nbdkit's `--threads` (its default when None).
+    nbdkit_threads: Option<String>,
 }
 
 impl Settings {
@@ -670,6 +675,12 @@ fn bench_nbd(s: &Settings) {
     // Client certificates too: nbd-client -enable-tls will not start without one.
     let pki = ublkd_tests::pki::make("/tmp/bench-pki", ublkd_tests::pki::ServerCert::Good, true);
     let tls_certs = format!("--tls-certificates={}", pki.server.display());
+    let threads: Vec<String> = s
+        .nbdkit_threads
+        .iter()
+        .map(|n| format!("--threads={n}"))
+        .collect();
+    let threads: Vec<&str> = threads.iter().map(String::as_str).collect();
     let servers: Vec<Server> = wanted
         .iter()
         .map(|(key, _, at)| {
@@ -678,9 +689,11 @@ fn bench_nbd(s: &Settings) {
                 Err(path) => Listen::Unix(path.to_string()),
             };
             if *key == "nbdkit-tls" {
-                Server::nbdkit_memory(listen, "512M", &["--tls=on", &tls_certs])
+                let mut args = vec!["--tls=on", &tls_certs];
+                args.extend(&threads);
+                Server::nbdkit_memory(listen, "512M", &args)
             } else if key.starts_with("nbdkit") {
-                Server::nbdkit_memory(listen, "512M", &[])
+                Server::nbdkit_memory(listen, "512M", &threads)
             } else {
                 Server::qemu_nbd(listen, file)
             }
@@ -788,7 +801,11 @@ fn bench_nbd(s: &Settings) {
             .filter_map(|(l, _)| l.strip_prefix("ublkd "))
             .collect();
         println!(
-            "{label} export on {place}: kernel nbd client ({kdev}, nbd-client -C {conns}) vs ublkd nbd ({uri}: {conns} queue(s) and connection(s), depth 128, buffers: {})",
+            "{label} export on {place}{}: kernel nbd client ({kdev}, nbd-client -C {conns}) vs ublkd nbd ({uri}: {conns} queue(s) and connection(s), depth 128, buffers: {})",
+            match (&s.nbdkit_threads, key.starts_with("nbdkit")) {
+                (Some(n), true) => format!(" (nbdkit --threads={n})"),
+                _ => String::new(),
+            },
             modes.join(", ")
         );
         println!(
@@ -845,6 +862,7 @@ fn main() {
         rublk_multi: args.iter().any(|a| a == "--rublk-multi-cpus"),
         profile: args.iter().any(|a| a == "--profile"),
         backing: text("--backing"),
+        nbdkit_threads: text("--nbdkit-threads"),
     };
     match args.first().map(String::as_str) {
         Some("null") => bench_null(&s),
@@ -853,7 +871,7 @@ fn main() {
         #[cfg(feature = "rbd")]
         Some("rbd") => rbd::bench(&s),
         _ => {
-            eprintln!("usage: ublkd-bench null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd \"ARGS;ARGS\"] [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs]");
+            eprintln!("usage: ublkd-bench null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd \"ARGS;ARGS\"] [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs] [--nbdkit-threads N]");
             std::process::exit(2);
         }
     }
