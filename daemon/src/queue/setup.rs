@@ -25,7 +25,7 @@ impl Queue {
             // DEFER_TASKRUN: there, the completion of a backing-file write that io-wq
             // ran goes back to this thread as task work and wakes it, and 4k random
             // writes of the loop target measured 6-7% slower with it (0.95x of rublk,
-            // which uses COOP_TASKRUN, against 1.01x; docs/research/issue-12-speed.md 7.3).
+            // which uses COOP_TASKRUN, against 1.02x with these flags; issue-12-speed.md 7.3).
             .setup_coop_taskrun()
             .setup_single_issuer()
             .build(sq_entries)
