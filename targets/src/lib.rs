@@ -20,6 +20,7 @@ pub mod null;
 pub mod rbd;
 mod staging;
 #[cfg(test)]
+#[path = "tests/ring.rs"]
 mod test_ring;
 mod thread;
 

@@ -48,6 +48,7 @@ mod tags;
 mod tests;
 pub mod tls;
 #[cfg(test)]
+#[path = "tests/tls.rs"]
 mod tls_tests;
 pub mod uri;
 

@@ -419,5 +419,5 @@ pub fn errno(nbd_error: u32) -> i32 {
 }
 
 #[cfg(test)]
-#[path = "proto_tests.rs"]
+#[path = "tests/proto.rs"]
 mod tests;

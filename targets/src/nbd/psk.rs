@@ -442,5 +442,5 @@ impl<S: Read + Write> Client<S> {
 }
 
 #[cfg(test)]
-#[path = "psk_tests.rs"]
+#[path = "tests/psk.rs"]
 mod tests;

@@ -392,5 +392,5 @@ impl std::fmt::Display for NbdUri {
 }
 
 #[cfg(test)]
-#[path = "uri_tests.rs"]
+#[path = "tests/uri.rs"]
 mod tests;
