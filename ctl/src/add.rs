@@ -109,7 +109,8 @@ pub(crate) struct CommonAddArgs {
     #[arg(long)]
     no_batch: bool,
     /// Where the queue threads run: cpu (each pinned to one CPU of the CPUs the kernel
-    /// maps to its queue), set (any of those CPUs) or off (not pinned) [default: cpu].
+    /// maps to its queue), set (any of those CPUs) or off (not pinned) [default: set
+    /// for nbd, cpu for the others].
     #[arg(long)]
     affinity: Option<QueueAffinity>,
 }

@@ -119,7 +119,7 @@ pub struct AddDevice {
     /// kernel without it), `Some(false)` or left out: the per-tag path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<bool>,
-    /// Where the queue threads run [default: [`QueueAffinity::Cpu`]].
+    /// Where the queue threads run [default: [`TargetSpec::default_affinity`]].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<QueueAffinity>,
 }
@@ -188,6 +188,28 @@ impl TargetSpec {
     /// the device needs daemon buffers (copy or fixed), not the zero-copy modes.
     pub fn needs_daemon_buffers(&self) -> bool {
         matches!(self, TargetSpec::Rbd { .. })
+    }
+
+    /// Where the queue threads run when the request does not say. The nbd target's
+    /// requests are served by another process (the server, often on the same host),
+    /// and its queue thread mostly waits for the socket: pinned to one CPU it queues
+    /// behind the server or the submitter while the other CPUs idle, so it may run on
+    /// any CPU of its queue's set. The other targets do a request's work in the queue
+    /// thread (null, loop) or measured no difference (rbd), and are pinned as rublk
+    /// and ublksrv pin theirs. Measured in docs/research/issue-12-speed.md 8.
+    pub fn default_affinity(&self) -> QueueAffinity {
+        match self {
+            TargetSpec::Nbd { .. } => QueueAffinity::Set,
+            _ => QueueAffinity::Cpu,
+        }
+    }
+}
+
+impl AddDevice {
+    /// Where the queue threads run: as asked, else the target's default.
+    pub fn affinity(&self) -> QueueAffinity {
+        self.affinity
+            .unwrap_or_else(|| self.target.default_affinity())
     }
 }
 
@@ -512,6 +534,23 @@ mod tests {
             assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{name}\""));
             assert_eq!(m.name(), name);
         }
+    }
+
+    #[test]
+    fn affinity_defaults_by_target_and_is_overridden() {
+        let add = |json: &str| match serde_json::from_str::<Request>(json).unwrap() {
+            Request::Add(add) => add,
+            other => panic!("not an add: {other:?}"),
+        };
+        let null = add(r#"{"cmd":"add","target":{"type":"null","size":4096}}"#);
+        assert_eq!(null.affinity, None);
+        assert_eq!(null.affinity(), QueueAffinity::Cpu);
+        let nbd = r#"{"cmd":"add","target":{"type":"nbd","uri":"nbd://h/"}}"#;
+        assert_eq!(add(nbd).affinity(), QueueAffinity::Set);
+        let pinned = r#"{"cmd":"add","target":{"type":"nbd","uri":"nbd://h/"},"affinity":"cpu"}"#;
+        assert_eq!(add(pinned).affinity(), QueueAffinity::Cpu);
+        let loose = r#"{"cmd":"add","target":{"type":"null","size":4096},"affinity":"off"}"#;
+        assert_eq!(add(loose).affinity(), QueueAffinity::Off);
     }
 
     #[test]

@@ -710,6 +710,17 @@ pub fn possible_cpus() -> u32 {
         .sum()
 }
 
+/// The CPUs a thread may run on, from /proc (`Cpus_allowed_list`).
+pub fn thread_cpus(tid: i64) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
 /// Fills `len` bytes from a seeded xorshift generator: reproducible test data.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;

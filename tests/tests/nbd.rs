@@ -159,12 +159,18 @@ fn multi_conn_with_two_queues() {
     }
     fio(&job);
     let show = d.show_json(dev_id(&dev));
+    // nbd queue threads are not pinned to one CPU by default: each may run on every
+    // CPU of its queue's set, and its thread is placed as `show` says.
+    assert_eq!(show["affinity"], "set", "{show}");
     for q in show["queue_stats"].as_array().unwrap() {
         assert!(
             q["requests"].as_u64().unwrap() > 0,
             "a queue carried no IO: {show}"
         );
         assert_eq!(q["errors"].as_u64(), Some(0), "{show}");
+        let listed = q["cpus"].as_str().unwrap();
+        let actual = thread_cpus(q["tid"].as_i64().unwrap());
+        assert_eq!(listed, actual, "show says {listed}, /proc says {actual}");
     }
     d.del(&dev);
 }

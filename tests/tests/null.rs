@@ -572,17 +572,6 @@ fn sigterm_deletes_devices_and_exits_zero() {
     assert!(!d.socket.exists(), "socket left behind");
 }
 
-/// The CPUs a thread may run on, from /proc (`Cpus_allowed_list`).
-fn thread_cpus(tid: i64) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
 #[test]
 fn queue_threads_are_placed_as_asked() {
     require_ublk();

@@ -93,7 +93,7 @@ impl Entry {
                 |r| r.buffer,
             ),
             commands: None,
-            affinity: add.and_then(|a| a.affinity).unwrap_or_default(),
+            affinity: add.map(|a| a.affinity()).unwrap_or_default(),
             state: state.to_string(),
             path: format!("/dev/ublkb{id}"),
             name: add.and_then(|a| a.name.clone()),

@@ -357,7 +357,7 @@ impl Device {
         self.batch = dev.dev_info.flags & u64::from(sys::UBLK_F_BATCH_IO) != 0;
 
         let (tx, rx) = mpsc::channel();
-        let affinity = self.record.add.affinity.unwrap_or_default();
+        let affinity = self.record.add.affinity();
         for qid in 0..self.geometry.queues {
             let placement = queue::place(affinity, &queue_cpus(ctrl, qid), queue::allowed_cpus());
             let spec = QueueSpec {
@@ -484,7 +484,7 @@ impl Device {
             } else {
                 CommandMode::PerTag
             }),
-            affinity: self.record.add.affinity.unwrap_or_default(),
+            affinity: self.record.add.affinity(),
             state: state.to_string(),
             path: self.path(),
         }
