@@ -134,7 +134,10 @@ struct Sample {
 /// Where the CPU time of one run went, per IO (`--profile`): the server process of a
 /// ublk device (every thread but its io-wq workers), its io-wq workers (`iou-wrk-*`,
 /// IO that io_uring could not issue inline), and fio (user plus system time, which holds
-/// the kernel's driver work for the kernel's own devices).
+/// the kernel's driver work for the kernel's own devices); and the share of the guest's
+/// CPU time that was idle during the fio command (every CPU, from /proc/stat; fio's start
+/// and ramp included, so it is a few percent even for a device that keeps the CPUs busy):
+/// requests waiting with nothing to run show there, not in any process's time.
 #[derive(Debug, Clone, Copy, Default)]
 struct Cost {
     server_us: f64,
@@ -142,6 +145,25 @@ struct Cost {
     iowq_us: f64,
     fio_us: f64,
     fio_switches: f64,
+    idle_pct: f64,
+}
+
+/// The guest's CPU time so far, in clock ticks: (busy, idle), idle counting iowait.
+fn guest_cpu() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let at = |i: usize| ticks.get(i).copied().unwrap_or(0);
+    let idle = at(3) + at(4);
+    let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
+    (busy, idle)
 }
 
 /// CPU nanoseconds and context switches of a process's threads so far: (the threads
@@ -219,6 +241,7 @@ fn measure(dev: &str, row: &Row, s: &Settings) -> Sample {
     let jobs = s.jobs;
     let server = if s.profile { server_pid(dev) } else { None };
     let before = server.map(process_cpu);
+    let guest_before = guest_cpu();
     let hook = hook_start(dev, row, server);
     let run = fio(&[
         "--name=bench",
@@ -239,6 +262,7 @@ fn measure(dev: &str, row: &Row, s: &Settings) -> Sample {
     } else {
         "read"
     };
+    let guest_after = guest_cpu();
     if let Some(mut hook) = hook {
         let _ = hook.wait();
     }
@@ -259,6 +283,11 @@ fn measure(dev: &str, row: &Row, s: &Settings) -> Sample {
         let fio_ios = iops * f64::from(s.runtime);
         cost.fio_us = pct / 100.0 * f64::from(s.runtime) * f64::from(jobs) * 1e6 / fio_ios;
         cost.fio_switches = job["ctx"].as_f64().unwrap_or(0.0) / fio_ios;
+        let busy = guest_after.0.saturating_sub(guest_before.0) as f64;
+        let idle = guest_after.1.saturating_sub(guest_before.1) as f64;
+        if busy + idle > 0.0 {
+            cost.idle_pct = 100.0 * idle / (busy + idle);
+        }
     }
     Sample {
         iops,
@@ -386,12 +415,19 @@ fn queue_cpus(dev: &str) -> Option<String> {
 /// The `--profile` table: medians over the rounds of each device's CPU time per IO.
 fn print_costs(devices: &[(String, String)], rows: &[&Row], samples: &[Vec<Vec<Sample>>]) {
     println!(
-        "| {:<18} | {:<16} | {:>10} | {:>10} | {:>10} | {:>10} | {:>10} |",
-        "workload", "device", "server us", "server cs", "io-wq us", "fio us", "fio cs"
+        "| {:<18} | {:<16} | {:>10} | {:>10} | {:>10} | {:>10} | {:>10} | {:>10} |",
+        "workload",
+        "device",
+        "server us",
+        "server cs",
+        "io-wq us",
+        "fio us",
+        "fio cs",
+        "guest idle"
     );
     println!(
-        "|{:-<20}|{:-<18}|{:->11}:|{:->11}:|{:->11}:|{:->11}:|{:->11}:|",
-        "", "", "", "", "", "", ""
+        "|{:-<20}|{:-<18}|{:->11}:|{:->11}:|{:->11}:|{:->11}:|{:->11}:|{:->11}:|",
+        "", "", "", "", "", "", "", ""
     );
     for (r, row) in rows.iter().enumerate() {
         for (d, (label, _)) in devices.iter().enumerate() {
@@ -401,17 +437,18 @@ fn print_costs(devices: &[(String, String)], rows: &[&Row], samples: &[Vec<Vec<S
                 median(&mut x)
             };
             println!(
-                "| {:<18} | {label:<16} | {:>10.1} | {:>10.2} | {:>10.1} | {:>10.1} | {:>10.2} |",
+                "| {:<18} | {label:<16} | {:>10.1} | {:>10.2} | {:>10.1} | {:>10.1} | {:>10.2} | {:>9.0}% |",
                 row.name,
                 med(|c| c.server_us),
                 med(|c| c.server_switches),
                 med(|c| c.iowq_us),
                 med(|c| c.fio_us),
                 med(|c| c.fio_switches),
+                med(|c| c.idle_pct),
             );
         }
     }
-    println!("per IO, medians: CPU microseconds of the ublk server's threads (not io-wq), its context switches, CPU microseconds of its io-wq workers (iou-wrk), and of fio (user + system), and fio's context switches");
+    println!("per IO, medians: CPU microseconds of the ublk server's threads (not io-wq), its context switches, CPU microseconds of its io-wq workers (iou-wrk), and of fio (user + system), and fio's context switches; the share of the guest's CPU time that was idle during the fio command (every CPU, fio's start and ramp included)");
 }
 
 /// rublk, the peer daemon (`/usr/local/bin/rublk`): its devices get fixed ids from
