@@ -710,15 +710,14 @@ pub fn possible_cpus() -> u32 {
         .sum()
 }
 
-/// The CPUs a thread may run on, from /proc (`Cpus_allowed_list`).
-pub fn thread_cpus(tid: i64) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap();
+/// The CPUs a thread may run on, from /proc (`Cpus_allowed_list`); None when the thread
+/// is gone.
+pub fn thread_cpus(tid: i64) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .to_string()
+        .map(|c| c.trim().to_string())
 }
 
 /// Fills `len` bytes from a seeded xorshift generator: reproducible test data.

@@ -169,7 +169,8 @@ fn multi_conn_with_two_queues() {
         );
         assert_eq!(q["errors"].as_u64(), Some(0), "{show}");
         let listed = q["cpus"].as_str().unwrap();
-        let actual = thread_cpus(q["tid"].as_i64().unwrap());
+        let actual =
+            thread_cpus(q["tid"].as_i64().unwrap()).expect("the queue thread's Cpus_allowed_list");
         assert_eq!(listed, actual, "show says {listed}, /proc says {actual}");
     }
     d.del(&dev);

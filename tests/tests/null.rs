@@ -596,7 +596,7 @@ fn queue_threads_are_placed_as_asked() {
         (
             show,
             q["cpus"].as_str().unwrap().to_string(),
-            thread_cpus(tid),
+            thread_cpus(tid).expect("the queue thread's Cpus_allowed_list"),
         )
     };
     let mut chosen = Vec::new();

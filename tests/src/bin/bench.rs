@@ -52,7 +52,7 @@ mod rbd;
 
 use std::process::Command;
 use ublkd_tests::nbd_server::{Listen, Server};
-use ublkd_tests::{fio, run_ok, Daemon};
+use ublkd_tests::{fio, run_ok, thread_cpus, Daemon};
 
 struct Row {
     name: &'static str,
@@ -394,12 +394,8 @@ fn queue_cpus(dev: &str) -> Option<String> {
         .flatten()
     {
         let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        let Some(cpus) = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .map(|c| c.trim().to_string())
-        else {
+        let tid = t.file_name().to_str().and_then(|n| n.parse().ok());
+        let Some(cpus) = tid.and_then(thread_cpus) else {
             continue;
         };
         if comm.trim().starts_with(&prefix) {
