@@ -176,6 +176,11 @@ pub trait Ring {
 }
 
 /// Serves the requests of one hardware queue. Lives on that queue's thread.
+///
+/// When the queue ends, it cancels the SQEs the handler still has in the ring (a
+/// receive, an eventfd read) and waits for them, then closes the ring, and only then
+/// drops the handler: memory the handler's SQEs point into needs to live only as long
+/// as the handler.
 pub trait QueueTarget {
     fn read(&mut self, io: &IoDesc, buf: IoBuf, ring: &mut dyn Ring) -> Outcome;
     fn write(&mut self, io: &IoDesc, buf: IoBuf, ring: &mut dyn Ring) -> Outcome;
@@ -189,7 +194,7 @@ pub trait QueueTarget {
     /// with READ_FIXED (the kernel copies into registered pages without a user copy) and
     /// have parts of it copied into requests with [`Ring::push_staged_copy`] (from its
     /// memfd, [`Staging::file`], where it has one). The buffer must live as long as the
-    /// handler; the queue drops its ring, and with it the registration, first. The
+    /// handler; the queue closes its ring, and with it the registration, first. The
     /// default has none.
     fn staging_buffer(&mut self) -> Option<&mut Staging> {
         None

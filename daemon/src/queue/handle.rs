@@ -32,7 +32,7 @@ pub struct QueueHandle {
     stop: Arc<AtomicBool>,
     detach: Arc<AtomicBool>,
     wake: Arc<OwnedFd>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Option<setup::KernelShared>>>,
     /// Keeps the thread's CPU counted as used while the queue runs.
     _placement: Placement,
 }
@@ -67,8 +67,11 @@ impl QueueHandle {
     /// Waits for the queue thread to end.
     pub fn join(&mut self) {
         if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                log::error!("a queue thread panicked");
+            match t.join() {
+                // The thread has exited: the memory its ring's commands pointed into
+                // can go now, not before (see `KernelShared`).
+                Ok(shared) => drop(shared),
+                Err(_) => log::error!("a queue thread panicked"),
             }
         }
     }
@@ -121,19 +124,20 @@ pub fn spawn(
         if let Err(e) = ublkd_targets::io_flusher() {
             log::warn!("dev {dev} queue {q}: {e}");
         }
-        let queue = Queue::new(spec, target, c, s, d, w);
-        let mut queue = match queue.and_then(|mut q| {
-            q.fetch_all()
-                .map(|_| q)
-                .map_err(|e| format!("cannot hand the tags to the driver: {e}"))
-        }) {
+        let mut queue = match Queue::new(spec, target, c, s, d, w) {
             Ok(q) => q,
             Err(e) => {
                 log::error!("dev {dev} queue {q}: {e}");
                 let _ = ready.send(Err(e));
-                return;
+                return None;
             }
         };
+        if let Err(e) = queue.fetch_all() {
+            let e = format!("cannot hand the tags to the driver: {e}");
+            log::error!("dev {dev} queue {q}: {e}");
+            let _ = ready.send(Err(e));
+            return Some(queue.close());
+        }
         let _ = ready.send(Ok(tid));
         log::debug!("dev {dev} queue {q}: serving (tid {tid})");
         match queue.run() {
@@ -152,6 +156,8 @@ pub fn spawn(
                 std::process::abort();
             }
         }
+        // Dropped by `join`, once this thread is gone (see `KernelShared`).
+        Some(queue.close())
     })?;
     Ok(QueueHandle {
         counters,

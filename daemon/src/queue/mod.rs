@@ -89,10 +89,9 @@ pub struct QueueSpec {
     pub batch: bool,
 }
 
+/// Taken down by [`Queue::close`] (in `setup`), never simply dropped: the buffers its
+/// commands point into must outlive the thread.
 struct Queue {
-    // Declared first so it is dropped first: closing the ring cancels every SQE that
-    // still points into the buffers, the descriptor table, `wake_buf` or the target's
-    // files below.
     ring: IoUring,
     spec: QueueSpec,
     handler: Box<dyn QueueTarget>,
@@ -173,7 +172,8 @@ impl Queue {
         let sqe = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), buf.cast(), 8)
             .build()
             .user_data(encode(Kind::Wake, 0, 0));
-        // SAFETY: wake_buf is boxed and owned by the queue, which drops the ring first.
+        // SAFETY: wake_buf is boxed and lives until the queue thread has exited
+        // (`KernelShared`).
         unsafe { push_all(&mut self.ring, &[sqe]) }
     }
 

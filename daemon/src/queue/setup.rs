@@ -114,22 +114,72 @@ impl Queue {
     }
 }
 
-impl Drop for Queue {
-    fn drop(&mut self) {
+/// The memory a queue's ublk commands point into by address: the request buffers of
+/// copy and fixed mode (the driver copies a write's data into them when it delivers
+/// the request), the batch path's fetch buffers (the driver writes each list of
+/// delivered tags into one) and commit arrays, and the wake-up's read buffer.
+///
+/// Closing the ring does not end those commands: the kernel cancels them later, from
+/// a worker, and until then it may still write into this memory, from the queue
+/// thread's own task work, whenever that thread enters the kernel (even to log a
+/// line). A hand-over leaves the fetch commands armed on purpose, with requests
+/// arriving. Freed at that point, the memory would be reused by the allocator and
+/// overwritten: the batch fetch buffers were, and glibc aborted the daemon
+/// ("corrupted double-linked list") as it exited after a hand-over. A thread's exit
+/// cancels the commands it issued, and what the kernel still runs for them afterwards
+/// runs without the process's memory; so this memory leaves the thread with its
+/// result and is dropped by whoever joins it.
+pub(super) struct KernelShared {
+    _bufs: Option<uapi::BufferArena>,
+    _cmds: Commands,
+    _wake_buf: Box<u64>,
+}
+
+impl Queue {
+    /// Takes the queue down on its own thread and returns the memory that must outlive
+    /// the thread ([`KernelShared`]). Every path out of a queue that got its ring goes
+    /// through here.
+    pub(super) fn close(self) -> KernelShared {
+        let (dev, q) = (self.spec.dev_id, self.spec.qid);
+        let submitter = self.ring.submitter();
+        // The target's own SQEs still armed (a socket receive, an eventfd read) point
+        // into its memory, which is dropped on this thread below: cancel them and wait.
+        // ublk's commands are not cancelled this way; they are what `KernelShared` is for.
+        let timeout = types::Timespec::new().sec(1);
+        match submitter.register_sync_cancel(Some(timeout), types::CancelBuilder::any()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => log::warn!(
+                "dev {dev} queue {q}: requests of the target still in the ring 1 s after \
+                 cancelling them; closing it anyway"
+            ),
+            // Kernels before 6.0 cannot cancel this way.
+            Err(e) => log::debug!("dev {dev} queue {q}: cancelling the ring's requests: {e}"),
+        }
         // Closing a ring releases its registered files and buffers later, from a kernel
         // worker. Unregistering them here releases them now, on this thread, so that
         // once `del` returns the backing file is closed (its file system can be
-        // unmounted). Nothing of the target's is in flight by now.
-        let submitter = self.ring.submitter();
+        // unmounted).
         if let Err(e) = submitter.unregister_files() {
-            log::debug!(
-                "dev {} queue {}: unregister files: {e}",
-                self.spec.dev_id,
-                self.spec.qid
-            );
+            log::debug!("dev {dev} queue {q}: unregister files: {e}");
         }
         // A copy-mode ring without a staging buffer has no table: nothing to undo.
         let _ = submitter.unregister_buffers();
+        let Queue {
+            ring,
+            handler,
+            bufs,
+            cmds,
+            wake_buf,
+            ..
+        } = self;
+        drop(ring);
+        drop(handler);
+        KernelShared {
+            _bufs: bufs,
+            _cmds: cmds,
+            _wake_buf: wake_buf,
+        }
     }
 }
 

@@ -262,8 +262,9 @@ impl BufferArena {
 
 impl Drop for BufferArena {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the region `new` created. The queue drops its ring
-        // (cancelling every SQE that could point here) before its arena.
+        // SAFETY: unmapping exactly the region `new` created. The arena is dropped only
+        // after its queue thread has exited (`KernelShared`), when no command of the
+        // thread's ring can make the driver copy into it any more.
         unsafe {
             libc::munmap(
                 self.base.as_ptr().cast(),

@@ -98,8 +98,9 @@ impl RawBuf {
 
 impl Drop for RawBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout. The queue drops its ring, which
-        // cancels every command pointing here, before its command path.
+        // SAFETY: allocated in `new` with this layout. The command path is dropped only
+        // after its queue thread has exited (`KernelShared`), when no command of the
+        // thread's ring can make the driver write here any more.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
     }
 }

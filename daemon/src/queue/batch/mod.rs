@@ -145,7 +145,7 @@ impl Batch {
         .build()
         .user_data(encode(Kind::FetchBuf, 0, 0))
         .flags(squeue::Flags::SKIP_SUCCESS);
-        // SAFETY: the fetch buffers live in `self`, dropped after the ring.
+        // SAFETY: the fetch buffers live in `self`, which outlives the queue thread.
         if !unsafe { push_all(ring, &[all]) } {
             return Err(io::Error::other(
                 "submission queue full while providing fetch buffers",
@@ -207,7 +207,7 @@ impl Batch {
         self.push_unregs(ring);
         while let Some(&bid) = self.to_provide.last() {
             // SAFETY: bid < nbufs (checked when it was taken), so the buffer lies in
-            // fetch_mem, which outlives the ring.
+            // fetch_mem, which outlives the queue thread.
             let addr = unsafe { self.fetch_mem.ptr().add(usize::from(bid) * FETCH_BUF_LEN) };
             let sqe = opcode::ProvideBuffers::new(addr, FETCH_BUF_LEN as i32, 1, FETCH_GROUP, bid)
                 .build()
