@@ -140,6 +140,36 @@ fn kill9_five_times_under_verify_auto_zc() {
     kill9_five_times("auto-zc");
 }
 
+/// Five hand-overs in a row (SIGTERM to a daemon started with `--on-exit hand-over`,
+/// then the next daemon recovers the device) while two fio jobs write and verify on a
+/// two-queue device on the batch command path: every daemon exits with 0 and every
+/// block verifies. A hand-over leaves the batch fetch commands armed, and a queue that
+/// freed their buffers on the way out let the driver write into freed heap memory:
+/// glibc then aborted the exiting daemon (`KernelShared` in daemon/src/queue/setup.rs).
+/// The per-tag path hands over once in recovery::hand_over_on_sigterm_*.
+#[test]
+fn hand_over_five_times_under_verify_batch() {
+    require_ublk();
+    let test = "stress-handover-batch";
+    let hand_over = ["--on-exit", "hand-over"];
+    let mut d = Daemon::start_with(test, &hand_over);
+    let (file, _file) = backing_file(test, 128 << 20);
+    let dev = d.add(&["loop", "--file", &file, "--queues", "2", "--batch"]);
+    let mut fio = FioChild::start(&parallel_verify_job(&dev, 2, "64M", 32));
+    for round in 0..5 {
+        std::thread::sleep(Duration::from_millis(800));
+        assert!(fio.running(), "fio ended before hand-over {round}");
+        assert_eq!(d.stop(), Some(0), "hand-over {round}: {}", d.log_text());
+        d = Daemon::start_with(test, &hand_over);
+    }
+    let run = fio.wait();
+    assert!(run.total_ios() >= 2 * 2 * 16384, "{}", run.total_ios());
+    let e = list_entry(&d, dev_id(&dev));
+    assert_eq!(e["state"], "live", "{e}");
+    assert_eq!(e["commands"], "batch", "{e}");
+    d.del(&dev);
+}
+
 /// Several devices under load: one is deleted, then the daemon is killed; the others
 /// verify every block.
 #[test]
