@@ -170,6 +170,85 @@ fn hand_over_five_times_under_verify_batch() {
     d.del(&dev);
 }
 
+/// What of a process can leak across devices: its resident memory (KiB), its open
+/// descriptors, its threads.
+fn footprint(pid: i32) -> (u64, usize, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    (field("VmRSS:"), fds, field("Threads:") as usize)
+}
+
+/// A daemon that runs for years adds and deletes devices without growing: after a
+/// warm-up, 40 more add/IO/del cycles over the four buffer modes and both command paths
+/// (two queues each) leave its descriptors and threads where they were and its resident
+/// memory within 1 MiB (it measured the same to the KiB). A queue that kept its request
+/// buffers (16 MiB each here), a descriptor or a thread would fail it.
+#[test]
+fn add_and_del_cycles_leak_neither_memory_nor_descriptors() {
+    require_ublk();
+    let test = "stress-cycles";
+    let d = Daemon::start(test);
+    let (file, _file) = backing_file(test, 16 << 20);
+    let kinds = [
+        ("copy", "--no-batch"),
+        ("auto-zc", "--batch"),
+        ("fixed", "--batch"),
+        ("zc", "--no-batch"),
+        ("copy", "--batch"),
+        ("auto-zc", "--no-batch"),
+        ("fixed", "--no-batch"),
+        ("zc", "--batch"),
+    ];
+    let data = pattern(7, 1 << 20);
+    let cycle = |i: usize| {
+        let (mode, commands) = kinds[i % kinds.len()];
+        let dev = d.add(&[
+            "loop", "--file", &file, "--queues", "2", "--depth", "32", "--buffer", mode, commands,
+        ]);
+        let mut f = open_direct(&dev, true);
+        f.write_all(AlignedBuf::new(&data).as_slice())
+            .unwrap_or_else(|e| panic!("cycle {i} ({mode} {commands}): write: {e}"));
+        drop(f);
+        let mut back = AlignedBuf::zeroed(data.len());
+        open_direct(&dev, false)
+            .read_exact(back.as_mut_slice())
+            .unwrap_or_else(|e| panic!("cycle {i} ({mode} {commands}): read: {e}"));
+        assert!(
+            back.as_slice() == data,
+            "cycle {i} ({mode} {commands}): data differ"
+        );
+        d.del(&dev);
+    };
+    for i in 0..kinds.len() {
+        cycle(i);
+    }
+    let before = footprint(d.pid());
+    for i in 0..40 {
+        cycle(i);
+    }
+    let after = footprint(d.pid());
+    eprintln!("footprint (RSS KiB, fds, threads): before {before:?}, after {after:?}");
+    assert_eq!(
+        after.1, before.1,
+        "open descriptors: {before:?} -> {after:?}"
+    );
+    assert_eq!(after.2, before.2, "threads: {before:?} -> {after:?}");
+    assert!(
+        after.0 < before.0 + 1024,
+        "resident memory grew: {before:?} -> {after:?}"
+    );
+}
+
 /// Several devices under load: one is deleted, then the daemon is killed; the others
 /// verify every block.
 #[test]
