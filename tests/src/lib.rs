@@ -88,6 +88,11 @@ impl Daemon {
     /// Starts `ublkd` as `start_with` does, but returns as soon as the process runs:
     /// for daemons that are meant to die, or to be talked to while they restore.
     pub fn spawn_with(name: &str, extra: &[&str]) -> Daemon {
+        Daemon::spawn_with_env(name, extra, &[])
+    }
+
+    /// `spawn_with` with extra environment variables for the daemon.
+    pub fn spawn_with_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         let socket = PathBuf::from(format!("/tmp/ublkd-{name}/ublkd.sock"));
         let state_dir = PathBuf::from(format!("/tmp/ublkd-{name}/state"));
         let log = PathBuf::from(format!("/tmp/ublkd-{name}.log"));
@@ -110,6 +115,7 @@ impl Daemon {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup log"))
             .stderr(log_file)
@@ -674,6 +680,24 @@ pub fn fio_job(dev: &str, rw: &str, bs: &str, iodepth: u32, seconds: u32) -> Vec
         "--numjobs=1".into(),
     ];
     job(dev, rw, bs, iodepth, &timed)
+}
+
+/// What of a process can leak across devices: its resident memory (KiB), its open
+/// descriptors, its threads.
+pub fn footprint(pid: i32) -> (u64, usize, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    (field("VmRSS:"), fds, field("Threads:") as usize)
 }
 
 /// FNV-1a of the first `len` bytes of `path`: compares two reads of a device.

@@ -170,24 +170,6 @@ fn hand_over_five_times_under_verify_batch() {
     d.del(&dev);
 }
 
-/// What of a process can leak across devices: its resident memory (KiB), its open
-/// descriptors, its threads.
-fn footprint(pid: i32) -> (u64, usize, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-    };
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count();
-    (field("VmRSS:"), fds, field("Threads:") as usize)
-}
-
 /// A daemon that runs for years adds and deletes devices without growing: after 24
 /// cycles of warm-up, 40 more add/IO/del cycles of loop and nbd (TCP) devices over the four buffer
 /// modes and both command paths (two queues each) leave its descriptors and threads
