@@ -168,6 +168,10 @@ fn hand_over_five_times_under_verify_batch() {
     assert_eq!(e["state"], "live", "{e}");
     assert_eq!(e["commands"], "batch", "{e}");
     d.del(&dev);
+    // Every queue of the six daemons (all share the log) ended without waiting out the
+    // cancellation of its target's requests.
+    let log = d.log_text();
+    assert!(!log.contains("after cancelling them"), "{log}");
 }
 
 /// A daemon that runs for years adds and deletes devices without growing: after 24
@@ -232,6 +236,8 @@ fn add_and_del_cycles_leak_neither_memory_nor_descriptors() {
     }
     let after = settled();
     eprintln!("footprint (RSS KiB, fds, threads): before {before:?}, after {after:?}");
+    let log = d.log_text();
+    assert!(!log.contains("after cancelling them"), "{log}");
     assert_eq!(
         after.1, before.1,
         "open descriptors: {before:?} -> {after:?}"

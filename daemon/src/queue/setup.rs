@@ -146,13 +146,19 @@ impl Queue {
         // into its memory, which is dropped on this thread below: cancel them and wait.
         // ublk's commands are not cancelled this way; they are what `KernelShared` is for.
         let timeout = types::Timespec::new().sec(1);
+        let mut handler_in_use = false;
         match submitter.register_sync_cancel(Some(timeout), types::CancelBuilder::any()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ETIME) => log::warn!(
-                "dev {dev} queue {q}: requests of the target still in the ring 1 s after \
-                 cancelling them; closing it anyway"
-            ),
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
+                log::error!(
+                    "dev {dev} queue {q}: requests of the target still in the ring 1 s \
+                     after cancelling them; its handler is kept (its memory and \
+                     descriptors are not released) so that they cannot complete into \
+                     freed memory"
+                );
+                handler_in_use = true;
+            }
             // Kernels before 6.0 cannot cancel this way.
             Err(e) => log::debug!("dev {dev} queue {q}: cancelling the ring's requests: {e}"),
         }
@@ -174,7 +180,11 @@ impl Queue {
             ..
         } = self;
         drop(ring);
-        drop(handler);
+        if handler_in_use {
+            std::mem::forget(handler);
+        } else {
+            drop(handler);
+        }
         KernelShared {
             _bufs: bufs,
             _cmds: cmds,
