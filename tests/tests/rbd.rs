@@ -500,26 +500,5 @@ fn add_and_del_cycles_leak_nothing() {
         );
         d.del(&dev);
     };
-    let settled = || {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        footprint(d.pid())
-    };
-    for i in 0..3 {
-        cycle(i);
-    }
-    let before = settled();
-    for i in 0..8 {
-        cycle(i);
-    }
-    let after = settled();
-    eprintln!("footprint (RSS KiB, fds, threads): before {before:?}, after {after:?}");
-    assert_eq!(
-        after.1, before.1,
-        "open descriptors: {before:?} -> {after:?}"
-    );
-    assert_eq!(after.2, before.2, "threads: {before:?} -> {after:?}");
-    assert!(
-        after.0 < before.0 + 1024,
-        "resident memory grew: {before:?} -> {after:?}"
-    );
+    assert_cycles_leak_nothing(&d, 3, 8, cycle);
 }
