@@ -10,7 +10,7 @@ pub mod pki;
 pub mod tls_nbd;
 
 use serde_json::Value;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -700,6 +700,30 @@ pub fn footprint(pid: i32) -> (u64, usize, usize) {
     (field("VmRSS:"), fds, field("Threads:") as usize)
 }
 
+/// Writes `data` at offset 0 of `dev`, O_DIRECT, and syncs.
+pub fn write_direct(dev: &str, data: &[u8]) {
+    let mut f = open_direct(dev, true);
+    f.write_all(AlignedBuf::new(data).as_slice())
+        .unwrap_or_else(|e| panic!("{dev}: write: {e}"));
+    f.sync_all().unwrap_or_else(|e| panic!("{dev}: fsync: {e}"));
+}
+
+/// Reads the first `len` bytes of `dev`, O_DIRECT.
+pub fn read_direct(dev: &str, len: usize) -> Vec<u8> {
+    let mut f = open_direct(dev, false);
+    let mut buf = AlignedBuf::zeroed(len);
+    f.read_exact(buf.as_mut_slice())
+        .unwrap_or_else(|e| panic!("{dev}: read: {e}"));
+    buf.as_slice().to_vec()
+}
+
+/// No queue of the daemons that wrote `d`'s log waited out the cancellation of its
+/// target's requests when it ended (daemon/src/queue/setup.rs, `Queue::close`).
+pub fn assert_no_queue_outlived_its_cancel(d: &Daemon) {
+    let log = d.log_text();
+    assert!(!log.contains("after cancelling them"), "{log}");
+}
+
 /// Runs `cycle(i)` (add a device, use it, delete it) `warm_up` times, then `cycles`
 /// more, and checks that the daemon's descriptors, threads and resident memory (within
 /// 1 MiB) are after them what they were after the warm-up, and that no queue waited
@@ -721,8 +745,7 @@ pub fn assert_cycles_leak_nothing(
     (0..cycles).for_each(&cycle);
     let after = settled();
     eprintln!("footprint (RSS KiB, fds, threads): before {before:?}, after {after:?}");
-    let log = d.log_text();
-    assert!(!log.contains("after cancelling them"), "{log}");
+    assert_no_queue_outlived_its_cancel(d);
     assert_eq!(
         after.1, before.1,
         "open descriptors: {before:?} -> {after:?}"

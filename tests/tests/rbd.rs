@@ -3,7 +3,7 @@
 //! (tests/run-vm-tests.sh); without /dev/ublk-control they fail, never skip.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use ublkd_tests::ceph;
 use ublkd_tests::*;
@@ -125,20 +125,6 @@ fn ext4_files_read_back() {
     run_ok("/bin/umount", &[mnt]);
     run_ok(E2FSCK, &["-f", "-n", &dev]);
     d.del(&dev);
-}
-
-/// Writes `data` at offset 0 of `dev`, O_DIRECT, and syncs.
-fn write_direct(dev: &str, data: &[u8]) {
-    let mut f = open_direct(dev, true);
-    f.write_all(AlignedBuf::new(data).as_slice()).unwrap();
-    f.sync_all().unwrap();
-}
-
-fn read_direct(dev: &str, len: usize) -> Vec<u8> {
-    let mut f = open_direct(dev, false);
-    let mut buf = AlignedBuf::zeroed(len);
-    f.read_exact(buf.as_mut_slice()).unwrap();
-    buf.as_slice().to_vec()
 }
 
 /// A snapshot maps read-only, refuses writes, and reads the snapshot's data while the
