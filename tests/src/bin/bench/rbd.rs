@@ -8,16 +8,23 @@
 //! libceph for this benchmark); when it cannot be loaded or the image cannot be mapped,
 //! the benchmark says why in one line and goes on without it.
 //!
-//! A `--ublkd` variant may carry `--image-feature FEATURES` (as `rbd create` takes it,
-//! e.g. `layering`): the benchmark creates that variant's image with those features
-//! instead of the cluster's defaults and does not pass the option to `ublkctl add`.
+//! A `--ublkd` variant may carry two options of the benchmark's own, which it does not
+//! pass to `ublkctl add`:
+//! - `--image-feature FEATURES` (as `rbd create` takes it, e.g. `layering`): the
+//!   benchmark creates that variant's image with those features instead of the
+//!   cluster's defaults;
+//! - `--daemon-env NAME=VALUE[,NAME=VALUE...]`: the variant's device is served by a
+//!   second ublkd started with that environment (an allocator setting such as
+//!   `MALLOC_ARENA_MAX=4`), so that it is compared with the default in one VM run.
 
 use super::{add_ublkd, compare, Settings, LOOP_ROWS};
 use std::process::Command;
 use ublkd_tests::{fio, Daemon};
 
-/// The benchmark's own option in a `--ublkd` variant: the features of its image.
+/// The benchmark's own options in a `--ublkd` variant: the features of its image, and
+/// the environment of the ublkd that serves it.
 const IMAGE_FEATURE: &str = "--image-feature";
+const DAEMON_ENV: &str = "--daemon-env";
 
 /// Fills `dev` once with 512 KiB writes, so reads find written objects (librbd and krbd
 /// answer reads of objects that were never written without asking an OSD).
@@ -34,20 +41,45 @@ fn fill(dev: &str, size: &str) {
     ]);
 }
 
-/// Splits the benchmark's `--image-feature FEATURES` off a variant's `ublkctl add`
-/// arguments.
-fn image_features(extra: &[String]) -> (Vec<String>, Option<String>) {
-    let mut args = Vec::new();
-    let mut features = None;
-    let mut it = extra.iter();
-    while let Some(a) = it.next() {
-        if a == IMAGE_FEATURE {
-            features = it.next().cloned();
-        } else {
-            args.push(a.clone());
+/// A `--ublkd` variant: its `ublkctl add` arguments, and the benchmark's own options
+/// split off them.
+#[derive(Debug, PartialEq)]
+struct Variant {
+    args: Vec<String>,
+    features: Option<String>,
+    /// `--daemon-env`, as given (NAME=VALUE,...); None for the default daemon.
+    env: Option<String>,
+}
+
+impl Variant {
+    fn parse(extra: &[String]) -> Variant {
+        let mut v = Variant {
+            args: Vec::new(),
+            features: None,
+            env: None,
+        };
+        let mut it = extra.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                IMAGE_FEATURE => v.features = it.next().cloned(),
+                DAEMON_ENV => v.env = it.next().cloned(),
+                _ => v.args.push(a.clone()),
+            }
         }
+        v
     }
-    (args, features)
+
+    /// The `--daemon-env` variables as (name, value) pairs.
+    fn env_pairs(&self) -> Vec<(&str, &str)> {
+        self.env
+            .iter()
+            .flat_map(|e| e.split(','))
+            .map(|kv| {
+                kv.split_once('=')
+                    .unwrap_or_else(|| panic!("{DAEMON_ENV} takes NAME=VALUE, not {kv:?}"))
+            })
+            .collect()
+    }
 }
 
 /// A krbd mapping: its id under /sys/bus/rbd/devices and its `/dev/rbdN`.
@@ -181,23 +213,43 @@ pub(super) fn bench(s: &Settings) {
         }
     };
     let d = Daemon::start("bench-rbd");
-    let first_ublkd = devices.len();
+    // One more daemon per distinct `--daemon-env`, with its devices.
+    let mut others: Vec<(String, Daemon)> = Vec::new();
+    let mut added: Vec<(Option<usize>, String)> = Vec::new();
     for (n, extra) in s.variants.iter().enumerate() {
-        let (extra, features) = image_features(extra);
+        let v = Variant::parse(extra);
         let image = format!("bench-ublkd{n}");
         let size = "64M".to_string();
         let mut create = vec!["create", "--size", &size];
-        if let Some(f) = &features {
+        if let Some(f) = &v.features {
             create.extend([IMAGE_FEATURE, f]);
         }
         let spec = format!("rbd/{image}");
         create.push(&spec);
         c.rbd(&create);
+        // The daemon that serves it: None for `d`, else its index in `others`.
+        let slot = v.env.as_ref().map(|env| {
+            others
+                .iter()
+                .position(|(e, _)| e == env)
+                .unwrap_or_else(|| {
+                    let name = format!("bench-rbd-env{}", others.len());
+                    let mut other = Daemon::spawn_with_env(&name, &[], &v.env_pairs());
+                    other.wait_ready();
+                    others.push((env.clone(), other));
+                    others.len() - 1
+                })
+        });
+        let served_by = slot.map_or(&d, |i| &others[i].1);
         let args = vec!["rbd", &spec, "--conf", &conf, "--depth", "128"];
-        let (mut label, dev) = add_ublkd(&d, args, &extra);
-        if let Some(f) = features {
+        let (mut label, dev) = add_ublkd(served_by, args, &v.args);
+        if let Some(f) = &v.features {
             label.push_str(&format!(" img {f}"));
         }
+        if let Some(env) = &v.env {
+            label.push_str(&format!(" {env}"));
+        }
+        added.push((slot, dev.clone()));
         devices.push((label, dev));
     }
     for (_, dev) in &devices {
@@ -235,22 +287,37 @@ pub(super) fn bench(s: &Settings) {
     if let Some(k) = &krbd {
         krbd_unmap(k);
     }
-    for (_, udev) in &devices[first_ublkd..] {
-        d.ctl_ok(&["del", &ublkd_tests::dev_id(udev).to_string()]);
+    for (slot, udev) in &added {
+        let served_by = slot.map_or(&d, |i| &others[i].1);
+        served_by.ctl_ok(&["del", &ublkd_tests::dev_id(udev).to_string()]);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::image_features;
+    use super::Variant;
 
     #[test]
-    fn image_features_are_split_off() {
+    fn the_benchmarks_own_options_are_split_off() {
         let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let parsed = Variant::parse(&v(&[
+            "--queues",
+            "2",
+            "--image-feature",
+            "layering",
+            "--daemon-env",
+            "MALLOC_ARENA_MAX=4,A=b=c",
+        ]));
+        assert_eq!(parsed.args, v(&["--queues", "2"]));
+        assert_eq!(parsed.features.as_deref(), Some("layering"));
         assert_eq!(
-            image_features(&v(&["--queues", "2", "--image-feature", "layering"])),
-            (v(&["--queues", "2"]), Some("layering".to_string()))
+            parsed.env_pairs(),
+            vec![("MALLOC_ARENA_MAX", "4"), ("A", "b=c")]
         );
-        assert_eq!(image_features(&v(&[])), (v(&[]), None));
+        let plain = Variant::parse(&v(&[]));
+        assert_eq!(
+            (plain.args.len(), plain.features, plain.env),
+            (0, None, None)
+        );
     }
 }
