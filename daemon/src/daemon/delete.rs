@@ -137,11 +137,13 @@ impl Daemon {
 }
 
 /// Gives the heap memory that the deleted devices freed back to the system. glibc keeps
-/// freed memory in its arenas for reuse, one arena per thread that allocated it, up to
-/// eight per CPU; a device's target threads (librados's, for an rbd device) leave
-/// theirs behind, so without this the daemon's resident size would keep what its
-/// busiest devices once held. `malloc_trim(0)` returns every arena's free pages to the
-/// kernel (madvise DONTNEED). Other C libraries have no such call and keep their own policy.
+/// freed memory in its arenas for reuse (one per thread that allocates, up to eight per
+/// CPU); a device's threads (its queues, and librados's for an rbd device) leave theirs
+/// behind. `malloc_trim(0)` returns the free pages inside every arena and the top of
+/// the main heap (madvise DONTNEED, 0.1-2 ms in the VM). It cannot return the free space
+/// at the top of another arena, which glibc keeps up to its dynamic trim threshold
+/// (README, rbd, "Memory"). Other C libraries have no such call and keep their own
+/// policy.
 fn release_freed_memory() {
     #[cfg(target_env = "gnu")]
     {

@@ -43,7 +43,6 @@ fn fill(dev: &str, size: &str) {
 
 /// A `--ublkd` variant: its `ublkctl add` arguments, and the benchmark's own options
 /// split off them.
-#[derive(Debug, PartialEq)]
 struct Variant {
     args: Vec<String>,
     features: Option<String>,
