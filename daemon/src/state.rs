@@ -14,8 +14,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use ublkd_proto::{AddDevice, BufferMode};
-use ublkd_targets::BackingId;
+use ublkd_proto::{AddDevice, BackingId, BufferMode};
 
 /// Format version of the record files this build writes and reads.
 const VERSION: u32 = 1;

@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use ublkd_proto::{parse_request, validate, Request, TargetSpec};
-use ublkd_targets::nbd::NbdUri;
+use ublkd_proto::nbd::NbdUri;
 
 fuzz_target!(|data: &[u8]| {
     let req = match parse_request(data) {

@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use std::io::{self, Read, Write};
-use ublkd_targets::nbd::proto::{self, handshake, HandshakeError};
+use ublkd_proto::nbd::proto::{self, handshake, HandshakeError};
 
 /// A server that says the fuzz input, then closes the connection.
 struct Server<'a> {

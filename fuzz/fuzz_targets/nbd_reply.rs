@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ublkd_targets::nbd::proto::{self, parse_reply, ReplyError, REPLY_LEN};
+use ublkd_proto::nbd::proto::{self, parse_reply, ReplyError, REPLY_LEN};
 
 fuzz_target!(|data: &[u8]| {
     for chunk in data.chunks_exact(REPLY_LEN) {

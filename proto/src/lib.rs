@@ -3,12 +3,15 @@
 //! One request per connection: the client writes one JSON [`Request`] terminated by a
 //! newline, the daemon answers with one JSON [`Response`] line and closes the connection.
 
+pub mod backing;
 pub mod features;
 pub mod message;
+pub mod nbd;
 pub mod options;
 pub mod size;
 pub mod validate;
 
+pub use backing::BackingId;
 pub use message::*;
 pub use options::*;
 

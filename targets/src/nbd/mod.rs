@@ -34,7 +34,6 @@ mod conn;
 mod connect;
 mod fixed_send;
 mod ktls;
-pub mod proto;
 mod psk;
 mod psk_relay;
 mod queue;
@@ -50,7 +49,6 @@ pub mod tls;
 #[cfg(test)]
 #[path = "tests/tls.rs"]
 mod tls_tests;
-pub mod uri;
 
 use crate::{DeviceShape, QueueContext, QueueTarget, Target};
 use conn::{Connection, CONN_RECONNECTING, CONN_UP};
@@ -62,6 +60,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+// The wire format and URIs live in ublkd-proto (pure parsers, shared with the fuzzers).
+pub use ublkd_proto::nbd::{proto, uri};
 pub use uri::{Address, NbdUri};
 
 /// How long a request may wait for its reply before the connection counts as lost.

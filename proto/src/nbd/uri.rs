@@ -185,7 +185,7 @@ fn tls_params(q: &mut Query, userinfo: Option<String>, uri: &str) -> Result<TlsP
     };
     let hostname = q.hostname.take();
     if let Some(h) = &hostname {
-        if rustls::pki_types::ServerName::try_from(h.as_str()).is_err() {
+        if rustls_pki_types::ServerName::try_from(h.as_str()).is_err() {
             return Err(bad("tls-hostname", "not a DNS name or IP address"));
         }
     }
