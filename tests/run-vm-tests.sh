@@ -13,14 +13,18 @@ cd "$(dirname "$0")/.."
 
 tests/vm/setup-host.sh
 cargo build --release --locked --bins
+# The test binaries, for the install test and for the VM. With --workspace, cargo
+# resolves the dependencies' features as for the release binaries just built, so it
+# compiles only the test crate again (50 s from a clean clone, not 155 s with -p).
+test_build=(cargo test --release --locked --workspace --features ublkd-tests/vm,ublkd-tests/install)
 echo "== install and uninstall (host)"
-cargo test --release --locked -p ublkd-tests --features install --test install
+"${test_build[@]}" --test install
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 # Every test target of ublkd-tests, as "name executable" lines.
-cargo test --release --locked -p ublkd-tests --features vm --no-run --message-format=json 2>/dev/null |
+"${test_build[@]}" --test '*' --no-run --message-format=json 2>/dev/null |
     python3 -c '
 import json, sys
 for line in sys.stdin:
