@@ -41,10 +41,17 @@ dump_state() {
     dmesg | tail -n 150
 }
 
+# cpu_ticks: "busy total" clock ticks of every CPU since boot, from /proc/stat.
+cpu_ticks() {
+    awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
+}
+
 rc=0
 for t in /usr/local/bin/ublkd-test-*; do
     name=$(basename "$t")
     echo "== $name"
+    before=$(cpu_ticks)
+    start=$(date +%s)
     # --report-time prints each test's duration (a libtest option that RUSTC_BOOTSTRAP
     # unlocks at run time; it changes nothing else), so the suite's time can be kept.
     RUST_BACKTRACE=1 RUSTC_BOOTSTRAP=1 "$t" --test-threads=1 -Z unstable-options --report-time "$@" &
@@ -64,5 +71,9 @@ for t in /usr/local/bin/ublkd-test-*; do
     watchdog=$!
     wait "$pid" || rc=1
     wait "$watchdog"
+    after=$(cpu_ticks)
+    # How busy the guest's CPUs were: what is left idle could overlap another binary.
+    echo "$before $after" | awk -v n="$name" -v s=$(($(date +%s) - start)) \
+        '{ b = $3 - $1; t = $4 - $2; printf "== %s: %d s, CPUs busy %d%%\n", n, s, t ? 100 * b / t : 0 }'
 done
 exit $rc
