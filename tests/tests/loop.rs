@@ -45,7 +45,7 @@ fn add_loop(d: &Daemon, file: &Path, mode: &str, extra: &[&str]) -> String {
     dev
 }
 
-/// fio writes 64 MiB with 4k random writes, then with 128k-512k sequential writes, and
+/// fio writes 32 MiB with 4k random writes, then with 128k-512k sequential writes, and
 /// reads everything back checking crc32c; the queues run the command path `commands`
 /// ("batch" or "per-tag").
 fn fio_verify(mode: &str, commands: &str) {
@@ -54,16 +54,16 @@ fn fio_verify(mode: &str, commands: &str) {
     let file = backing(&format!("fio-{mode}-{commands}"), 320 << 20);
     let dev = add_loop(&d, &file, mode, &[commands_flag(commands)]);
     assert_commands(&d.show_json(dev_id(&dev)), commands);
-    // 64 MiB each way: a 4k job of 16384 writes then reads, in every buffer mode and
-    // command path (8 runs), within the suite's time.
-    let rand = verify_job(&dev, "randwrite", "4k", "64M", 32);
+    // 32 MiB each way: a 4k job of 8192 writes then reads at QD 32, in every buffer mode
+    // and command path (8 runs), within the suite's time.
+    let rand = verify_job(&dev, "randwrite", "4k", "32M", 32);
     let run = fio(&rand);
     assert!(
-        run.total_ios() >= 2 * 16384,
-        "wrote and verified 64 MiB in 4k: {}",
+        run.total_ios() >= 2 * 8192,
+        "wrote and verified 32 MiB in 4k: {}",
         run.total_ios()
     );
-    let seq = verify_job(&dev, "write", "128k-512k", "64M", 8);
+    let seq = verify_job(&dev, "write", "128k-512k", "32M", 8);
     fio(&seq);
     let show = d.show_json(dev_id(&dev));
     for q in show["queue_stats"].as_array().unwrap() {

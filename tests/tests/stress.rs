@@ -26,9 +26,9 @@ fn assert_serves(dev: &str) {
 
 /// `del` while two fio jobs (mixed sizes, QD 64) run, for every target and buffer mode,
 /// with the queues on the command path `commands`: `del` returns, fio ends, and the
-/// daemon keeps serving its other device. The batch path runs each pair with 1 and with
-/// 2 queues; the per-tag path with one of the two, alternating so that every target and
-/// every mode still meets both (which halves the test's time).
+/// daemon keeps serving its other device. Each pair runs with 1 or with 2 queues,
+/// alternating, and the two paths alternate the other way round: every target and mode
+/// meets both queue counts, once on each path (which halves the tests' time).
 fn del_under_load_every_target_and_mode(commands: &str) {
     require_ublk();
     let d = Daemon::start(&format!("stress-del-{commands}"));
@@ -36,51 +36,49 @@ fn del_under_load_every_target_and_mode(commands: &str) {
     let (file, _file) = backing_file("stress-del", 128 << 20);
     for (t, target) in ["null", "loop", "nbd"].into_iter().enumerate() {
         for (m, mode) in MODES.into_iter().enumerate() {
-            let queue_counts: &[&str] = match commands {
-                "batch" => &["1", "2"],
-                _ if (t + m) % 2 == 0 => &["1"],
-                _ => &["2"],
+            let queues = if (t + m) % 2 == usize::from(commands == "batch") {
+                "1"
+            } else {
+                "2"
             };
-            for &queues in queue_counts {
-                let what = format!("{target} {mode} queues {queues} {commands}");
-                // A server per device: a del that gives up on requests cuts their
-                // connections mid-request, which some nbdkit versions do not survive.
-                let sock = "/tmp/stress-del-nbd.sock".to_string();
-                let server = (target == "nbd")
-                    .then(|| Server::nbdkit_memory(Listen::Unix(sock), "128M", &[]));
-                let mut args = match target {
-                    "null" => vec!["null", "--size", "128M"],
-                    "loop" => vec!["loop", "--file", &file],
-                    _ => vec!["nbd", "--uri", &server.as_ref().unwrap().uri],
-                };
-                args.extend(["--buffer", mode, "--queues", queues]);
-                args.push(commands_flag(commands));
-                let dev = d.add(&args);
-                assert_commands(&d.show_json(dev_id(&dev)), commands);
-                let fio = FioChild::start(&load_job(&dev, 2, 60));
-                wait_io(&dev, 200);
-                let start = Instant::now();
-                let out = d.ctl(&["del", "--force", &dev_id(&dev).to_string()]);
-                assert!(
-                    out.status.success(),
-                    "{what}: del failed: {}\n{}",
-                    String::from_utf8_lossy(&out.stderr),
-                    d.log_text()
-                );
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "{what}: del took {:?}",
-                    start.elapsed()
-                );
-                assert!(
-                    wait_gone(&dev, Duration::from_secs(10)),
-                    "{what}: {dev} stayed"
-                );
-                if let Err(e) = fio.ended_within(Duration::from_secs(30)) {
-                    panic!("{what}: {e}\n{}", d.log_text());
-                }
-                assert_serves(&sentinel);
+            let what = format!("{target} {mode} queues {queues} {commands}");
+            // A server per device: a del that gives up on requests cuts their
+            // connections mid-request, which some nbdkit versions do not survive.
+            let sock = "/tmp/stress-del-nbd.sock".to_string();
+            let server =
+                (target == "nbd").then(|| Server::nbdkit_memory(Listen::Unix(sock), "128M", &[]));
+            let mut args = match target {
+                "null" => vec!["null", "--size", "128M"],
+                "loop" => vec!["loop", "--file", &file],
+                _ => vec!["nbd", "--uri", &server.as_ref().unwrap().uri],
+            };
+            args.extend(["--buffer", mode, "--queues", queues]);
+            args.push(commands_flag(commands));
+            let dev = d.add(&args);
+            assert_commands(&d.show_json(dev_id(&dev)), commands);
+            let fio = FioChild::start(&load_job(&dev, 2, 60));
+            wait_io(&dev, 200);
+            let start = Instant::now();
+            let out = d.ctl(&["del", "--force", &dev_id(&dev).to_string()]);
+            assert!(
+                out.status.success(),
+                "{what}: del failed: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                d.log_text()
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{what}: del took {:?}",
+                start.elapsed()
+            );
+            assert!(
+                wait_gone(&dev, Duration::from_secs(10)),
+                "{what}: {dev} stayed"
+            );
+            if let Err(e) = fio.ended_within(Duration::from_secs(30)) {
+                panic!("{what}: {e}\n{}", d.log_text());
             }
+            assert_serves(&sentinel);
         }
     }
     assert_eq!(d.list_json().len(), 1, "{:?}", d.list_json());
