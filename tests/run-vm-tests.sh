@@ -44,8 +44,10 @@ while read -r name exe; do
     if [ -n "${UBLKD_VM_BINARIES:-}" ] && [[ " $UBLKD_VM_BINARIES " != *" $name "* ]]; then
         continue
     fi
-    # The librbd layer's tests run on the host (cargo test), against a host cluster.
+    # The librbd layer's tests run on the host (cargo test), against a host cluster;
+    # the install test ran on the host above.
     [ "$name" = rbd_host ] && continue
+    [ "$name" = install ] && continue
     if [ "$name" = systemd ]; then
         cp "$exe" "$work/ublkd-systemd-test"
         continue
