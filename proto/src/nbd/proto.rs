@@ -362,6 +362,10 @@ fn parse_info(
 }
 
 /// A transmission request: magic, flags, type, cookie, offset, length.
+///
+/// `#[inline]` on the per-request functions: they are called for every block request
+/// from another crate (ublkd-targets), where without it they could not be inlined.
+#[inline]
 pub fn request(flags: u16, cmd: u16, cookie: u64, offset: u64, len: u32) -> [u8; REQUEST_LEN] {
     let mut m = [0u8; REQUEST_LEN];
     m[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -389,6 +393,7 @@ pub enum ReplyError {
     BadMagic(u32),
 }
 
+#[inline]
 pub fn parse_reply(b: &[u8; REPLY_LEN]) -> Result<Reply, ReplyError> {
     let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
     if magic == STRUCTURED_REPLY_MAGIC {
@@ -404,6 +409,7 @@ pub fn parse_reply(b: &[u8; REPLY_LEN]) -> Result<Reply, ReplyError> {
 }
 
 /// Maps an NBD error to the negative errno that completes the block request.
+#[inline]
 pub fn errno(nbd_error: u32) -> i32 {
     -match nbd_error {
         1 => libc::EPERM,
