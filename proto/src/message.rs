@@ -184,12 +184,6 @@ impl TargetSpec {
         }
     }
 
-    /// Whether the target reads and writes request data in daemon memory (librbd), so
-    /// the device needs daemon buffers (copy or fixed), not the zero-copy modes.
-    pub fn needs_daemon_buffers(&self) -> bool {
-        matches!(self, TargetSpec::Rbd { .. })
-    }
-
     /// Where the queue threads run when the request does not say. The nbd target's
     /// requests are served by another process (the server, often on the same host),
     /// and its queue thread mostly waits for the socket: pinned to one CPU it queues

@@ -152,12 +152,14 @@ pub trait Ring {
     /// Pushes an SQE that copies `len` bytes of request `tag`'s own pages (zc, auto-zc),
     /// from byte `offset`, into daemon memory at `into` (a write's payload to be sent
     /// from there), labelled `step` as [`Ring::push`] does: its completion comes back for
-    /// the request, with the bytes copied or -errno. An io_uring READ from the request's
-    /// user-copy position on the ublk char device, without a `pread` system call per
-    /// request. With `link` the SQE carries IOSQE_IO_LINK: the next SQE pushed starts
+    /// the request, with the bytes copied or -errno. Into the target's staging buffer
+    /// where that has a file ([`Staging::writer`]) and `into` lies in it: a WRITE_FIXED
+    /// of the request's registered pages into the memfd (a kernel memcpy); anywhere else,
+    /// in a queue with user copy, an io_uring READ from the request's user-copy position
+    /// on the ublk char device. Either way without a system call per request. With `link` the SQE carries IOSQE_IO_LINK: the next SQE pushed starts
     /// only after this one copied all `len` bytes, and is cancelled if it did not.
-    /// Err(Unsupported) where it does not apply (daemon buffers, no user copy),
-    /// Err(WouldBlock) when the ring is full. The default pushes nothing.
+    /// Err(Unsupported) where it does not apply (daemon buffers; no staging file and no
+    /// user copy), Err(WouldBlock) when the ring is full. The default pushes nothing.
     ///
     /// # Safety
     /// `into..into + len` must stay valid, and neither read nor written by anybody else,
@@ -195,8 +197,10 @@ pub trait QueueTarget {
     /// with READ_FIXED (the kernel copies into registered pages without a user copy) and
     /// have parts of it copied into requests with [`Ring::push_staged_copy`] (from its
     /// memfd, [`Staging::file`], where it has one). The buffer must live as long as the
-    /// handler; the queue closes its ring, and with it the registration, first. The
-    /// default has none.
+    /// handler; the queue closes its ring, and with it the registration, first. A
+    /// buffer of request slots ([`Staging::for_requests`]) is not registered, only
+    /// reached through its file, by [`Ring::push_staged_copy`] and
+    /// [`Ring::push_copy_from_request`]. The default has none.
     fn staging_buffer(&mut self) -> Option<&mut Staging> {
         None
     }
@@ -281,6 +285,12 @@ pub struct QueueContext {
     /// [`QueueTarget::staging_buffer`], if it offers one: None where the ring has no
     /// buffer table for it (a test ring), and the target then uses plain receives.
     pub staging_index: Option<u16>,
+    /// Requests come with their own pages as buffers (zc, auto-zc, `IoBuf::Pages`), not
+    /// with daemon buffers: a target that needs the data in process memory stages it
+    /// ([`Staging::for_requests`]).
+    pub own_pages: bool,
+    /// The most bytes one request carries.
+    pub max_io_bytes: u32,
 }
 
 /// What a size watch calls when the backend's size may have changed

@@ -98,6 +98,8 @@ mod tests {
                 first_file: 1,
                 user_copy: false,
                 staging_index: None,
+                own_pages: false,
+                max_io_bytes: 512 << 10,
             })
             .unwrap();
         for (op, expect) in [

@@ -73,20 +73,31 @@ fn fio_verify_fixed() {
     fio_verify("fixed");
 }
 
-/// Without --buffer an rbd device takes copy; the zero-copy modes are refused with one
-/// line that says what to use.
 #[test]
-fn default_buffer_is_copy_and_zero_copy_is_refused() {
+fn fio_verify_auto_zc() {
+    fio_verify("auto-zc");
+}
+
+#[test]
+fn fio_verify_zc() {
+    fio_verify("zc");
+}
+
+/// Without --buffer an rbd device takes the best mode the kernel has, as the other
+/// targets do: auto-zc on the VM's kernel, its data staged through a memfd.
+#[test]
+fn default_buffer_is_auto_zc() {
     let c = cluster();
     c.create_image("modes", "8M");
     let d = Daemon::start("rbd-modes");
     let dev = add_rbd(&d, "rbd/modes", &[]);
-    assert_eq!(d.show_json(dev_id(&dev))["buffer"].as_str(), Some("copy"));
-    let conf = conf();
-    for mode in ["zc", "auto-zc"] {
-        let e = d.ctl_err(&["add", "rbd", "rbd/modes", "--conf", &conf, "--buffer", mode]);
-        assert!(e.contains("use --buffer copy"), "{e}");
-    }
+    assert_eq!(
+        d.show_json(dev_id(&dev))["buffer"].as_str(),
+        Some("auto-zc")
+    );
+    let data = pattern(5, 1 << 20);
+    write_direct(&dev, &data);
+    assert!(read_direct(&dev, data.len()) == data, "data differ");
     d.del(&dev);
 }
 
@@ -450,7 +461,8 @@ fn resize_follows_the_image() {
 
 /// Adding and deleting rbd devices (a cluster connection and its librados threads
 /// each) leaves the daemon as it was: after 3 cycles of warm-up, two rounds of 8 more
-/// over both buffer modes and both command paths leave its descriptors and threads
+/// over the four buffer modes and both command paths (each pair once per round; the
+/// zero-copy modes with their memfd staging) leave its descriptors and threads
 /// where they were, and its resident memory grows by less than 1 MiB in at least one
 /// round (`assert_cycles_leak_nothing`).
 ///
@@ -473,10 +485,14 @@ fn add_and_del_cycles_leak_nothing() {
     let mut d = Daemon::spawn_with_env("rbd-cycles", &[], &[("MALLOC_ARENA_MAX", "1")]);
     d.wait_ready();
     let kinds = [
-        ("copy", "--no-batch"),
-        ("fixed", "--batch"),
+        ("auto-zc", "--no-batch"),
         ("copy", "--batch"),
+        ("zc", "--no-batch"),
+        ("fixed", "--batch"),
+        ("copy", "--no-batch"),
+        ("auto-zc", "--batch"),
         ("fixed", "--no-batch"),
+        ("zc", "--batch"),
     ];
     let data = pattern(11, 1 << 20);
     let cycle = |i: usize| {

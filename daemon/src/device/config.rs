@@ -60,30 +60,6 @@ pub fn choose_buffer(
     Ok(mode)
 }
 
-/// [`choose_buffer`] for a device of `spec`: a target that works in daemon memory
-/// (rbd: librbd reads and writes process memory) cannot take the zero-copy modes, and
-/// gets `copy` by default (`fixed` only registers the same buffers with a ring that
-/// librbd never uses).
-pub fn choose_buffer_for(
-    spec: &TargetSpec,
-    requested: Option<BufferMode>,
-    kernel: &KernelInfo,
-    depth: u16,
-) -> Result<BufferMode> {
-    if !spec.needs_daemon_buffers() {
-        return choose_buffer(requested, kernel, depth);
-    }
-    match requested {
-        None => Ok(BufferMode::Copy),
-        Some(m @ (BufferMode::Zc | BufferMode::AutoZc)) => bail!(
-            "the {} target reads and writes request data in daemon memory, so buffer mode {m} \
-             cannot serve it; use --buffer copy (the default for it) or fixed",
-            spec.name()
-        ),
-        Some(m) => choose_buffer(Some(m), kernel, depth),
-    }
-}
-
 /// Whether the queues use the batch command path (UBLK_F_BATCH_IO): only when asked
 /// for. Per tag is the default: in the benchmark (README, Performance) batch did not
 /// measure at least as fast.
@@ -454,29 +430,6 @@ mod tests {
         let e = choose_buffer(Some(BufferMode::Fixed), &kernel(all), 4096).unwrap_err();
         assert!(e.to_string().contains("would pin 2048 MiB"), "{e}");
         assert!(choose_buffer(Some(BufferMode::Copy), &kernel(all), 4096).is_ok());
-    }
-
-    #[test]
-    fn rbd_takes_daemon_buffers_only() {
-        let all = kernel(sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_AUTO_BUF_REG);
-        let rbd = TargetSpec::Rbd {
-            image: "rbd/img".into(),
-            conf: None,
-            user: None,
-            keyring: None,
-            read_only: false,
-            osd_timeout: None,
-        };
-        let choose = |m| choose_buffer_for(&rbd, m, &all, 128);
-        assert_eq!(choose(None).unwrap(), BufferMode::Copy);
-        assert_eq!(choose(Some(BufferMode::Fixed)).unwrap(), BufferMode::Fixed);
-        for m in [BufferMode::Zc, BufferMode::AutoZc] {
-            let e = choose(Some(m)).unwrap_err().to_string();
-            assert!(e.contains("use --buffer copy"), "{e}");
-        }
-        let null = TargetSpec::Null { size: 1 << 20 };
-        let auto = choose_buffer_for(&null, None, &all, 128).unwrap();
-        assert_eq!(auto, BufferMode::AutoZc);
     }
 
     #[test]

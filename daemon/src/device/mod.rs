@@ -25,8 +25,8 @@ use crate::state::{Record, StateDir};
 use anyhow::{anyhow, bail, Context, Result};
 pub use config::MAX_IO_BYTES;
 use config::{
-    build_target, check_backing, choose_buffer_for, device_flags, params, recovered_buffer,
-    use_batch, IoSizes,
+    build_target, check_backing, choose_buffer, device_flags, params, recovered_buffer, use_batch,
+    IoSizes,
 };
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
@@ -120,7 +120,7 @@ impl Device {
     ) -> Result<Device> {
         let geometry =
             validate::geometry(req.queues, req.depth, req.block_size, kernel.max_queues)?;
-        let buffer = choose_buffer_for(&req.target, req.buffer, kernel, geometry.depth)?;
+        let buffer = choose_buffer(req.buffer, kernel, geometry.depth)?;
         let batch = use_batch(req.batch, kernel)?;
         let target = build_target(&req.target, &geometry)?;
         if let Some(record) = restoring {

@@ -72,6 +72,8 @@ impl Queue {
             user_copy: spec.user_copy,
             // The slot after the requests' (fixed: their buffers; zc: their pages).
             staging_index: Some(spec.depth),
+            own_pages: matches!(spec.buffer, BufferMode::Zc | BufferMode::AutoZc),
+            max_io_bytes: spec.max_io_bytes,
         };
         let mut handler = target
             .queue(ctx)
@@ -80,8 +82,10 @@ impl Queue {
             addr: b.as_mut_ptr() as u64,
             len: b.len(),
             file: b.file(),
+            writer: b.writer(),
+            registered: b.registered(),
         });
-        let staging_iov = staging.map(|s| libc::iovec {
+        let staging_iov = staging.filter(|s| s.registered).map(|s| libc::iovec {
             iov_base: s.addr as *mut libc::c_void,
             iov_len: s.len,
         });

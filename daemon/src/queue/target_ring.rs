@@ -70,6 +70,20 @@ pub(super) struct StagingArea {
     pub(super) len: usize,
     /// Its memfd, read from to copy staged bytes into a request's registered pages.
     pub(super) file: Option<RawFd>,
+    /// The memfd to write a request's pages into (opened for inline writes).
+    pub(super) writer: Option<RawFd>,
+    /// Registered in the ring's buffer table (a receive buffer), or reached only
+    /// through its file (request slots).
+    pub(super) registered: bool,
+}
+
+impl StagingArea {
+    /// Byte `at` of the buffer where `addr..addr + len` lies inside it.
+    fn offset_of(&self, addr: *mut u8, len: usize) -> Option<u64> {
+        let at = (addr as u64).checked_sub(self.addr)?;
+        let end = at.checked_add(len as u64)?;
+        (end <= self.len as u64).then_some(at)
+    }
 }
 
 impl TargetRing<'_> {
@@ -159,7 +173,7 @@ impl Ring for TargetRing<'_> {
     ) -> io::Result<()> {
         let unsupported = |why: &str| io::Error::new(io::ErrorKind::Unsupported, why.to_owned());
         let Some(staging) = self.staging else {
-            return Err(unsupported("the target has no registered staging buffer"));
+            return Err(unsupported("the target has no staging buffer"));
         };
         let buf @ IoBuf::Pages { index, .. } = self.request_buf(tag)? else {
             return Err(unsupported("the request's buffer is daemon memory"));
@@ -222,12 +236,37 @@ impl Ring for TargetRing<'_> {
         len: usize,
         link: bool,
     ) -> io::Result<()> {
-        let buf @ IoBuf::Pages { .. } = self.request_buf(tag)? else {
+        let buf @ IoBuf::Pages { index, .. } = self.request_buf(tag)? else {
             let why = "the request's buffer is daemon memory";
             return Err(io::Error::new(io::ErrorKind::Unsupported, why));
         };
-        self.cdev()?;
         buf.check_range(offset, len)?;
+        let staged = self
+            .staging
+            .and_then(|s| Some((s.writer?, s.offset_of(into, len)?)));
+        if let Some((file, at)) = staged {
+            // Into the staging buffer's memfd at `at`, from the request's registered
+            // pages at `offset` (addressed from 0): the kernel's memcpy, inline where
+            // the memfd was opened O_DIRECT.
+            let sqe =
+                opcode::WriteFixed::new(types::Fd(file), offset as *const u8, len as u32, index)
+                    .offset(at)
+                    .build();
+            let sqe = if link {
+                sqe.flags(squeue::Flags::IO_LINK)
+            } else {
+                sqe
+            };
+            // SAFETY: the staging bytes are the caller's until the completion (the
+            // caller's guarantee); the memfd lives as long as the buffer, which outlives
+            // the ring; the request's pages stay registered (in front of this SQE in zc
+            // mode) until its commit, which waits for this completion.
+            return match unsafe { self.push(tag, step, sqe) } {
+                Ok(()) => Ok(()),
+                Err(RingFull) => Err(io::ErrorKind::WouldBlock.into()),
+            };
+        }
+        self.cdev()?;
         // The char device is file 0 of the ring's table (non-blocking: runs inline). A
         // plain READ into daemon memory: the driver copies only to user memory.
         let pos = uapi::user_copy_pos(self.qid, tag, offset as u32);

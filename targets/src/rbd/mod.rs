@@ -10,8 +10,10 @@
 //! signals an eventfd that the queue's io_uring reads, so the queue thread never waits
 //! inside librbd.
 //!
-//! librbd reads and writes process memory, so the target needs daemon buffers (`copy`
-//! or `fixed`); the zero-copy modes are refused when the device is added.
+//! librbd reads and writes process memory. In `copy` and `fixed` mode it gets the
+//! request's daemon buffer; in the zero-copy modes (`auto-zc`, the default where the
+//! kernel has it, and `zc`) each tag has a slot of a memfd, and the queue copies the
+//! data between the request's pages and the slot on its ring (`queue.rs`).
 //!
 //! The device follows the image's size: a watch on the image (`watch.rs`) tells the
 //! daemon of every change made elsewhere (`rbd resize`), and the daemon resizes the

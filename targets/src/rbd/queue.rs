@@ -6,15 +6,28 @@
 //! the queue's ring ([`Ring::push_event`]); when it completes, [`RbdQueue::complete`] takes
 //! the results, finishes their requests ([`Ring::finish`]) and reads the eventfd again.
 //! A FUA write is finished only after a flush that follows it.
+//!
+//! librbd reads and writes process memory. With daemon buffers (copy, fixed) it gets
+//! the request's buffer. In the zero-copy modes the request's buffer is its own pages,
+//! which a process cannot address, so each tag has a slot of a memfd-backed staging
+//! buffer ([`Staging::for_requests`]): a write's data is copied from the request's pages
+//! into its slot on the ring (WRITE_FIXED) before librbd gets the slot, a read's data
+//! from the slot into the request's pages (READ_FIXED) after librbd filled it. Both are
+//! the kernel's memcpy, where copy mode has the driver copy to and from user memory,
+//! which an emulated CPU runs several times slower (docs/research/issue-15-rbd-speed.md 7).
 
 use super::rados::{AioOp, Completions, Image};
-use crate::{Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring};
+use crate::{Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring, Staging};
 use io_uring::{opcode, types};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The `push_event` step of the eventfd read.
 const EVENT_DONE: u16 = 1;
+/// The `push` step that copies a write's data from its pages into its staging slot.
+const STEP_STAGE_WRITE: u16 = 1;
+/// The `push` step that copies a read's data from its staging slot into its pages.
+const STEP_UNSTAGE_READ: u16 = 2;
 
 /// What a request id says besides its tag: which of its calls reported.
 const STAGE_SHIFT: u32 = 16;
@@ -36,6 +49,8 @@ struct TagState {
     len: u32,
     /// A FUA write: flush before completing.
     fua: bool,
+    /// A read whose data librbd puts in the tag's staging slot.
+    staged_read: bool,
 }
 
 pub(super) struct RbdQueue {
@@ -50,15 +65,35 @@ pub(super) struct RbdQueue {
     done: Vec<(u64, i64)>,
     /// How long dropping the queue waits for librbd to report what is in flight.
     drain: Duration,
+    /// One slot of `slot` bytes per tag, for the zero-copy modes; declared after
+    /// everything else, so `Drop` has waited for librbd before it goes.
+    staging: Option<Staging>,
+    slot: usize,
 }
 
 impl RbdQueue {
+    /// A queue of `depth` tags; with `staging` of `slot` bytes per tag where requests
+    /// bring their own pages.
     pub(super) fn new(
         image: Arc<Image>,
         qid: u16,
         depth: u16,
         drain: Duration,
+        staging: Option<usize>,
     ) -> std::io::Result<RbdQueue> {
+        let slot = staging.unwrap_or(0);
+        let staging = match staging {
+            Some(slot) => Some(Staging::for_requests(depth, slot).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot make the staging buffer for the zero-copy modes: {e}; use --buffer copy"),
+                )
+            })?),
+            None => None,
+        };
+        let slot = staging
+            .as_ref()
+            .map_or(slot, |s| s.len() / usize::from(depth.max(1)));
         Ok(RbdQueue {
             image,
             sink: Completions::new()?,
@@ -68,6 +103,8 @@ impl RbdQueue {
             wake_buf: Box::new(0),
             done: Vec::new(),
             drain,
+            staging,
+            slot,
         })
     }
 
@@ -111,17 +148,86 @@ impl RbdQueue {
     fn state(&mut self, io: &IoDesc, data: bool, fua: bool) {
         let len = if data { io.len } else { 0 };
         if let Some(t) = self.tags.get_mut(usize::from(io.tag)) {
-            *t = TagState { len, fua };
+            *t = TagState {
+                len,
+                fua,
+                staged_read: false,
+            };
         }
     }
 
-    /// The daemon address of a request's data; None for the request's own pages
-    /// (zero-copy modes, refused for rbd when the device is added).
-    fn addr(buf: IoBuf) -> Option<*mut u8> {
+    /// Where librbd reads or writes a request's data: the request's daemon buffer, or
+    /// for the request's own pages (zero-copy modes) the tag's staging slot, with true.
+    /// None when there is neither.
+    fn addr(&mut self, tag: u16, buf: IoBuf) -> Option<(*mut u8, bool)> {
         match buf {
-            IoBuf::User { addr, .. } => Some(addr),
-            IoBuf::Fixed { addr, .. } => Some(addr as *mut u8),
-            IoBuf::None | IoBuf::Pages { .. } => None,
+            IoBuf::User { addr, .. } => Some((addr, false)),
+            IoBuf::Fixed { addr, .. } => Some((addr as *mut u8, false)),
+            IoBuf::Pages { len, .. } => self.slot_addr(tag, len).map(|a| (a, true)),
+            IoBuf::None => None,
+        }
+    }
+
+    /// The address of `tag`'s staging slot, if it has one that holds `len` bytes.
+    fn slot_addr(&mut self, tag: u16, len: usize) -> Option<*mut u8> {
+        let at = usize::from(tag) * self.slot;
+        let staging = self.staging.as_mut()?;
+        (len <= self.slot && at + len <= staging.len()).then(|| staging[at..].as_mut_ptr())
+    }
+
+    /// Starts the copy of read `tag`'s data (`len` bytes librbd put in its slot) into
+    /// its pages; the request completes when that copy does.
+    fn unstage_read(&mut self, tag: u16, len: u32, ring: &mut dyn Ring) {
+        let at = usize::from(tag) * self.slot;
+        // Room first: a full submission queue is submitted to make it (this runs
+        // inside a completion, where "busy" cannot be answered).
+        let _ = ring.reserve(1, 1);
+        // SAFETY: the slot belongs to this tag until the request completes, which it
+        // does only through this copy's completion; librbd is done with it.
+        match unsafe { ring.push_staged_copy(tag, STEP_UNSTAGE_READ, 0, at, len as usize) } {
+            Ok(()) => {}
+            Err(e) => {
+                log::error!(
+                    "rbd q{} tag {tag}: cannot copy the read's data into the request: {e}",
+                    self.qid
+                );
+                ring.finish(tag, -libc::EIO);
+            }
+        }
+    }
+
+    /// Hands write `io` to librbd from `addr` (its daemon buffer or its staging slot).
+    fn write_from(&mut self, io: &IoDesc, addr: *mut u8) -> Outcome {
+        let op = AioOp::Write {
+            off: io.offset,
+            buf: addr,
+            len: io.len as usize,
+        };
+        self.start(io.tag, STAGE_MAIN, op)
+    }
+
+    /// A copy between request `io`'s pages and its staging slot completed with `res`.
+    fn copied(&mut self, io: &IoDesc, step: u16, res: i32) -> Outcome {
+        if res != io.len as i32 {
+            log::error!(
+                "rbd q{} tag {}: copying {} bytes {} the staging slot gave {res}",
+                self.qid,
+                io.tag,
+                io.len,
+                if step == STEP_STAGE_WRITE {
+                    "into"
+                } else {
+                    "out of"
+                }
+            );
+            return Outcome::Done(-libc::EIO);
+        }
+        match step {
+            STEP_STAGE_WRITE => match self.slot_addr(io.tag, io.len as usize) {
+                Some(addr) => self.write_from(io, addr),
+                None => Outcome::Done(-libc::EIO),
+            },
+            _ => Outcome::Done(res),
         }
     }
 
@@ -146,6 +252,9 @@ impl RbdQueue {
             }
             return;
         }
+        if stage == STAGE_MAIN && t.staged_read {
+            return self.unstage_read(tag, t.len, ring);
+        }
         ring.finish(tag, t.len as i32);
     }
 }
@@ -166,11 +275,20 @@ impl QueueTarget for RbdQueue {
         self.arm(ring);
     }
 
+    /// The request slots of the zero-copy modes: not registered, reached through their
+    /// memfd.
+    fn staging_buffer(&mut self) -> Option<&mut Staging> {
+        self.staging.as_mut()
+    }
+
     fn read(&mut self, io: &IoDesc, buf: IoBuf, _: &mut dyn Ring) -> Outcome {
-        let Some(addr) = Self::addr(buf) else {
+        let Some((addr, staged)) = self.addr(io.tag, buf) else {
             return Outcome::Done(-libc::EOPNOTSUPP);
         };
         self.state(io, true, false);
+        if let Some(t) = self.tags.get_mut(usize::from(io.tag)) {
+            t.staged_read = staged;
+        }
         let op = AioOp::Read {
             off: io.offset,
             buf: addr,
@@ -179,17 +297,33 @@ impl QueueTarget for RbdQueue {
         self.start(io.tag, STAGE_MAIN, op)
     }
 
-    fn write(&mut self, io: &IoDesc, buf: IoBuf, _: &mut dyn Ring) -> Outcome {
-        let Some(addr) = Self::addr(buf) else {
+    fn write(&mut self, io: &IoDesc, buf: IoBuf, ring: &mut dyn Ring) -> Outcome {
+        let Some((addr, staged)) = self.addr(io.tag, buf) else {
             return Outcome::Done(-libc::EOPNOTSUPP);
         };
         self.state(io, true, io.flags.fua);
-        let op = AioOp::Write {
-            off: io.offset,
-            buf: addr,
-            len: io.len as usize,
-        };
-        self.start(io.tag, STAGE_MAIN, op)
+        if !staged {
+            return self.write_from(io, addr);
+        }
+        if !ring.reserve(1, 1) {
+            return Outcome::Busy;
+        }
+        // SAFETY: the slot belongs to this tag until the request completes; librbd gets
+        // it only once this copy has completed (`complete`).
+        match unsafe {
+            ring.push_copy_from_request(io.tag, STEP_STAGE_WRITE, 0, addr, io.len as usize, false)
+        } {
+            Ok(()) => Outcome::Queued,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Outcome::Busy,
+            Err(e) => {
+                log::error!(
+                    "rbd q{} tag {}: cannot stage the write's data: {e}",
+                    self.qid,
+                    io.tag
+                );
+                Outcome::Done(-libc::EIO)
+            }
+        }
     }
 
     fn flush(&mut self, io: &IoDesc, _: &mut dyn Ring) -> Outcome {
@@ -218,8 +352,8 @@ impl QueueTarget for RbdQueue {
     /// The eventfd read ([`Owner::Target`]) completed: librbd reported requests. (The
     /// target pushes no SQE for a request.)
     fn complete(&mut self, c: Completion, ring: &mut dyn Ring) -> Outcome {
-        if let Owner::Request(..) = c.owner {
-            return Outcome::Done(c.res);
+        if let Owner::Request(io, _) = c.owner {
+            return self.copied(&io, c.step, c.res);
         }
         if c.step != EVENT_DONE {
             return Outcome::Queued;

@@ -109,6 +109,7 @@ impl Target for RbdTarget {
             ctx.qid,
             ctx.depth,
             self.opts.osd_wait(),
+            ctx.own_pages.then_some(ctx.max_io_bytes as usize),
         )?))
     }
 

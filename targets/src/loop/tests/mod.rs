@@ -204,6 +204,8 @@ fn reads_writes_flushes_and_punches_a_file() {
             first_file: 0,
             user_copy: false,
             staging_index: None,
+            own_pages: false,
+            max_io_bytes: 512 << 10,
         })
         .unwrap();
 
@@ -312,6 +314,8 @@ fn read_only_targets_refuse_writes() {
             first_file: 0,
             user_copy: false,
             staging_index: None,
+            own_pages: false,
+            max_io_bytes: 512 << 10,
         })
         .unwrap();
     let wr = IoDesc {

@@ -65,6 +65,8 @@ impl Harness {
                 first_file: 0,
                 user_copy: pages,
                 staging_index: None,
+                own_pages: false,
+                max_io_bytes: 512 << 10,
             })
             .unwrap();
         q.start(&mut ring);

@@ -75,6 +75,8 @@ fn requests_finish_through_the_eventfd() {
         first_file: 0,
         user_copy: false,
         staging_index: None,
+        own_pages: false,
+        max_io_bytes: 512 << 10,
     };
     let mut q = t.queue(ctx).unwrap();
     let mut ring = TestRing::new(8);
