@@ -15,6 +15,9 @@
 //! from the slot into the request's pages (READ_FIXED) after librbd filled it. Both are
 //! the kernel's memcpy, where copy mode has the driver copy to and from user memory,
 //! which an emulated CPU runs several times slower (docs/research/issue-15-rbd-speed.md 7).
+//! A write of up to 16 KiB is copied into its slot with user copy instead (an io_uring
+//! READ of the request on the char device): there a write into the memfd costs more than
+//! the copy it saves ([`Ring::push_copy_from_request`] decides).
 
 use super::rados::{AioOp, Completions, Image};
 use crate::{Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring, Staging};
