@@ -157,8 +157,9 @@ pub trait Ring {
     /// of the request's registered pages into the memfd (a kernel memcpy), unless the
     /// copy is small (16 KiB or less) and the queue has user copy; otherwise, in a queue
     /// with user copy, an io_uring READ from the request's user-copy position on the ublk
-    /// char device. Either way without a system call per request. With `link` the SQE carries IOSQE_IO_LINK: the next SQE pushed starts
-    /// only after this one copied all `len` bytes, and is cancelled if it did not.
+    /// char device. Either way without a system call per request. With `link` the SQE
+    /// carries IOSQE_IO_LINK: the next SQE pushed starts only after this one copied all
+    /// `len` bytes, and is cancelled if it did not.
     /// Err(Unsupported) where it does not apply (daemon buffers; no staging file and no
     /// user copy), Err(WouldBlock) when the ring is full. The default pushes nothing.
     ///

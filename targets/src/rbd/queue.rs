@@ -68,8 +68,8 @@ pub(super) struct RbdQueue {
     done: Vec<(u64, i64)>,
     /// How long dropping the queue waits for librbd to report what is in flight.
     drain: Duration,
-    /// One slot of `slot` bytes per tag, for the zero-copy modes; declared after
-    /// everything else, so `Drop` has waited for librbd before it goes.
+    /// One slot of `slot` bytes per tag, for the zero-copy modes (librbd may hold
+    /// pointers into it until `Drop` has waited for what is in flight).
     staging: Option<Staging>,
     slot: usize,
 }
@@ -84,19 +84,19 @@ impl RbdQueue {
         drain: Duration,
         staging: Option<usize>,
     ) -> std::io::Result<RbdQueue> {
-        let slot = staging.unwrap_or(0);
-        let staging = match staging {
-            Some(slot) => Some(Staging::for_requests(depth, slot).map_err(|e| {
-                std::io::Error::new(
-                    e.kind(),
-                    format!("cannot make the staging buffer for the zero-copy modes: {e}; use --buffer copy"),
-                )
-            })?),
-            None => None,
-        };
+        let staging = staging
+            .map(|slot| Staging::for_requests(depth, slot))
+            .transpose()
+            .map_err(|e| {
+                let why = format!(
+                    "cannot make the staging buffer for the zero-copy modes: {e}; use --buffer copy"
+                );
+                std::io::Error::new(e.kind(), why)
+            })?;
+        // Slots are rounded up to pages.
         let slot = staging
             .as_ref()
-            .map_or(slot, |s| s.len() / usize::from(depth.max(1)));
+            .map_or(0, |s| s.len() / usize::from(depth.max(1)));
         Ok(RbdQueue {
             image,
             sink: Completions::new()?,
@@ -147,14 +147,15 @@ impl RbdQueue {
     }
 
     /// Records what `io`'s completion needs: its result on success (the length for
-    /// reads and writes, 0 for the others) and whether a flush must follow.
-    fn state(&mut self, io: &IoDesc, data: bool, fua: bool) {
+    /// reads and writes, 0 for the others), whether a flush must follow, and whether
+    /// its data is to be copied from its staging slot into its pages.
+    fn state(&mut self, io: &IoDesc, data: bool, fua: bool, staged_read: bool) {
         let len = if data { io.len } else { 0 };
         if let Some(t) = self.tags.get_mut(usize::from(io.tag)) {
             *t = TagState {
                 len,
                 fua,
-                staged_read: false,
+                staged_read,
             };
         }
     }
@@ -288,10 +289,7 @@ impl QueueTarget for RbdQueue {
         let Some((addr, staged)) = self.addr(io.tag, buf) else {
             return Outcome::Done(-libc::EOPNOTSUPP);
         };
-        self.state(io, true, false);
-        if let Some(t) = self.tags.get_mut(usize::from(io.tag)) {
-            t.staged_read = staged;
-        }
+        self.state(io, true, false, staged);
         let op = AioOp::Read {
             off: io.offset,
             buf: addr,
@@ -304,7 +302,7 @@ impl QueueTarget for RbdQueue {
         let Some((addr, staged)) = self.addr(io.tag, buf) else {
             return Outcome::Done(-libc::EOPNOTSUPP);
         };
-        self.state(io, true, io.flags.fua);
+        self.state(io, true, io.flags.fua, false);
         if !staged {
             return self.write_from(io, addr);
         }
@@ -330,12 +328,12 @@ impl QueueTarget for RbdQueue {
     }
 
     fn flush(&mut self, io: &IoDesc, _: &mut dyn Ring) -> Outcome {
-        self.state(io, false, false);
+        self.state(io, false, false, false);
         self.start(io.tag, STAGE_MAIN, AioOp::Flush)
     }
 
     fn discard(&mut self, io: &IoDesc, _: &mut dyn Ring) -> Outcome {
-        self.state(io, false, io.flags.fua);
+        self.state(io, false, io.flags.fua, false);
         let op = AioOp::Discard {
             off: io.offset,
             len: u64::from(io.len),
@@ -344,7 +342,7 @@ impl QueueTarget for RbdQueue {
     }
 
     fn write_zeroes(&mut self, io: &IoDesc, _: &mut dyn Ring) -> Outcome {
-        self.state(io, false, io.flags.fua);
+        self.state(io, false, io.flags.fua, false);
         let op = AioOp::WriteZeroes {
             off: io.offset,
             len: u64::from(io.len),
@@ -352,8 +350,8 @@ impl QueueTarget for RbdQueue {
         self.start(io.tag, STAGE_MAIN, op)
     }
 
-    /// The eventfd read ([`Owner::Target`]) completed: librbd reported requests. (The
-    /// target pushes no SQE for a request.)
+    /// The eventfd read ([`Owner::Target`]) completed: librbd reported requests; or a
+    /// copy between a request's pages and its staging slot did ([`Owner::Request`]).
     fn complete(&mut self, c: Completion, ring: &mut dyn Ring) -> Outcome {
         if let Owner::Request(io, _) = c.owner {
             return self.copied(&io, c.step, c.res);
