@@ -10,6 +10,9 @@
 //! kernel device nor an entry (so not the id of a failed or restoring device), reserved
 //! in the table before the kernel is asked, and `add --id N` is refused while N has an
 //! entry. Requests that change devices are refused until the records have been restored.
+//! With `--device-ids FIRST-LAST`, `add` without `--id` looks for its id in that range
+//! only, so that ublk servers sharing a host (each restoring its devices under their
+//! recorded ids) never hand out each other's ids.
 
 mod connect;
 mod delete;
@@ -23,6 +26,7 @@ use crate::state::{Record, StateDir};
 use anyhow::{anyhow, bail, Result};
 use entry::Entry;
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -49,6 +53,8 @@ pub enum ExitMode {
 
 pub struct Daemon {
     kernel: KernelInfo,
+    /// The ids `add` without `--id` picks from (`--device-ids`).
+    auto_ids: RangeInclusive<u32>,
     state: StateDir,
     devices: Mutex<BTreeMap<u32, Entry>>,
     /// Set until `restore_all` has run: requests that change devices are refused.
@@ -63,10 +69,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn new(kernel: KernelInfo, state: StateDir) -> Self {
+    pub fn new(kernel: KernelInfo, state: StateDir, auto_ids: RangeInclusive<u32>) -> Self {
         let (resized, resized_rx) = mpsc::channel();
         Daemon {
             kernel,
+            auto_ids,
             state,
             devices: Mutex::new(BTreeMap::new()),
             restoring: AtomicBool::new(true),
@@ -348,11 +355,20 @@ impl Daemon {
                 }
                 id
             }
-            None => (0..validate::MAX_DEVICE_ID)
+            None => self
+                .auto_ids
+                .clone()
                 .find(|id| {
                     !devices.contains_key(id) && !skip.contains(id) && !device::kernel_has(*id)
                 })
-                .ok_or_else(|| anyhow!("every device id is in use"))?,
+                .ok_or_else(|| {
+                    anyhow!(
+                        "every device id from {} to {} is in use (ublkd --device-ids); \
+                         delete a device or give one with --id",
+                        self.auto_ids.start(),
+                        self.auto_ids.end()
+                    )
+                })?,
         };
         devices.insert(id, Entry::Adding(req.clone()));
         Ok(id)

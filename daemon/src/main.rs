@@ -43,6 +43,12 @@ struct Args {
     /// hand-over when systemd stops the service to restart it, remove otherwise.
     #[arg(long, value_enum, default_value_t = OnExit::Auto)]
     on_exit: OnExit,
+    /// The ids a device added without `--id` may get: FIRST-LAST, both included. Give
+    /// each ublk server on a host a range of its own, so none takes an id that another
+    /// one has recorded for a device it restores at its next start.
+    #[arg(long, value_name = "FIRST-LAST", default_value = "0-1048575",
+          value_parser = |s: &str| ublkd_proto::validate::device_id_range(s).map_err(|e| e.to_string()))]
+    device_ids: std::ops::RangeInclusive<u32>,
     /// Act as if the ublk driver lacked these features (names as `ublkctl features`
     /// prints them, comma-separated, e.g. USER_COPY,AUTO_BUF_REG): to try the fallbacks
     /// for older kernels.
@@ -115,7 +121,7 @@ fn run(args: &Args) -> Result<()> {
 
     let mut signals =
         Signals::new([SIGTERM, SIGINT, SIGUSR1]).context("cannot install signal handlers")?;
-    let daemon = Arc::new(daemon::Daemon::new(kernel, state));
+    let daemon = Arc::new(daemon::Daemon::new(kernel, state, args.device_ids.clone()));
     let listener = control::bind(&args.socket, group.as_ref())?;
     match &group {
         Some(g) => log::info!(

@@ -1,6 +1,7 @@
 //! Validation of device parameters, shared by the daemon (authoritative) and tests.
 
 use crate::size::format_size;
+use std::ops::RangeInclusive;
 use thiserror::Error;
 
 /// Deepest queue the ublk driver accepts (`UBLK_MAX_QUEUE_DEPTH`).
@@ -40,6 +41,8 @@ pub enum ValidationError {
     DepthTooLarge(u32),
     #[error("device id {0} is out of range (0 to 1048575)")]
     DeviceId(u32),
+    #[error("device id range '{0}' is not valid: give FIRST-LAST, two ids from 0 to 1048575 with FIRST <= LAST (e.g. 100-199)")]
+    DeviceIdRange(String),
     #[error("device name '{0}' is not valid: use 1 to 64 letters, digits, '-', '_' or '.'")]
     Name(String),
     #[error("device name '{0}' is all digits, which commands read as a device id: add a letter")]
@@ -101,6 +104,24 @@ pub fn device_id(id: u32) -> Result<u32, ValidationError> {
     Ok(id)
 }
 
+/// Parses a range of device ids, `FIRST-LAST` (both included), e.g. `100-199`.
+pub fn device_id_range(text: &str) -> Result<RangeInclusive<u32>, ValidationError> {
+    let bad = || ValidationError::DeviceIdRange(text.to_string());
+    let (first, last) = text.split_once('-').ok_or_else(bad)?;
+    let id = |s: &str| {
+        s.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| n < MAX_DEVICE_ID)
+            .ok_or_else(bad)
+    };
+    let (first, last) = (id(first)?, id(last)?);
+    if first > last {
+        return Err(bad());
+    }
+    Ok(first..=last)
+}
+
 /// Checks a device name: short, and safe in a file name, a log line or a shell; not all
 /// digits, which commands read as a device id.
 pub fn device_name(name: &str) -> Result<&str, ValidationError> {
@@ -137,6 +158,16 @@ mod tests {
             device_id(MAX_DEVICE_ID),
             Err(ValidationError::DeviceId(MAX_DEVICE_ID))
         );
+        assert_eq!(device_id_range("100-199"), Ok(100..=199));
+        assert_eq!(device_id_range("7-7"), Ok(7..=7));
+        assert_eq!(device_id_range("0-1048575"), Ok(0..=MAX_DEVICE_ID - 1));
+        for bad in ["", "5", "9-3", "1-1048576", "-5", "a-b", "1-2-3"] {
+            assert_eq!(
+                device_id_range(bad),
+                Err(ValidationError::DeviceIdRange(bad.into())),
+                "{bad}"
+            );
+        }
         assert_eq!(device_name("db-0.data_1"), Ok("db-0.data_1"));
         assert_eq!(device_name("0db"), Ok("0db"));
         assert_eq!(

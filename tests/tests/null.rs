@@ -240,6 +240,26 @@ fn names_are_handles() {
 }
 
 /// `stats --prometheus` is well-formed and counts what `show` counts.
+/// `ublkd --device-ids FIRST-LAST`: `add` without `--id` picks the lowest free id of the
+/// range and says so when none is left; `--id` may still name any id.
+#[test]
+fn added_devices_get_ids_from_the_daemons_range() {
+    require_ublk();
+    let d = Daemon::start_clean("id-range", &["--device-ids", "300-301"]);
+    let a = d.add(&["null", "--size", "16M"]);
+    let b = d.add(&["null", "--size", "16M"]);
+    assert_eq!((a.as_str(), b.as_str()), ("/dev/ublkb300", "/dev/ublkb301"));
+    let err = d.ctl_err(&["add", "null", "--size", "16M"]);
+    assert!(
+        err.contains("every device id from 300 to 301 is in use"),
+        "{err}"
+    );
+    let named = d.add(&["null", "--size", "16M", "--id", "302"]);
+    assert_eq!(named, "/dev/ublkb302");
+    d.del(&a);
+    assert_eq!(d.add(&["null", "--size", "16M"]), "/dev/ublkb300");
+}
+
 #[test]
 fn stats_in_the_prometheus_format() {
     require_ublk();
