@@ -110,6 +110,16 @@ impl Daemon {
             .arg(&socket)
             .arg("--state-dir")
             .arg(&state_dir)
+            // Test binaries that run side by side in the VM (tests/vm/guest-run-tests.sh)
+            // get id ranges of their own, so a device one restores under its recorded
+            // id is never taken by the other's `add`.
+            .args(
+                std::env::var("UBLKD_TEST_DEVICE_IDS")
+                    .ok()
+                    .filter(|_| !extra.contains(&"--device-ids"))
+                    .map(|r| vec!["--device-ids".to_string(), r])
+                    .unwrap_or_default(),
+            )
             .args(extra)
             .env(
                 "RUST_LOG",

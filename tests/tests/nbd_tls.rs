@@ -132,12 +132,12 @@ macro_rules! tls_tests {
 }
 
 tls_tests! {
-    nbdkit_tls_tcp_copy => "nbdkit-tcp", Some("copy"), 10941;
-    nbdkit_tls_tcp_default => "nbdkit-tcp", None, 10942;
-    nbdkit_tls_tcp_zc => "nbdkit-tcp", Some("zc"), 10943;
+    nbdkit_tls_tcp_copy => "nbdkit-tcp", Some("copy"), 11141;
+    nbdkit_tls_tcp_default => "nbdkit-tcp", None, 11142;
+    nbdkit_tls_tcp_zc => "nbdkit-tcp", Some("zc"), 11143;
     nbdkit_tls_unix_copy => "nbdkit-unix", Some("copy"), 0;
     nbdkit_tls_unix_default => "nbdkit-unix", None, 0;
-    qemu_nbd_tls_tcp_default => "qemu-tcp", None, 10944;
+    qemu_nbd_tls_tcp_default => "qemu-tcp", None, 11144;
 }
 
 /// The ciphers and versions kernel TLS takes from rustls, each negotiated with qemu-nbd
@@ -166,7 +166,7 @@ fn every_cipher_goes_to_the_kernel() {
         ),
     ];
     for (n, (priority, expect)) in cases.into_iter().enumerate() {
-        let port = 10970 + n as u16;
+        let port = 11170 + n as u16;
         let file = format!("/tmp/nbd-tls-cipher-{n}.img");
         std::fs::File::create(&file)
             .unwrap()
@@ -209,13 +209,13 @@ fn bad_certificates_and_plaintext_servers_make_no_device() {
     ];
     for (n, (what, expect)) in cases.into_iter().enumerate() {
         let pki = pki::make(&format!("/tmp/pki-bad-{n}"), what, false);
-        let (_server, uri) = tls_server("nbdkit-tcp", &format!("bad-{n}"), 10950 + n as u16, &pki);
+        let (_server, uri) = tls_server("nbdkit-tcp", &format!("bad-{n}"), 11150 + n as u16, &pki);
         let line = d.ctl_err(&["add", "nbd", "--uri", &uri]);
         assert!(line.contains(expect), "{what:?}: {line}");
         assert!(d.list_json().is_empty(), "{what:?}: {:?}", d.list_json());
     }
     let pki = pki::make("/tmp/pki-plain", ServerCert::Good, false);
-    let plain = Server::nbdkit_memory(Listen::Tcp(10955), "64M", &[]);
+    let plain = Server::nbdkit_memory(Listen::Tcp(11155), "64M", &[]);
     let line = d.ctl_err(&[
         "add",
         "nbd",
@@ -227,7 +227,7 @@ fn bad_certificates_and_plaintext_servers_make_no_device() {
         "add",
         "nbd",
         "--uri",
-        "nbds://127.0.0.1:10955/?tls-psk-file=/k",
+        "nbds://127.0.0.1:11155/?tls-psk-file=/k",
     ]);
     assert!(line.contains("cannot read the PSK file /k"), "{line}");
     assert!(d.list_json().is_empty(), "{:?}", d.list_json());
@@ -262,7 +262,7 @@ fn server_restart_over_tls_is_invisible() {
         .set_len(256 << 20)
         .unwrap();
     let pki = pki::make("/tmp/pki-restart", ServerCert::Good, false);
-    let mut server = nbdkit_file_tls(file, 10960, &pki);
+    let mut server = nbdkit_file_tls(file, 11160, &pki);
     let uri = pki::tls_uri(&server.uri, &pki.client);
     let d = Daemon::start("nbd-tls-restart");
     let dev = d.add(&["nbd", "--uri", &uri, "--reconnect-timeout", "30"]);
@@ -275,7 +275,7 @@ fn server_restart_over_tls_is_invisible() {
     std::thread::sleep(Duration::from_secs(2));
     let states = detail(&d, &dev, "connections");
     assert!(states.contains("reconnecting"), "{states}");
-    let _server = nbdkit_file_tls(file, 10960, &pki);
+    let _server = nbdkit_file_tls(file, 11160, &pki);
     job.join()
         .expect("fio verify failed across the server restart");
     assert!(d.log_text().contains("reconnected"), "{}", d.log_text());
@@ -478,7 +478,7 @@ fn nbdkit_psk(file: &str, port: u16) -> Server {
 fn nbdkit_tls_psk_over_kernel_tls() {
     require_ublk();
     let (file, key) = psk_file("nbd-psk");
-    let mut server = nbdkit_psk(&file, 10980);
+    let mut server = nbdkit_psk(&file, 11180);
     let d = Daemon::start("nbd-tls-psk");
 
     let wrong = "/tmp/nbd-psk-wrong.psk";
@@ -487,7 +487,7 @@ fn nbdkit_tls_psk_over_kernel_tls() {
         "add",
         "nbd",
         "--uri",
-        &format!("nbds://alice@127.0.0.1:10980/?tls-psk-file={wrong}"),
+        &format!("nbds://alice@127.0.0.1:11180/?tls-psk-file={wrong}"),
     ]);
     assert!(
         line.contains("the server refused the TLS-PSK handshake")
@@ -496,11 +496,11 @@ fn nbdkit_tls_psk_over_kernel_tls() {
     );
     assert!(d.list_json().is_empty(), "{:?}", d.list_json());
 
-    let uri = format!("nbds://alice@127.0.0.1:10980/?tls-psk-file={file}");
+    let uri = format!("nbds://alice@127.0.0.1:11180/?tls-psk-file={file}");
     let dev = d.add(&["nbd", "--uri", &uri, "--reconnect-timeout", "30"]);
     check_tls_path(&d, &dev, "tcp", "TLS 1.3, AES-128-GCM, pre-shared key");
     verify(&dev, "8M");
-    let default_user = format!("nbds://127.0.0.1:10980/?tls-psk-file={file}");
+    let default_user = format!("nbds://127.0.0.1:11180/?tls-psk-file={file}");
     let dev2 = d.add(&["nbd", "--uri", &default_user]);
     check_tls_path(&d, &dev2, "tcp", "pre-shared key");
     fio(&verify_job(&dev2, "randwrite", "4k", "4M", 16));
@@ -508,7 +508,7 @@ fn nbdkit_tls_psk_over_kernel_tls() {
     // The server restarts: the next requests wait for a reconnect, which makes a new
     // PSK handshake.
     server.kill();
-    server = nbdkit_psk(&file, 10980);
+    server = nbdkit_psk(&file, 11180);
     fio(&verify_job(&dev, "randwrite", "4k", "4M", 16));
     let log = d.log_text();
     assert!(log.contains("reconnected"), "{log}");
@@ -565,12 +565,12 @@ fn qemu_nbd_tls_psk_over_kernel_tls() {
         .unwrap();
     let creds = format!("tls-creds-psk,id=tls0,endpoint=server,dir={dir}");
     let _server = Server::qemu_nbd_with(
-        Listen::Tcp(10985),
+        Listen::Tcp(11185),
         image,
         &["--object", &creds, "--tls-creds", "tls0"],
     );
     let d = Daemon::start("nbd-tls-qemu-psk");
-    let uri = format!("nbds://127.0.0.1:10985/disk?tls-psk-file={file}");
+    let uri = format!("nbds://127.0.0.1:11185/disk?tls-psk-file={file}");
     let dev = d.add(&["nbd", "--uri", &uri]);
     check_tls_path(&d, &dev, "tcp", "pre-shared key");
     fio(&verify_job(&dev, "randwrite", "4k", "4M", 16));
@@ -581,7 +581,7 @@ fn qemu_nbd_tls_psk_over_kernel_tls() {
     let only_alice = "/tmp/nbd-qemu-psk-alice.psk";
     let alice = std::fs::read_to_string(&file).unwrap();
     std::fs::write(only_alice, alice.lines().next().unwrap()).unwrap();
-    let uri = format!("nbds://127.0.0.1:10985/disk?tls-psk-file={only_alice}");
+    let uri = format!("nbds://127.0.0.1:11185/disk?tls-psk-file={only_alice}");
     let line = d.ctl_err(&["add", "nbd", "--uri", &uri]);
     assert!(
         line.contains("has no key for user 'qemu'") && line.contains(only_alice),

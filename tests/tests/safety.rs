@@ -103,7 +103,7 @@ fn changes_wait_for_the_restore() {
     let _ = std::fs::remove_dir_all(format!("/tmp/ublkd-{test}"));
     // An NBD server that accepts connections and never says a word: restoring a device
     // of it takes until the handshake's deadline.
-    let silent = std::net::TcpListener::bind("127.0.0.1:10960").unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:11260").unwrap();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = done.clone();
     let hold = std::thread::spawn(move || {
@@ -121,7 +121,7 @@ fn changes_wait_for_the_restore() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         format!("{dir}/9.json"),
-        r#"{"version":1,"id":9,"add":{"target":{"type":"nbd","uri":"nbd://127.0.0.1:10960/x"},"id":9},"buffer":"auto-zc"}"#,
+        r#"{"version":1,"id":9,"add":{"target":{"type":"nbd","uri":"nbd://127.0.0.1:11260/x"},"id":9},"buffer":"auto-zc"}"#,
     )
     .unwrap();
     // The network device connects in the background: the daemon is ready at once, and
@@ -152,7 +152,7 @@ fn changes_wait_for_the_restore() {
         assert!(Instant::now() < deadline, "{e}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    assert!(e["error"].as_str().unwrap().contains("10960"), "{e}");
+    assert!(e["error"].as_str().unwrap().contains("11260"), "{e}");
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     // An attempt may be under way again: del waits for it by being refused meanwhile.
     let deadline = Instant::now() + Duration::from_secs(30);

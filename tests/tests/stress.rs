@@ -183,7 +183,7 @@ fn add_and_del_cycles_leak_neither_memory_nor_descriptors() {
     let test = "stress-cycles";
     let d = Daemon::start(test);
     let (file, _file) = backing_file(test, 16 << 20);
-    let server = Server::nbdkit_memory(Listen::Tcp(10930), "16M", &[]);
+    let server = Server::nbdkit_memory(Listen::Tcp(11230), "16M", &[]);
     let kinds = [
         ("loop", "copy", "--no-batch"),
         ("nbd", "auto-zc", "--batch"),
