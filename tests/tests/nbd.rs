@@ -82,17 +82,13 @@ fn fio_verify_against(kind: &str, mode: Option<&str>, port: u16) {
         Some(m) => add_nbd(&d, &server.uri, &["--buffer", m]),
         None => add_nbd(&d, &server.uri, &[]),
     };
-    if let Some(m) = mode {
-        assert_eq!(d.show_json(dev_id(&dev))["buffer"].as_str(), Some(m));
-    }
-    // 32 MiB for one variant, 16 MiB for the others keeps the suite's time in bounds
-    // (TCG runs NBD over loopback at a few thousand IOPS).
-    let size = if kind == "nbdkit-tcp" && mode.is_none() {
-        "32M"
-    } else {
-        "16M"
-    };
-    verify(&dev, size);
+    // The default is the best mode the kernel has: auto-zc on the VM's kernel (6.16+),
+    // so the default variants are the auto-zc ones.
+    let expect = mode.unwrap_or("auto-zc");
+    assert_eq!(d.show_json(dev_id(&dev))["buffer"].as_str(), Some(expect));
+    // 16 MiB keeps the suite's time in bounds (TCG runs NBD over loopback at a few
+    // thousand IOPS).
+    verify(&dev, "16M");
     let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
     assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
     d.del(&dev);
@@ -107,20 +103,19 @@ macro_rules! server_tests {
     )*};
 }
 
+// Every buffer mode against nbdkit over both transports (the default is auto-zc), and
+// qemu-nbd, another server's handshake and replies, in the default mode: how a mode
+// moves the data does not depend on the server.
 server_tests! {
     nbdkit_tcp_copy => "nbdkit-tcp", Some("copy"), 10901;
     nbdkit_tcp_default => "nbdkit-tcp", None, 10902;
     nbdkit_unix_copy => "nbdkit-unix", Some("copy"), 0;
     nbdkit_unix_default => "nbdkit-unix", None, 0;
-    qemu_nbd_tcp_copy => "qemu-tcp", Some("copy"), 10903;
     qemu_nbd_tcp_default => "qemu-tcp", None, 10904;
-    qemu_nbd_unix_copy => "qemu-unix", Some("copy"), 0;
     qemu_nbd_unix_default => "qemu-unix", None, 0;
     nbdkit_tcp_fixed => "nbdkit-tcp", Some("fixed"), 10905;
     nbdkit_tcp_zc => "nbdkit-tcp", Some("zc"), 10906;
-    nbdkit_tcp_auto_zc => "nbdkit-tcp", Some("auto-zc"), 10908;
     nbdkit_unix_zc => "nbdkit-unix", Some("zc"), 0;
-    nbdkit_unix_auto_zc => "nbdkit-unix", Some("auto-zc"), 0;
 }
 
 #[test]
