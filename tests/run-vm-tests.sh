@@ -9,7 +9,9 @@
 # Environment: UBLKD_VM_SUITES="busybox systemd" (the default) picks the VMs to boot;
 #              UBLKD_VM_BINARIES="nbd loop" runs only those test binaries (default: all);
 #              UBLKD_VM_LANES: which binaries run side by side in the busybox VM
-#              (tests/vm/guest-run-tests.sh); "" runs them one after the other.
+#              (tests/vm/guest-run-tests.sh); "" runs them one after the other;
+#              UBLKD_TEST_TRACE=1 prints how long each step of a test took (the test
+#              library's `traced`: daemon starts, ublkctl calls, fio runs, waits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -105,7 +107,7 @@ status=0
 if [[ " $suites " == *" busybox "* ]]; then
     set +e
     tests/vm/run.sh --timeout "${UBLKD_VM_TIMEOUT:-2100}" --mem "${UBLKD_VM_MEM:-4G}" "${args[@]}" \
-        -- "UBLKD_TEST_LANES='$lanes'" /bin/sh /usr/local/bin/guest-run-tests.sh "$@" | stdbuf -oL tr -d '\r' | tee -a "$work/console.log"
+        -- "UBLKD_TEST_LANES='$lanes'" ${UBLKD_TEST_TRACE:+UBLKD_TEST_TRACE=1} /bin/sh /usr/local/bin/guest-run-tests.sh "$@" | stdbuf -oL tr -d '\r' | tee -a "$work/console.log"
     status=${PIPESTATUS[0]}
     set -e
 fi

@@ -229,7 +229,7 @@ impl Cluster {
     pub fn rbd(&self, args: &[&str]) -> String {
         let mut full = vec!["--conf", self.conf.to_str().expect("utf-8 path")];
         full.extend_from_slice(args);
-        run("rbd", &full)
+        crate::traced(|| format!("rbd {args:?}"), || run("rbd", &full))
     }
 
     /// Creates image `rbd/NAME` of `size` (an `rbd --size` value such as `64M`).

@@ -19,6 +19,28 @@ use std::time::{Duration, Instant};
 /// fio, called by absolute path (busybox's shell would prefer its own applets).
 pub const FIO: &str = "/usr/bin/fio";
 
+/// With `UBLKD_TEST_TRACE` set, runs `f` and prints how long it took as
+/// `trace TEST +T what: D` on stderr (T since the test's first traced step; run the
+/// binary with `--nocapture`): where a slow test spends its time. Without, just `f`.
+pub fn traced<T>(what: impl FnOnce() -> String, f: impl FnOnce() -> T) -> T {
+    thread_local!(static FIRST: Instant = Instant::now());
+    if std::env::var_os("UBLKD_TEST_TRACE").is_none() {
+        return f();
+    }
+    let since = FIRST.with(|t| t.elapsed());
+    let start = Instant::now();
+    let out = f();
+    let thread = std::thread::current();
+    eprintln!(
+        "trace {} +{:.1}s {}: {:.2}s",
+        thread.name().unwrap_or("?"),
+        since.as_secs_f64(),
+        what(),
+        start.elapsed().as_secs_f64()
+    );
+    out
+}
+
 fn bin(name: &str, env: &str) -> String {
     std::env::var(env).unwrap_or_else(|_| name.to_string())
 }
@@ -54,9 +76,14 @@ impl Daemon {
     /// (the devices an earlier daemon of this test recorded), and waits until it is
     /// ready: it logs so once it has restored the recorded devices.
     pub fn start_with(name: &str, extra: &[&str]) -> Daemon {
-        let mut d = Daemon::spawn_with(name, extra);
-        d.wait_ready();
-        d
+        traced(
+            || format!("ublkd start {name} {extra:?}"),
+            || {
+                let mut d = Daemon::spawn_with(name, extra);
+                d.wait_ready();
+                d
+            },
+        )
     }
 
     /// Waits until this daemon has logged that it is ready.
@@ -166,7 +193,10 @@ impl Daemon {
 
     /// Runs `ublkctl --socket <ours> args...`.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        ctl_at(&self.socket, args)
+        traced(
+            || format!("ublkctl {args:?}"),
+            || ctl_at(&self.socket, args),
+        )
     }
 
     /// `ublkctl` that must succeed; returns its stdout.
@@ -254,7 +284,14 @@ impl Daemon {
     }
 
     fn signal_and_wait(&mut self, sig: i32) -> Option<i32> {
-        let mut child = self.child.take()?;
+        let child = self.child.take()?;
+        traced(
+            || format!("ublkd signal {sig}"),
+            || self.signal_child_and_wait(child, sig),
+        )
+    }
+
+    fn signal_child_and_wait(&self, mut child: Child, sig: i32) -> Option<i32> {
         // SAFETY: sending a signal to our own child process.
         unsafe { libc::kill(child.id() as i32, sig) };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -402,6 +439,13 @@ pub fn list_entry(d: &Daemon, id: u64) -> Value {
 /// or rbd device is restored or reconnected in the background. `what` says after what,
 /// for the failure message.
 pub fn wait_live(d: &Daemon, id: u64, what: &str) {
+    traced(
+        || format!("wait for device {id} to be live {what}"),
+        || wait_live_untraced(d, id, what),
+    )
+}
+
+fn wait_live_untraced(d: &Daemon, id: u64, what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while list_entry(d, id)["state"] != "live" {
         assert!(
@@ -482,12 +526,17 @@ fn ios(job: &Value, dir: &str) -> u64 {
 /// Runs fio with `args` (plus JSON output) and checks that it exited 0, that every job
 /// reports error 0, and that IO was done.
 pub fn fio<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> FioRun {
-    let out = Command::new(FIO)
-        .args(args)
-        .arg("--output-format=json")
-        .output()
-        .expect("run fio");
-    check_fio(args, out)
+    traced(
+        || format!("fio {args:?}"),
+        || {
+            let out = Command::new(FIO)
+                .args(args)
+                .arg("--output-format=json")
+                .output()
+                .expect("run fio");
+            check_fio(args, out)
+        },
+    )
 }
 
 fn check_fio<S: std::fmt::Debug>(args: &[S], out: Output) -> FioRun {
@@ -558,8 +607,13 @@ impl FioChild {
 
     /// Waits for fio and checks, as `fio` does, that it ended well.
     pub fn wait(self) -> FioRun {
-        let out = self.child.wait_with_output().expect("wait for fio");
-        check_fio(&self.args, out)
+        traced(
+            || "wait for the fio started before".into(),
+            || {
+                let out = self.child.wait_with_output().expect("wait for fio");
+                check_fio(&self.args, out)
+            },
+        )
     }
 }
 
@@ -583,6 +637,13 @@ fn job(dev: &str, rw: &str, bs: &str, iodepth: u32, more: &[String]) -> Vec<Stri
 /// Waits (10 s at most) until block device `dev` (/dev/NAME) has completed `ios`
 /// requests since it appeared: the load on it has really started.
 pub fn wait_io(dev: &str, ios: u64) {
+    traced(
+        || format!("wait for {ios} IOs on {dev}"),
+        || wait_io_untraced(dev, ios),
+    )
+}
+
+fn wait_io_untraced(dev: &str, ios: u64) {
     let stat = format!("/sys/block/{}/stat", dev.trim_start_matches("/dev/"));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -46,6 +46,19 @@ dump_state() {
             echo "$(basename "$h") dispatch: $(cat "$h/dispatch" 2>/dev/null | head -n 20)"
         done
     done
+    # Every other process (servers, fio, the rbd tool, the Ceph daemons): where it waits.
+    echo "---- processes (pid state wchan command)"
+    for p in /proc/[0-9]*; do
+        cmd=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null | cut -c1-160)
+        [ -n "$cmd" ] || continue # kernel threads
+        echo "$(basename "$p") $(cut -d' ' -f3 "$p/stat" 2>/dev/null) $(cat "$p/wchan" 2>/dev/null) $cmd"
+    done
+    # The rbd tests' cluster (tests/src/ceph.rs) logs under /tmp/ublkd-ceph/log.
+    for f in /tmp/ublkd-ceph/log/*.log; do
+        [ -f "$f" ] || continue
+        echo "---- $f (last 40 lines)"
+        tail -n 40 "$f"
+    done
     echo w >/proc/sysrq-trigger
     sleep 2
     echo "---- kernel log (last 150 lines)"
@@ -73,7 +86,9 @@ run_binary() {
     printer=$!
     # --report-time prints each test's duration (a libtest option that RUSTC_BOOTSTRAP
     # unlocks at run time; it changes nothing else), so the suite's time can be kept.
-    RUST_BACKTRACE=1 RUSTC_BOOTSTRAP=1 "$t" --test-threads=1 -Z unstable-options --report-time $filters >"$out" 2>&1 &
+    # UBLKD_TEST_TRACE: the test library prints each step's time, which needs the
+    # tests' output uncaptured.
+    RUST_BACKTRACE=1 RUSTC_BOOTSTRAP=1 "$t" --test-threads=1 -Z unstable-options --report-time ${UBLKD_TEST_TRACE:+--nocapture} $filters >"$out" 2>&1 &
     pid=$!
     (
         i=0
