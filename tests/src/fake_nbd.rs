@@ -61,7 +61,7 @@ pub enum Fault {
 }
 
 /// How long [`Fault::SlowWrites`] takes to answer a write.
-pub const SLOW_WRITE: Duration = Duration::from_secs(2);
+pub const SLOW_WRITE: Duration = Duration::from_secs(1);
 
 /// What the server saw, for the tests to check.
 #[derive(Debug, Default)]

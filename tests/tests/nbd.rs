@@ -390,9 +390,11 @@ fn server_restart_within_the_timeout_is_invisible() {
     let d = Daemon::start("nbd-restart");
     let dev = add_nbd(&d, &server.uri, &["--reconnect-timeout", "30"]);
     let fio_dev = dev.clone();
-    // 64 MiB: fio is still writing or verifying when the server dies 1.5 s in.
-    let job = std::thread::spawn(move || verify(&fio_dev, "64M"));
+    // 32 MiB of 4k writes and their verify take 8 s or more in the VM: fio is still
+    // writing or verifying when the server dies 1.5 s in.
+    let job = std::thread::spawn(move || verify(&fio_dev, "32M"));
     std::thread::sleep(Duration::from_millis(1500));
+    assert!(!job.is_finished(), "fio ended before the server died");
     server.kill();
     std::thread::sleep(Duration::from_secs(2));
     let states = d.show_json(dev_id(&dev))["target_details"].to_string();
@@ -433,8 +435,8 @@ fn a_server_that_is_down_at_start_is_waited_for_in_the_background() {
     let dev = add_nbd(&d, &a.uri, &[]);
     let gone = add_nbd(&d, &b.uri, &[]);
     let (id, gone_id) = (dev_id(&dev), dev_id(&gone));
-    fio(&verify_job(&dev, "randwrite", "4k", "8M", 16));
-    let sum = checksum(&dev, 8 << 20);
+    fio(&verify_job(&dev, "randwrite", "4k", "2M", 16));
+    let sum = checksum(&dev, 2 << 20);
     assert_eq!(d.stop(), Some(0));
     a.kill();
     b.kill();
@@ -455,11 +457,11 @@ fn a_server_that_is_down_at_start_is_waited_for_in_the_background() {
     let _a = Server::qemu_nbd(Listen::Tcp(10931), a_file);
     wait_live(&d, id, "after its server came back");
     assert_eq!(
-        checksum(&dev, 8 << 20),
+        checksum(&dev, 2 << 20),
         sum,
         "the data is not what was written"
     );
-    fio(&verify_job(&dev, "randwrite", "4k", "8M", 16));
+    fio(&verify_job(&dev, "randwrite", "4k", "2M", 16));
     assert!(!Path::new(&gone).exists());
     d.del(&dev);
     for f in [a_file, b_file] {
@@ -657,7 +659,7 @@ fn reads_with_and_without_user_copy() {
 
 /// Deleting a device drains it: the pages a writer left dirty are written back while
 /// the kernel removes the disk, and a slow but healthy server (each write answered
-/// after 2 s) gets them all: no request fails, the data is on the server afterwards.
+/// after 1 s) gets them all: no request fails, the data is on the server afterwards.
 #[test]
 fn del_drains_writeback_to_a_slow_server() {
     use ublkd_tests::fake_nbd::{serve, Fault, SLOW_WRITE};
@@ -893,7 +895,7 @@ fn fsync_is_a_flush_the_server_accepts() {
 }
 
 /// `del` of a device with a mounted ext4 file system holding data not yet written back,
-/// on a slow but healthy server (each write answered after 2 s): the file system is
+/// on a slow but healthy server (each write answered after 1 s): the file system is
 /// written back during the deletion, and a new device on the same export mounts with
 /// the file intact.
 #[test]

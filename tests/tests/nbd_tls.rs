@@ -110,7 +110,7 @@ fn fio_verify_over_tls(kind: &str, mode: Option<&str>, port: u16) {
         "{}",
         d.log_text()
     );
-    verify(&dev, "12M");
+    verify(&dev, "8M");
     let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
     assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
     let log = d.log_text();
@@ -267,10 +267,11 @@ fn server_restart_over_tls_is_invisible() {
     let d = Daemon::start("nbd-tls-restart");
     let dev = d.add(&["nbd", "--uri", &uri, "--reconnect-timeout", "30"]);
     let fio_dev = dev.clone();
-    // 2 x 32 MiB: over emulated AES-GCM about 10 s, so the kill at 1.5 s and the restart
-    // at 3.5 s land inside it.
-    let job = std::thread::spawn(move || verify(&fio_dev, "32M"));
+    // 16 MiB of 4k writes and their verify take 8 s or more over emulated AES-GCM in
+    // the VM, so the kill at 1.5 s and the restart at 3.5 s land inside them.
+    let job = std::thread::spawn(move || verify(&fio_dev, "16M"));
     std::thread::sleep(Duration::from_millis(1500));
+    assert!(!job.is_finished(), "fio ended before the server died");
     server.kill();
     std::thread::sleep(Duration::from_secs(2));
     let states = detail(&d, &dev, "connections");
@@ -434,7 +435,7 @@ fn a_key_update_after_the_hand_off_reconnects() {
     let d = Daemon::start("nbd-tls-keyupdate");
     let dev = d.add(&["nbd", "--uri", &uri, "--reconnect-timeout", "30"]);
     check_tls_path(&d, &dev, "tcp", "TLS 1.3");
-    verify(&dev, "16M");
+    verify(&dev, "8M");
     let stats = &server.stats;
     assert_eq!(
         stats.key_updates.load(std::sync::atomic::Ordering::SeqCst),
@@ -499,7 +500,7 @@ fn nbdkit_tls_psk_over_kernel_tls() {
     let uri = format!("nbds://alice@127.0.0.1:11180/?tls-psk-file={file}");
     let dev = d.add(&["nbd", "--uri", &uri, "--reconnect-timeout", "30"]);
     check_tls_path(&d, &dev, "tcp", "TLS 1.3, AES-128-GCM, pre-shared key");
-    verify(&dev, "8M");
+    verify(&dev, "4M");
     let default_user = format!("nbds://127.0.0.1:11180/?tls-psk-file={file}");
     let dev2 = d.add(&["nbd", "--uri", &default_user]);
     check_tls_path(&d, &dev2, "tcp", "pre-shared key");
