@@ -71,6 +71,11 @@ keyring = {d}/keyring
 
 /// Runs `program args` to completion; panics with its output when it fails.
 fn run(program: &str, args: &[&str]) -> String {
+    run_or_explain(program, args, &String::new)
+}
+
+/// `run`, with `context()` added to the panic message when `program` fails.
+fn run_or_explain(program: &str, args: &[&str], context: &dyn Fn() -> String) -> String {
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -80,10 +85,11 @@ fn run(program: &str, args: &[&str]) -> String {
         });
     assert!(
         out.status.success(),
-        "{program} {args:?} failed ({}): {}{}",
+        "{program} {args:?} failed ({}): {}{}{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        context()
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -225,11 +231,36 @@ impl Cluster {
         unsafe { libc::kill(pid, sig) };
     }
 
-    /// Runs the `rbd` tool against this cluster; returns its stdout.
+    /// Runs the `rbd` tool against this cluster; returns its stdout. Its requests give
+    /// up after 120 s (an `rbd create` once hung in the VM), and a failure shows the
+    /// end of the monitor's and the OSD's logs.
     pub fn rbd(&self, args: &[&str]) -> String {
         let mut full = vec!["--conf", self.conf.to_str().expect("utf-8 path")];
+        full.extend_from_slice(&["--rados-osd-op-timeout", "120"]);
+        full.extend_from_slice(&["--rados-mon-op-timeout", "120"]);
+        full.extend_from_slice(&["--client-mount-timeout", "120"]);
         full.extend_from_slice(args);
-        crate::traced(|| format!("rbd {args:?}"), || run("rbd", &full))
+        let logs = || self.log_tails(40);
+        crate::traced(
+            || format!("rbd {args:?}"),
+            || run_or_explain("rbd", &full, &logs),
+        )
+    }
+
+    /// The last `lines` lines of the monitor's and the OSD's logs.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for name in ["mon.a.log", "osd.0.log", "osd.out"] {
+            let path = self.dir.join("log").join(name);
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let tail = all[all.len().saturating_sub(lines)..].join("\n");
+            out.push_str(&format!(
+                "\n---- {} (last {lines} lines)\n{tail}",
+                path.display()
+            ));
+        }
+        out
     }
 
     /// Creates image `rbd/NAME` of `size` (an `rbd --size` value such as `64M`).
