@@ -559,6 +559,7 @@ fn qemu_nbd_tls_psk_over_kernel_tls() {
     std::fs::create_dir_all(dir).unwrap();
     let (file, _) = psk_file("nbd-qemu-psk");
     std::fs::copy(&file, format!("{dir}/keys.psk")).unwrap();
+    pki::write_dh_params(std::path::Path::new(dir));
     let image = "/tmp/nbd-qemu-psk.img";
     std::fs::File::create(image)
         .unwrap()
