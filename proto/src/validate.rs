@@ -109,11 +109,8 @@ pub fn device_id_range(text: &str) -> Result<RangeInclusive<u32>, ValidationErro
     let bad = || ValidationError::DeviceIdRange(text.to_string());
     let (first, last) = text.split_once('-').ok_or_else(bad)?;
     let id = |s: &str| {
-        s.trim()
-            .parse::<u32>()
-            .ok()
-            .filter(|&n| n < MAX_DEVICE_ID)
-            .ok_or_else(bad)
+        let n = s.trim().parse::<u32>().map_err(|_| bad())?;
+        device_id(n).map_err(|_| bad())
     };
     let (first, last) = (id(first)?, id(last)?);
     if first > last {
