@@ -62,6 +62,12 @@ pub(crate) enum AddTarget {
         /// longest `del` waits for requests an unreachable cluster holds.
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
         osd_timeout: u32,
+        /// A Ceph configuration option for this device's cluster connection, over the
+        /// conf file's and ublkd's librbd defaults (as rbd-nbd's --NAME=VALUE); may be
+        /// repeated. E.g. rbd_qos_iops_limit=2000, or rbd_cache=true (librbd's write-back
+        /// cache: writes complete before the OSD has them, until the kernel's next flush).
+        #[arg(long = "ceph-option", value_name = "NAME=VALUE", value_parser = ceph_option)]
+        ceph_options: Vec<(String, String)>,
         #[command(flatten)]
         common: CommonAddArgs,
     },
@@ -122,6 +128,11 @@ pub(crate) fn size_arg(s: &str) -> Result<String, String> {
 }
 
 /// `path` made absolute (the daemon has its own working directory), as UTF-8.
+/// `--ceph-option NAME=VALUE`, with the name as Ceph reads it.
+fn ceph_option(arg: &str) -> Result<(String, String), String> {
+    ublkd_proto::ceph_option::parse(arg)
+}
+
 fn absolute_utf8(path: &std::path::Path) -> Result<String> {
     let abs =
         std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;
@@ -162,6 +173,7 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
             keyring,
             read_only,
             osd_timeout,
+            ceph_options,
             common,
         } => (
             TargetSpec::Rbd {
@@ -171,6 +183,7 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
                 keyring: keyring.as_deref().map(absolute_utf8).transpose()?,
                 read_only,
                 osd_timeout: Some(osd_timeout),
+                options: ceph_options,
             },
             common,
         ),

@@ -310,6 +310,10 @@ mod tests {
             "5",
             "--queues",
             "2",
+            "--ceph-option",
+            "rbd-cache=true",
+            "--ceph-option",
+            "rbd_qos_iops_limit=100",
         ])
         .unwrap();
         let Command::Add { target } = cli.command else {
@@ -325,6 +329,10 @@ mod tests {
                 keyring: Some("/k".into()),
                 read_only: false,
                 osd_timeout: Some(60),
+                options: vec![
+                    ("rbd_cache".into(), "true".into()),
+                    ("rbd_qos_iops_limit".into(), "100".into()),
+                ],
             }
         );
         assert_eq!((req.id, req.queues), (Some(5), Some(2)));
@@ -336,6 +344,8 @@ mod tests {
         };
         assert_eq!(conf.as_deref(), Some("/etc/ceph/ceph.conf"));
         assert_eq!(user.as_deref(), Some("admin"));
+        let e = parse(&["add", "rbd", "img", "--ceph-option", "rbd_cache"]).unwrap_err();
+        assert!(e.to_string().contains("NAME=VALUE"), "{e}");
     }
 
     #[test]

@@ -71,6 +71,7 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
             keyring,
             read_only,
             osd_timeout,
+            options,
         }) => {
             let mut rows = vec![
                 ("image", image.clone()),
@@ -85,6 +86,11 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
             }
             rows.push(("read only", read_only.to_string()));
             rows.push(("osd op timeout", format!("{} s", osd_timeout.unwrap_or(60))));
+            if !options.is_empty() {
+                let options: Vec<String> =
+                    options.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                rows.push(("ceph options", options.join(", ")));
+            }
             rows
         }
         Some(TargetSpec::Nbd {

@@ -4,6 +4,7 @@
 //! newline, the daemon answers with one JSON [`Response`] line and closes the connection.
 
 pub mod backing;
+pub mod ceph_option;
 pub mod features;
 pub mod message;
 pub mod nbd;

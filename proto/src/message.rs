@@ -163,6 +163,12 @@ pub enum TargetSpec {
         /// `del` waits for requests an unreachable cluster holds.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         osd_timeout: Option<u32>,
+        /// Ceph configuration options for this device's cluster connection, as
+        /// `(name, value)` in the order given: over the conf file's and over ublkd's own
+        /// librbd defaults, as `rbd-nbd map --NAME=VALUE` gives them. The daemon refuses
+        /// `key` (a secret belongs in the keyring file) and the options its own flags set.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        options: Vec<(String, String)>,
     },
     /// Exports a regular file or a block device.
     Loop {

@@ -142,6 +142,7 @@ impl Cluster {
             keyring: None,
             mon_timeout: Duration::from_secs(30),
             osd_timeout: Duration::from_secs(60),
+            options: Vec::new(),
         })
         .unwrap_or_else(|e| panic!("the test cluster's monitor does not answer: {e}"));
         let cluster = Cluster {

@@ -207,6 +207,11 @@ fn bad_specs_fail_in_one_line_and_others_keep_serving() {
     let e = d.ctl_err(&["add", "rbd", "rbd/good", "--conf", unreachable]);
     assert!(e.contains("cannot connect to the Ceph cluster"), "{e}");
     assert!(start.elapsed().as_secs() < 30, "took {:?}", start.elapsed());
+    let bad_option = ["add", "rbd", "rbd/good", "--conf", &conf, "--ceph-option"];
+    let e = d.ctl_err(&[&bad_option[..], &["rbd_cach=true"]].concat());
+    assert!(e.contains("Ceph has no option of that name"), "{e}");
+    let e = d.ctl_err(&[&bad_option[..], &["key=AQBsecret"]].concat());
+    assert!(e.contains("--keyring") && !e.contains("AQBsecret"), "{e}");
     assert_eq!(d.list_json().len(), 1, "a failed add left a device behind");
     fio(&verify_job(&dev, "randwrite", "4k", "2M", 16));
     d.del(&dev);
@@ -229,6 +234,58 @@ fn kill9_during_fio_verify_recovers() {
     // Restored in the background, as every network device is.
     wait_live(&d, dev_id(&dev), "after the restart");
     run.wait();
+    d.del(&dev);
+}
+
+/// With librbd's write-back cache turned on per device (`--ceph-option rbd_cache=true`,
+/// write-back from the first write, dirty data kept for up to 600 s), what the kernel
+/// flushed is on the OSD: it survives kill -9 of ublkd, read back through the recovered
+/// device. A FLUSH that completed without librbd's flush would leave the data in the
+/// dead daemon's cache (checked: the test then fails).
+#[test]
+fn flushed_writes_survive_kill9_with_librbds_write_back_cache() {
+    let c = cluster();
+    c.create_image("wbcache", "8M");
+    let name = "rbd-wbcache";
+    let mut d = Daemon::start(name);
+    let options =
+        "rbd_cache=true, rbd_cache_writethrough_until_flush=false, rbd_cache_max_dirty_age=600";
+    let mut args = Vec::new();
+    for o in options.split(", ") {
+        args.extend(["--ceph-option", o]);
+    }
+    let dev = add_rbd(&d, "rbd/wbcache", &args);
+    let shows_options = |d: &Daemon| {
+        let show = d.show_json(dev_id(&dev));
+        let details = show["target_details"].as_array().unwrap();
+        assert!(
+            details
+                .iter()
+                .any(|kv| kv[0] == "ceph options" && kv[1] == options),
+            "{show}"
+        );
+        assert!(
+            !details
+                .iter()
+                .any(|kv| kv[0] == "librbd" && kv[1].as_str().unwrap().contains("rbd_cache")),
+            "{show}"
+        );
+    };
+    shows_options(&d);
+    let want = pattern(72, 2 << 20);
+    let f = open_direct(&dev, true);
+    f.write_all_at(AlignedBuf::new(&want).as_slice(), 0)
+        .unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    d.kill9();
+    let d = Daemon::start_with(name, &[]);
+    wait_live(&d, dev_id(&dev), "after the restart");
+    shows_options(&d);
+    assert!(
+        read_direct(&dev, want.len()) == want,
+        "flushed data lost with the daemon"
+    );
     d.del(&dev);
 }
 
@@ -260,12 +317,12 @@ impl Drop for ResumeOsd {
     }
 }
 
-/// With the OSD stopped, a FUA write (O_DSYNC) waits for it: its flush does (a plain
-/// write goes to librbd's write-back cache, a read may come from that cache or, for
-/// what was never written, from the object map). `del --force` of the device returns within a
-/// bound set by the device's --osd-timeout (the request fails with EIO once it
-/// passes, the queue drains, librbd closes the image), the daemon serves another device
-/// meanwhile, and once the OSD resumes the image maps again with its data.
+/// With the OSD stopped, a FUA write (O_DSYNC) waits for it (as every write does with
+/// librbd's cache off, ublkd's default; with it on, the FUA write's flush would).
+/// `del --force` of the device returns within a bound set by the device's --osd-timeout
+/// (the request fails with EIO once it passes, the queue drains, librbd closes the
+/// image), the daemon serves another device meanwhile, and once the OSD resumes the
+/// image maps again with its data.
 #[test]
 fn del_while_the_osd_is_unreachable() {
     use std::time::{Duration, Instant};

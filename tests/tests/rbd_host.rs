@@ -15,6 +15,7 @@ fn options(conf: &str, mon_secs: u64) -> ConnectOptions {
         keyring: None,
         mon_timeout: Duration::from_secs(mon_secs),
         osd_timeout: Duration::from_secs(30),
+        options: Vec::new(),
     }
 }
 
@@ -136,6 +137,51 @@ fn bad_pool_image_and_conf_are_one_line_errors() {
         e.contains("cannot read the Ceph configuration /nonexistent/ceph.conf"),
         "{e}"
     );
+}
+
+#[test]
+fn ceph_options_override_the_defaults_and_bad_ones_are_one_line_errors() {
+    let conf = conf();
+    let with = |pairs: &[(&str, &str)]| {
+        let mut o = rbd_options("rbd/host-opts", &conf, 10);
+        o.connect.options = pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        o
+    };
+    ceph::shared().create_image("host-opts", "4M");
+    let good = with(&[("rbd_cache", "true"), ("rbd_qos_iops_limit", "1000")]);
+    // librados has the values: the options come after ublkd's rbd_cache=false.
+    let rados = Rados::connect(&good.connect).unwrap();
+    assert_eq!(rados.conf_get("rbd_cache").unwrap(), "true");
+    assert_eq!(rados.conf_get("rbd_qos_iops_limit").unwrap(), "1000");
+    assert_eq!(rados.conf_get("rbd_non_blocking_aio").unwrap(), "false");
+    let t = RbdTarget::open(&good).unwrap();
+    let details: std::collections::HashMap<_, _> = t.details().into_iter().collect();
+    assert_eq!(
+        details["librbd"], "rbd_non_blocking_aio=false, rbd_io_scheduler=none",
+        "a default the device overrides is not listed as in effect"
+    );
+    assert_eq!(
+        details["ceph options"],
+        "rbd_cache=true, rbd_qos_iops_limit=1000"
+    );
+
+    let (e, _) = open_error(&with(&[("no_such_option", "1")]));
+    assert!(
+        e.contains("--ceph-option no_such_option: Ceph has no option"),
+        "{e}"
+    );
+    let (e, _) = open_error(&with(&[("rbd_cache", "maybe")]));
+    assert!(
+        e.contains("--ceph-option rbd_cache=maybe: Ceph refused the value"),
+        "{e}"
+    );
+    let (e, _) = open_error(&with(&[("key", "AQBsecret")]));
+    assert!(e.contains("--keyring") && !e.contains("AQBsecret"), "{e}");
+    let (e, _) = open_error(&with(&[("rados_osd_op_timeout", "0")]));
+    assert!(e.contains("use --osd-timeout"), "{e}");
 }
 
 #[test]

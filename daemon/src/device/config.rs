@@ -148,28 +148,13 @@ pub(super) fn build_target(spec: &TargetSpec, geometry: &Geometry) -> Result<Arc
             };
             Ok(Arc::new(LoopTarget::open(&opts)?))
         }
-        TargetSpec::Rbd {
-            image,
-            conf,
-            user,
-            keyring,
-            read_only,
-            osd_timeout,
-        } => {
+        TargetSpec::Rbd { osd_timeout, .. } => {
             let osd_timeout = match osd_timeout {
                 None => RBD_OSD_TIMEOUT,
                 Some(0) => bail!("--osd-timeout must be at least 1 s: librados' 0 would let a request wait forever"),
                 Some(s) => Duration::from_secs(u64::from(*s)),
             };
-            rbd_target(
-                image,
-                conf,
-                user,
-                keyring,
-                *read_only,
-                osd_timeout,
-                block_size,
-            )
+            rbd_target(spec, osd_timeout, block_size)
         }
         TargetSpec::Nbd {
             uri,
@@ -187,18 +172,27 @@ pub(super) fn build_target(spec: &TargetSpec, geometry: &Geometry) -> Result<Arc
     }
 }
 
+/// Opens the image of `spec` (an rbd spec).
 #[cfg(feature = "rbd")]
 fn rbd_target(
-    image: &str,
-    conf: &Option<String>,
-    user: &Option<String>,
-    keyring: &Option<String>,
-    read_only: bool,
+    spec: &TargetSpec,
     osd_timeout: Duration,
     block_size: u32,
 ) -> Result<Arc<dyn Target>> {
     use ublkd_targets::rbd::rados::ConnectOptions;
     use ublkd_targets::rbd::{RbdOptions, RbdTarget, DEFAULT_CONF, DEFAULT_USER};
+    let TargetSpec::Rbd {
+        image,
+        conf,
+        user,
+        keyring,
+        read_only,
+        options,
+        ..
+    } = spec
+    else {
+        unreachable!("rbd_target is called for rbd specs")
+    };
     let opts = RbdOptions {
         spec: image.parse().map_err(anyhow::Error::msg)?,
         connect: ConnectOptions {
@@ -207,8 +201,9 @@ fn rbd_target(
             keyring: keyring.clone(),
             mon_timeout: RBD_MON_TIMEOUT,
             osd_timeout,
+            options: options.clone(),
         },
-        read_only,
+        read_only: *read_only,
         block_size,
     };
     Ok(Arc::new(RbdTarget::open(&opts)?))
@@ -222,15 +217,7 @@ const RBD_MON_TIMEOUT: Duration = Duration::from_secs(10);
 const RBD_OSD_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[cfg(not(feature = "rbd"))]
-fn rbd_target(
-    _: &str,
-    _: &Option<String>,
-    _: &Option<String>,
-    _: &Option<String>,
-    _: bool,
-    _: Duration,
-    _: u32,
-) -> Result<Arc<dyn Target>> {
+fn rbd_target(_: &TargetSpec, _: Duration, _: u32) -> Result<Arc<dyn Target>> {
     bail!("this ublkd was built without the rbd target (cargo feature rbd, which needs librbd-dev); rebuild it with the feature")
 }
 

@@ -67,6 +67,17 @@ pub enum RbdError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    BadOption(#[from] ublkd_proto::ceph_option::CephOptionError),
+    #[error("--ceph-option {name}: Ceph has no option of that name; check its spelling ('ceph config help NAME' describes an option)")]
+    UnknownOption { name: String },
+    #[error("--ceph-option {name}={value}: Ceph refused the value ({source}); 'ceph config help {name}' gives its type and range")]
+    OptionValue {
+        name: String,
+        value: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot connect to the Ceph cluster of {conf} within {secs} s: {source}; check that its monitors (mon host) are up and reachable and the user and keyring are right")]
     Connect {
         conf: String,

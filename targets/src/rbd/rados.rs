@@ -24,6 +24,8 @@ pub struct ConnectOptions {
     pub mon_timeout: Duration,
     /// Bound on each OSD operation; librbd then fails the request (EIO to the device).
     pub osd_timeout: Duration,
+    /// `--ceph-option` pairs, set last (checked by [`super::options::check`]).
+    pub options: Vec<(String, String)>,
 }
 
 /// librbd settings ublkd makes for every image, over the conf's (measured in
@@ -107,6 +109,20 @@ impl Rados {
         for (name, value) in settings {
             rados.set(name, value)?;
         }
+        ublkd_proto::ceph_option::check(&opts.options)?;
+        for (name, value) in &opts.options {
+            rados.set(name, value).map_err(|e| match e {
+                RbdError::Option { source, .. } if source.raw_os_error() == Some(libc::ENOENT) => {
+                    RbdError::UnknownOption { name: name.clone() }
+                }
+                RbdError::Option { source, .. } => RbdError::OptionValue {
+                    name: name.clone(),
+                    value: value.clone(),
+                    source,
+                },
+                e => e,
+            })?;
+        }
         // SAFETY: a configured handle, connected once.
         let r = unsafe { sys::rados_connect(rados.raw) };
         if r < 0 {
@@ -130,6 +146,27 @@ impl Rados {
             });
         }
         Ok(())
+    }
+
+    /// The value librados has for a configuration option (after the conf file, ublkd's
+    /// settings and the device's `--ceph-option`s).
+    pub fn conf_get(&self, name: &str) -> Result<String, RbdError> {
+        let n = cstring("option", name)?;
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: a NUL-terminated name and a writable buffer of the length passed;
+        // librados writes a NUL-terminated value into it or fails.
+        let r = unsafe {
+            sys::rados_conf_get(self.raw, n.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        };
+        if r < 0 {
+            return Err(RbdError::Option {
+                name: name.to_string(),
+                source: errno(r.into()),
+            });
+        }
+        let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        buf.truncate(len);
+        Ok(String::from_utf8_lossy(&buf).into_owned())
     }
 
     /// Sends one monitor command (JSON, as the `ceph` tool does) and returns its output

@@ -91,11 +91,17 @@ impl Target for RbdTarget {
             "osd op timeout".into(),
             format!("{} s", c.osd_timeout.as_secs()),
         ));
+        // ublkd's defaults that no --ceph-option overrides, then the options.
         let librbd: Vec<String> = super::rados::LIBRBD_SETTINGS
             .iter()
+            .filter(|(k, _)| !ublkd_proto::ceph_option::sets(&c.options, k))
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         d.push(("librbd".into(), librbd.join(", ")));
+        if !c.options.is_empty() {
+            let options: Vec<String> = c.options.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            d.push(("ceph options".into(), options.join(", ")));
+        }
         d.push((
             "image handle".into(),
             "one per device, shared by its queues".into(),

@@ -20,6 +20,7 @@ fn target(image: &str) -> RbdTarget {
             keyring: None,
             mon_timeout: Duration::from_secs(10),
             osd_timeout: Duration::from_secs(30),
+            options: Vec::new(),
         },
         read_only: false,
         block_size: 512,

@@ -1,0 +1,133 @@
+//! Ceph configuration options given per device (`ublkctl add rbd --ceph-option
+//! NAME=VALUE`), as `rbd-nbd map --NAME=VALUE` takes them: set on the device's cluster
+//! connection after the conf file and after ublkd's own librbd defaults (the rbd
+//! target's `LIBRBD_SETTINGS`), so they override both.
+//!
+//! A few names are refused: the key (a secret on a command line shows in every process
+//! listing and would be recorded; it belongs in the keyring file), and what ublkd sets
+//! from its own flags and bounds (the keyring's path and the timeouts, which keep `add`
+//! and every request bounded in time).
+
+/// Why `--ceph-option` pairs were refused before reaching librados.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CephOptionError {
+    #[error("--ceph-option {name} cannot be set per device: {hint}")]
+    Reserved { name: String, hint: String },
+    #[error("--ceph-option \"{0}\": an option name must be non-empty and without NUL bytes or line breaks, as must its value")]
+    Malformed(String),
+}
+
+/// Names `--ceph-option` may not set, and what to do instead.
+const RESERVED: [(&str, &str); 5] = [
+    (
+        "key",
+        "a key on the command line is seen by every user of the host; put it in a keyring file and pass --keyring",
+    ),
+    ("keyring", "pass the keyring file with --keyring"),
+    ("rados_osd_op_timeout", "use --osd-timeout"),
+    (
+        "rados_mon_op_timeout",
+        "ublkd bounds every monitor request itself, so that add fails in bounded time",
+    ),
+    (
+        "client_mount_timeout",
+        "ublkd bounds reaching the monitors itself, so that add fails in bounded time",
+    ),
+];
+
+/// A Ceph option name as Ceph reads it: `-` and ` ` are the same as `_`.
+pub fn normalize(name: &str) -> String {
+    name.trim().replace(['-', ' '], "_")
+}
+
+/// Parses `NAME=VALUE` (the value may be empty and may contain `=`), with the name
+/// normalized.
+pub fn parse(arg: &str) -> Result<(String, String), String> {
+    let Some((name, value)) = arg.split_once('=') else {
+        return Err(format!(
+            "'{arg}' is not NAME=VALUE (for example rbd_cache=true)"
+        ));
+    };
+    let name = normalize(name);
+    if name.is_empty() {
+        return Err(format!("'{arg}' has no option name before '='"));
+    }
+    Ok((name, value.to_string()))
+}
+
+/// Refuses an empty or reserved name, and a name or value with a NUL byte or a line
+/// break (they could not be set, or would split a log line).
+pub fn check(options: &[(String, String)]) -> Result<(), CephOptionError> {
+    for (name, value) in options {
+        let norm = normalize(name);
+        if norm.is_empty() || [name, value].iter().any(|s| s.contains(['\0', '\n', '\r'])) {
+            return Err(CephOptionError::Malformed(name.escape_debug().to_string()));
+        }
+        if let Some((_, hint)) = RESERVED.iter().find(|(r, _)| *r == norm) {
+            return Err(CephOptionError::Reserved {
+                name: norm,
+                hint: hint.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Whether `options` sets `name` (compared normalized).
+pub fn sets(options: &[(String, String)], name: &str) -> bool {
+    options.iter().any(|(n, _)| normalize(n) == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn name_value_pairs_parse_with_ceph_spellings_normalized() {
+        assert_eq!(
+            parse("rbd_cache=true"),
+            Ok(("rbd_cache".into(), "true".into()))
+        );
+        assert_eq!(
+            parse("rbd-qos-iops-limit=500"),
+            Ok(("rbd_qos_iops_limit".into(), "500".into()))
+        );
+        assert_eq!(parse("log_file="), Ok(("log_file".into(), String::new())));
+        assert_eq!(parse("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert!(parse("rbd_cache").unwrap_err().contains("NAME=VALUE"));
+        assert!(parse("=1").unwrap_err().contains("no option name"));
+    }
+
+    #[test]
+    fn the_key_and_ublkds_own_settings_are_refused() {
+        assert!(check(&opts(&[("rbd_cache", "true"), ("rbd-qos-iops-limit", "9")])).is_ok());
+        for name in [
+            "key",
+            "keyring",
+            "rados-osd-op-timeout",
+            "client_mount_timeout",
+        ] {
+            let e = check(&opts(&[("rbd_cache", "true"), (name, "x")])).unwrap_err();
+            assert!(e.to_string().contains(&normalize(name)), "{e}");
+        }
+        let e = check(&opts(&[("key", "AQB...")])).unwrap_err().to_string();
+        assert!(e.contains("--keyring") && !e.contains("AQB"), "{e}");
+        assert!(check(&opts(&[("", "1")])).is_err());
+        assert!(check(&opts(&[("a\nb", "1")])).is_err());
+        assert!(check(&opts(&[("log_file", "x\0y")])).is_err());
+    }
+
+    #[test]
+    fn sets_compares_normalized_names() {
+        let o = opts(&[("rbd-cache", "true")]);
+        assert!(sets(&o, "rbd_cache"));
+        assert!(!sets(&o, "rbd_io_scheduler"));
+    }
+}
