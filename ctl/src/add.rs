@@ -66,7 +66,7 @@ pub(crate) enum AddTarget {
         /// conf file's and ublkd's librbd defaults (as rbd-nbd's --NAME=VALUE); may be
         /// repeated. E.g. rbd_qos_iops_limit=2000, or rbd_cache=true (librbd's write-back
         /// cache: writes complete before the OSD has them, until the kernel's next flush).
-        #[arg(long = "ceph-option", value_name = "NAME=VALUE", value_parser = ceph_option)]
+        #[arg(long = "ceph-option", value_name = "NAME=VALUE", value_parser = ublkd_proto::ceph_option::parse)]
         ceph_options: Vec<(String, String)>,
         #[command(flatten)]
         common: CommonAddArgs,
@@ -128,11 +128,6 @@ pub(crate) fn size_arg(s: &str) -> Result<String, String> {
 }
 
 /// `path` made absolute (the daemon has its own working directory), as UTF-8.
-/// `--ceph-option NAME=VALUE`, with the name as Ceph reads it.
-fn ceph_option(arg: &str) -> Result<(String, String), String> {
-    ublkd_proto::ceph_option::parse(arg)
-}
-
 fn absolute_utf8(path: &std::path::Path) -> Result<String> {
     let abs =
         std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))?;

@@ -24,7 +24,7 @@ pub struct ConnectOptions {
     pub mon_timeout: Duration,
     /// Bound on each OSD operation; librbd then fails the request (EIO to the device).
     pub osd_timeout: Duration,
-    /// `--ceph-option` pairs, set last (checked by [`super::options::check`]).
+    /// `--ceph-option` pairs, set last (checked by [`ublkd_proto::ceph_option::check`]).
     pub options: Vec<(String, String)>,
 }
 
