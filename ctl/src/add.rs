@@ -58,6 +58,11 @@ pub(crate) enum AddTarget {
         /// Map the image read-only.
         #[arg(long)]
         read_only: bool,
+        /// Take the image's exclusive lock and keep it while the device exists: other
+        /// clients cannot write (rbd-nbd's --exclusive). Needs the exclusive-lock image
+        /// feature.
+        #[arg(long, conflicts_with = "read_only")]
+        exclusive: bool,
         /// Seconds a request waits for its OSD before it fails with EIO; also the
         /// longest `del` waits for requests an unreachable cluster holds.
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
@@ -167,6 +172,7 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
             user,
             keyring,
             read_only,
+            exclusive,
             osd_timeout,
             ceph_options,
             common,
@@ -177,6 +183,7 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
                 user: Some(user),
                 keyring: keyring.as_deref().map(absolute_utf8).transpose()?,
                 read_only,
+                exclusive,
                 osd_timeout: Some(osd_timeout),
                 options: ceph_options,
             },

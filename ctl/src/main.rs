@@ -310,6 +310,7 @@ mod tests {
             "5",
             "--queues",
             "2",
+            "--exclusive",
             "--ceph-option",
             "rbd-cache=true",
             "--ceph-option",
@@ -328,6 +329,7 @@ mod tests {
                 user: Some("u".into()),
                 keyring: Some("/k".into()),
                 read_only: false,
+                exclusive: true,
                 osd_timeout: Some(60),
                 options: vec![
                     ("rbd_cache".into(), "true".into()),

@@ -70,6 +70,7 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
             user,
             keyring,
             read_only,
+            exclusive,
             osd_timeout,
             options,
         }) => {
@@ -85,6 +86,9 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
                 rows.push(("keyring", k.clone()));
             }
             rows.push(("read only", read_only.to_string()));
+            if *exclusive {
+                rows.push(("exclusive", "true".into()));
+            }
             rows.push(("osd op timeout", format!("{} s", osd_timeout.unwrap_or(60))));
             if !options.is_empty() {
                 let options: Vec<String> =

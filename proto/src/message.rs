@@ -158,6 +158,10 @@ pub enum TargetSpec {
         /// Map read-only (a snapshot always is).
         #[serde(default, skip_serializing_if = "is_false")]
         read_only: bool,
+        /// Take the image's exclusive lock at open and refuse it to other clients while
+        /// the device exists (rbd-nbd's `--exclusive`).
+        #[serde(default, skip_serializing_if = "is_false")]
+        exclusive: bool,
         /// Seconds a request waits for its OSD before it fails with EIO (librados'
         /// `rados_osd_op_timeout`, at least 1); 60 when left out. Also bounds how long
         /// `del` waits for requests an unreachable cluster holds.

@@ -289,6 +289,53 @@ fn flushed_writes_survive_kill9_with_librbds_write_back_cache() {
     d.del(&dev);
 }
 
+/// `--exclusive`: the device keeps the image's lock (`show` says so) and a second
+/// exclusive mapping is refused in one line; after kill -9 of ublkd the next one
+/// restores the device in the background once the dead daemon's lock can be broken
+/// (its watch times out: 10 s in the test cluster), with the data written before.
+#[test]
+fn an_exclusive_device_keeps_the_lock_and_recovers_after_kill9() {
+    let c = cluster();
+    c.create_image("excl", "8M");
+    let name = "rbd-excl";
+    let mut d = Daemon::start(name);
+    let dev = add_rbd(&d, "rbd/excl", &["--exclusive"]);
+    let id = dev_id(&dev);
+    let holds = |d: &Daemon| {
+        let show = d.show_json(id);
+        assert!(
+            show["target_details"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|kv| kv[0] == "exclusive lock" && kv[1] == "held, refused to other clients"),
+            "{show}"
+        );
+    };
+    holds(&d);
+    let conf = conf();
+    let e = d.ctl_err(&["add", "rbd", "rbd/excl", "--conf", &conf, "--exclusive"]);
+    assert!(
+        e.contains("cannot take the exclusive lock of rbd image rbd/excl"),
+        "{e}"
+    );
+    assert_eq!(d.list_json().len(), 1, "a failed add left a device behind");
+    let want = pattern(81, 1 << 20);
+    write_direct(&dev, &want);
+    d.kill9();
+    let d = Daemon::start_with(name, &[]);
+    wait_live(&d, id, "after the restart");
+    holds(&d);
+    assert!(
+        read_direct(&dev, want.len()) == want,
+        "data differ after the restore"
+    );
+    let again = pattern(82, 1 << 20);
+    write_direct(&dev, &again);
+    assert!(read_direct(&dev, again.len()) == again, "data differ");
+    d.del(&dev);
+}
+
 /// An OSD that stops answering for a while during a fio verify job: requests wait and
 /// complete once it answers again; no error.
 #[test]

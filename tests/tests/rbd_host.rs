@@ -24,6 +24,7 @@ fn rbd_options(spec: &str, conf: &str, mon_secs: u64) -> RbdOptions {
         spec: spec.parse().unwrap(),
         connect: options(conf, mon_secs),
         read_only: false,
+        exclusive: false,
         block_size: 512,
     }
 }
@@ -233,4 +234,58 @@ fn another_client_takes_the_exclusive_lock_in_turn() {
         back.iter().all(|&x| x == 3),
         "the last write is not what reads back"
     );
+}
+
+/// `--exclusive`: the target takes the image's lock and keeps it, so another client's
+/// write fails with EROFS and another exclusive open fails in one line; once the target
+/// is closed the other client writes. Refused on an image without the exclusive-lock
+/// feature and on a snapshot, each in one line.
+#[test]
+fn an_exclusive_target_keeps_the_lock_from_other_clients() {
+    let c = ceph::shared();
+    c.create_image("host-excl", "4M");
+    let mut opts = rbd_options("rbd/host-excl", &conf(), 10);
+    opts.exclusive = true;
+    let t = RbdTarget::open(&opts).unwrap();
+    let details = format!("{:?}", t.details());
+    assert!(details.contains("exclusive lock"), "{details}");
+
+    let rados = Rados::connect(&options(&conf(), 10)).unwrap();
+    let spec: ImageSpec = "rbd/host-excl".parse().unwrap();
+    let other = Image::open(&rados.ioctx("rbd", None).unwrap(), &spec, false).unwrap();
+    let sink = Completions::new().unwrap();
+    let data = vec![9u8; 4096];
+    let write = || AioOp::Write {
+        off: 0,
+        buf: data.as_ptr(),
+        len: data.len(),
+    };
+    assert_eq!(io(&other, &sink, write()), -i64::from(libc::EROFS));
+    let (e, _) = open_error(&opts);
+    assert!(
+        e.contains("cannot take the exclusive lock of rbd image rbd/host-excl")
+            && e.contains("another client keeps it"),
+        "{e}"
+    );
+    drop(t);
+    assert!(io(&other, &sink, write()) >= 0, "the lock was not released");
+    drop(other);
+
+    c.rbd(&[
+        "create",
+        "--size",
+        "4M",
+        "--image-feature",
+        "layering",
+        "rbd/host-nolock",
+    ]);
+    let mut nolock = rbd_options("rbd/host-nolock", &conf(), 10);
+    nolock.exclusive = true;
+    let (e, _) = open_error(&nolock);
+    assert!(e.contains("lacks the exclusive-lock feature"), "{e}");
+    c.rbd(&["snap", "create", "rbd/host-excl@s1"]);
+    let mut snap = rbd_options("rbd/host-excl@s1", &conf(), 10);
+    snap.exclusive = true;
+    let (e, _) = open_error(&snap);
+    assert!(e.contains("a snapshot takes none"), "{e}");
 }

@@ -187,6 +187,7 @@ fn rbd_target(
         user,
         keyring,
         read_only,
+        exclusive,
         options,
         ..
     } = spec
@@ -204,6 +205,7 @@ fn rbd_target(
             options: options.clone(),
         },
         read_only: *read_only,
+        exclusive: *exclusive,
         block_size,
     };
     Ok(Arc::new(RbdTarget::open(&opts)?))

@@ -98,6 +98,15 @@ pub enum RbdError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot take the exclusive lock of rbd image {spec} (--exclusive): {source}; {hint}")]
+    Lock {
+        spec: String,
+        hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--exclusive takes the image's lock for writing; a read-only mapping or a snapshot takes none (leave out one of them)")]
+    ExclusiveReadOnly,
     #[error("cannot read the size of rbd image {spec}: {source}")]
     Size {
         spec: String,

@@ -315,6 +315,30 @@ impl Image {
         })
     }
 
+    /// Takes the image's exclusive lock and keeps it until the image is closed: librbd
+    /// then refuses the lock to other clients (their writes fail with EROFS) instead of
+    /// handing it over when they ask, as it does by default.
+    pub fn lock_exclusive(&self) -> Result<(), RbdError> {
+        // SAFETY: an open image.
+        let r = unsafe { sys::rbd_lock_acquire(self.raw, sys::RBD_LOCK_MODE_EXCLUSIVE) };
+        if r < 0 {
+            let hint = match -r {
+                libc::EINVAL | libc::EOPNOTSUPP => {
+                    "the image lacks the exclusive-lock feature: 'rbd feature enable IMAGE exclusive-lock', or map without --exclusive"
+                }
+                _ => {
+                    "another client keeps it ('rbd status IMAGE' lists the watchers); the lock of a client that died is broken once its watch times out (osd_client_watch_timeout)"
+                }
+            };
+            return Err(RbdError::Lock {
+                spec: self.spec.clone(),
+                hint,
+                source: errno(r.into()),
+            });
+        }
+        Ok(())
+    }
+
     /// The librbd handle, for `watch.rs`; valid as long as `self` is.
     pub(super) fn raw(&self) -> sys::rbd_image_t {
         self.raw

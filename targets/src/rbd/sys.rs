@@ -47,6 +47,9 @@ extern "C" {
     pub fn rados_buffer_free(buf: *mut c_char);
 }
 
+/// `rbd_lock_mode_t`'s exclusive mode (librbd.h).
+pub const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
+
 #[link(name = "rbd")]
 extern "C" {
     pub fn rbd_open(
@@ -62,6 +65,8 @@ extern "C" {
         snap_name: *const c_char,
     ) -> c_int;
     pub fn rbd_close(image: rbd_image_t) -> c_int;
+    /// `lock_mode`: [`RBD_LOCK_MODE_EXCLUSIVE`].
+    pub fn rbd_lock_acquire(image: rbd_image_t, lock_mode: c_int) -> c_int;
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
     pub fn rbd_update_watch(
         image: rbd_image_t,

@@ -14,6 +14,8 @@ pub struct RbdOptions {
     pub connect: ConnectOptions,
     /// Map read-only (always so for a snapshot).
     pub read_only: bool,
+    /// Take the image's exclusive lock and refuse it to other clients (`--exclusive`).
+    pub exclusive: bool,
     pub block_size: u32,
 }
 
@@ -29,9 +31,15 @@ impl RbdTarget {
     pub fn open(opts: &RbdOptions) -> Result<RbdTarget, RbdError> {
         let mut opts = opts.clone();
         opts.read_only |= opts.spec.snap.is_some();
+        if opts.exclusive && opts.read_only {
+            return Err(RbdError::ExclusiveReadOnly);
+        }
         let rados = Rados::connect(&opts.connect)?;
         let io = rados.ioctx(&opts.spec.pool, opts.spec.namespace.as_deref())?;
         let image = Image::open(&io, &opts.spec, opts.read_only)?;
+        if opts.exclusive {
+            image.lock_exclusive()?;
+        }
         let size = image.size()?;
         if size % u64::from(opts.block_size) != 0 {
             return Err(RbdError::NotAligned {
@@ -43,7 +51,11 @@ impl RbdTarget {
         log::info!(
             "rbd {}: {size} bytes{}, conf {}, user {}",
             opts.spec,
-            if opts.read_only { ", read-only" } else { "" },
+            match (opts.read_only, opts.exclusive) {
+                (true, _) => ", read-only",
+                (false, true) => ", exclusive lock held",
+                (false, false) => "",
+            },
             opts.connect.conf,
             opts.connect.user
         );
@@ -86,6 +98,12 @@ impl Target for RbdTarget {
         ];
         if let Some(k) = &c.keyring {
             d.push(("keyring".into(), k.clone()));
+        }
+        if self.opts.exclusive {
+            d.push((
+                "exclusive lock".into(),
+                "held, refused to other clients".into(),
+            ));
         }
         d.push((
             "osd op timeout".into(),

@@ -23,6 +23,7 @@ fn target(image: &str) -> RbdTarget {
             options: Vec::new(),
         },
         read_only: false,
+        exclusive: false,
         block_size: 512,
     })
     .unwrap()
