@@ -292,7 +292,8 @@ fn flushed_writes_survive_kill9_with_librbds_write_back_cache() {
 /// `--exclusive`: the device keeps the image's lock (`show` says so) and a second
 /// exclusive mapping is refused in one line; after kill -9 of ublkd the next one
 /// restores the device in the background once the dead daemon's lock can be broken
-/// (its watch times out: 10 s in the test cluster), with the data written before.
+/// (its watch times out: 10 s in the test cluster), with the data written before; after
+/// a restart (SIGTERM, start) the device is served again with its data.
 #[test]
 fn an_exclusive_device_keeps_the_lock_and_recovers_after_kill9() {
     let c = cluster();
@@ -332,7 +333,16 @@ fn an_exclusive_device_keeps_the_lock_and_recovers_after_kill9() {
     );
     let again = pattern(82, 1 << 20);
     write_direct(&dev, &again);
-    assert!(read_direct(&dev, again.len()) == again, "data differ");
+    // A restart hands the device over: the stopping daemon gives the lock back.
+    let mut d = d;
+    d.stop();
+    let d = Daemon::start_with(name, &[]);
+    wait_live(&d, id, "after a restart");
+    holds(&d);
+    assert!(
+        read_direct(&dev, again.len()) == again,
+        "data differ after the restart"
+    );
     d.del(&dev);
 }
 
