@@ -320,7 +320,23 @@ fn compare(devices: &[(String, String)], refs: &[(usize, &str)], rows: &[Row], s
             // Each round starts one device later, so no device always runs first.
             for i in 0..n {
                 let d = (i + round) % n;
-                samples[r][d].push(measure(&devices[d].1, row, s));
+                let sample = measure(&devices[d].1, row, s);
+                // Each round's result as it comes (stderr, beside the tables): the
+                // spread of a cell is only its min and max, this shows every round.
+                let cost = if s.profile {
+                    let c = sample.cost;
+                    format!(
+                        ", server {:.1} us {:.2} cs, fio {:.1} us, idle {:.0}%",
+                        c.server_us, c.server_switches, c.fio_us, c.idle_pct
+                    )
+                } else {
+                    String::new()
+                };
+                eprintln!(
+                    "  {:<18} {:<16} {:>9.0} IOPS{cost}",
+                    row.name, devices[d].0, sample.iops
+                );
+                samples[r][d].push(sample);
             }
         }
     }
