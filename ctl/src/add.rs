@@ -5,7 +5,9 @@ use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use ublkd_proto::size::parse_size;
 use ublkd_proto::validate::{DEFAULT_DEPTH, DEFAULT_NULL_SIZE, DEFAULT_QUEUES};
-use ublkd_proto::{AddDevice, BufferMode, DirectIo, QueueAffinity, TargetSpec};
+use ublkd_proto::{
+    AddDevice, BufferMode, DirectIo, EncryptionFormat, QueueAffinity, RbdEncryption, TargetSpec,
+};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum AddTarget {
@@ -63,6 +65,19 @@ pub(crate) enum AddTarget {
         /// feature.
         #[arg(long, conflicts_with = "read_only")]
         exclusive: bool,
+        /// The LUKS format of the image's encryption (as given to 'rbd encryption
+        /// format'): librbd decrypts reads and encrypts writes; needs
+        /// --encryption-passphrase-file.
+        #[arg(
+            long,
+            value_name = "luks1|luks2",
+            requires = "encryption_passphrase_file"
+        )]
+        encryption_format: Option<EncryptionFormat>,
+        /// The file whose whole content is the passphrase (read by the daemon each time
+        /// it opens the image; only its path is recorded and shown).
+        #[arg(long, requires = "encryption_format")]
+        encryption_passphrase_file: Option<PathBuf>,
         /// Seconds a request waits for its OSD before it fails with EIO; also the
         /// longest `del` waits for requests an unreachable cluster holds.
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
@@ -173,6 +188,8 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
             keyring,
             read_only,
             exclusive,
+            encryption_format,
+            encryption_passphrase_file,
             osd_timeout,
             ceph_options,
             common,
@@ -184,6 +201,13 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
                 keyring: keyring.as_deref().map(absolute_utf8).transpose()?,
                 read_only,
                 exclusive,
+                encryption: match (encryption_format, encryption_passphrase_file) {
+                    (Some(format), Some(file)) => Some(RbdEncryption {
+                        format,
+                        passphrase_file: absolute_utf8(&file)?,
+                    }),
+                    _ => None,
+                },
                 osd_timeout: Some(osd_timeout),
                 options: ceph_options,
             },

@@ -237,7 +237,9 @@ fn run(cli: Cli) -> Result<()> {
 mod tests {
     use super::*;
     use ublkd_proto::validate::DEFAULT_NULL_SIZE;
-    use ublkd_proto::{BufferMode, DirectIo, QueueAffinity, TargetSpec};
+    use ublkd_proto::{
+        BufferMode, DirectIo, EncryptionFormat, QueueAffinity, RbdEncryption, TargetSpec,
+    };
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("ublkctl").chain(args.iter().copied()))
@@ -311,6 +313,10 @@ mod tests {
             "--queues",
             "2",
             "--exclusive",
+            "--encryption-format",
+            "luks2",
+            "--encryption-passphrase-file",
+            "/pass",
             "--ceph-option",
             "rbd-cache=true",
             "--ceph-option",
@@ -330,6 +336,10 @@ mod tests {
                 keyring: Some("/k".into()),
                 read_only: false,
                 exclusive: true,
+                encryption: Some(RbdEncryption {
+                    format: EncryptionFormat::Luks2,
+                    passphrase_file: "/pass".into(),
+                }),
                 osd_timeout: Some(60),
                 options: vec![
                     ("rbd_cache".into(), "true".into()),
@@ -346,6 +356,11 @@ mod tests {
         };
         assert_eq!(conf.as_deref(), Some("/etc/ceph/ceph.conf"));
         assert_eq!(user.as_deref(), Some("admin"));
+        let e = parse(&["add", "rbd", "img", "--encryption-format", "luks1"]).unwrap_err();
+        assert!(
+            e.to_string().contains("--encryption-passphrase-file"),
+            "{e}"
+        );
         let e = parse(&["add", "rbd", "img", "--ceph-option", "rbd_cache"]).unwrap_err();
         assert!(e.to_string().contains("NAME=VALUE"), "{e}");
     }

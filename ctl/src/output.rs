@@ -71,6 +71,7 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
             keyring,
             read_only,
             exclusive,
+            encryption,
             osd_timeout,
             options,
         }) => {
@@ -88,6 +89,12 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
             rows.push(("read only", read_only.to_string()));
             if *exclusive {
                 rows.push(("exclusive", "true".into()));
+            }
+            if let Some(e) = encryption {
+                rows.push((
+                    "encryption",
+                    format!("{}, passphrase file {}", e.format.name(), e.passphrase_file),
+                ));
             }
             rows.push(("osd op timeout", format!("{} s", osd_timeout.unwrap_or(60))));
             if !options.is_empty() {

@@ -10,7 +10,7 @@
 //!
 //! A response is externally tagged: `{"added":{...}}`, `{"error":"..."}`, and so on.
 
-use crate::options::{BufferMode, CommandMode, DirectIo, QueueAffinity};
+use crate::options::{BufferMode, CommandMode, DirectIo, QueueAffinity, RbdEncryption};
 use serde::{Deserialize, Serialize};
 
 /// A command for the daemon.
@@ -162,6 +162,10 @@ pub enum TargetSpec {
         /// the device exists (rbd-nbd's `--exclusive`).
         #[serde(default, skip_serializing_if = "is_false")]
         exclusive: bool,
+        /// Unlock the image's LUKS encryption with the passphrase in this file (rbd-nbd's
+        /// `--encryption-format` and `--encryption-passphrase-file`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        encryption: Option<RbdEncryption>,
         /// Seconds a request waits for its OSD before it fails with EIO (librados'
         /// `rados_osd_op_timeout`, at least 1); 60 when left out. Also bounds how long
         /// `del` waits for requests an unreachable cluster holds.

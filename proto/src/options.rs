@@ -165,3 +165,41 @@ impl std::fmt::Display for CommandMode {
         f.write_str(self.name())
     }
 }
+
+/// The LUKS format of an encrypted rbd image (`rbd encryption format IMAGE luks1|luks2`),
+/// which librbd unlocks with a passphrase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EncryptionFormat {
+    Luks1,
+    Luks2,
+}
+
+impl EncryptionFormat {
+    pub const ALL: [EncryptionFormat; 2] = [EncryptionFormat::Luks1, EncryptionFormat::Luks2];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EncryptionFormat::Luks1 => "luks1",
+            EncryptionFormat::Luks2 => "luks2",
+        }
+    }
+}
+
+impl std::str::FromStr for EncryptionFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EncryptionFormat::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| format!("unknown encryption format '{s}' (expected luks1 or luks2)"))
+    }
+}
+
+/// How an rbd device unlocks its encrypted image: the format and the file with the
+/// passphrase (its path only: the daemon reads the file each time it opens the image).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RbdEncryption {
+    pub format: EncryptionFormat,
+    pub passphrase_file: String,
+}

@@ -346,6 +346,78 @@ fn an_exclusive_device_keeps_the_lock_and_recovers_after_kill9() {
     d.del(&dev);
 }
 
+/// A LUKS-encrypted image (`rbd encryption format`): the device is its decrypted data,
+/// fio verify passes, `show` and the record name the passphrase file but never hold
+/// the passphrase, kill -9 of ublkd recovers with the data (the file read again), and
+/// a wrong passphrase is a one-line error.
+#[test]
+fn an_encrypted_image_serves_its_plaintext_and_recovers() {
+    let c = cluster();
+    c.create_image("luks", "32M");
+    let secret = "luks passphrase in a file";
+    let pass = "/tmp/rbd-luks-pass";
+    std::fs::write(pass, format!("{secret}\n")).unwrap();
+    c.rbd(&["encryption", "format", "rbd/luks", "luks1", pass]);
+    let name = "rbd-luks";
+    let mut d = Daemon::start(name);
+    let conf = conf();
+    let wrong = "/tmp/rbd-luks-wrong";
+    // No final newline: one unlock attempt (one key derivation, seconds in the VM).
+    std::fs::write(wrong, "not it").unwrap();
+    let mut args = vec!["add", "rbd", "rbd/luks", "--conf", &conf];
+    args.extend([
+        "--encryption-format",
+        "luks1",
+        "--encryption-passphrase-file",
+    ]);
+    let e = d.ctl_err(&[&args[..], &[wrong]].concat());
+    assert!(
+        e.contains("cannot unlock the luks1 encryption of rbd image rbd/luks"),
+        "{e}"
+    );
+    let dev = add_rbd(
+        &d,
+        "rbd/luks",
+        &[
+            "--encryption-format",
+            "luks1",
+            "--encryption-passphrase-file",
+            pass,
+        ],
+    );
+    let id = dev_id(&dev);
+    let size: u64 = std::fs::read_to_string(format!("/sys/block/{}/size", &dev[5..]))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        size * 512 < 32 << 20,
+        "the device is not the decrypted data: {size} sectors"
+    );
+    let show = d.show_json(id).to_string();
+    assert!(
+        show.contains("luks1, passphrase file /tmp/rbd-luks-pass"),
+        "{show}"
+    );
+    let record = std::fs::read_to_string(d.record_path(id)).unwrap();
+    assert!(
+        !show.contains(secret) && !record.contains(secret),
+        "{show} {record}"
+    );
+    fio(&verify_job(&dev, "randwrite", "4k", "2M", 16));
+    let want = pattern(83, 1 << 20);
+    write_direct(&dev, &want);
+    d.kill9();
+    let d = Daemon::start_with(name, &[]);
+    wait_live(&d, id, "after the restart");
+    assert!(
+        read_direct(&dev, want.len()) == want,
+        "data differ after the restore"
+    );
+    d.del(&dev);
+}
+
 /// An OSD that stops answering for a while during a fio verify job: requests wait and
 /// complete once it answers again; no error.
 #[test]

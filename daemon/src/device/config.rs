@@ -188,6 +188,7 @@ fn rbd_target(
         keyring,
         read_only,
         exclusive,
+        encryption,
         options,
         ..
     } = spec
@@ -206,6 +207,7 @@ fn rbd_target(
         },
         read_only: *read_only,
         exclusive: *exclusive,
+        encryption: encryption.clone(),
         block_size,
     };
     Ok(Arc::new(RbdTarget::open(&opts)?))

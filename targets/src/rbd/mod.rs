@@ -24,6 +24,8 @@
 
 mod spec;
 pub use spec::{ImageSpec, DEFAULT_POOL};
+/// Part of [`RbdOptions`].
+pub use ublkd_proto::{EncryptionFormat, RbdEncryption};
 
 #[cfg(feature = "rbd")]
 mod queue;
@@ -101,6 +103,21 @@ pub enum RbdError {
     #[error("cannot take the exclusive lock of rbd image {spec} (--exclusive): {source}; {hint}")]
     Lock {
         spec: String,
+        hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the passphrase file {path}: {source}; pass a readable file with --encryption-passphrase-file")]
+    PassphraseFile {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot unlock the {format} encryption of rbd image {spec} with the passphrase in {path}: {source}; {hint}")]
+    Unlock {
+        spec: String,
+        format: &'static str,
+        path: String,
         hint: &'static str,
         #[source]
         source: io::Error,

@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use ublkd_proto::EncryptionFormat;
 
 /// How to reach a cluster: what `ublkctl add rbd` passes with `--conf`, `--id` and
 /// `--keyring`.
@@ -337,6 +338,68 @@ impl Image {
             });
         }
         Ok(())
+    }
+
+    /// Unlocks the image's LUKS encryption with the passphrase in `path`. From then on
+    /// librbd encrypts and decrypts every request, and the image's size is that of its
+    /// data. The passphrase is the file's content without its final newline, as Ceph
+    /// 16's `rbd encryption format` reads it, or with it, as later versions read it:
+    /// a file that ends with a newline is tried both ways. The buffer is wiped after.
+    pub fn load_encryption(&self, format: EncryptionFormat, path: &str) -> Result<(), RbdError> {
+        let mut content = std::fs::read(path).map_err(|source| RbdError::PassphraseFile {
+            path: path.into(),
+            source,
+        })?;
+        let mut tries = vec![&content[..]];
+        if let Some(stripped) = content.strip_suffix(b"\n") {
+            tries.insert(0, stripped);
+        }
+        let mut r = 0;
+        for passphrase in tries {
+            r = self.encryption_load(format, passphrase);
+            if r != -libc::EPERM {
+                break;
+            }
+        }
+        content.fill(0);
+        std::hint::black_box(&content);
+        if r < 0 {
+            let hint = match -r {
+                libc::EPERM => "the passphrase does not open it: check the file",
+                _ => "check that the image was formatted ('rbd encryption format') and with this format",
+            };
+            return Err(RbdError::Unlock {
+                spec: self.spec.clone(),
+                format: format.name(),
+                path: path.into(),
+                hint,
+                source: errno(r.into()),
+            });
+        }
+        Ok(())
+    }
+
+    /// One `rbd_encryption_load`; its result (negative errno on failure).
+    fn encryption_load(&self, format: EncryptionFormat, passphrase: &[u8]) -> i32 {
+        let mut opts = sys::rbd_encryption_luks_format_options_t {
+            alg: sys::RBD_ENCRYPTION_ALGORITHM_AES256,
+            passphrase: passphrase.as_ptr().cast(),
+            passphrase_size: passphrase.len(),
+        };
+        let raw_format = match format {
+            EncryptionFormat::Luks1 => sys::RBD_ENCRYPTION_FORMAT_LUKS1,
+            EncryptionFormat::Luks2 => sys::RBD_ENCRYPTION_FORMAT_LUKS2,
+        };
+        // SAFETY: an open image and options of the size passed, whose passphrase
+        // pointer is valid for the call (librbd copies it).
+        unsafe {
+            sys::rbd_encryption_load(
+                self.raw,
+                raw_format,
+                (&mut opts as *mut sys::rbd_encryption_luks_format_options_t).cast(),
+                std::mem::size_of_val(&opts),
+            )
+        }
     }
 
     /// The librbd handle, for `watch.rs`; valid as long as `self` is.

@@ -49,6 +49,20 @@ extern "C" {
 
 /// `rbd_lock_mode_t`'s exclusive mode (librbd.h).
 pub const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
+/// `rbd_encryption_format_t` (librbd.h).
+pub const RBD_ENCRYPTION_FORMAT_LUKS1: c_int = 0;
+pub const RBD_ENCRYPTION_FORMAT_LUKS2: c_int = 1;
+/// `rbd_encryption_algorithm_t`'s AES-256 (ignored when loading: the header says).
+pub const RBD_ENCRYPTION_ALGORITHM_AES256: c_int = 1;
+
+/// `rbd_encryption_luks1_format_options_t` and `rbd_encryption_luks2_format_options_t`,
+/// which have the same layout.
+#[repr(C)]
+pub struct rbd_encryption_luks_format_options_t {
+    pub alg: c_int,
+    pub passphrase: *const c_char,
+    pub passphrase_size: usize,
+}
 
 #[link(name = "rbd")]
 extern "C" {
@@ -67,6 +81,13 @@ extern "C" {
     pub fn rbd_close(image: rbd_image_t) -> c_int;
     /// `lock_mode`: [`RBD_LOCK_MODE_EXCLUSIVE`].
     pub fn rbd_lock_acquire(image: rbd_image_t, lock_mode: c_int) -> c_int;
+    /// `opts`: a [`rbd_encryption_luks_format_options_t`] of `opts_size` bytes.
+    pub fn rbd_encryption_load(
+        image: rbd_image_t,
+        format: c_int,
+        opts: *mut c_void,
+        opts_size: usize,
+    ) -> c_int;
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
     pub fn rbd_update_watch(
         image: rbd_image_t,

@@ -6,6 +6,7 @@ use super::watch::UpdateWatch;
 use super::{ImageSpec, RbdError};
 use crate::{DeviceShape, QueueContext, QueueTarget, SizeNotice, SizeWatch, Target};
 use std::sync::Arc;
+use ublkd_proto::RbdEncryption;
 
 /// What `ublkctl add rbd` asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +17,8 @@ pub struct RbdOptions {
     pub read_only: bool,
     /// Take the image's exclusive lock and refuse it to other clients (`--exclusive`).
     pub exclusive: bool,
+    /// Unlock the image's encryption (`--encryption-format`).
+    pub encryption: Option<RbdEncryption>,
     pub block_size: u32,
 }
 
@@ -39,6 +42,9 @@ impl RbdTarget {
         let image = Image::open(&io, &opts.spec, opts.read_only)?;
         if opts.exclusive {
             image.lock_exclusive()?;
+        }
+        if let Some(e) = &opts.encryption {
+            image.load_encryption(e.format, &e.passphrase_file)?;
         }
         let size = image.size()?;
         if size % u64::from(opts.block_size) != 0 {
@@ -98,6 +104,12 @@ impl Target for RbdTarget {
         ];
         if let Some(k) = &c.keyring {
             d.push(("keyring".into(), k.clone()));
+        }
+        if let Some(e) = &self.opts.encryption {
+            d.push((
+                "encryption".into(),
+                format!("{}, passphrase file {}", e.format.name(), e.passphrase_file),
+            ));
         }
         if self.opts.exclusive {
             d.push((

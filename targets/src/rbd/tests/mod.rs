@@ -24,6 +24,7 @@ fn target(image: &str) -> RbdTarget {
         },
         read_only: false,
         exclusive: false,
+        encryption: None,
         block_size: 512,
     })
     .unwrap()
