@@ -19,7 +19,7 @@
 //! daemon of every change made elsewhere (`rbd resize`), and the daemon resizes the
 //! device to the image's new size ([`crate::Target::watch_size`]).
 //!
-//! The unsafe FFI (`sys.rs`) and its safe handles (`rados.rs`) are built with the `rbd`
+//! The unsafe FFI (`sys.rs`) and its safe handles (`rados.rs`, `image.rs`) are built with the `rbd`
 //! feature (default on; it links librbd and librados); the image spec parser always is.
 
 mod spec;
@@ -27,6 +27,8 @@ pub use spec::{ImageSpec, DEFAULT_POOL};
 /// Part of [`RbdOptions`].
 pub use ublkd_proto::{EncryptionFormat, RbdEncryption};
 
+#[cfg(feature = "rbd")]
+mod image;
 #[cfg(feature = "rbd")]
 mod queue;
 #[cfg(feature = "rbd")]

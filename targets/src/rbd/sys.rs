@@ -1,6 +1,6 @@
 //! The few librados and librbd functions the rbd target and the test cluster use,
 //! declared by hand from Debian's `rados/librados.h` and `rbd/librbd.h` (Ceph 16). Only
-//! `rados.rs` and `watch.rs` call them; everything here is as unsafe as the C it names.
+//! `rados.rs`, `image.rs` and `watch.rs` call them; everything here is as unsafe as the C it names.
 
 #![allow(non_camel_case_types)]
 
