@@ -37,6 +37,15 @@ fn add_rbd(d: &Daemon, spec: &str, extra: &[&str]) -> String {
     dev
 }
 
+/// kill -9 of `d`, then a new ublkd of the same name, which restores device `id` in the
+/// background (as every network device): returns it once the device is served.
+fn kill9_and_restart(mut d: Daemon, name: &str, id: u64) -> Daemon {
+    d.kill9();
+    let d = Daemon::start_with(name, &[]);
+    wait_live(&d, id, "after kill -9 and a restart");
+    d
+}
+
 /// fio verify (crc32c) with 2 queues: 4k random writes, then 128k-512k sequential
 /// writes over a quarter of the 64 MiB image, each read back.
 fn fio_verify(mode: &str) {
@@ -224,15 +233,12 @@ fn kill9_during_fio_verify_recovers() {
     let c = cluster();
     c.create_image("kill9", "64M");
     let name = "rbd-kill9";
-    let mut d = Daemon::start(name);
+    let d = Daemon::start(name);
     let dev = add_rbd(&d, "rbd/kill9", &["--queues", "2"]);
     let job = verify_job(&dev, "randwrite", "4k", "4M", 16);
     let run = FioChild::start(&job);
     wait_io(&dev, 200);
-    d.kill9();
-    let d = Daemon::start_with(name, &[]);
-    // Restored in the background, as every network device is.
-    wait_live(&d, dev_id(&dev), "after the restart");
+    let d = kill9_and_restart(d, name, dev_id(&dev));
     run.wait();
     d.del(&dev);
 }
@@ -247,7 +253,7 @@ fn flushed_writes_survive_kill9_with_librbds_write_back_cache() {
     let c = cluster();
     c.create_image("wbcache", "8M");
     let name = "rbd-wbcache";
-    let mut d = Daemon::start(name);
+    let d = Daemon::start(name);
     let options =
         "rbd_cache=true, rbd_cache_writethrough_until_flush=false, rbd_cache_max_dirty_age=600";
     let mut args = Vec::new();
@@ -278,9 +284,7 @@ fn flushed_writes_survive_kill9_with_librbds_write_back_cache() {
         .unwrap();
     f.sync_all().unwrap();
     drop(f);
-    d.kill9();
-    let d = Daemon::start_with(name, &[]);
-    wait_live(&d, dev_id(&dev), "after the restart");
+    let d = kill9_and_restart(d, name, dev_id(&dev));
     shows_options(&d);
     assert!(
         read_direct(&dev, want.len()) == want,
@@ -299,7 +303,7 @@ fn an_exclusive_device_keeps_the_lock_and_recovers_after_kill9() {
     let c = cluster();
     c.create_image("excl", "8M");
     let name = "rbd-excl";
-    let mut d = Daemon::start(name);
+    let d = Daemon::start(name);
     let dev = add_rbd(&d, "rbd/excl", &["--exclusive"]);
     let id = dev_id(&dev);
     let holds = |d: &Daemon| {
@@ -323,9 +327,7 @@ fn an_exclusive_device_keeps_the_lock_and_recovers_after_kill9() {
     assert_eq!(d.list_json().len(), 1, "a failed add left a device behind");
     let want = pattern(81, 1 << 20);
     write_direct(&dev, &want);
-    d.kill9();
-    let d = Daemon::start_with(name, &[]);
-    wait_live(&d, id, "after the restart");
+    let d = kill9_and_restart(d, name, id);
     holds(&d);
     assert!(
         read_direct(&dev, want.len()) == want,
@@ -359,7 +361,7 @@ fn an_encrypted_image_serves_its_plaintext_and_recovers() {
     std::fs::write(pass, format!("{secret}\n")).unwrap();
     c.rbd(&["encryption", "format", "rbd/luks", "luks1", pass]);
     let name = "rbd-luks";
-    let mut d = Daemon::start(name);
+    let d = Daemon::start(name);
     let conf = conf();
     let wrong = "/tmp/rbd-luks-wrong";
     // No final newline: one unlock attempt (one key derivation, seconds in the VM).
@@ -408,9 +410,7 @@ fn an_encrypted_image_serves_its_plaintext_and_recovers() {
     fio(&verify_job(&dev, "randwrite", "4k", "2M", 16));
     let want = pattern(83, 1 << 20);
     write_direct(&dev, &want);
-    d.kill9();
-    let d = Daemon::start_with(name, &[]);
-    wait_live(&d, id, "after the restart");
+    let d = kill9_and_restart(d, name, id);
     assert!(
         read_direct(&dev, want.len()) == want,
         "data differ after the restore"
