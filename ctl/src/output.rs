@@ -91,16 +91,11 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
                 rows.push(("exclusive", "true".into()));
             }
             if let Some(e) = encryption {
-                rows.push((
-                    "encryption",
-                    format!("{}, passphrase file {}", e.format.name(), e.passphrase_file),
-                ));
+                rows.push(("encryption", e.to_string()));
             }
             rows.push(("osd op timeout", format!("{} s", osd_timeout.unwrap_or(60))));
             if !options.is_empty() {
-                let options: Vec<String> =
-                    options.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                rows.push(("ceph options", options.join(", ")));
+                rows.push(("ceph options", ublkd_proto::ceph_option::list(options)));
             }
             rows
         }

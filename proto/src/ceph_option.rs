@@ -73,6 +73,12 @@ pub fn check(options: &[(String, String)]) -> Result<(), CephOptionError> {
     Ok(())
 }
 
+/// The pairs as `show` lists them: `NAME=VALUE, ...`.
+pub fn list(options: &[(String, String)]) -> String {
+    let pairs: Vec<String> = options.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.join(", ")
+}
+
 /// Whether `options` sets `name` (compared normalized).
 pub fn sets(options: &[(String, String)], name: &str) -> bool {
     options.iter().any(|(n, _)| normalize(n) == name)
@@ -122,6 +128,12 @@ mod tests {
         assert!(check(&opts(&[("", "1")])).is_err());
         assert!(check(&opts(&[("a\nb", "1")])).is_err());
         assert!(check(&opts(&[("log_file", "x\0y")])).is_err());
+    }
+
+    #[test]
+    fn list_shows_the_pairs_in_order() {
+        assert_eq!(list(&opts(&[("b", "1"), ("a", "x=y")])), "b=1, a=x=y");
+        assert_eq!(list(&[]), "");
     }
 
     #[test]

@@ -203,3 +203,15 @@ pub struct RbdEncryption {
     pub format: EncryptionFormat,
     pub passphrase_file: String,
 }
+
+/// As `show` lists it: the format and the file's path (never its content).
+impl std::fmt::Display for RbdEncryption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}, passphrase file {}",
+            self.format.name(),
+            self.passphrase_file
+        )
+    }
+}

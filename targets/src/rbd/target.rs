@@ -106,10 +106,7 @@ impl Target for RbdTarget {
             d.push(("keyring".into(), k.clone()));
         }
         if let Some(e) = &self.opts.encryption {
-            d.push((
-                "encryption".into(),
-                format!("{}, passphrase file {}", e.format.name(), e.passphrase_file),
-            ));
+            d.push(("encryption".into(), e.to_string()));
         }
         if self.opts.exclusive {
             d.push((
@@ -129,8 +126,10 @@ impl Target for RbdTarget {
             .collect();
         d.push(("librbd".into(), librbd.join(", ")));
         if !c.options.is_empty() {
-            let options: Vec<String> = c.options.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            d.push(("ceph options".into(), options.join(", ")));
+            d.push((
+                "ceph options".into(),
+                ublkd_proto::ceph_option::list(&c.options),
+            ));
         }
         d.push((
             "image handle".into(),
