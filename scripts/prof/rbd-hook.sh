@@ -59,4 +59,13 @@ sum() {
 }
 [ $count -gt 0 ] && sum /tmp/th0.$n /tmp/th1.$n server
 [ $count -gt 0 ] && [ -n "$osd" ] && sum /tmp/osd0.$n /tmp/osd1.$n osd
+# where the threads may run: name and allowed CPUs, counted per distinct pair
+for p in $BENCH_PID $osd; do
+    for t in /proc/$p/task/*; do
+        { read -r c < $t/comm; } 2>/dev/null || continue
+        while read -r k v rest; do
+            case $k in Cpus_allowed_list:) echo "cpus $p $c $v" ;; esac
+        done < $t/status
+    done
+done | sort | uniq -c
 } 2>&1
