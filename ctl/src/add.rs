@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use ublkd_proto::size::parse_size;
 use ublkd_proto::validate::{DEFAULT_DEPTH, DEFAULT_NULL_SIZE, DEFAULT_QUEUES};
 use ublkd_proto::{
-    AddDevice, BufferMode, DirectIo, EncryptionFormat, QueueAffinity, RbdEncryption, TargetSpec,
+    AddDevice, BufferMode, DirectIo, EncryptionFormat, QueueAffinity, RbdEncryption, RbdQuiesce,
+    TargetSpec,
 };
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +79,17 @@ pub(crate) enum AddTarget {
         /// it opens the image; only its path is recorded and shown).
         #[arg(long, requires = "encryption_format")]
         encryption_passphrase_file: Option<PathBuf>,
+        /// When a snapshot of the image is taken ('rbd snap create'), freeze the file
+        /// systems mounted from the device until it is taken, so that the snapshot holds
+        /// them consistent (rbd-nbd's --quiesce). A freeze that fails fails the snapshot.
+        #[arg(long)]
+        quiesce: bool,
+        /// With --quiesce: run this program instead of freezing, as 'PROGRAM DEVICE
+        /// quiesce' before the snapshot and 'PROGRAM DEVICE unquiesce' after it
+        /// (rbd-nbd's --quiesce-hook; its hooks work unchanged). A non-zero exit fails
+        /// the snapshot.
+        #[arg(long, value_name = "PROGRAM", requires = "quiesce")]
+        quiesce_hook: Option<PathBuf>,
         /// Seconds a request waits for its OSD before it fails with EIO; also the
         /// longest `del` waits for requests an unreachable cluster holds.
         #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..))]
@@ -157,6 +169,17 @@ fn absolute_utf8(path: &std::path::Path) -> Result<String> {
         .to_string())
 }
 
+/// `path` made absolute, once it is known to be an executable file.
+fn executable(path: &std::path::Path) -> Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let abs = absolute_utf8(path)?;
+    let meta = std::fs::metadata(&abs).with_context(|| format!("--quiesce-hook {abs}"))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        bail!("--quiesce-hook {abs}: not an executable file (chmod +x it, or give another)");
+    }
+    Ok(abs)
+}
+
 pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
     let (target, common) = match target {
         AddTarget::Null { size, common } => (
@@ -190,6 +213,8 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
             exclusive,
             encryption_format,
             encryption_passphrase_file,
+            quiesce,
+            quiesce_hook,
             osd_timeout,
             ceph_options,
             common,
@@ -207,6 +232,11 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
                         passphrase_file: absolute_utf8(&file)?,
                     }),
                     _ => None,
+                },
+                quiesce: match (quiesce, quiesce_hook) {
+                    (false, _) => None,
+                    (true, None) => Some(RbdQuiesce::Freeze),
+                    (true, Some(hook)) => Some(RbdQuiesce::Hook(executable(&hook)?)),
                 },
                 osd_timeout: Some(osd_timeout),
                 options: ceph_options,

@@ -238,7 +238,8 @@ mod tests {
     use super::*;
     use ublkd_proto::validate::DEFAULT_NULL_SIZE;
     use ublkd_proto::{
-        BufferMode, DirectIo, EncryptionFormat, QueueAffinity, RbdEncryption, TargetSpec,
+        BufferMode, DirectIo, EncryptionFormat, QueueAffinity, RbdEncryption, RbdQuiesce,
+        TargetSpec,
     };
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -313,6 +314,7 @@ mod tests {
             "--queues",
             "2",
             "--exclusive",
+            "--quiesce",
             "--encryption-format",
             "luks2",
             "--encryption-passphrase-file",
@@ -340,6 +342,7 @@ mod tests {
                     format: EncryptionFormat::Luks2,
                     passphrase_file: "/pass".into(),
                 }),
+                quiesce: Some(RbdQuiesce::Freeze),
                 osd_timeout: Some(60),
                 options: vec![
                     ("rbd_cache".into(), "true".into()),
@@ -363,6 +366,40 @@ mod tests {
         );
         let e = parse(&["add", "rbd", "img", "--ceph-option", "rbd_cache"]).unwrap_err();
         assert!(e.to_string().contains("NAME=VALUE"), "{e}");
+    }
+
+    #[test]
+    fn add_rbd_quiesce_hook_must_be_an_executable_file() {
+        let hook = |args: &[&str]| -> Result<TargetSpec, String> {
+            let mut all = vec!["add", "rbd", "img"];
+            all.extend_from_slice(args);
+            let cli = parse(&all).map_err(|e| e.to_string())?;
+            let Command::Add { target } = cli.command else {
+                panic!()
+            };
+            add_request(target)
+                .map(|r| r.target)
+                .map_err(|e| format!("{e:#}"))
+        };
+        let TargetSpec::Rbd { quiesce, .. } =
+            hook(&["--quiesce", "--quiesce-hook", "/bin/sh"]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(quiesce, Some(RbdQuiesce::Hook("/bin/sh".into())));
+        let TargetSpec::Rbd { quiesce, .. } = hook(&[]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(quiesce, None);
+        let e = hook(&["--quiesce-hook", "/bin/sh"]).unwrap_err();
+        assert!(e.contains("--quiesce"), "{e}");
+        let e = hook(&["--quiesce", "--quiesce-hook", "/etc/passwd"]).unwrap_err();
+        assert!(e.contains("not an executable file"), "{e}");
+        let e = hook(&["--quiesce", "--quiesce-hook", "/no/such/hook"]).unwrap_err();
+        assert!(
+            e.contains("/no/such/hook") && e.contains("No such file"),
+            "{e}"
+        );
     }
 
     #[test]

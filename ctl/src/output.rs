@@ -72,6 +72,7 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
             read_only,
             exclusive,
             encryption,
+            quiesce,
             osd_timeout,
             options,
         }) => {
@@ -92,6 +93,9 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
             }
             if let Some(e) = encryption {
                 rows.push(("encryption", e.to_string()));
+            }
+            if let Some(q) = quiesce {
+                rows.push(("quiesce", q.to_string()));
             }
             rows.push(("osd op timeout", format!("{} s", osd_timeout.unwrap_or(60))));
             if !options.is_empty() {

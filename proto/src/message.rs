@@ -10,10 +10,12 @@
 //!
 //! A response is externally tagged: `{"added":{...}}`, `{"error":"..."}`, and so on.
 
-use crate::options::{BufferMode, CommandMode, DirectIo, QueueAffinity, RbdEncryption};
+use crate::options::{BufferMode, CommandMode, DirectIo, QueueAffinity, RbdEncryption, RbdQuiesce};
 use serde::{Deserialize, Serialize};
 
 /// A command for the daemon.
+// One request per control call: `Add`'s size costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
@@ -166,6 +168,10 @@ pub enum TargetSpec {
         /// `--encryption-format` and `--encryption-passphrase-file`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         encryption: Option<RbdEncryption>,
+        /// Quiesce the device's file systems when a snapshot of the image is taken
+        /// (rbd-nbd's `--quiesce` and `--quiesce-hook`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quiesce: Option<RbdQuiesce>,
         /// Seconds a request waits for its OSD before it fails with EIO (librados'
         /// `rados_osd_op_timeout`, at least 1); 60 when left out. Also bounds how long
         /// `del` waits for requests an unreachable cluster holds.

@@ -215,3 +215,30 @@ impl std::fmt::Display for RbdEncryption {
         )
     }
 }
+
+/// What an rbd device does when a snapshot of its image is taken (`rbd snap create`), so
+/// that the snapshot holds a consistent file system (rbd-nbd's `--quiesce`). librbd asks
+/// every client with such a watch before it takes the snapshot and waits for the answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RbdQuiesce {
+    /// Freeze every file system mounted from the device (FIFREEZE, as `fsfreeze -f`)
+    /// and thaw them once the snapshot is taken.
+    Freeze,
+    /// Run this program as `PROGRAM DEVICE quiesce` before the snapshot and `PROGRAM
+    /// DEVICE unquiesce` after it (rbd-nbd's `--quiesce-hook`, same arguments); a
+    /// non-zero exit fails the snapshot.
+    Hook(String),
+}
+
+/// As `show` lists it.
+impl std::fmt::Display for RbdQuiesce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RbdQuiesce::Freeze => {
+                f.write_str("at snapshots, freezes the file systems mounted from the device")
+            }
+            RbdQuiesce::Hook(p) => write!(f, "at snapshots, runs {p} DEVICE quiesce|unquiesce"),
+        }
+    }
+}

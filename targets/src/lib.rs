@@ -13,6 +13,7 @@
 //! modes (counting the SQEs that takes, see [`Ring::reserve`]) and copies data into or
 //! out of any request's buffer for targets that need to ([`Ring::copy_to_request`]).
 
+pub mod fsfreeze;
 mod io;
 pub mod r#loop;
 pub mod nbd;
@@ -302,6 +303,9 @@ pub type SizeNotice = Box<dyn Fn() + Send + Sync>;
 /// A size watch: dropping it ends the watch.
 pub type SizeWatch = Box<dyn Send>;
 
+/// A target's watch on its backend ([`Target::watch_quiesce`]): dropping it ends it.
+pub type Watch = Box<dyn Send>;
+
 /// A device's backend: its shape and one [`QueueTarget`] per hardware queue.
 pub trait Target: Send + Sync {
     /// Short name: `null`, `loop`, `nbd`.
@@ -363,6 +367,15 @@ pub trait Target: Send + Sync {
     /// `None`: the backend changes size only through `ublkctl resize` (the default).
     fn watch_size(&self, notice: SizeNotice) -> Result<Option<SizeWatch>, String> {
         let _ = notice;
+        Ok(None)
+    }
+
+    /// Once the device is live at `device` (`/dev/ublkb<dev_id>`), starts what quiesces
+    /// it when its backend takes a snapshot (an rbd device with `--quiesce`: its file
+    /// systems are frozen while `rbd snap create` runs). `None`: nothing to do (the
+    /// default). Dropping the watch thaws what it froze and ends it.
+    fn watch_quiesce(&self, device: &str, dev_id: u32) -> Result<Option<Watch>, String> {
+        let _ = (device, dev_id);
         Ok(None)
     }
 

@@ -248,6 +248,28 @@ impl Cluster {
         )
     }
 
+    /// `rbd ARGS` that may fail: whether it succeeded, and its stdout and stderr.
+    pub fn try_rbd(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new("rbd")
+            .args(["--conf", self.conf.to_str().expect("utf-8 path")])
+            .args([
+                "--rados-osd-op-timeout",
+                "120",
+                "--rados-mon-op-timeout",
+                "120",
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run rbd: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
     /// The last `lines` lines of the monitor's and the OSD's logs.
     pub fn log_tails(&self, lines: usize) -> String {
         let mut out = String::new();

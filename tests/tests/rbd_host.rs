@@ -26,6 +26,7 @@ fn rbd_options(spec: &str, conf: &str, mon_secs: u64) -> RbdOptions {
         read_only: false,
         exclusive: false,
         encryption: None,
+        quiesce: None,
         block_size: 512,
     }
 }
@@ -409,4 +410,79 @@ fn a_luks2_image_opens_with_its_passphrase() {
     });
     let t = RbdTarget::open(&opts).unwrap();
     assert_eq!(t.shape().size, 16 << 20);
+}
+
+/// `--quiesce-hook`: `rbd snap create` runs the hook with `DEVICE quiesce` before the
+/// snapshot and `DEVICE unquiesce` after it; a hook that fails fails the snapshot, and
+/// the watch serves the next one. `--quiesce` (freeze) with nothing mounted answers at
+/// once. (Freezing a mounted file system is tested in the VM.)
+#[test]
+fn snapshots_run_the_quiesce_hook_and_a_failing_hook_fails_them() {
+    use ublkd_targets::rbd::RbdQuiesce;
+    let c = ceph::shared();
+    c.create_image("host-quiesce", "4M");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let fail = dir.path().join("fail");
+    let hook = dir.path().join("hook");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$1 $2\" >> {log}\nif [ -e {fail} ]; then echo 'nothing to freeze here' >&2; exit 3; fi\n",
+            log = log.display(),
+            fail = fail.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut opts = rbd_options("rbd/host-quiesce", &conf(), 10);
+    opts.quiesce = Some(RbdQuiesce::Hook(hook.to_str().unwrap().into()));
+    let t = RbdTarget::open(&opts).unwrap();
+    assert!(format!("{:?}", t.details()).contains("quiesce"));
+    let watch = t.watch_quiesce("/dev/ublkb77", 77).unwrap().unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let wait_log = |want: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while read_log() != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(read_log(), want);
+    };
+
+    c.rbd(&["snap", "create", "rbd/host-quiesce@q1"]);
+    wait_log("/dev/ublkb77 quiesce\n/dev/ublkb77 unquiesce\n");
+
+    std::fs::write(&fail, "").unwrap();
+    let (ok, out) = c.try_rbd(&["snap", "create", "rbd/host-quiesce@q2"]);
+    assert!(!ok, "a snapshot whose quiesce hook failed was taken: {out}");
+    wait_log("/dev/ublkb77 quiesce\n/dev/ublkb77 unquiesce\n/dev/ublkb77 quiesce\n");
+    let snaps = c.rbd(&["snap", "ls", "rbd/host-quiesce"]);
+    assert!(snaps.contains("q1") && !snaps.contains("q2"), "{snaps}");
+
+    std::fs::remove_file(&fail).unwrap();
+    c.rbd(&["snap", "create", "rbd/host-quiesce@q3"]);
+    wait_log("/dev/ublkb77 quiesce\n/dev/ublkb77 unquiesce\n/dev/ublkb77 quiesce\n/dev/ublkb77 quiesce\n/dev/ublkb77 unquiesce\n");
+
+    // Unwatched: snapshots no longer wait for this client.
+    drop(watch);
+    c.rbd(&["snap", "create", "rbd/host-quiesce@q4"]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(read_log().lines().count(), 5);
+
+    // Freeze with nothing mounted from the device: the snapshot is taken.
+    let mut opts = rbd_options("rbd/host-quiesce", &conf(), 10);
+    opts.quiesce = Some(RbdQuiesce::Freeze);
+    let t = RbdTarget::open(&opts).unwrap();
+    let _watch = t.watch_quiesce("/dev/null", 78).unwrap().unwrap();
+    c.rbd(&["snap", "create", "rbd/host-quiesce@q5"]);
+
+    // A snapshot mapping has nothing to quiesce; a hook path must be absolute.
+    let mut opts = rbd_options("rbd/host-quiesce@q1", &conf(), 10);
+    opts.quiesce = Some(RbdQuiesce::Freeze);
+    let e = open_error(&opts).0;
+    assert!(e.contains("--quiesce"), "{e}");
+    let mut opts = rbd_options("rbd/host-quiesce", &conf(), 10);
+    opts.quiesce = Some(RbdQuiesce::Hook("hook.sh".into()));
+    let e = open_error(&opts).0;
+    assert!(e.contains("must be absolute"), "{e}");
 }

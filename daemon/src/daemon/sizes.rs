@@ -50,7 +50,7 @@ impl Daemon {
     pub(super) fn insert_live(&self, mut dev: Device, held: Option<&mut BTreeMap<u32, Entry>>) {
         let id = dev.id;
         let resized = self.resized.clone();
-        let watched = dev.watch_size(Box::new(move || {
+        let watched = dev.watch_backend(Box::new(move || {
             let _ = resized.send(id);
         }));
         let entry = Entry::Live(Box::new(dev));

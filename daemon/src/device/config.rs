@@ -189,6 +189,7 @@ fn rbd_target(
         read_only,
         exclusive,
         encryption,
+        quiesce,
         options,
         ..
     } = spec
@@ -208,6 +209,7 @@ fn rbd_target(
         read_only: *read_only,
         exclusive: *exclusive,
         encryption: encryption.clone(),
+        quiesce: quiesce.clone(),
         block_size,
     };
     Ok(Arc::new(RbdTarget::open(&opts)?))

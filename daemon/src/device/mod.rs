@@ -38,7 +38,7 @@ pub use teardown::{delete_from_kernel, Deletion};
 use ublkd_proto::features;
 use ublkd_proto::validate::{self, Geometry};
 use ublkd_proto::{AddDevice, BufferMode, CommandMode, DeviceDetail, DeviceInfo, KernelDeviceInfo};
-use ublkd_targets::{DeviceShape, SizeNotice, SizeWatch, Target};
+use ublkd_targets::{DeviceShape, SizeNotice, Target, Watch};
 
 /// How long a queue thread may take to set up, and the block node to appear.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -62,9 +62,9 @@ pub struct Device {
     target: Arc<dyn Target>,
     shape: DeviceShape,
     counters: Vec<Arc<QueueCounters>>,
-    /// The target's watch on its backend's size (`Device::watch_size`), ended first
-    /// when the device goes.
-    size_watch: Option<SizeWatch>,
+    /// The target's watches on its backend (`Device::watch_backend`: its size, its
+    /// snapshots), ended first when the device goes.
+    watches: Vec<Watch>,
     // Teardown order matters; see `Device::shutdown`.
     queues: Vec<QueueHandle>,
     dev: Option<UblkDev>,
@@ -321,7 +321,7 @@ impl Device {
             shape: target.shape(),
             target,
             counters: Vec::new(),
-            size_watch: None,
+            watches: Vec::new(),
             queues: Vec::new(),
             dev: None,
             ctrl: Some(ctrl),
@@ -417,13 +417,22 @@ impl Device {
         }
     }
 
-    /// Has the target watch its backend's size and call `notice` on a change, when it
-    /// can (an rbd image); true when it does.
-    pub fn watch_size(&mut self, notice: SizeNotice) -> bool {
+    /// Has the target watch its backend: its size, calling `notice` on a change, when
+    /// it can (an rbd image), and its snapshots, quiescing the device (an rbd device
+    /// with `--quiesce`). True when the size is watched.
+    pub fn watch_backend(&mut self, notice: SizeNotice) -> bool {
+        match self.target.watch_quiesce(&self.path(), self.id) {
+            Ok(watch) => self.watches.extend(watch),
+            Err(e) => log::error!(
+                "dev {}: {e}; snapshots of its backend are taken without quiescing it",
+                self.id
+            ),
+        }
         match self.target.watch_size(notice) {
             Ok(watch) => {
-                self.size_watch = watch;
-                self.size_watch.is_some()
+                let watched = watch.is_some();
+                self.watches.extend(watch);
+                watched
             }
             Err(e) => {
                 log::warn!(

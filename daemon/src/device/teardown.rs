@@ -15,7 +15,7 @@ impl Device {
     /// taking requests, finish what their target has in flight and end; the driver
     /// holds every later request until the next ublkd recovers the device.
     pub fn detach(mut self) {
-        self.size_watch = None;
+        self.watches.clear();
         for q in &self.queues {
             q.request_detach();
         }
@@ -91,7 +91,7 @@ impl Device {
 
     fn teardown(&mut self) -> Result<()> {
         // Before the target and its backend go (an rbd image closes only once unwatched).
-        self.size_watch = None;
+        self.watches.clear();
         let Some(ctrl) = self.ctrl.take() else {
             return Ok(());
         };
@@ -139,7 +139,7 @@ impl Device {
         }
         // Stopped while nobody had it open: its last closer wrote its page cache back,
         // and no request of a file system can be in flight.
-        self.size_watch = None;
+        self.watches.clear();
         let Some(ctrl) = self.ctrl.take() else {
             return Deletion::Done(Ok(()));
         };

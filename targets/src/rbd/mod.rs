@@ -17,7 +17,9 @@
 //!
 //! The device follows the image's size: a watch on the image (`watch.rs`) tells the
 //! daemon of every change made elsewhere (`rbd resize`), and the daemon resizes the
-//! device to the image's new size ([`crate::Target::watch_size`]).
+//! device to the image's new size ([`crate::Target::watch_size`]). With `--quiesce`, a
+//! second watch freezes the device's file systems while a snapshot of the image is
+//! taken (`quiesce.rs`, [`crate::Target::watch_quiesce`]).
 //!
 //! The unsafe FFI (`sys.rs`) and its safe handles (`rados.rs`, `image.rs`) are built with the `rbd`
 //! feature (default on; it links librbd and librados); the image spec parser always is.
@@ -25,12 +27,14 @@
 mod spec;
 pub use spec::{ImageSpec, DEFAULT_POOL};
 /// Part of [`RbdOptions`].
-pub use ublkd_proto::{EncryptionFormat, RbdEncryption};
+pub use ublkd_proto::{EncryptionFormat, RbdEncryption, RbdQuiesce};
 
 #[cfg(feature = "rbd")]
 mod image;
 #[cfg(feature = "rbd")]
 mod queue;
+#[cfg(feature = "rbd")]
+mod quiesce;
 #[cfg(feature = "rbd")]
 pub mod rados;
 #[cfg(feature = "rbd")]
@@ -124,6 +128,10 @@ pub enum RbdError {
         #[source]
         source: io::Error,
     },
+    #[error("--quiesce is for an image mapped for writing; a snapshot or a read-only mapping has nothing to quiesce")]
+    QuiesceReadOnly,
+    #[error("--quiesce-hook {0}: the hook's path must be absolute (the daemon runs it from its own directory)")]
+    QuiesceHookPath(String),
     #[error("--exclusive takes the image's lock for writing; a read-only mapping or a snapshot takes none (leave out one of them)")]
     ExclusiveReadOnly,
     #[error("cannot read the size of rbd image {spec}: {source}")]

@@ -1,6 +1,6 @@
 //! The few librados and librbd functions the rbd target and the test cluster use,
 //! declared by hand from Debian's `rados/librados.h` and `rbd/librbd.h` (Ceph 16). Only
-//! `rados.rs`, `image.rs` and `watch.rs` call them; everything here is as unsafe as the C it names.
+//! `rados.rs`, `image.rs`, `watch.rs` and `quiesce.rs` call them; everything here is as unsafe as the C it names.
 
 #![allow(non_camel_case_types)]
 
@@ -49,6 +49,8 @@ extern "C" {
 
 /// `rbd_lock_mode_t`'s exclusive mode (librbd.h).
 pub const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
+/// `RBD_FEATURE_EXCLUSIVE_LOCK` (rbd/features.h).
+pub const RBD_FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
 /// `rbd_encryption_format_t` (librbd.h).
 pub const RBD_ENCRYPTION_FORMAT_LUKS1: c_int = 0;
 pub const RBD_ENCRYPTION_FORMAT_LUKS2: c_int = 1;
@@ -96,6 +98,19 @@ extern "C" {
         arg: *mut c_void,
     ) -> c_int;
     pub fn rbd_update_unwatch(image: rbd_image_t, handle: u64) -> c_int;
+    pub fn rbd_quiesce_watch(
+        image: rbd_image_t,
+        quiesce_cb: rbd_update_callback_t,
+        unquiesce_cb: rbd_update_callback_t,
+        arg: *mut c_void,
+        handle: *mut u64,
+    ) -> c_int;
+    pub fn rbd_quiesce_unwatch(image: rbd_image_t, handle: u64) -> c_int;
+    /// `r`: 0, or a negative errno that fails the snapshot.
+    pub fn rbd_quiesce_complete(image: rbd_image_t, handle: u64, r: c_int);
+    pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
+    pub fn rbd_is_exclusive_lock_owner(image: rbd_image_t, is_owner: *mut c_int) -> c_int;
+    pub fn rbd_flush(image: rbd_image_t) -> c_int;
     pub fn rbd_aio_create_completion(
         cb_arg: *mut c_void,
         complete_cb: rbd_callback_t,

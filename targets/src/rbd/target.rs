@@ -1,12 +1,13 @@
 //! The rbd device: its cluster connection and image, shared by its queues.
 
 use super::queue::RbdQueue;
+use super::quiesce::QuiesceWatch;
 use super::rados::{ConnectOptions, Image, Rados};
 use super::watch::UpdateWatch;
 use super::{ImageSpec, RbdError};
-use crate::{DeviceShape, QueueContext, QueueTarget, SizeNotice, SizeWatch, Target};
+use crate::{DeviceShape, QueueContext, QueueTarget, SizeNotice, SizeWatch, Target, Watch};
 use std::sync::Arc;
-use ublkd_proto::RbdEncryption;
+use ublkd_proto::{RbdEncryption, RbdQuiesce};
 
 /// What `ublkctl add rbd` asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +20,8 @@ pub struct RbdOptions {
     pub exclusive: bool,
     /// Unlock the image's encryption (`--encryption-format`).
     pub encryption: Option<RbdEncryption>,
+    /// Quiesce the device at snapshots of the image (`--quiesce`).
+    pub quiesce: Option<RbdQuiesce>,
     pub block_size: u32,
 }
 
@@ -36,6 +39,12 @@ impl RbdTarget {
         opts.read_only |= opts.spec.snap.is_some();
         if opts.exclusive && opts.read_only {
             return Err(RbdError::ExclusiveReadOnly);
+        }
+        if opts.quiesce.is_some() && opts.read_only {
+            return Err(RbdError::QuiesceReadOnly);
+        }
+        if let Some(RbdQuiesce::Hook(hook)) = &opts.quiesce {
+            super::quiesce::check_hook(hook)?;
         }
         let rados = Rados::connect(&opts.connect)?;
         let io = rados.ioctx(&opts.spec.pool, opts.spec.namespace.as_deref())?;
@@ -108,6 +117,9 @@ impl Target for RbdTarget {
         if let Some(e) = &self.opts.encryption {
             d.push(("encryption".into(), e.to_string()));
         }
+        if let Some(q) = &self.opts.quiesce {
+            d.push(("quiesce".into(), q.to_string()));
+        }
         if self.opts.exclusive {
             d.push((
                 "exclusive lock".into(),
@@ -165,6 +177,22 @@ impl Target for RbdTarget {
             return Ok(None);
         }
         let watch = UpdateWatch::new(&self.image, notice).map_err(|e| e.to_string())?;
+        Ok(Some(Box::new(watch)))
+    }
+
+    /// With `--quiesce`: freezes the device's file systems (or runs the hook) whenever a
+    /// snapshot of the image is taken.
+    fn watch_quiesce(&self, device: &str, dev_id: u32) -> Result<Option<Watch>, String> {
+        let Some(how) = self.opts.quiesce.clone() else {
+            return Ok(None);
+        };
+        let watch = QuiesceWatch::new(
+            &self.image,
+            how,
+            device.to_string(),
+            format!("ublk{dev_id}quiesce"),
+        )
+        .map_err(|e| e.to_string())?;
         Ok(Some(Box::new(watch)))
     }
 

@@ -25,6 +25,7 @@ fn target(image: &str) -> RbdTarget {
         read_only: false,
         exclusive: false,
         encryption: None,
+        quiesce: None,
         block_size: 512,
     })
     .unwrap()
