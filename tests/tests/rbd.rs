@@ -348,6 +348,79 @@ fn an_exclusive_device_keeps_the_lock_and_recovers_after_kill9() {
     d.del(&dev);
 }
 
+/// `--quiesce`: a file written through the page cache just before `rbd snap create`
+/// (never synced) is in the snapshot, whose ext4 is clean (it mounts read-only from the
+/// read-only snapshot device, which needs no journal replay: without `--quiesce` that
+/// mount fails, checked), and the file system takes writes again after the snapshot.
+/// The device is restored after kill -9 before the snapshot, so the watch of a restored
+/// device is what answers (a new device's is the same code after `add`).
+#[test]
+fn quiesce_freezes_the_file_system_for_a_consistent_snapshot() {
+    let c = cluster();
+    c.create_image("quiesce", "64M");
+    let name = "rbd-quiesce";
+    let d = Daemon::start(name);
+    let dev = add_rbd(&d, "rbd/quiesce", &["--quiesce"]);
+    let id = dev_id(&dev);
+    run_ok(MKFS, &["-q", "-F", &dev]);
+    let mnt = "/tmp/mnt-rbd-quiesce";
+    let snap_mnt = "/tmp/mnt-rbd-quiesce-snap";
+    std::fs::create_dir_all(mnt).unwrap();
+    std::fs::create_dir_all(snap_mnt).unwrap();
+    run_ok("/bin/mount", &["-t", "ext4", &dev, mnt]);
+    // Writes `data` to `path` through the page cache, within 30 s (a file system left
+    // frozen would hold it forever).
+    let write_within = |path: String, data: Vec<u8>, sync: bool| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut f = File::create(&path).unwrap();
+            f.write_all(&data).unwrap();
+            if sync {
+                f.sync_all().unwrap();
+            }
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .expect("a write to the file system did not end: is it still frozen?");
+    };
+    let synced = pattern(90, 1 << 20);
+    write_within(format!("{mnt}/synced"), synced.clone(), true);
+    let d = kill9_and_restart(d, name, id);
+    let show = d.show_json(id);
+    assert!(
+        show["target_details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|kv| kv[0] == "quiesce" && kv[1].as_str().unwrap().contains("freezes")),
+        "{show}"
+    );
+    let unsynced = pattern(91, 3 << 20);
+    write_within(format!("{mnt}/unsynced"), unsynced.clone(), false);
+    c.rbd(&["snap", "create", "rbd/quiesce@s1"]);
+    write_within(format!("{mnt}/after"), pattern(92, 1 << 20), true);
+    let sdev = add_rbd(&d, "rbd/quiesce@s1", &[]);
+    run_ok(E2FSCK, &["-f", "-n", &sdev]);
+    run_ok("/bin/mount", &["-t", "ext4", "-o", "ro", &sdev, snap_mnt]);
+    let back = (
+        std::fs::read(format!("{snap_mnt}/synced")),
+        std::fs::read(format!("{snap_mnt}/unsynced")),
+    );
+    run_ok("/bin/umount", &[snap_mnt]);
+    assert!(
+        back.0.is_ok_and(|b| b == synced),
+        "the snapshot lacks a synced file"
+    );
+    assert!(
+        back.1.is_ok_and(|b| b == unsynced),
+        "the snapshot lacks the file written just before it"
+    );
+    d.del(&sdev);
+    run_ok("/bin/umount", &[mnt]);
+    run_ok(E2FSCK, &["-f", "-n", &dev]);
+    d.del(&dev);
+}
+
 /// A LUKS-encrypted image (`rbd encryption format`): the device is its decrypted data,
 /// fio verify passes, `show` and the record name the passphrase file but never hold
 /// the passphrase, kill -9 of ublkd recovers with the data (the file read again), and
