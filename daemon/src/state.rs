@@ -87,6 +87,13 @@ impl StateDir {
         self.dir.join(format!("{id}.json"))
     }
 
+    /// Where device `id` notes what it has quiesced while a snapshot is taken
+    /// (`<state_dir>/quiesced/ID`), so that the next ublkd undoes it after a crash.
+    pub fn quiesce_marker(&self, id: u32) -> PathBuf {
+        let parent = self.dir.parent().unwrap_or(&self.dir);
+        parent.join("quiesced").join(id.to_string())
+    }
+
     /// Writes the record of `record.id` atomically, replacing any older one.
     pub fn save(&self, record: &Record) -> Result<()> {
         let path = self.path(record.id);

@@ -25,10 +25,9 @@ pub struct Frozen {
 }
 
 impl Frozen {
-    /// Freezes every file system mounted from `device` (`/dev/ublkbN`) or one of its
-    /// partitions. None mounted is no error. On an error, those frozen already are
-    /// thawed again.
-    pub fn device(device: &str) -> Result<Frozen, String> {
+    /// The mount points of the file systems mounted from `device` (`/dev/ublkbN`) or
+    /// one of its partitions, one per file system.
+    pub fn mounts_of(device: &str) -> Result<Vec<String>, String> {
         let rdev = std::fs::metadata(device)
             .map_err(|e| format!("cannot stat {device}: {e}"))?
             .rdev();
@@ -40,24 +39,38 @@ impl Frozen {
         let info = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
         let mut seen = Vec::new();
-        let mut frozen = Frozen::default();
+        let mut points = Vec::new();
         for Mount { dev, point, source } in mounts(&info) {
             let ours = of_device(dev, rdev, &name) || of_source(&source, device);
-            if !ours || seen.contains(&dev) {
-                continue;
+            if ours && !seen.contains(&dev) {
+                seen.push(dev);
+                points.push(point);
             }
-            seen.push(dev);
-            let mount = point;
-            let f = File::open(&mount).map_err(|e| format!("cannot open {mount}: {e}"))?;
+        }
+        Ok(points)
+    }
+
+    /// Freezes the file systems at `points`. On an error, those frozen already are
+    /// thawed again.
+    pub fn freeze(points: &[String]) -> Result<Frozen, String> {
+        let mut frozen = Frozen::default();
+        for mount in points {
+            let f = File::open(mount).map_err(|e| format!("cannot open {mount}: {e}"))?;
             // SAFETY: FIFREEZE takes no argument memory; `f` is an open directory.
             if unsafe { libc::ioctl(f.as_raw_fd(), FIFREEZE, 0) } != 0 {
                 let e = io::Error::last_os_error();
                 return Err(format!("cannot freeze the file system on {mount}: {e}"));
             }
-            log::info!("{device}: froze the file system on {mount}");
-            frozen.mounts.push((mount, f));
+            log::info!("froze the file system on {mount}");
+            frozen.mounts.push((mount.clone(), f));
         }
         Ok(frozen)
+    }
+
+    /// Freezes every file system mounted from `device` or one of its partitions. None
+    /// mounted is no error.
+    pub fn device(device: &str) -> Result<Frozen, String> {
+        Frozen::freeze(&Frozen::mounts_of(device)?)
     }
 
     /// The mount points frozen.
@@ -84,6 +97,20 @@ impl Drop for Frozen {
                 log::info!("thawed the file system on {mount}");
             }
         }
+    }
+}
+
+/// Thaws the file system at `mount` if it is frozen (whoever froze it): true when it
+/// was.
+pub fn thaw(mount: &str) -> io::Result<bool> {
+    let f = File::open(mount)?;
+    // SAFETY: FITHAW takes no argument memory; `f` is an open directory.
+    if unsafe { libc::ioctl(f.as_raw_fd(), FITHAW, 0) } == 0 {
+        return Ok(true);
+    }
+    match io::Error::last_os_error() {
+        e if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        e => Err(e),
     }
 }
 

@@ -303,6 +303,18 @@ pub type SizeNotice = Box<dyn Fn() + Send + Sync>;
 /// A size watch: dropping it ends the watch.
 pub type SizeWatch = Box<dyn Send>;
 
+/// Where a device is, for [`Target::watch_quiesce`].
+#[derive(Debug, Clone)]
+pub struct QuiesceSpot {
+    /// `/dev/ublkb<dev_id>`.
+    pub device: String,
+    pub dev_id: u32,
+    /// A file (its folder made as needed) that notes what is quiesced while it is, and
+    /// is gone otherwise: a freeze outlives the process that made it (the kernel keeps
+    /// it), so the next daemon undoes what a crashed one left.
+    pub marker: std::path::PathBuf,
+}
+
 /// A target's watch on its backend ([`Target::watch_quiesce`]): dropping it ends it.
 pub type Watch = Box<dyn Send>;
 
@@ -370,12 +382,12 @@ pub trait Target: Send + Sync {
         Ok(None)
     }
 
-    /// Once the device is live at `device` (`/dev/ublkb<dev_id>`), starts what quiesces
-    /// it when its backend takes a snapshot (an rbd device with `--quiesce`: its file
-    /// systems are frozen while `rbd snap create` runs). `None`: nothing to do (the
-    /// default). Dropping the watch thaws what it froze and ends it.
-    fn watch_quiesce(&self, device: &str, dev_id: u32) -> Result<Option<Watch>, String> {
-        let _ = (device, dev_id);
+    /// Once the device is live, starts what quiesces it when its backend takes a
+    /// snapshot (an rbd device with `--quiesce`: its file systems are frozen while `rbd
+    /// snap create` runs). `None`: nothing to do (the default). Dropping the watch thaws
+    /// what it froze and ends it.
+    fn watch_quiesce(&self, spot: QuiesceSpot) -> Result<Option<Watch>, String> {
+        let _ = spot;
         Ok(None)
     }
 

@@ -353,7 +353,9 @@ fn an_exclusive_device_keeps_the_lock_and_recovers_after_kill9() {
 /// read-only snapshot device, which needs no journal replay: without `--quiesce` that
 /// mount fails, checked), and the file system takes writes again after the snapshot.
 /// The device is restored after kill -9 before the snapshot, so the watch of a restored
-/// device is what answers (a new device's is the same code after `add`).
+/// device is what answers (a new device's is the same code after `add`); the file
+/// system was frozen when ublkd was killed, as during a snapshot, and the restored
+/// device thaws it.
 #[test]
 fn quiesce_freezes_the_file_system_for_a_consistent_snapshot() {
     let c = cluster();
@@ -385,7 +387,15 @@ fn quiesce_freezes_the_file_system_for_a_consistent_snapshot() {
     };
     let synced = pattern(90, 1 << 20);
     write_within(format!("{mnt}/synced"), synced.clone(), true);
+    // What a ublkd killed while a snapshot is taken leaves: the file system frozen (the
+    // kernel keeps a freeze after its process is gone) and the marker that says so. The
+    // restored device thaws it.
+    std::mem::forget(ublkd_targets::fsfreeze::Frozen::freeze(&[mnt.to_string()]).unwrap());
+    let marker = d.state_dir.join(format!("quiesced/{id}"));
+    std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+    std::fs::write(&marker, format!("{{\"frozen\":[\"{mnt}\"]}}")).unwrap();
     let d = kill9_and_restart(d, name, id);
+    assert!(!marker.exists(), "the restored device left its marker");
     let show = d.show_json(id);
     assert!(
         show["target_details"]

@@ -413,9 +413,11 @@ fn a_luks2_image_opens_with_its_passphrase() {
 }
 
 /// `--quiesce-hook`: `rbd snap create` runs the hook with `DEVICE quiesce` before the
-/// snapshot and `DEVICE unquiesce` after it; a hook that fails fails the snapshot, and
-/// the watch serves the next one. `--quiesce` (freeze) with nothing mounted answers at
-/// once. (Freezing a mounted file system is tested in the VM.)
+/// snapshot and `DEVICE unquiesce` after it; a hook that fails fails the snapshot (and
+/// is told to unquiesce), and the watch serves the next one; a marker left by a daemon
+/// that died while the hook had quiesced has the new watch unquiesce first. `--quiesce`
+/// (freeze) with nothing mounted answers at once. (Freezing a mounted file system, and
+/// thawing one a dead daemon left frozen, are tested in the VM.)
 #[test]
 fn snapshots_run_the_quiesce_hook_and_a_failing_hook_fails_them() {
     use ublkd_targets::rbd::RbdQuiesce;
@@ -439,8 +441,21 @@ fn snapshots_run_the_quiesce_hook_and_a_failing_hook_fails_them() {
     opts.quiesce = Some(RbdQuiesce::Hook(hook.to_str().unwrap().into()));
     let t = RbdTarget::open(&opts).unwrap();
     assert!(format!("{:?}", t.details()).contains("quiesce"));
-    let watch = t.watch_quiesce("/dev/ublkb77", 77).unwrap().unwrap();
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let marker = dir.path().join("quiesced/77");
+    let spot = |device: &str| ublkd_targets::QuiesceSpot {
+        device: device.into(),
+        dev_id: 77,
+        marker: marker.clone(),
+    };
+    // What a daemon that died between the hook's quiesce and unquiesce leaves: the new
+    // watch runs the recorded hook with `unquiesce` first.
+    std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
+    std::fs::write(&marker, format!("{{\"hook\":\"{}\"}}", hook.display())).unwrap();
+    let watch = t.watch_quiesce(spot("/dev/ublkb77")).unwrap().unwrap();
+    assert_eq!(read_log(), "/dev/ublkb77 unquiesce\n");
+    assert!(!marker.exists());
+    std::fs::remove_file(&log).unwrap();
     let wait_log = |want: &str| {
         let deadline = Instant::now() + Duration::from_secs(20);
         while read_log() != want && Instant::now() < deadline {
@@ -455,26 +470,37 @@ fn snapshots_run_the_quiesce_hook_and_a_failing_hook_fails_them() {
     std::fs::write(&fail, "").unwrap();
     let (ok, out) = c.try_rbd(&["snap", "create", "rbd/host-quiesce@q2"]);
     assert!(!ok, "a snapshot whose quiesce hook failed was taken: {out}");
-    wait_log("/dev/ublkb77 quiesce\n/dev/ublkb77 unquiesce\n/dev/ublkb77 quiesce\n");
+    // After a failed quiesce the hook is told to undo what it may have done.
+    let two = "/dev/ublkb77 quiesce\n/dev/ublkb77 unquiesce\n".repeat(2);
+    wait_log(&two);
     let snaps = c.rbd(&["snap", "ls", "rbd/host-quiesce"]);
     assert!(snaps.contains("q1") && !snaps.contains("q2"), "{snaps}");
 
     std::fs::remove_file(&fail).unwrap();
     c.rbd(&["snap", "create", "rbd/host-quiesce@q3"]);
-    wait_log("/dev/ublkb77 quiesce\n/dev/ublkb77 unquiesce\n/dev/ublkb77 quiesce\n/dev/ublkb77 quiesce\n/dev/ublkb77 unquiesce\n");
+    wait_log(&"/dev/ublkb77 quiesce\n/dev/ublkb77 unquiesce\n".repeat(3));
 
+    let unmarked = || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while marker.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!marker.exists(), "the marker outlived the snapshot");
+    };
+    unmarked();
     // Unwatched: snapshots no longer wait for this client.
     drop(watch);
     c.rbd(&["snap", "create", "rbd/host-quiesce@q4"]);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(read_log().lines().count(), 5);
+    assert_eq!(read_log().lines().count(), 6);
 
     // Freeze with nothing mounted from the device: the snapshot is taken.
     let mut opts = rbd_options("rbd/host-quiesce", &conf(), 10);
     opts.quiesce = Some(RbdQuiesce::Freeze);
     let t = RbdTarget::open(&opts).unwrap();
-    let _watch = t.watch_quiesce("/dev/null", 78).unwrap().unwrap();
+    let _watch = t.watch_quiesce(spot("/dev/null")).unwrap().unwrap();
     c.rbd(&["snap", "create", "rbd/host-quiesce@q5"]);
+    unmarked();
 
     // A snapshot mapping has nothing to quiesce; a hook path must be absolute.
     let mut opts = rbd_options("rbd/host-quiesce@q1", &conf(), 10);

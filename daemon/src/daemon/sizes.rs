@@ -50,9 +50,13 @@ impl Daemon {
     pub(super) fn insert_live(&self, mut dev: Device, held: Option<&mut BTreeMap<u32, Entry>>) {
         let id = dev.id;
         let resized = self.resized.clone();
-        let watched = dev.watch_backend(Box::new(move || {
-            let _ = resized.send(id);
-        }));
+        let marker = self.state.quiesce_marker(id);
+        let watched = dev.watch_backend(
+            Box::new(move || {
+                let _ = resized.send(id);
+            }),
+            marker,
+        );
         let entry = Entry::Live(Box::new(dev));
         match held {
             Some(devices) => devices.insert(id, entry),

@@ -32,13 +32,14 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{sys, UblkFlags};
 use std::io::Read;
+use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 pub use teardown::{delete_from_kernel, Deletion};
 use ublkd_proto::features;
 use ublkd_proto::validate::{self, Geometry};
 use ublkd_proto::{AddDevice, BufferMode, CommandMode, DeviceDetail, DeviceInfo, KernelDeviceInfo};
-use ublkd_targets::{DeviceShape, SizeNotice, Target, Watch};
+use ublkd_targets::{DeviceShape, QuiesceSpot, SizeNotice, Target, Watch};
 
 /// How long a queue thread may take to set up, and the block node to appear.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -419,9 +420,15 @@ impl Device {
 
     /// Has the target watch its backend: its size, calling `notice` on a change, when
     /// it can (an rbd image), and its snapshots, quiescing the device (an rbd device
-    /// with `--quiesce`). True when the size is watched.
-    pub fn watch_backend(&mut self, notice: SizeNotice) -> bool {
-        match self.target.watch_quiesce(&self.path(), self.id) {
+    /// with `--quiesce`, which notes what it quiesced in `marker` meanwhile). True when
+    /// the size is watched.
+    pub fn watch_backend(&mut self, notice: SizeNotice, marker: PathBuf) -> bool {
+        let spot = QuiesceSpot {
+            device: self.path(),
+            dev_id: self.id,
+            marker,
+        };
+        match self.target.watch_quiesce(spot) {
             Ok(watch) => self.watches.extend(watch),
             Err(e) => log::error!(
                 "dev {}: {e}; snapshots of its backend are taken without quiescing it",

@@ -15,8 +15,11 @@
 use super::image::Image;
 use super::{sys, RbdError};
 use crate::fsfreeze::Frozen;
+use crate::QuiesceSpot;
+use serde::{Deserialize, Serialize};
 use std::ffi::c_void;
 use std::io;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -75,14 +78,14 @@ impl Shared {
 }
 
 impl QuiesceWatch {
-    /// Registers the watch for the device at `device` (`/dev/ublkbN`) and starts its
-    /// thread (`thread_name`).
+    /// Undoes what a daemon that ended during a snapshot left quiesced (its marker),
+    /// then registers the watch for the device of `spot` and starts its thread.
     pub fn new(
         image: &Arc<Image>,
         how: RbdQuiesce,
-        device: String,
-        thread_name: String,
+        spot: QuiesceSpot,
     ) -> Result<QuiesceWatch, RbdError> {
+        undo_leftover(&spot.marker, &spot.device);
         let shared = Arc::into_raw(Arc::new(Shared::default()));
         let mut handle = 0u64;
         // SAFETY: an open image, a valid out pointer, and an argument that stays valid
@@ -117,8 +120,8 @@ impl QuiesceWatch {
         };
         let image = image.clone();
         let worker = std::thread::Builder::new()
-            .name(thread_name)
-            .spawn(move || serve(&image, handle, &how, &device, &arc))
+            .name(format!("ublk{}quiesce", spot.dev_id))
+            .spawn(move || serve(&image, handle, &how, &spot, &arc))
             .map_err(|e| RbdError::Watch {
                 spec: watch.image.spec().to_string(),
                 source: e,
@@ -166,12 +169,91 @@ extern "C" fn unquiesce(arg: *mut c_void) {
     shared.set(|s| s.asked = false);
 }
 
+/// What a marker file says was quiesced.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Marker {
+    /// These file systems were (being) frozen.
+    Frozen(Vec<String>),
+    /// This hook ran with `quiesce`.
+    Hook(String),
+}
+
+fn mark(marker: &Path, what: &Marker) {
+    let write = || -> io::Result<()> {
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(marker, serde_json::to_vec(what).map_err(io::Error::other)?)
+    };
+    if let Err(e) = write() {
+        log::warn!(
+            "cannot write {}: {e}; should ublkd end before the snapshot is taken, undo the quiesce by hand",
+            marker.display()
+        );
+    }
+}
+
+fn unmark(marker: &Path) {
+    match std::fs::remove_file(marker) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            log::warn!("cannot remove {}: {e}", marker.display())
+        }
+        _ => {}
+    }
+}
+
+/// Undoes what the marker says a daemon that ended during a snapshot left quiesced: the
+/// kernel keeps a file system frozen after the process that froze it is gone. Thaws the
+/// file systems it lists (those no longer frozen are left alone) or runs its hook with
+/// `unquiesce`, then removes it.
+pub(super) fn undo_leftover(marker: &Path, device: &str) {
+    let Ok(text) = std::fs::read(marker) else {
+        return;
+    };
+    match serde_json::from_slice::<Marker>(&text) {
+        Ok(Marker::Frozen(points)) => {
+            for p in points {
+                match crate::fsfreeze::thaw(&p) {
+                    Ok(true) => log::warn!(
+                        "{device}: thawed the file system on {p}, which a ublkd that ended during a snapshot left frozen"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => log::error!(
+                        "{device}: cannot thaw the file system on {p} that a ublkd that ended during a snapshot may have left frozen: {e}; run 'fsfreeze -u {p}'"
+                    ),
+                }
+            }
+        }
+        Ok(Marker::Hook(hook)) => {
+            log::warn!("{device}: a ublkd ended during a snapshot: running '{hook} {device} unquiesce'");
+            let shared = Shared::default();
+            if let Err(e) = run_hook(&hook, device, "unquiesce", &shared) {
+                log::error!("{device}: {e}");
+            }
+        }
+        Err(e) => log::error!(
+            "{device}: {} cannot be read ({e}); if a file system of the device is frozen, run 'fsfreeze -u MOUNTPOINT'",
+            marker.display()
+        ),
+    }
+    unmark(marker);
+}
+
 /// The watch's thread: one quiesce and unquiesce per snapshot, until the watch ends.
-fn serve(image: &Image, handle: u64, how: &RbdQuiesce, device: &str, shared: &Shared) {
+fn serve(image: &Image, handle: u64, how: &RbdQuiesce, spot: &QuiesceSpot, shared: &Shared) {
+    let device = spot.device.as_str();
     while shared.wait(|s| s.asked) {
+        // Noted before anything is quiesced, so a crash at any point leaves a marker.
         let quiesced = match how {
-            RbdQuiesce::Freeze => Frozen::device(device).map(Some),
-            RbdQuiesce::Hook(hook) => run_hook(hook, device, "quiesce", shared).map(|()| None),
+            RbdQuiesce::Freeze => Frozen::mounts_of(device).and_then(|points| {
+                mark(&spot.marker, &Marker::Frozen(points.clone()));
+                Frozen::freeze(&points).map(Some)
+            }),
+            RbdQuiesce::Hook(hook) => {
+                mark(&spot.marker, &Marker::Hook(hook.clone()));
+                run_hook(hook, device, "quiesce", shared).map(|()| None)
+            }
         }
         .and_then(|frozen| {
             image
@@ -191,9 +273,20 @@ fn serve(image: &Image, handle: u64, how: &RbdQuiesce, device: &str, shared: &Sh
         };
         // SAFETY: an open image and this watch's handle.
         unsafe { sys::rbd_quiesce_complete(image.raw(), handle, r) };
-        let Ok(frozen) = quiesced else {
-            shared.set(|s| s.asked = false);
-            continue;
+        let frozen = match quiesced {
+            Ok(frozen) => frozen,
+            Err(_) => {
+                // A freeze that failed thawed what it froze; a hook that failed is
+                // told to undo what it did, as after a snapshot.
+                if let RbdQuiesce::Hook(hook) = how {
+                    if let Err(e) = run_hook(hook, device, "unquiesce", shared) {
+                        log::error!("{device}: {e}");
+                    }
+                }
+                unmark(&spot.marker);
+                shared.set(|s| s.asked = false);
+                continue;
+            }
         };
         if let Some(f) = &frozen {
             log::info!(
@@ -213,6 +306,7 @@ fn serve(image: &Image, handle: u64, how: &RbdQuiesce, device: &str, shared: &Sh
             }
             (RbdQuiesce::Freeze, None) => {}
         }
+        unmark(&spot.marker);
     }
 }
 

@@ -5,7 +5,9 @@ use super::quiesce::QuiesceWatch;
 use super::rados::{ConnectOptions, Image, Rados};
 use super::watch::UpdateWatch;
 use super::{ImageSpec, RbdError};
-use crate::{DeviceShape, QueueContext, QueueTarget, SizeNotice, SizeWatch, Target, Watch};
+use crate::{
+    DeviceShape, QueueContext, QueueTarget, QuiesceSpot, SizeNotice, SizeWatch, Target, Watch,
+};
 use std::sync::Arc;
 use ublkd_proto::{RbdEncryption, RbdQuiesce};
 
@@ -182,17 +184,13 @@ impl Target for RbdTarget {
 
     /// With `--quiesce`: freezes the device's file systems (or runs the hook) whenever a
     /// snapshot of the image is taken.
-    fn watch_quiesce(&self, device: &str, dev_id: u32) -> Result<Option<Watch>, String> {
+    fn watch_quiesce(&self, spot: QuiesceSpot) -> Result<Option<Watch>, String> {
         let Some(how) = self.opts.quiesce.clone() else {
+            // Nothing of this device's can be quiesced; a marker would be a stale one.
+            super::quiesce::undo_leftover(&spot.marker, &spot.device);
             return Ok(None);
         };
-        let watch = QuiesceWatch::new(
-            &self.image,
-            how,
-            device.to_string(),
-            format!("ublk{dev_id}quiesce"),
-        )
-        .map_err(|e| e.to_string())?;
+        let watch = QuiesceWatch::new(&self.image, how, spot).map_err(|e| e.to_string())?;
         Ok(Some(Box::new(watch)))
     }
 
