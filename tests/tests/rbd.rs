@@ -426,6 +426,16 @@ fn quiesce_freezes_the_file_system_for_a_consistent_snapshot() {
         "the snapshot lacks the file written just before it"
     );
     d.del(&sdev);
+    // Counted for `ublkctl stats --prometheus`.
+    let text = d.ctl_ok(&["stats", "--prometheus"]);
+    let quiesced = prometheus_samples(&text)
+        .into_iter()
+        .find(|(name, labels, _)| {
+            name == "ublkd_rbd_snapshots_quiesced_total"
+                && labels.contains(&("id".into(), id.to_string()))
+        })
+        .map(|s| s.2);
+    assert_eq!(quiesced, Some(1.0), "{text}");
     run_ok("/bin/umount", &[mnt]);
     run_ok(E2FSCK, &["-f", "-n", &dev]);
     d.del(&dev);

@@ -493,6 +493,10 @@ fn snapshots_run_the_quiesce_hook_and_a_failing_hook_fails_them() {
     c.rbd(&["snap", "create", "rbd/host-quiesce@q4"]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(read_log().lines().count(), 6);
+    assert_eq!(
+        t.counters(),
+        vec![("snapshots_quiesced", 2), ("quiesce_failures", 1)]
+    );
 
     // Freeze with nothing mounted from the device: the snapshot is taken.
     let mut opts = rbd_options("rbd/host-quiesce", &conf(), 10);

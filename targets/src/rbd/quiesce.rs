@@ -21,6 +21,7 @@ use std::ffi::c_void;
 use std::io;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -42,6 +43,15 @@ pub struct QuiesceWatch {
 // SAFETY: `shared` points to a `Shared` (Send + Sync) that the watch frees once, in drop;
 // librbd's handle is thread safe.
 unsafe impl Send for QuiesceWatch {}
+
+/// A device's quiesce counts (`ublkctl stats`), from its start.
+#[derive(Debug, Default)]
+pub struct QuiesceCounts {
+    /// Snapshots this device was quiesced for.
+    pub quiesced: AtomicU64,
+    /// Quiesces that failed (and failed their snapshot).
+    pub failed: AtomicU64,
+}
 
 #[derive(Default)]
 struct Shared {
@@ -84,6 +94,7 @@ impl QuiesceWatch {
         image: &Arc<Image>,
         how: RbdQuiesce,
         spot: QuiesceSpot,
+        counts: Arc<QuiesceCounts>,
     ) -> Result<QuiesceWatch, RbdError> {
         undo_leftover(&spot.marker, &spot.device);
         let shared = Arc::into_raw(Arc::new(Shared::default()));
@@ -121,7 +132,7 @@ impl QuiesceWatch {
         let image = image.clone();
         let worker = std::thread::Builder::new()
             .name(format!("ublk{}quiesce", spot.dev_id))
-            .spawn(move || serve(&image, handle, &how, &spot, &arc))
+            .spawn(move || serve(&image, handle, &how, &spot, &arc, &counts))
             .map_err(|e| RbdError::Watch {
                 spec: watch.image.spec().to_string(),
                 source: e,
@@ -241,7 +252,14 @@ pub(super) fn undo_leftover(marker: &Path, device: &str) {
 }
 
 /// The watch's thread: one quiesce and unquiesce per snapshot, until the watch ends.
-fn serve(image: &Image, handle: u64, how: &RbdQuiesce, spot: &QuiesceSpot, shared: &Shared) {
+fn serve(
+    image: &Image,
+    handle: u64,
+    how: &RbdQuiesce,
+    spot: &QuiesceSpot,
+    shared: &Shared,
+    counts: &QuiesceCounts,
+) {
     let device = spot.device.as_str();
     while shared.wait(|s| s.asked) {
         // Noted before anything is quiesced, so a crash at any point leaves a marker.
@@ -262,8 +280,12 @@ fn serve(image: &Image, handle: u64, how: &RbdQuiesce, spot: &QuiesceSpot, share
             Ok(frozen)
         });
         let r = match &quiesced {
-            Ok(_) => 0,
+            Ok(_) => {
+                counts.quiesced.fetch_add(1, Ordering::Relaxed);
+                0
+            }
             Err(e) => {
+                counts.failed.fetch_add(1, Ordering::Relaxed);
                 log::error!(
                     "{device}: cannot quiesce for a snapshot of rbd image {}: {e}; the snapshot fails",
                     image.spec()

@@ -1,7 +1,7 @@
 //! The rbd device: its cluster connection and image, shared by its queues.
 
 use super::queue::RbdQueue;
-use super::quiesce::QuiesceWatch;
+use super::quiesce::{QuiesceCounts, QuiesceWatch};
 use super::rados::{ConnectOptions, Image, Rados};
 use super::watch::UpdateWatch;
 use super::{ImageSpec, RbdError};
@@ -31,6 +31,7 @@ pub struct RbdTarget {
     opts: RbdOptions,
     image: Arc<Image>,
     size: u64,
+    quiesce_counts: Arc<QuiesceCounts>,
 }
 
 impl RbdTarget {
@@ -80,6 +81,7 @@ impl RbdTarget {
             opts,
             image: Arc::new(image),
             size,
+            quiesce_counts: Arc::default(),
         })
     }
 }
@@ -190,8 +192,27 @@ impl Target for RbdTarget {
             super::quiesce::undo_leftover(&spot.marker, &spot.device);
             return Ok(None);
         };
-        let watch = QuiesceWatch::new(&self.image, how, spot).map_err(|e| e.to_string())?;
+        let watch = QuiesceWatch::new(&self.image, how, spot, self.quiesce_counts.clone())
+            .map_err(|e| e.to_string())?;
         Ok(Some(Box::new(watch)))
+    }
+
+    /// With `--quiesce`: the snapshots quiesced for, and the quiesces that failed.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        if self.opts.quiesce.is_none() {
+            return Vec::new();
+        }
+        let c = &self.quiesce_counts;
+        vec![
+            (
+                "snapshots_quiesced",
+                c.quiesced.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            (
+                "quiesce_failures",
+                c.failed.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+        ]
     }
 
     /// The image's size now: the device follows `rbd resize` by itself (`watch_size`);
