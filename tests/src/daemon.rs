@@ -227,6 +227,29 @@ impl Daemon {
             .expect("show --json is JSON")
     }
 
+    /// The value of `key` among device `id`'s target details (`show`); panics with the
+    /// whole `show` when there is none.
+    pub fn detail(&self, id: u64, key: &str) -> String {
+        let show = self.show_json(id);
+        show["target_details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|kv| kv[0] == key)
+            .and_then(|kv| kv[1].as_str())
+            .unwrap_or_else(|| panic!("no {key} in {show}"))
+            .to_string()
+    }
+
+    /// The value of the Prometheus sample `name` of device `id` (`stats --prometheus`).
+    pub fn prometheus_value(&self, name: &str, id: u64) -> Option<f64> {
+        let text = self.ctl_ok(&["stats", "--prometheus"]);
+        crate::prometheus_samples(&text)
+            .into_iter()
+            .find(|(n, labels, _)| n == name && labels.contains(&("id".into(), id.to_string())))
+            .map(|s| s.2)
+    }
+
     /// Sends raw bytes to the control socket and returns the raw answer.
     pub fn raw_request(&self, bytes: &[u8]) -> String {
         use std::io::Write;

@@ -406,15 +406,8 @@ fn server_restart_within_the_timeout_is_invisible() {
     let q = &d.show_json(dev_id(&dev))["queue_stats"][0];
     assert_eq!(q["errors"].as_u64(), Some(0), "{q}");
     // The reconnect is counted for `ublkctl stats --prometheus`.
-    let text = d.ctl_ok(&["stats", "--prometheus"]);
-    let reconnects = prometheus_samples(&text)
-        .into_iter()
-        .find(|(name, labels, _)| {
-            name == "ublkd_nbd_reconnects_total"
-                && labels.contains(&("id".into(), dev_id(&dev).to_string()))
-        })
-        .map(|s| s.2);
-    assert!(reconnects.is_some_and(|n| n >= 1.0), "{text}");
+    let reconnects = d.prometheus_value("ublkd_nbd_reconnects_total", dev_id(&dev));
+    assert!(reconnects.is_some_and(|n| n >= 1.0), "{reconnects:?}");
     d.del(&dev);
 }
 

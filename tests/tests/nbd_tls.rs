@@ -55,15 +55,7 @@ fn tls_server(kind: &str, name: &str, port: u16, pki: &Pki) -> (Server, String) 
 }
 
 fn detail(d: &Daemon, dev: &str, key: &str) -> String {
-    let show = d.show_json(dev_id(dev));
-    show["target_details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|kv| kv[0] == key)
-        .and_then(|kv| kv[1].as_str())
-        .unwrap_or_else(|| panic!("no {key} in {show}"))
-        .to_string()
+    d.detail(dev_id(dev), key)
 }
 
 /// A counter of /proc/net/tls_stat (kernel TLS; the file exists once `tls` is loaded).

@@ -307,14 +307,9 @@ fn an_exclusive_device_keeps_the_lock_and_recovers_after_kill9() {
     let dev = add_rbd(&d, "rbd/excl", &["--exclusive"]);
     let id = dev_id(&dev);
     let holds = |d: &Daemon| {
-        let show = d.show_json(id);
-        assert!(
-            show["target_details"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|kv| kv[0] == "exclusive lock" && kv[1] == "held, refused to other clients"),
-            "{show}"
+        assert_eq!(
+            d.detail(id, "exclusive lock"),
+            "held, refused to other clients"
         );
     };
     holds(&d);
@@ -396,15 +391,8 @@ fn quiesce_freezes_the_file_system_for_a_consistent_snapshot() {
     std::fs::write(&marker, format!("{{\"frozen\":[\"{mnt}\"]}}")).unwrap();
     let d = kill9_and_restart(d, name, id);
     assert!(!marker.exists(), "the restored device left its marker");
-    let show = d.show_json(id);
-    assert!(
-        show["target_details"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|kv| kv[0] == "quiesce" && kv[1].as_str().unwrap().contains("freezes")),
-        "{show}"
-    );
+    let how = d.detail(id, "quiesce");
+    assert!(how.contains("freezes"), "{how}");
     let unsynced = pattern(91, 3 << 20);
     write_within(format!("{mnt}/unsynced"), unsynced.clone(), false);
     c.rbd(&["snap", "create", "rbd/quiesce@s1"]);
@@ -427,15 +415,8 @@ fn quiesce_freezes_the_file_system_for_a_consistent_snapshot() {
     );
     d.del(&sdev);
     // Counted for `ublkctl stats --prometheus`.
-    let text = d.ctl_ok(&["stats", "--prometheus"]);
-    let quiesced = prometheus_samples(&text)
-        .into_iter()
-        .find(|(name, labels, _)| {
-            name == "ublkd_rbd_snapshots_quiesced_total"
-                && labels.contains(&("id".into(), id.to_string()))
-        })
-        .map(|s| s.2);
-    assert_eq!(quiesced, Some(1.0), "{text}");
+    let quiesced = d.prometheus_value("ublkd_rbd_snapshots_quiesced_total", id);
+    assert_eq!(quiesced, Some(1.0));
     run_ok("/bin/umount", &[mnt]);
     run_ok(E2FSCK, &["-f", "-n", &dev]);
     d.del(&dev);
@@ -553,15 +534,7 @@ fn del_while_the_osd_is_unreachable() {
     let d = Daemon::start("rbd-unreach");
     let dev = add_rbd(&d, "rbd/unreach", &["--osd-timeout", "3"]);
     let id = dev_id(&dev);
-    let show = d.show_json(id);
-    assert!(
-        show["target_details"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|kv| kv[0] == "osd op timeout" && kv[1] == "3 s"),
-        "{show}"
-    );
+    assert_eq!(d.detail(id, "osd op timeout"), "3 s");
     let other = d.add(&["null", "--size", "16M"]);
     let before = pattern(61, 64 << 10);
     write_direct(&dev, &before);
