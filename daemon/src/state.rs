@@ -118,8 +118,11 @@ impl StateDir {
         })
     }
 
-    /// Removes the record of `id`, if there is one.
+    /// Removes the record of `id`, if there is one, and its quiesce marker: a device
+    /// that is gone has nothing left to thaw, and a later device of the same id must
+    /// not undo what the marker lists.
     pub fn remove(&self, id: u32) -> Result<()> {
+        let _ = fs::remove_file(self.quiesce_marker(id));
         let path = self.path(id);
         match fs::remove_file(&path) {
             Ok(()) => File::open(&self.dir)
@@ -260,8 +263,14 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
 
+        // A quiesce marker (outside the records' folder) goes with its record.
+        let marker = state.quiesce_marker(3);
+        assert_eq!(marker, tmp.path().join("quiesced/3"));
+        fs::create_dir_all(marker.parent().unwrap()).unwrap();
+        fs::write(&marker, "{}").unwrap();
         state.remove(3).unwrap();
         state.remove(3).unwrap();
+        assert!(!marker.exists());
         assert_eq!(state.load().unwrap().0, vec![r1]);
     }
 
