@@ -48,9 +48,18 @@ pub(crate) enum AddTarget {
         /// [POOL/[NAMESPACE/]]IMAGE[@SNAP], as for the rbd tool (pool rbd by default).
         #[arg(value_name = "POOL/[NAMESPACE/]IMAGE[@SNAP]")]
         image: String,
-        /// The cluster's ceph.conf.
-        #[arg(long, default_value = "/etc/ceph/ceph.conf")]
-        conf: PathBuf,
+        /// The cluster's ceph.conf [default: /etc/ceph/ceph.conf; with --mon-host, only
+        /// if it exists].
+        #[arg(long)]
+        conf: Option<PathBuf>,
+        /// The cluster's monitors, as for the rbd tool's -m (e.g. 10.0.0.1,10.0.0.2:6789):
+        /// no ceph.conf is needed then, as with rbd-nbd under ceph-csi.
+        #[arg(long, value_name = "ADDRS")]
+        mon_host: Option<String>,
+        /// A file with the user's bare key (the rbd tool's --keyfile), for a host without a
+        /// keyring (read by the daemon; never shown).
+        #[arg(long)]
+        keyfile: Option<PathBuf>,
         /// The Ceph user, without "client." (the rbd tool's --id/--user; ublkctl's --id
         /// is the device id).
         #[arg(long, default_value = "admin")]
@@ -207,6 +216,8 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
         AddTarget::Rbd {
             image,
             conf,
+            mon_host,
+            keyfile,
             user,
             keyring,
             read_only,
@@ -218,31 +229,48 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
             osd_timeout,
             ceph_options,
             common,
-        } => (
-            TargetSpec::Rbd {
-                image,
-                conf: Some(absolute_utf8(&conf)?),
-                user: Some(user),
-                keyring: keyring.as_deref().map(absolute_utf8).transpose()?,
-                read_only,
-                exclusive,
-                encryption: match (encryption_format, encryption_passphrase_file) {
-                    (Some(format), Some(file)) => Some(RbdEncryption {
-                        format,
-                        passphrase_file: absolute_utf8(&file)?,
-                    }),
-                    _ => None,
+        } => {
+            // --mon-host and --keyfile are Ceph options, set before the user's own.
+            let mut options = Vec::new();
+            if let Some(m) = &mon_host {
+                options.push(("mon_host".to_string(), m.clone()));
+            }
+            if let Some(k) = &keyfile {
+                options.push(("keyfile".to_string(), absolute_utf8(k)?));
+            }
+            options.extend(ceph_options);
+            let conf = match (conf, &mon_host) {
+                (Some(c), _) => Some(absolute_utf8(&c)?),
+                // The daemon reads /etc/ceph/ceph.conf if there is one.
+                (None, Some(_)) => None,
+                (None, None) => Some(ublkd_proto::DEFAULT_CEPH_CONF.to_string()),
+            };
+            (
+                TargetSpec::Rbd {
+                    image,
+                    conf,
+                    user: Some(user),
+                    keyring: keyring.as_deref().map(absolute_utf8).transpose()?,
+                    read_only,
+                    exclusive,
+                    encryption: match (encryption_format, encryption_passphrase_file) {
+                        (Some(format), Some(file)) => Some(RbdEncryption {
+                            format,
+                            passphrase_file: absolute_utf8(&file)?,
+                        }),
+                        _ => None,
+                    },
+                    quiesce: match (quiesce, quiesce_hook) {
+                        (false, _) => None,
+                        (true, None) => Some(RbdQuiesce::Freeze),
+                        (true, Some(hook)) => Some(RbdQuiesce::Hook(executable(&hook)?)),
+                    },
+                    osd_timeout: Some(osd_timeout),
+                    options,
                 },
-                quiesce: match (quiesce, quiesce_hook) {
-                    (false, _) => None,
-                    (true, None) => Some(RbdQuiesce::Freeze),
-                    (true, Some(hook)) => Some(RbdQuiesce::Hook(executable(&hook)?)),
-                },
-                osd_timeout: Some(osd_timeout),
-                options: ceph_options,
-            },
-            common,
-        ),
+                common,
+            )
+        }
         AddTarget::Nbd {
             uri,
             connections,

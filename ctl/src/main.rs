@@ -27,6 +27,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per run: `Add`'s size costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create a device; prints its block device path once it serves IO.
@@ -359,6 +361,36 @@ mod tests {
         };
         assert_eq!(conf.as_deref(), Some("/etc/ceph/ceph.conf"));
         assert_eq!(user.as_deref(), Some("admin"));
+        // --mon-host and --keyfile become Ceph options, before --ceph-option's; the conf
+        // is then read only if it exists.
+        let Command::Add { target } = parse(&[
+            "add",
+            "rbd",
+            "img",
+            "--mon-host",
+            "10.0.0.1,10.0.0.2:6789",
+            "--keyfile",
+            "/etc/key",
+            "--ceph-option",
+            "rbd_cache=true",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        let TargetSpec::Rbd { conf, options, .. } = add_request(target).unwrap().target else {
+            panic!()
+        };
+        assert_eq!(conf, None);
+        assert_eq!(
+            options,
+            vec![
+                ("mon_host".into(), "10.0.0.1,10.0.0.2:6789".into()),
+                ("keyfile".into(), "/etc/key".into()),
+                ("rbd_cache".into(), "true".into()),
+            ]
+        );
         let e = parse(&["add", "rbd", "img", "--encryption-format", "luks1"]).unwrap_err();
         assert!(
             e.to_string().contains("--encryption-passphrase-file"),

@@ -80,7 +80,9 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
                 ("image", image.clone()),
                 (
                     "conf",
-                    conf.clone().unwrap_or_else(|| "/etc/ceph/ceph.conf".into()),
+                    conf.clone().unwrap_or_else(|| {
+                        format!("{} if present", ublkd_proto::DEFAULT_CEPH_CONF)
+                    }),
                 ),
                 ("user", user.clone().unwrap_or_else(|| "admin".into())),
             ];

@@ -148,7 +148,8 @@ pub enum TargetSpec {
     Rbd {
         /// `[POOL/[NAMESPACE/]]IMAGE[@SNAP]`, as the `rbd` tool writes it.
         image: String,
-        /// The cluster's ceph.conf; /etc/ceph/ceph.conf when left out.
+        /// The cluster's ceph.conf; when left out, /etc/ceph/ceph.conf if it exists (the
+        /// monitors may come from a `mon_host` option instead).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         conf: Option<String>,
         /// The Ceph user without `client.`; `admin` when left out.

@@ -166,6 +166,9 @@ impl std::fmt::Display for CommandMode {
     }
 }
 
+/// The Ceph configuration an rbd device reads unless told otherwise (`--conf`).
+pub const DEFAULT_CEPH_CONF: &str = "/etc/ceph/ceph.conf";
+
 /// The LUKS format of an encrypted rbd image (`rbd encryption format IMAGE luks1|luks2`),
 /// which librbd unlocks with a passphrase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

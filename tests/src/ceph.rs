@@ -137,7 +137,7 @@ impl Cluster {
             &dir.join("log/mon.out"),
         );
         let rados = Rados::connect(&ConnectOptions {
-            conf: c.to_string(),
+            conf: Some(c.to_string()),
             user: "admin".into(),
             keyring: None,
             mon_timeout: Duration::from_secs(30),

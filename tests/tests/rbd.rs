@@ -148,7 +148,7 @@ fn ext4_files_read_back() {
 }
 
 /// A snapshot maps read-only, refuses writes, and reads the snapshot's data while the
-/// image itself has moved on.
+/// image itself has moved on; it is mapped with `--mon-host` and no conf file.
 #[test]
 fn a_snapshot_maps_read_only_with_its_data() {
     let c = cluster();
@@ -160,7 +160,10 @@ fn a_snapshot_maps_read_only_with_its_data() {
     c.rbd(&["snap", "create", "rbd/snap@s1"]);
     let after = pattern(42, 1 << 20);
     write_direct(&live, &after);
-    let snap = add_rbd(&d, "rbd/snap@s1", &[]);
+    // Mapped by the monitors' address alone (`--mon-host`, no conf file: the guest has
+    // no /etc/ceph/ceph.conf), as ceph-csi maps with rbd-nbd.
+    let snap = d.add(&["rbd", "rbd/snap@s1", "--mon-host", ceph::MON_HOST]);
+    assert_eq!(d.detail(dev_id(&snap), "conf"), "none (mon_host given)");
     let show = d.show_json(dev_id(&snap));
     let ro = std::fs::read_to_string(format!("/sys/block/{}/ro", &snap[5..])).unwrap();
     assert_eq!(

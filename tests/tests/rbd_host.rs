@@ -10,7 +10,7 @@ use ublkd_tests::ceph;
 
 fn options(conf: &str, mon_secs: u64) -> ConnectOptions {
     ConnectOptions {
-        conf: conf.to_string(),
+        conf: Some(conf.to_string()),
         user: "admin".into(),
         keyring: None,
         mon_timeout: Duration::from_secs(mon_secs),
@@ -515,4 +515,30 @@ fn snapshots_run_the_quiesce_hook_and_a_failing_hook_fails_them() {
     opts.quiesce = Some(RbdQuiesce::Hook("hook.sh".into()));
     let e = open_error(&opts).0;
     assert!(e.contains("must be absolute"), "{e}");
+}
+
+/// `--mon-host` without a conf file (as ceph-csi maps with rbd-nbd): the image opens with
+/// only the monitors' address; without either, the error names both flags.
+#[test]
+fn a_cluster_is_reached_by_its_monitors_without_a_conf_file() {
+    use ublkd_targets::rbd::DEFAULT_CONF;
+    assert!(
+        !std::path::Path::new(DEFAULT_CONF).exists(),
+        "this test needs a host without {DEFAULT_CONF} (it would be read)"
+    );
+    let c = ceph::shared();
+    c.create_image("host-monhost", "4M");
+    let mut opts = rbd_options("rbd/host-monhost", &conf(), 10);
+    opts.connect.conf = None;
+    opts.connect.options = vec![("mon_host".into(), ceph::MON_HOST.into())];
+    let t = RbdTarget::open(&opts).unwrap();
+    assert_eq!(t.shape().size, 4 << 20);
+    let details = format!("{:?}", t.details());
+    assert!(details.contains("none (mon_host given)"), "{details}");
+    opts.connect.options.clear();
+    let (e, _) = open_error(&opts);
+    assert!(
+        e.contains(DEFAULT_CONF) && e.contains("--conf") && e.contains("--mon-host"),
+        "{e}"
+    );
 }

@@ -180,7 +180,7 @@ fn rbd_target(
     block_size: u32,
 ) -> Result<Arc<dyn Target>> {
     use ublkd_targets::rbd::rados::ConnectOptions;
-    use ublkd_targets::rbd::{RbdOptions, RbdTarget, DEFAULT_CONF, DEFAULT_USER};
+    use ublkd_targets::rbd::{RbdOptions, RbdTarget, DEFAULT_USER};
     let TargetSpec::Rbd {
         image,
         conf,
@@ -199,7 +199,7 @@ fn rbd_target(
     let opts = RbdOptions {
         spec: image.parse().map_err(anyhow::Error::msg)?,
         connect: ConnectOptions {
-            conf: conf.clone().unwrap_or_else(|| DEFAULT_CONF.into()),
+            conf: conf.clone(),
             user: user.clone().unwrap_or_else(|| DEFAULT_USER.into()),
             keyring: keyring.clone(),
             mon_timeout: RBD_MON_TIMEOUT,

@@ -51,7 +51,7 @@ pub use target::{RbdOptions, RbdTarget};
 use std::io;
 
 /// The Ceph configuration `ublkctl add rbd` reads when `--conf` is left out.
-pub const DEFAULT_CONF: &str = "/etc/ceph/ceph.conf";
+pub const DEFAULT_CONF: &str = ublkd_proto::DEFAULT_CEPH_CONF;
 /// The Ceph user when `--id` is left out.
 pub const DEFAULT_USER: &str = "admin";
 
@@ -63,7 +63,7 @@ pub enum RbdError {
     Nul(String),
     #[error("cannot create a librados handle: {0}")]
     Create(#[source] io::Error),
-    #[error("cannot read the Ceph configuration {conf}: {source}; pass the cluster's ceph.conf with --conf")]
+    #[error("cannot read the Ceph configuration {conf}: {source}; pass the cluster's ceph.conf with --conf, or its monitors with --mon-host")]
     Conf {
         conf: String,
         #[source]

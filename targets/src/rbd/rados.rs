@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How to reach a cluster: what `ublkctl add rbd` passes with `--conf`, `--id` and
-/// `--keyring`.
+/// `--keyring` (`--mon-host` and `--keyfile` come as `options`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectOptions {
-    pub conf: String,
+    /// The conf file; `None`: /etc/ceph/ceph.conf if there is one, as the Ceph tools
+    /// read it (the monitors then come from `mon_host` among the options).
+    pub conf: Option<String>,
     /// The client's name without `client.` (`admin`).
     pub user: String,
     pub keyring: Option<String>,
@@ -25,6 +27,29 @@ pub struct ConnectOptions {
     pub osd_timeout: Duration,
     /// `--ceph-option` pairs, set last (checked by [`ublkd_proto::ceph_option::check`]).
     pub options: Vec<(String, String)>,
+}
+
+impl ConnectOptions {
+    /// The conf file to read, if any.
+    pub fn conf_file(&self) -> Option<String> {
+        match &self.conf {
+            Some(c) => Some(c.clone()),
+            None => std::path::Path::new(super::DEFAULT_CONF)
+                .exists()
+                .then(|| super::DEFAULT_CONF.to_string()),
+        }
+    }
+
+    /// The cluster as messages name it: its conf file, or its monitors.
+    pub fn cluster(&self) -> String {
+        if let Some(c) = self.conf_file() {
+            return c;
+        }
+        match self.options.iter().rev().find(|(k, _)| k == "mon_host") {
+            Some((_, m)) => format!("mon_host {m}"),
+            None => format!("{} (missing)", super::DEFAULT_CONF),
+        }
+    }
 }
 
 /// librbd settings ublkd makes for every image, over the conf's (measured in
@@ -72,7 +97,18 @@ impl Rados {
     /// `opts.mon_timeout` when no monitor answers.
     pub fn connect(opts: &ConnectOptions) -> Result<Arc<Rados>, RbdError> {
         let user = cstring("user", &opts.user)?;
-        let conf_c = cstring("conf", &opts.conf)?;
+        let conf_file = opts.conf_file();
+        let conf_c = conf_file
+            .as_deref()
+            .map(|c| cstring("conf", c))
+            .transpose()?;
+        let cluster = opts.cluster();
+        if conf_file.is_none() && !opts.options.iter().any(|(k, _)| k == "mon_host") {
+            return Err(RbdError::Conf {
+                conf: super::DEFAULT_CONF.into(),
+                source: io::ErrorKind::NotFound.into(),
+            });
+        }
         let mut raw: sys::rados_t = std::ptr::null_mut();
         // SAFETY: `raw` is a valid out pointer, `user` a NUL-terminated string.
         let r = unsafe { sys::rados_create(&mut raw, user.as_ptr()) };
@@ -82,15 +118,17 @@ impl Rados {
         // From here on `rados` shuts the handle down on every error path.
         let rados = Rados {
             raw,
-            conf: opts.conf.clone(),
+            conf: cluster.clone(),
         };
-        // SAFETY: a created, not yet connected handle and a NUL-terminated path.
-        let r = unsafe { sys::rados_conf_read_file(rados.raw, conf_c.as_ptr()) };
-        if r < 0 {
-            return Err(RbdError::Conf {
-                conf: opts.conf.clone(),
-                source: errno(r.into()),
-            });
+        if let Some(conf_c) = &conf_c {
+            // SAFETY: a created, not yet connected handle and a NUL-terminated path.
+            let r = unsafe { sys::rados_conf_read_file(rados.raw, conf_c.as_ptr()) };
+            if r < 0 {
+                return Err(RbdError::Conf {
+                    conf: cluster,
+                    source: errno(r.into()),
+                });
+            }
         }
         let mon = opts.mon_timeout.as_secs().max(1).to_string();
         let osd = opts.osd_timeout.as_secs().to_string();
@@ -126,7 +164,7 @@ impl Rados {
         let r = unsafe { sys::rados_connect(rados.raw) };
         if r < 0 {
             return Err(RbdError::Connect {
-                conf: opts.conf.clone(),
+                conf: cluster,
                 secs: opts.mon_timeout.as_secs(),
                 source: errno(r.into()),
             });

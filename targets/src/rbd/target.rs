@@ -74,7 +74,7 @@ impl RbdTarget {
                 (false, true) => ", exclusive lock held",
                 (false, false) => "",
             },
-            opts.connect.conf,
+            opts.connect.cluster(),
             opts.connect.user
         );
         Ok(RbdTarget {
@@ -112,7 +112,11 @@ impl Target for RbdTarget {
         let c = &self.opts.connect;
         let mut d = vec![
             ("image".into(), self.opts.spec.to_string()),
-            ("conf".into(), c.conf.clone()),
+            (
+                "conf".into(),
+                c.conf_file()
+                    .unwrap_or_else(|| "none (mon_host given)".into()),
+            ),
             ("user".into(), c.user.clone()),
         ];
         if let Some(k) = &c.keyring {

@@ -15,7 +15,7 @@ fn target(image: &str) -> RbdTarget {
     RbdTarget::open(&RbdOptions {
         spec: format!("rbd/{image}").parse().unwrap(),
         connect: ConnectOptions {
-            conf: c.conf.to_str().unwrap().into(),
+            conf: Some(c.conf.to_str().unwrap().into()),
             user: "admin".into(),
             keyring: None,
             mon_timeout: Duration::from_secs(10),
