@@ -48,6 +48,10 @@ pub(crate) enum AddTarget {
         /// [POOL/[NAMESPACE/]]IMAGE[@SNAP], as for the rbd tool (pool rbd by default).
         #[arg(value_name = "POOL/[NAMESPACE/]IMAGE[@SNAP]")]
         image: String,
+        /// Map the image's snapshot of this id (read-only), for snapshots without a name
+        /// to give, such as mirroring's ('rbd snap ls --all IMAGE' lists the ids).
+        #[arg(long, value_name = "ID")]
+        snap_id: Option<u64>,
         /// The cluster's ceph.conf [default: /etc/ceph/ceph.conf; with --mon-host, only
         /// if it exists].
         #[arg(long)]
@@ -215,6 +219,7 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
         }
         AddTarget::Rbd {
             image,
+            snap_id,
             conf,
             mon_host,
             keyfile,
@@ -248,6 +253,7 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
             (
                 TargetSpec::Rbd {
                     image,
+                    snap_id,
                     conf,
                     user: Some(user),
                     keyring: keyring.as_deref().map(absolute_utf8).transpose()?,

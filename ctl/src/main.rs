@@ -335,6 +335,7 @@ mod tests {
             req.target,
             TargetSpec::Rbd {
                 image: "rbd/ns/img@s1".into(),
+                snap_id: None,
                 conf: Some("/etc/c.conf".into()),
                 user: Some("u".into()),
                 keyring: Some("/k".into()),
@@ -383,6 +384,16 @@ mod tests {
             panic!()
         };
         assert_eq!(conf, None);
+        let Command::Add { target } = parse(&["add", "rbd", "img", "--snap-id", "12"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        let TargetSpec::Rbd { snap_id, .. } = add_request(target).unwrap().target else {
+            panic!()
+        };
+        assert_eq!(snap_id, Some(12));
         assert_eq!(
             options,
             vec![

@@ -66,6 +66,7 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
         ],
         Some(TargetSpec::Rbd {
             image,
+            snap_id,
             conf,
             user,
             keyring,
@@ -76,8 +77,11 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
             osd_timeout,
             options,
         }) => {
-            let mut rows = vec![
-                ("image", image.clone()),
+            let mut rows = vec![("image", image.clone())];
+            if let Some(id) = snap_id {
+                rows.push(("snapshot id", id.to_string()));
+            }
+            rows.extend([
                 (
                     "conf",
                     conf.clone().unwrap_or_else(|| {
@@ -85,7 +89,7 @@ fn spec_rows(spec: Option<&TargetSpec>) -> Vec<(&'static str, String)> {
                     }),
                 ),
                 ("user", user.clone().unwrap_or_else(|| "admin".into())),
-            ];
+            ]);
             if let Some(k) = keyring {
                 rows.push(("keyring", k.clone()));
             }

@@ -148,6 +148,9 @@ pub enum TargetSpec {
     Rbd {
         /// `[POOL/[NAMESPACE/]]IMAGE[@SNAP]`, as the `rbd` tool writes it.
         image: String,
+        /// A snapshot by its id, for an image without `@SNAP` (rbd-nbd's `--snap-id`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snap_id: Option<u64>,
         /// The cluster's ceph.conf; when left out, /etc/ceph/ceph.conf if it exists (the
         /// monitors may come from a `mon_host` option instead).
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -148,7 +148,8 @@ fn ext4_files_read_back() {
 }
 
 /// A snapshot maps read-only, refuses writes, and reads the snapshot's data while the
-/// image itself has moved on; it is mapped with `--mon-host` and no conf file.
+/// image itself has moved on; it is mapped with `--mon-host` and no conf file, and by
+/// its id (`--snap-id`).
 #[test]
 fn a_snapshot_maps_read_only_with_its_data() {
     let c = cluster();
@@ -192,6 +193,17 @@ fn a_snapshot_maps_read_only_with_its_data() {
         read_direct(&snap, 1 << 20) == before,
         "the snapshot changed"
     );
+    // The same snapshot by its id (`--snap-id`).
+    let snaps = c.rbd(&["snap", "ls", "--format", "json", "rbd/snap"]);
+    let snaps: serde_json::Value = serde_json::from_str(&snaps).unwrap();
+    let id = snaps[0]["id"].as_u64().unwrap().to_string();
+    let by_id = add_rbd(&d, "rbd/snap", &["--snap-id", &id]);
+    assert_eq!(d.detail(dev_id(&by_id), "snapshot id"), id);
+    assert!(
+        read_direct(&by_id, 1 << 20) == before,
+        "the snapshot by id reads other data"
+    );
+    d.del(&by_id);
     d.del(&snap);
     d.del(&live);
 }

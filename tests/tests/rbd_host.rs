@@ -22,6 +22,7 @@ fn options(conf: &str, mon_secs: u64) -> ConnectOptions {
 fn rbd_options(spec: &str, conf: &str, mon_secs: u64) -> RbdOptions {
     RbdOptions {
         spec: spec.parse().unwrap(),
+        snap_id: None,
         connect: options(conf, mon_secs),
         read_only: false,
         exclusive: false,
@@ -541,4 +542,64 @@ fn a_cluster_is_reached_by_its_monitors_without_a_conf_file() {
         e.contains(DEFAULT_CONF) && e.contains("--conf") && e.contains("--mon-host"),
         "{e}"
     );
+}
+
+/// `--snap-id`: a snapshot opened by its id (as `rbd snap ls --format json` gives it)
+/// is read-only and reads the snapshot's data, not the image's newer data; an unknown
+/// id and a spec that names a snapshot as well are one-line errors.
+#[test]
+fn a_snapshot_opens_by_its_id() {
+    let c = ceph::shared();
+    c.create_image("host-snapid", "4M");
+    let rados = Rados::connect(&options(&conf(), 10)).unwrap();
+    let ioctx = rados.ioctx("rbd", None).unwrap();
+    let spec: ImageSpec = "rbd/host-snapid".parse().unwrap();
+    let sink = Completions::new().unwrap();
+    let write = |image: &Image, byte: u8| {
+        let data = vec![byte; 4096];
+        let w = AioOp::Write {
+            off: 0,
+            buf: data.as_ptr(),
+            len: data.len(),
+        };
+        assert_eq!(io(image, &sink, w), 0);
+    };
+    let read = |image: &Image| {
+        let mut back = vec![0u8; 4096];
+        let r = AioOp::Read {
+            off: 0,
+            buf: back.as_mut_ptr(),
+            len: back.len(),
+        };
+        assert_eq!(io(image, &sink, r), 4096);
+        back[0]
+    };
+    let live = Image::open(&ioctx, &spec, false).unwrap();
+    write(&live, 0x51);
+    c.rbd(&["snap", "create", "rbd/host-snapid@s1"]);
+    write(&live, 0x52);
+    let snaps: serde_json::Value =
+        serde_json::from_str(&c.rbd(&["snap", "ls", "--format", "json", "rbd/host-snapid"]))
+            .unwrap();
+    let id = snaps[0]["id"].as_u64().unwrap();
+    let mut by_id = Image::open(&ioctx, &spec, true).unwrap();
+    by_id.set_snap_by_id(id).unwrap();
+    assert_eq!((read(&by_id), read(&live)), (0x51, 0x52));
+
+    let mut opts = rbd_options("rbd/host-snapid", &conf(), 10);
+    opts.snap_id = Some(id);
+    let t = RbdTarget::open(&opts).unwrap();
+    assert!(t.shape().read_only, "a snapshot by id maps read-only");
+    let details = format!("{:?}", t.details());
+    assert!(
+        details.contains(&format!("(\"snapshot id\", \"{id}\")")),
+        "{details}"
+    );
+    opts.snap_id = Some(id + 1000);
+    let e = open_error(&opts).0;
+    assert!(e.contains(&format!("snapshot id {}", id + 1000)), "{e}");
+    let mut opts = rbd_options("rbd/host-snapid@s1", &conf(), 10);
+    opts.snap_id = Some(id);
+    let e = open_error(&opts).0;
+    assert!(e.contains("--snap-id"), "{e}");
 }

@@ -183,6 +183,7 @@ fn rbd_target(
     use ublkd_targets::rbd::{RbdOptions, RbdTarget, DEFAULT_USER};
     let TargetSpec::Rbd {
         image,
+        snap_id,
         conf,
         user,
         keyring,
@@ -198,6 +199,7 @@ fn rbd_target(
     };
     let opts = RbdOptions {
         spec: image.parse().map_err(anyhow::Error::msg)?,
+        snap_id: *snap_id,
         connect: ConnectOptions {
             conf: conf.clone(),
             user: user.clone().unwrap_or_else(|| DEFAULT_USER.into()),

@@ -58,6 +58,23 @@ impl Image {
         })
     }
 
+    /// Reads the image at its snapshot of id `id` (`--snap-id`, as rbd-nbd's: also the
+    /// snapshots that have no name a user can give, such as mirroring's and group
+    /// snapshots' ones, which `rbd snap ls --all` lists with their ids).
+    pub fn set_snap_by_id(&mut self, id: u64) -> Result<(), RbdError> {
+        // SAFETY: an open image not yet shared with any other thread.
+        let r = unsafe { sys::rbd_snap_set_by_id(self.raw, id) };
+        if r < 0 {
+            return Err(RbdError::SnapId {
+                spec: self.spec.clone(),
+                id,
+                source: errno(r.into()),
+            });
+        }
+        self.spec = format!("{} (snapshot id {id})", self.spec);
+        Ok(())
+    }
+
     /// Takes the image's exclusive lock and keeps it until the image is closed: librbd
     /// then refuses the lock to other clients (their writes fail with EROFS) instead of
     /// handing it over when they ask, as it does by default.

@@ -106,6 +106,15 @@ pub enum RbdError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot open snapshot id {id} of rbd image {spec}: {source}; 'rbd snap ls --all IMAGE' lists the snapshots with their ids")]
+    SnapId {
+        spec: String,
+        id: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("rbd image {0} names a snapshot, and --snap-id another: give one of them")]
+    SnapTwice(String),
     #[error("cannot take the exclusive lock of rbd image {spec} (--exclusive): {source}; {hint}")]
     Lock {
         spec: String,

@@ -91,6 +91,7 @@ extern "C" {
         opts_size: usize,
     ) -> c_int;
     pub fn rbd_get_size(image: rbd_image_t, size: *mut u64) -> c_int;
+    pub fn rbd_snap_set_by_id(image: rbd_image_t, snap_id: u64) -> c_int;
     pub fn rbd_update_watch(
         image: rbd_image_t,
         handle: *mut u64,

@@ -15,6 +15,8 @@ use ublkd_proto::{RbdEncryption, RbdQuiesce};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RbdOptions {
     pub spec: ImageSpec,
+    /// The snapshot by its id instead of a name in `spec` (`--snap-id`).
+    pub snap_id: Option<u64>,
     pub connect: ConnectOptions,
     /// Map read-only (always so for a snapshot).
     pub read_only: bool,
@@ -39,7 +41,10 @@ impl RbdTarget {
     /// timeout when the cluster cannot be reached.
     pub fn open(opts: &RbdOptions) -> Result<RbdTarget, RbdError> {
         let mut opts = opts.clone();
-        opts.read_only |= opts.spec.snap.is_some();
+        if opts.spec.snap.is_some() && opts.snap_id.is_some() {
+            return Err(RbdError::SnapTwice(opts.spec.to_string()));
+        }
+        opts.read_only |= opts.snapshot();
         if opts.exclusive && opts.read_only {
             return Err(RbdError::ExclusiveReadOnly);
         }
@@ -51,7 +56,10 @@ impl RbdTarget {
         }
         let rados = Rados::connect(&opts.connect)?;
         let io = rados.ioctx(&opts.spec.pool, opts.spec.namespace.as_deref())?;
-        let image = Image::open(&io, &opts.spec, opts.read_only)?;
+        let mut image = Image::open(&io, &opts.spec, opts.read_only)?;
+        if let Some(id) = opts.snap_id {
+            image.set_snap_by_id(id)?;
+        }
         if opts.exclusive {
             image.lock_exclusive()?;
         }
@@ -110,15 +118,18 @@ impl Target for RbdTarget {
     /// Never a key: the keyring is shown by its path.
     fn details(&self) -> Vec<(String, String)> {
         let c = &self.opts.connect;
-        let mut d = vec![
-            ("image".into(), self.opts.spec.to_string()),
+        let mut d = vec![("image".into(), self.opts.spec.to_string())];
+        if let Some(id) = self.opts.snap_id {
+            d.push(("snapshot id".into(), id.to_string()));
+        }
+        d.extend([
             (
                 "conf".into(),
                 c.conf_file()
                     .unwrap_or_else(|| "none (mon_host given)".into()),
             ),
             ("user".into(), c.user.clone()),
-        ];
+        ]);
         if let Some(k) = &c.keyring {
             d.push(("keyring".into(), k.clone()));
         }
@@ -176,12 +187,12 @@ impl Target for RbdTarget {
 
     /// An image resized while no ublkd ran is followed after recovery, as any resize.
     fn follows_backend_size(&self) -> bool {
-        self.opts.spec.snap.is_none()
+        !self.opts.snapshot()
     }
 
     /// A snapshot never changes size; an image is watched for `rbd resize`.
     fn watch_size(&self, notice: SizeNotice) -> Result<Option<SizeWatch>, String> {
-        if self.opts.spec.snap.is_some() {
+        if self.opts.snapshot() {
             return Ok(None);
         }
         let watch = UpdateWatch::new(&self.image, notice).map_err(|e| e.to_string())?;
@@ -240,6 +251,11 @@ impl Target for RbdTarget {
 }
 
 impl RbdOptions {
+    /// Whether a snapshot is mapped (by name or by id).
+    fn snapshot(&self) -> bool {
+        self.spec.snap.is_some() || self.snap_id.is_some()
+    }
+
     /// How long a queue that ends waits for librbd to answer what it still has: the
     /// OSD timeout, after which librbd fails each request, and a margin.
     fn osd_wait(&self) -> std::time::Duration {

@@ -14,6 +14,7 @@ fn target(image: &str) -> RbdTarget {
     c.create_image(image, "4M");
     RbdTarget::open(&RbdOptions {
         spec: format!("rbd/{image}").parse().unwrap(),
+        snap_id: None,
         connect: ConnectOptions {
             conf: Some(c.conf.to_str().unwrap().into()),
             user: "admin".into(),
