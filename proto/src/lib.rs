@@ -10,6 +10,7 @@ pub mod message;
 pub mod nbd;
 pub mod options;
 pub mod size;
+pub mod target_spec;
 pub mod validate;
 
 pub use backing::BackingId;
