@@ -380,13 +380,6 @@ fn quiesce_freezes_the_file_system_for_a_consistent_snapshot() {
     std::fs::create_dir_all(mnt).unwrap();
     std::fs::create_dir_all(snap_mnt).unwrap();
     run_ok("/bin/mount", &["-t", "ext4", &dev, mnt]);
-    // FIFREEZE and FITHAW (linux/fs.h) on the mount point.
-    let freeze = |thaw: bool| {
-        let op: libc::c_ulong = if thaw { 0xC004_5878 } else { 0xC004_5877 };
-        let dir = File::open(mnt).unwrap();
-        // SAFETY: the ioctl takes no argument memory; `dir` is an open directory.
-        unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&dir), op, 0) }
-    };
     // Writes `data` to `path` through the page cache, within 30 s. A file system left
     // frozen would hold the write forever, and the test process with it (and the VM
     // until its timeout): it is thawed before the test fails.
@@ -401,7 +394,7 @@ fn quiesce_freezes_the_file_system_for_a_consistent_snapshot() {
             let _ = tx.send(());
         });
         if rx.recv_timeout(std::time::Duration::from_secs(30)).is_err() {
-            freeze(true);
+            let _ = ublkd_targets::fsfreeze::thaw(mnt);
             panic!("a write to the file system did not end within 30 s: it was left frozen");
         }
     };
@@ -410,9 +403,9 @@ fn quiesce_freezes_the_file_system_for_a_consistent_snapshot() {
     // What a ublkd killed while a snapshot is taken leaves: the file system frozen (the
     // kernel keeps a freeze after its process is gone) and the marker that says so. The
     // restored device thaws it.
-    // (The freeze stays when the descriptor closes.)
-    let r = freeze(false);
-    assert_eq!(r, 0, "FIFREEZE: {}", std::io::Error::last_os_error());
+    ublkd_targets::fsfreeze::Frozen::freeze(&[mnt.to_string()])
+        .unwrap()
+        .abandon();
     let marker = d.state_dir.join(format!("quiesced/{id}"));
     std::fs::create_dir_all(marker.parent().unwrap()).unwrap();
     std::fs::write(&marker, format!("{{\"frozen\":[\"{mnt}\"]}}")).unwrap();
