@@ -11,8 +11,11 @@
 //! Usage: ublkd-bench null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT]
 //!        [--export nbdkit|nbdkit-tcp|nbdkit-unix|nbdkit-tls|qemu] [--buffers MODE,...]
 //!        [--ublkd "ARGS;ARGS"] [--connections N] [--rublk-multi-cpus] [--profile]
-//!        [--backing ext4|tmpfs] [--nbdkit-threads N]
+//!        [--backing ext4|tmpfs] [--nbdkit-threads N] [--sync]
 //!
+//! `--sync` adds two rows of writes that must be durable when they complete (a 4 KiB
+//! write then an fsync of the device, one at a time; O_SYNC 4 KiB writes, QD8), as
+//! databases and journals write: they measure what a device's FLUSH and FUA cost.
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
 //! `--export` keeps the nbd exports whose key starts with it (`nbdkit-tcp`, `nbdkit-unix`,
 //! `qemu-tcp`; `nbdkit` keeps both nbdkit ones); `--export nbdkit-tls` (only when named)
@@ -59,6 +62,8 @@ struct Row {
     rw: &'static str,
     bs: &'static str,
     iodepth: u32,
+    /// More fio arguments (the durable-write rows' fsync or O_SYNC).
+    fio: &'static [&'static str],
 }
 
 const LOOP_ROWS: [Row; 4] = [
@@ -67,24 +72,49 @@ const LOOP_ROWS: [Row; 4] = [
         rw: "randread",
         bs: "4k",
         iodepth: 32,
+        fio: &[],
     },
     Row {
         name: "4k randwrite QD32",
         rw: "randwrite",
         bs: "4k",
         iodepth: 32,
+        fio: &[],
     },
     Row {
         name: "512k read QD8",
         rw: "read",
         bs: "512k",
         iodepth: 8,
+        fio: &[],
     },
     Row {
         name: "512k write QD8",
         rw: "write",
         bs: "512k",
         iodepth: 8,
+        fio: &[],
+    },
+];
+
+/// `--sync`: writes that must be durable when they complete, as databases and journals
+/// make them: a write then an fsync of the device (a FLUSH request where the device
+/// has a volatile write cache), one at a time; and O_SYNC writes (FUA writes, or a
+/// write and a FLUSH where the device has no FUA).
+const SYNC_ROWS: [Row; 2] = [
+    Row {
+        name: "4k randwrite+fsync QD1",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 1,
+        fio: &["--fsync=1"],
+    },
+    Row {
+        name: "4k randwrite O_SYNC QD8",
+        rw: "randwrite",
+        bs: "4k",
+        iodepth: 8,
+        fio: &["--sync=1"],
     },
 ];
 
@@ -109,11 +139,15 @@ struct Settings {
     backing: Option<String>,
     /// nbd: nbdkit's `--threads` (its default when None).
     nbdkit_threads: Option<String>,
+    /// Also the durable-write rows ([`SYNC_ROWS`]).
+    sync: bool,
 }
 
 impl Settings {
     fn rows<'a>(&self, rows: &'a [Row]) -> Vec<&'a Row> {
+        let sync: &[Row] = if self.sync { &SYNC_ROWS } else { &[] };
         rows.iter()
+            .chain(sync)
             .filter(|r| {
                 self.only
                     .as_ref()
@@ -243,20 +277,28 @@ fn measure(dev: &str, row: &Row, s: &Settings) -> Sample {
     let before = server.map(process_cpu);
     let guest_before = guest_cpu();
     let hook = hook_start(dev, row, server);
-    let run = fio(&[
+    let filename = format!("--filename={dev}");
+    let rw = format!("--rw={}", row.rw);
+    let bs = format!("--bs={}", row.bs);
+    let iodepth = format!("--iodepth={}", (row.iodepth / jobs).max(1));
+    let numjobs = format!("--numjobs={jobs}");
+    let runtime = format!("--runtime={}", s.runtime);
+    let mut args = vec![
         "--name=bench",
-        &format!("--filename={dev}"),
+        &filename,
         "--ioengine=io_uring",
         "--direct=1",
-        &format!("--rw={}", row.rw),
-        &format!("--bs={}", row.bs),
-        &format!("--iodepth={}", (row.iodepth / jobs).max(1)),
-        &format!("--numjobs={jobs}"),
+        &rw,
+        &bs,
+        &iodepth,
+        &numjobs,
         "--group_reporting",
         "--time_based",
-        &format!("--runtime={}", s.runtime),
+        &runtime,
         "--ramp_time=1",
-    ]);
+    ];
+    args.extend(row.fio);
+    let run = fio(&args);
     let dir = if row.rw.contains("write") {
         "write"
     } else {
@@ -912,6 +954,7 @@ fn main() {
         profile: args.iter().any(|a| a == "--profile"),
         backing: text("--backing"),
         nbdkit_threads: text("--nbdkit-threads"),
+        sync: args.iter().any(|a| a == "--sync"),
     };
     match args.first().map(String::as_str) {
         Some("null") => bench_null(&s),
@@ -920,7 +963,7 @@ fn main() {
         #[cfg(feature = "rbd")]
         Some("rbd") => rbd::bench(&s),
         _ => {
-            eprintln!("usage: ublkd-bench null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd \"ARGS;ARGS\"] [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs] [--nbdkit-threads N]");
+            eprintln!("usage: ublkd-bench null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd \"ARGS;ARGS\"] [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs] [--nbdkit-threads N] [--sync]");
             std::process::exit(2);
         }
     }
