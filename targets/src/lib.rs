@@ -399,6 +399,15 @@ pub trait Target: Send + Sync {
         false
     }
 
+    /// The kernel's device (found at recovery) has no volatile write cache, but this
+    /// target now says it has one ([`DeviceShape::volatile_cache`]): its backend came
+    /// to complete writes before they are durable while no ublkd ran. The kernel sends
+    /// no FLUSH to such a device, so the target must make every write durable before it
+    /// completes; true if it does from now on. False (the default): it cannot.
+    fn write_through(&self) -> bool {
+        false
+    }
+
     /// The device is being deleted and the kernel drains it (in-flight requests and
     /// the writeback of dirty pages) while the queues keep serving. A target that may
     /// wait on something slow calls [`Target::abort`] on itself when waiting is no

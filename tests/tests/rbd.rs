@@ -293,6 +293,7 @@ fn flushed_writes_survive_kill9_with_librbds_write_back_cache() {
         );
     };
     shows_options(&d);
+    assert_eq!(queue_write_cache(&dev), "write back");
     let want = pattern(72, 2 << 20);
     let f = open_direct(&dev, true);
     f.write_all_at(AlignedBuf::new(&want).as_slice(), 0)
@@ -304,6 +305,62 @@ fn flushed_writes_survive_kill9_with_librbds_write_back_cache() {
     assert!(
         read_direct(&dev, want.len()) == want,
         "flushed data lost with the daemon"
+    );
+    d.del(&dev);
+}
+
+/// What the kernel says of device `dev`'s write cache: "write back" or "write through".
+fn queue_write_cache(dev: &str) -> String {
+    let name = dev.trim_start_matches("/dev/");
+    std::fs::read_to_string(format!("/sys/block/{name}/queue/write_cache"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// With librbd's cache off (ublkd's default) a completed write is on the OSD, and the
+/// device is write-through, as krbd's are: the kernel sends it no FLUSH. If the image
+/// turns librbd's write-back cache on while no ublkd runs (`rbd config image set`, which
+/// overrides the client's settings), the recovered device is still write-through, so
+/// ublkd flushes every write before it completes: writes survive the next kill -9
+/// although the kernel never flushed. (Checked: with the writes not flushed they stay
+/// in the dead daemon's cache and the test fails.)
+#[test]
+fn write_through_unless_librbd_caches_and_a_cache_that_appears_is_flushed() {
+    let c = cluster();
+    c.create_image("wthrough", "8M");
+    let name = "rbd-wthrough";
+    let d = Daemon::start(name);
+    let dev = add_rbd(&d, "rbd/wthrough", &[]);
+    let id = dev_id(&dev);
+    assert_eq!(queue_write_cache(&dev), "write through");
+    let cache = d.detail(id, "write cache");
+    assert!(
+        cache.starts_with("none: a write completes once the OSDs have it"),
+        "{cache}"
+    );
+    for (option, value) in [
+        ("rbd_cache", "true"),
+        ("rbd_cache_policy", "writeback"),
+        ("rbd_cache_writethrough_until_flush", "false"),
+        ("rbd_cache_max_dirty_age", "600"),
+    ] {
+        c.rbd(&["config", "image", "set", "rbd/wthrough", option, value]);
+    }
+    let d = kill9_and_restart(d, name, id);
+    assert_eq!(queue_write_cache(&dev), "write through");
+    let cache = d.detail(id, "write cache");
+    assert!(cache.contains("every write is flushed"), "{cache}");
+    assert!(cache.contains("rbd_cache=true"), "{cache}");
+    let want = pattern(73, 2 << 20);
+    let f = open_direct(&dev, true);
+    f.write_all_at(AlignedBuf::new(&want).as_slice(), 0)
+        .unwrap();
+    drop(f);
+    let d = kill9_and_restart(d, name, id);
+    assert!(
+        read_direct(&dev, want.len()) == want,
+        "completed writes lost in librbd's cache with the daemon"
     );
     d.del(&dev);
 }

@@ -282,6 +282,24 @@ impl Device {
                 shape.size
             );
         }
+        let kernel_cache = params.basic.attrs & sys::UBLK_ATTR_VOLATILE_CACHE != 0;
+        if shape.volatile_cache && !kernel_cache {
+            if target.write_through() {
+                log::warn!(
+                    "dev {id}: its {} backend now caches writes, but the device was created \
+                     without a write cache: every write is flushed before it completes; \
+                     delete and add the device again to give it the cache",
+                    target.name()
+                );
+            } else {
+                log::warn!(
+                    "dev {id}: its {} backend now caches writes, but the device was created \
+                     without a write cache, so the kernel sends it no flush: delete and add \
+                     the device again before relying on fsync",
+                    target.name()
+                );
+            }
+        }
         ctrl.start_user_recover().map_err(|e| {
             anyhow!(
                 "the kernel refused to start recovering device {id}: {}",

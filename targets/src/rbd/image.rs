@@ -167,13 +167,7 @@ impl Image {
     /// the lock while it waits for this client to quiesce, and this client has no
     /// writes in flight without the lock anyway.
     pub fn flush_for_snapshot(&self) -> io::Result<()> {
-        let mut features = 0u64;
-        // SAFETY: an open image and a valid out pointer.
-        let r = unsafe { sys::rbd_get_features(self.raw, &mut features) };
-        if r < 0 {
-            return Err(errno(r.into()));
-        }
-        if features & sys::RBD_FEATURE_EXCLUSIVE_LOCK != 0 {
+        if self.features()? & sys::RBD_FEATURE_EXCLUSIVE_LOCK != 0 {
             let mut owner: libc::c_int = 0;
             // SAFETY: as above.
             let r = unsafe { sys::rbd_is_exclusive_lock_owner(self.raw, &mut owner) };
@@ -191,6 +185,57 @@ impl Image {
             return Err(errno(r.into()));
         }
         Ok(())
+    }
+
+    /// The image's features (`RBD_FEATURE_*`).
+    pub fn features(&self) -> io::Result<u64> {
+        let mut features = 0u64;
+        // SAFETY: an open image and a valid out pointer.
+        let r = unsafe { sys::rbd_get_features(self.raw, &mut features) };
+        if r < 0 {
+            return Err(errno(r.into()));
+        }
+        Ok(features)
+    }
+
+    /// The image's configuration as librbd applies it to this handle: every rbd option
+    /// with its value from the client's settings, overridden by the pool's and then the
+    /// image's (`rbd config pool|image set`).
+    pub fn config(&self) -> io::Result<Vec<(String, String)>> {
+        let mut room: libc::c_int = 256;
+        loop {
+            let mut options = Vec::<sys::rbd_config_option_t>::with_capacity(room as usize);
+            let mut count = room;
+            // SAFETY: an open image, room for `count` options, and a valid out pointer.
+            let r =
+                unsafe { sys::rbd_config_image_list(self.raw, options.as_mut_ptr(), &mut count) };
+            if r == -libc::ERANGE && count > room {
+                room = count;
+                continue;
+            }
+            if r < 0 {
+                return Err(errno(r.into()));
+            }
+            // SAFETY: librbd filled `count` options (no more than the room given).
+            unsafe { options.set_len(count.clamp(0, room) as usize) };
+            let text = |p: *mut libc::c_char| {
+                if p.is_null() {
+                    String::new()
+                } else {
+                    // SAFETY: librbd's NUL-terminated strings, alive until the cleanup.
+                    unsafe { std::ffi::CStr::from_ptr(p) }
+                        .to_string_lossy()
+                        .into_owned()
+                }
+            };
+            let list = options
+                .iter()
+                .map(|o| (text(o.name), text(o.value)))
+                .collect();
+            // SAFETY: the options librbd filled, freed once.
+            unsafe { sys::rbd_config_image_list_cleanup(options.as_mut_ptr(), count) };
+            return Ok(list);
+        }
     }
 
     /// The librbd handle, for `watch.rs` and `quiesce.rs`; valid as long as `self` is.

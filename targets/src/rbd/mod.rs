@@ -30,6 +30,8 @@ pub use spec::{ImageSpec, DEFAULT_POOL};
 pub use ublkd_proto::{EncryptionFormat, RbdEncryption, RbdQuiesce};
 
 #[cfg(feature = "rbd")]
+mod cache;
+#[cfg(feature = "rbd")]
 mod image;
 #[cfg(feature = "rbd")]
 mod queue;

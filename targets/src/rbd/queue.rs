@@ -5,7 +5,9 @@
 //! [`Completions`] and signals its eventfd. A read of that eventfd is always in flight on
 //! the queue's ring ([`Ring::push_event`]); when it completes, [`RbdQueue::complete`] takes
 //! the results, finishes their requests ([`Ring::finish`]) and reads the eventfd again.
-//! A FUA write is finished only after a flush that follows it.
+//! A FUA write is finished only after a flush that follows it; so is every write when
+//! the device has no volatile cache but librbd caches (`flush_writes`, after a
+//! recovery: [`crate::Target::write_through`]).
 //!
 //! librbd reads and writes process memory. With daemon buffers (copy, fixed) it gets
 //! the request's buffer. In the zero-copy modes the request's buffer is its own pages,
@@ -72,6 +74,8 @@ pub(super) struct RbdQueue {
     /// pointers into it until `Drop` has waited for what is in flight).
     staging: Option<Staging>,
     slot: usize,
+    /// Flush after every write, discard and write-zeroes, FUA or not.
+    flush_writes: bool,
 }
 
 impl RbdQueue {
@@ -83,6 +87,7 @@ impl RbdQueue {
         depth: u16,
         drain: Duration,
         staging: Option<usize>,
+        flush_writes: bool,
     ) -> std::io::Result<RbdQueue> {
         let staging = staging
             .map(|slot| Staging::for_requests(depth, slot))
@@ -108,6 +113,7 @@ impl RbdQueue {
             drain,
             staging,
             slot,
+            flush_writes,
         })
     }
 
@@ -158,6 +164,12 @@ impl RbdQueue {
                 staged_read,
             };
         }
+    }
+
+    /// Whether a change of data must be flushed before it completes: FUA, or every
+    /// change while `flush_writes`.
+    fn durable(&self, io: &IoDesc) -> bool {
+        io.flags.fua || self.flush_writes
     }
 
     /// Where librbd reads or writes a request's data: the request's daemon buffer, or
@@ -302,7 +314,7 @@ impl QueueTarget for RbdQueue {
         let Some((addr, staged)) = self.addr(io.tag, buf) else {
             return Outcome::Done(-libc::EOPNOTSUPP);
         };
-        self.state(io, true, io.flags.fua, false);
+        self.state(io, true, self.durable(io), false);
         if !staged {
             return self.write_from(io, addr);
         }
@@ -333,7 +345,7 @@ impl QueueTarget for RbdQueue {
     }
 
     fn discard(&mut self, io: &IoDesc, _: &mut dyn Ring) -> Outcome {
-        self.state(io, false, io.flags.fua, false);
+        self.state(io, false, self.durable(io), false);
         let op = AioOp::Discard {
             off: io.offset,
             len: u64::from(io.len),
@@ -342,7 +354,7 @@ impl QueueTarget for RbdQueue {
     }
 
     fn write_zeroes(&mut self, io: &IoDesc, _: &mut dyn Ring) -> Outcome {
-        self.state(io, false, io.flags.fua, false);
+        self.state(io, false, self.durable(io), false);
         let op = AioOp::WriteZeroes {
             off: io.offset,
             len: u64::from(io.len),

@@ -58,8 +58,8 @@ impl ConnectOptions {
 /// - `rbd_cache=false`: no write-around cache. With it, once the kernel has sent a flush,
 ///   librbd completes writes before the OSD has them (up to 24 MiB), so a daemon that
 ///   dies (kill -9, then recovered) loses writes the kernel saw complete. Without it, a
-///   write completes once the OSD has it. The device still says it has a volatile cache
-///   and flushes after FUA writes, which stays correct.
+///   write completes once the OSD has it, and the device is write-through (`cache.rs`,
+///   which also finds a cache the pool's or the image's configuration turns on).
 /// - `rbd_non_blocking_aio=false`: librbd starts each request in the queue thread that
 ///   calls it, instead of handing it to its own thread first (one thread hop less). The
 ///   call still only queues the request: librbd's image layers wait asynchronously, and

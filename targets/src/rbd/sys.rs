@@ -51,6 +51,7 @@ extern "C" {
 pub const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
 /// `RBD_FEATURE_EXCLUSIVE_LOCK` (rbd/features.h).
 pub const RBD_FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
+pub const RBD_FEATURE_JOURNALING: u64 = 1 << 6;
 /// `rbd_encryption_format_t` (librbd.h).
 pub const RBD_ENCRYPTION_FORMAT_LUKS1: c_int = 0;
 pub const RBD_ENCRYPTION_FORMAT_LUKS2: c_int = 1;
@@ -64,6 +65,16 @@ pub struct rbd_encryption_luks_format_options_t {
     pub alg: c_int,
     pub passphrase: *const c_char,
     pub passphrase_size: usize,
+}
+
+/// One option of an image's configuration (`rbd_config_image_list`): its effective
+/// value and where it came from (`rbd_config_source_t`: the client, the pool or the
+/// image).
+#[repr(C)]
+pub struct rbd_config_option_t {
+    pub name: *mut c_char,
+    pub value: *mut c_char,
+    pub source: c_int,
 }
 
 #[link(name = "rbd")]
@@ -110,6 +121,14 @@ extern "C" {
     /// `r`: 0, or a negative errno that fails the snapshot.
     pub fn rbd_quiesce_complete(image: rbd_image_t, handle: u64, r: c_int);
     pub fn rbd_get_features(image: rbd_image_t, features: *mut u64) -> c_int;
+    /// Fills up to `*max_options` options and sets `*max_options` to their count;
+    /// -ERANGE (with the count needed) when there is not room for all.
+    pub fn rbd_config_image_list(
+        image: rbd_image_t,
+        options: *mut rbd_config_option_t,
+        max_options: *mut c_int,
+    ) -> c_int;
+    pub fn rbd_config_image_list_cleanup(options: *mut rbd_config_option_t, max_options: c_int);
     pub fn rbd_is_exclusive_lock_owner(image: rbd_image_t, is_owner: *mut c_int) -> c_int;
     pub fn rbd_flush(image: rbd_image_t) -> c_int;
     pub fn rbd_aio_create_completion(

@@ -8,6 +8,7 @@ use super::{ImageSpec, RbdError};
 use crate::{
     DeviceShape, QueueContext, QueueTarget, QuiesceSpot, SizeNotice, SizeWatch, Target, Watch,
 };
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use ublkd_proto::{RbdEncryption, RbdQuiesce};
 
@@ -34,6 +35,12 @@ pub struct RbdTarget {
     image: Arc<Image>,
     size: u64,
     quiesce_counts: Arc<QuiesceCounts>,
+    /// Why librbd may complete writes before the OSDs have them (`cache.rs`): the
+    /// device then has a volatile write cache. None: write-through.
+    write_back: Option<String>,
+    /// The device is write-through although librbd caches (a recovered device, see
+    /// [`Target::write_through`]): every write is flushed before it completes.
+    flush_writes: AtomicBool,
 }
 
 impl RbdTarget {
@@ -67,6 +74,11 @@ impl RbdTarget {
             image.load_encryption(e.format, &e.passphrase_file)?;
         }
         let size = image.size()?;
+        let write_back = if opts.read_only {
+            None
+        } else {
+            super::cache::write_back(&image)
+        };
         if size % u64::from(opts.block_size) != 0 {
             return Err(RbdError::NotAligned {
                 spec: opts.spec.to_string(),
@@ -75,7 +87,7 @@ impl RbdTarget {
             });
         }
         log::info!(
-            "rbd {}: {size} bytes{}, conf {}, user {}",
+            "rbd {}: {size} bytes{}, conf {}, user {}, {}",
             opts.spec,
             match (opts.read_only, opts.exclusive) {
                 (true, _) => ", read-only",
@@ -83,13 +95,19 @@ impl RbdTarget {
                 (false, false) => "",
             },
             opts.connect.cluster(),
-            opts.connect.user
+            opts.connect.user,
+            match &write_back {
+                Some(why) => format!("volatile write cache: {why}"),
+                None => "write-through".into(),
+            }
         );
         Ok(RbdTarget {
             opts,
             image: Arc::new(image),
             size,
             quiesce_counts: Arc::default(),
+            write_back,
+            flush_writes: AtomicBool::new(false),
         })
     }
 }
@@ -103,12 +121,11 @@ impl Target for RbdTarget {
         DeviceShape {
             size: self.size,
             read_only: self.opts.read_only,
-            // FLUSH is rbd_aio_flush. ublkd turns librbd's cache off (rados.rs), so a
-            // completed write is on the OSD already; a flush costs little then and keeps
-            // FLUSH and FUA correct whatever librbd does.
-            volatile_cache: true,
+            // Write-through when a completed write is on the OSDs (`cache.rs`); with a
+            // cache, FLUSH is rbd_aio_flush.
+            volatile_cache: self.write_back.is_some(),
             // Done as a write followed by a flush.
-            fua: true,
+            fua: self.write_back.is_some(),
             rotational: false,
             discard: !self.opts.read_only,
             write_zeroes: !self.opts.read_only,
@@ -146,6 +163,17 @@ impl Target for RbdTarget {
             ));
         }
         d.push((
+            "write cache".into(),
+            match (&self.write_back, self.flush_writes.load(Ordering::Relaxed)) {
+                _ if self.opts.read_only => "none (read-only)".into(),
+                (None, _) => "none: a write completes once the OSDs have it".into(),
+                (Some(why), false) => format!("volatile, FLUSH waits for it: {why}"),
+                (Some(why), true) => format!(
+                    "none on the device, which was created without one: every write is flushed ({why})"
+                ),
+            },
+        ));
+        d.push((
             "osd op timeout".into(),
             format!("{} s", c.osd_timeout.as_secs()),
         ));
@@ -182,7 +210,15 @@ impl Target for RbdTarget {
             ctx.depth,
             self.opts.osd_wait(),
             ctx.own_pages.then_some(ctx.max_io_bytes as usize),
+            self.flush_writes.load(Ordering::Relaxed),
         )?))
+    }
+
+    /// librbd caches writes, but the kernel's device (recovered) was created
+    /// write-through, when librbd did not: each write is flushed before it completes.
+    fn write_through(&self) -> bool {
+        self.flush_writes.store(true, Ordering::Relaxed);
+        true
     }
 
     /// An image resized while no ublkd ran is followed after recovery, as any resize.

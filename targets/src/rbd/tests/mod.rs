@@ -12,8 +12,18 @@ use std::time::{Duration, Instant};
 fn target(image: &str) -> RbdTarget {
     let c = ublkd_tests::ceph::shared();
     c.create_image(image, "4M");
-    RbdTarget::open(&RbdOptions {
-        spec: format!("rbd/{image}").parse().unwrap(),
+    open(image, &[])
+}
+
+/// Opens the existing image `image` with `options` as `--ceph-option`s.
+fn open(image: &str, options: &[(&str, &str)]) -> RbdTarget {
+    RbdTarget::open(&rbd_options(&format!("rbd/{image}"), options)).unwrap()
+}
+
+fn rbd_options(spec: &str, options: &[(&str, &str)]) -> RbdOptions {
+    let c = ublkd_tests::ceph::shared();
+    RbdOptions {
+        spec: spec.parse().unwrap(),
         snap_id: None,
         connect: ConnectOptions {
             conf: Some(c.conf.to_str().unwrap().into()),
@@ -21,15 +31,17 @@ fn target(image: &str) -> RbdTarget {
             keyring: None,
             mon_timeout: Duration::from_secs(10),
             osd_timeout: Duration::from_secs(30),
-            options: Vec::new(),
+            options: options
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
         },
         read_only: false,
         exclusive: false,
         encryption: None,
         quiesce: None,
         block_size: 512,
-    })
-    .unwrap()
+    }
 }
 
 fn io(tag: u16, op: BlockOp, fua: bool, offset: u64, len: u32) -> IoDesc {
@@ -73,7 +85,8 @@ fn requests_finish_through_the_eventfd() {
     let t = target("queue-unit");
     let shape = t.shape();
     assert_eq!(shape.size, 4 << 20);
-    assert!(shape.fua && shape.volatile_cache && shape.discard && shape.write_zeroes);
+    // librbd's cache is off: a completed write is on the OSD, the device write-through.
+    assert!(!shape.fua && !shape.volatile_cache && shape.discard && shape.write_zeroes);
     let ctx = QueueContext {
         qid: 0,
         depth: 4,
@@ -132,6 +145,79 @@ fn requests_finish_through_the_eventfd() {
         dispatch(q.as_mut(), &r, pages, &mut ring),
         Outcome::Done(-libc::EOPNOTSUPP)
     );
+}
+
+fn write_cache(t: &RbdTarget) -> String {
+    let d = t.details();
+    d.iter()
+        .find(|(k, _)| k == "write cache")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default()
+}
+
+/// The device has a volatile write cache exactly when librbd may complete writes
+/// before the OSDs have them: librbd's cache set by `--ceph-option` or by the image's
+/// own configuration (which overrides the client's); write-through otherwise. A device
+/// recovered write-through over a caching librbd flushes every write.
+#[test]
+fn the_write_cache_follows_librbds_effective_configuration() {
+    let c = ublkd_tests::ceph::shared();
+    let plain = target("cache-plain");
+    assert!(!plain.shape().volatile_cache);
+    assert!(write_cache(&plain).starts_with("none: a write completes once the OSDs have it"));
+
+    let cached = open("cache-plain", &[("rbd_cache", "true")]);
+    let shape = cached.shape();
+    assert!(shape.volatile_cache && shape.fua);
+    assert!(
+        write_cache(&cached).contains("rbd_cache=true"),
+        "{}",
+        write_cache(&cached)
+    );
+
+    c.create_image("cache-image-conf", "4M");
+    c.rbd(&[
+        "config",
+        "image",
+        "set",
+        "rbd/cache-image-conf",
+        "rbd_cache",
+        "true",
+    ]);
+    let by_image = open("cache-image-conf", &[]);
+    assert!(
+        by_image.shape().volatile_cache,
+        "the image's own rbd_cache=true was not seen"
+    );
+    // Recovered onto a device that was created write-through: every write is flushed,
+    // and still completes with its length.
+    assert!(by_image.write_through());
+    assert!(write_cache(&by_image).contains("every write is flushed"));
+    let ctx = QueueContext {
+        qid: 0,
+        depth: 2,
+        first_file: 0,
+        user_copy: false,
+        staging_index: None,
+        own_pages: false,
+        max_io_bytes: 512 << 10,
+    };
+    let mut q = by_image.queue(ctx).unwrap();
+    let mut ring = TestRing::new(8);
+    q.start(&mut ring);
+    let mut data = vec![7u8; 4096];
+    let buf = IoBuf::User {
+        addr: data.as_mut_ptr(),
+        len: data.len(),
+    };
+    let w = io(0, BlockOp::Write, false, 0, 4096);
+    assert_eq!(dispatch(q.as_mut(), &w, buf, &mut ring), Outcome::Queued);
+    assert_eq!(finish(q.as_mut(), &mut ring, 0), 4096);
+
+    c.rbd(&["snap", "create", "rbd/cache-image-conf@s"]);
+    let snap = RbdTarget::open(&rbd_options("rbd/cache-image-conf@s", &[])).unwrap();
+    assert!(!snap.shape().volatile_cache, "a snapshot takes no writes");
+    assert_eq!(write_cache(&snap), "none (read-only)");
 }
 
 /// `rbd resize` by another client reaches the image's watch, on librbd's thread; the
