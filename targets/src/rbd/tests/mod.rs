@@ -44,6 +44,19 @@ fn rbd_options(spec: &str, options: &[(&str, &str)]) -> RbdOptions {
     }
 }
 
+/// Queue 0 of `depth` tags with daemon buffers.
+fn queue_context(depth: u16) -> QueueContext {
+    QueueContext {
+        qid: 0,
+        depth,
+        first_file: 0,
+        user_copy: false,
+        staging_index: None,
+        own_pages: false,
+        max_io_bytes: 512 << 10,
+    }
+}
+
 fn io(tag: u16, op: BlockOp, fua: bool, offset: u64, len: u32) -> IoDesc {
     IoDesc {
         tag,
@@ -87,15 +100,7 @@ fn requests_finish_through_the_eventfd() {
     assert_eq!(shape.size, 4 << 20);
     // librbd's cache is off: a completed write is on the OSD, the device write-through.
     assert!(!shape.fua && !shape.volatile_cache && shape.discard && shape.write_zeroes);
-    let ctx = QueueContext {
-        qid: 0,
-        depth: 4,
-        first_file: 0,
-        user_copy: false,
-        staging_index: None,
-        own_pages: false,
-        max_io_bytes: 512 << 10,
-    };
+    let ctx = queue_context(4);
     let mut q = t.queue(ctx).unwrap();
     let mut ring = TestRing::new(8);
     q.start(&mut ring);
@@ -193,15 +198,7 @@ fn the_write_cache_follows_librbds_effective_configuration() {
     // and still completes with its length.
     assert!(by_image.write_through());
     assert!(write_cache(&by_image).contains("every write is flushed"));
-    let ctx = QueueContext {
-        qid: 0,
-        depth: 2,
-        first_file: 0,
-        user_copy: false,
-        staging_index: None,
-        own_pages: false,
-        max_io_bytes: 512 << 10,
-    };
+    let ctx = queue_context(2);
     let mut q = by_image.queue(ctx).unwrap();
     let mut ring = TestRing::new(8);
     q.start(&mut ring);
