@@ -216,8 +216,9 @@ impl Image {
             if r < 0 {
                 return Err(errno(r.into()));
             }
-            // SAFETY: librbd filled `count` options (no more than the room given).
-            unsafe { options.set_len(count.clamp(0, room) as usize) };
+            let filled = count.clamp(0, room);
+            // SAFETY: librbd filled `filled` options (no more than the room given).
+            unsafe { options.set_len(filled as usize) };
             let text = |p: *mut libc::c_char| {
                 if p.is_null() {
                     String::new()
@@ -233,7 +234,7 @@ impl Image {
                 .map(|o| (text(o.name), text(o.value)))
                 .collect();
             // SAFETY: the options librbd filled, freed once.
-            unsafe { sys::rbd_config_image_list_cleanup(options.as_mut_ptr(), count) };
+            unsafe { sys::rbd_config_image_list_cleanup(options.as_mut_ptr(), filled) };
             return Ok(list);
         }
     }
