@@ -15,7 +15,11 @@
 //!
 //! `--sync` adds two rows of writes that must be durable when they complete (a 4 KiB
 //! write then an fsync of the device, one at a time; O_SYNC 4 KiB writes, QD8), as
-//! databases and journals write: they measure what a device's FLUSH and FUA cost.
+//! databases and journals write: they measure what a device's FLUSH and FUA cost. Their
+//! names hold "sync" (`--only sync` runs just them). Their first FLUSH switches librbd's
+//! default cache (rbd-nbd's; ublkd turns it off) from write-through to write-around,
+//! which completes writes before the OSD has them: the rbd benchmark's plain write
+//! rows that follow in later rounds then measure rbd-nbd in that mode.
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
 //! `--export` keeps the nbd exports whose key starts with it (`nbdkit-tcp`, `nbdkit-unix`,
 //! `qemu-tcp`; `nbdkit` keeps both nbdkit ones); `--export nbdkit-tls` (only when named)
@@ -103,14 +107,14 @@ const LOOP_ROWS: [Row; 4] = [
 /// write and a FLUSH where the device has no FUA).
 const SYNC_ROWS: [Row; 2] = [
     Row {
-        name: "4k randwrite+fsync QD1",
+        name: "4k sync randwrite+fsync QD1",
         rw: "randwrite",
         bs: "4k",
         iodepth: 1,
         fio: &["--fsync=1"],
     },
     Row {
-        name: "4k randwrite O_SYNC QD8",
+        name: "4k sync O_SYNC randwrite QD8",
         rw: "randwrite",
         bs: "4k",
         iodepth: 8,
