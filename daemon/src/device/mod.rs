@@ -25,8 +25,8 @@ use crate::state::{Record, StateDir};
 use anyhow::{anyhow, bail, Context, Result};
 pub use config::MAX_IO_BYTES;
 use config::{
-    build_target, check_backing, choose_buffer, device_flags, params, recovered_buffer, use_batch,
-    IoSizes,
+    build_target, check_backing, check_write_cache, choose_buffer, device_flags, params,
+    recovered_buffer, use_batch, IoSizes,
 };
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
@@ -282,24 +282,7 @@ impl Device {
                 shape.size
             );
         }
-        let kernel_cache = params.basic.attrs & sys::UBLK_ATTR_VOLATILE_CACHE != 0;
-        if shape.volatile_cache && !kernel_cache {
-            if target.write_through() {
-                log::warn!(
-                    "dev {id}: its {} backend now caches writes, but the device was created \
-                     without a write cache: every write is flushed before it completes; \
-                     delete and add the device again to give it the cache",
-                    target.name()
-                );
-            } else {
-                log::warn!(
-                    "dev {id}: its {} backend now caches writes, but the device was created \
-                     without a write cache, so the kernel sends it no flush: delete and add \
-                     the device again before relying on fsync",
-                    target.name()
-                );
-            }
-        }
+        check_write_cache(id, &params, &shape, &*target);
         ctrl.start_user_recover().map_err(|e| {
             anyhow!(
                 "the kernel refused to start recovering device {id}: {}",
