@@ -17,6 +17,7 @@ pub mod in_use;
 mod resize;
 mod teardown;
 mod udev_name;
+mod write_cache;
 
 use crate::fault;
 use crate::kernel::{describe, ensure_ctrl_ring, errno, state_name, KernelInfo};
@@ -25,8 +26,8 @@ use crate::state::{Record, StateDir};
 use anyhow::{anyhow, bail, Context, Result};
 pub use config::MAX_IO_BYTES;
 use config::{
-    build_target, check_backing, check_write_cache, choose_buffer, device_flags, params,
-    recovered_buffer, use_batch, IoSizes,
+    build_target, check_backing, choose_buffer, device_flags, params, recovered_buffer, use_batch,
+    IoSizes,
 };
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
@@ -40,6 +41,7 @@ use ublkd_proto::features;
 use ublkd_proto::validate::{self, Geometry};
 use ublkd_proto::{AddDevice, BufferMode, CommandMode, DeviceDetail, DeviceInfo, KernelDeviceInfo};
 use ublkd_targets::{DeviceShape, QuiesceSpot, SizeNotice, Target, Watch};
+use write_cache::check_write_cache;
 
 /// How long a queue thread may take to set up, and the block node to appear.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
