@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -58,6 +58,10 @@ pub enum Fault {
     /// The first connection closes, unanswered, at a request at or beyond FAULT_OFFSET;
     /// later connections behave.
     DropOnce,
+    /// The first flush on the first connection is not answered: the server loses
+    /// power ([`Stats::power_loss`]) and the connection closes. Later connections
+    /// behave.
+    PowerLossAtFlush,
 }
 
 /// How long [`Fault::SlowWrites`] takes to answer a write.
@@ -81,8 +85,57 @@ pub struct Stats {
     pub stale_bytes: Mutex<Option<usize>>,
     /// [`Fault::SlowWrites`] is slow while this is set.
     pub slow: AtomicBool,
+    /// The transmission flags advertised to the next connections, besides HAS_FLAGS
+    /// ([`SEND_FLUSH`] to begin with). A command the flags do not allow (a flush
+    /// without SEND_FLUSH, FUA without SEND_FUA) fails with EINVAL, as on a strict
+    /// server.
+    pub advertise: AtomicU16,
+    /// While set, writes without FUA are answered from a volatile cache that a flush
+    /// (or a FUA write) writes to the disk and [`Stats::power_loss`] drops.
+    pub caching: AtomicBool,
+    /// Flushes received.
+    pub flushes: AtomicUsize,
+    /// Writes received with FUA.
+    pub fua_writes: AtomicUsize,
+    /// The cache: writes answered but not on the disk yet, oldest first.
+    cache: Mutex<Vec<(usize, Vec<u8>)>>,
     old_conn: Mutex<Option<TcpStream>>,
     resent: AtomicBool,
+}
+
+/// NBD_FLAG_SEND_FLUSH and NBD_FLAG_SEND_FUA, for [`Stats::advertise`].
+pub const SEND_FLUSH: u16 = 1 << 2;
+pub const SEND_FUA: u16 = 1 << 3;
+
+impl Stats {
+    /// The server loses power: what its cache held is gone.
+    pub fn power_loss(&self) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Writes what the cache holds to `disk`, oldest first.
+    fn write_back(&self, disk: &mut [u8]) {
+        for (at, data) in self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            disk[at..at + data.len()].copy_from_slice(&data);
+        }
+    }
+
+    /// `disk` as a reader sees it: with what the cache holds on top.
+    fn read(&self, disk: &[u8], at: usize, len: usize) -> Vec<u8> {
+        let mut out = disk[at..at + len].to_vec();
+        for (w, data) in self.cache.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let (from, to) = ((*w).max(at), (w + data.len()).min(at + len));
+            if from < to {
+                out[from - at..to - at].copy_from_slice(&data[from - w..to - w]);
+            }
+        }
+        out
+    }
 }
 
 /// The TCP state of `c` (TCP_INFO's tcpi_state).
@@ -137,6 +190,7 @@ fn serve_on(listener: TcpListener, fault: Fault) -> Arc<Stats> {
     let disk = Arc::new(Mutex::new(vec![0u8; SIZE as usize]));
     let stats = Arc::new(Stats::default());
     stats.slow.store(true, Ordering::SeqCst);
+    stats.advertise.store(SEND_FLUSH, Ordering::SeqCst);
     let st = stats.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
@@ -205,6 +259,8 @@ fn session(
         c.write_all(&greeting)?;
     }
     let _client_flags = read_n::<4>(&mut c)?;
+    // The transmission flags this connection was given.
+    let advertised;
     loop {
         let hdr = read_n::<16>(&mut c)?;
         let opt = u32::from_be_bytes(hdr[8..12].try_into().unwrap_or_default());
@@ -222,7 +278,8 @@ fn session(
         let size = if fault == Fault::ZeroSize { 0 } else { SIZE };
         let mut info = 0u16.to_be_bytes().to_vec(); // NBD_INFO_EXPORT
         info.extend_from_slice(&size.to_be_bytes());
-        info.extend_from_slice(&(1u16 | 4).to_be_bytes()); // HAS_FLAGS | SEND_FLUSH
+        advertised = stats.advertise.load(Ordering::SeqCst);
+        info.extend_from_slice(&(1 | advertised).to_be_bytes()); // HAS_FLAGS | ...
         reply_opt(&mut c, opt, 3, &info)?;
         if let Fault::MaxBlockSize(max) = fault {
             let mut bs = 3u16.to_be_bytes().to_vec(); // NBD_INFO_BLOCK_SIZE
@@ -239,6 +296,7 @@ fn session(
     let mut held: Vec<Vec<u8>> = Vec::new();
     loop {
         let req = read_n::<28>(&mut c)?;
+        let cmd_flags = u16::from_be_bytes([req[4], req[5]]);
         let cmd = u16::from_be_bytes([req[6], req[7]]);
         let cookie = u64::from_be_bytes(req[8..16].try_into().unwrap_or_default());
         let offset = u64::from_be_bytes(req[16..24].try_into().unwrap_or_default());
@@ -254,6 +312,10 @@ fn session(
             return Ok(());
         }
         if fault == Fault::DropOnce && faulty && conn == 0 {
+            return Ok(());
+        }
+        if fault == Fault::PowerLossAtFlush && cmd == 3 && conn == 0 {
+            stats.power_loss();
             return Ok(());
         }
         if fault == Fault::StallOldWrite && cmd == 1 && faulty {
@@ -288,6 +350,8 @@ fn session(
             _ if !in_range => 22,
             // NBD_CMD_FLUSH must have offset and length 0 (nbdkit insists too).
             _ if cmd == 3 && (offset != 0 || len != 0) => 22,
+            _ if cmd == 3 && advertised & SEND_FLUSH == 0 => 22,
+            _ if cmd_flags & 1 != 0 && advertised & SEND_FUA == 0 => 22,
             Fault::MaxBlockSize(max) if cmd <= 1 && len > max as usize => 22,
             _ => 0,
         };
@@ -306,9 +370,26 @@ fn session(
         if error == 0 {
             let mut d = disk.lock().unwrap_or_else(|p| p.into_inner());
             let range = offset as usize..offset as usize + len;
+            let fua = cmd_flags & 1 != 0;
             match cmd {
-                0 => reply.extend_from_slice(&d[range]),
-                1 => d[range].copy_from_slice(&payload),
+                0 => reply.extend_from_slice(&stats.read(&d, range.start, len)),
+                1 if !fua && stats.caching.load(Ordering::SeqCst) => stats
+                    .cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((range.start, payload.clone())),
+                1 => {
+                    // A FUA write after the cached ones: they go to the disk first.
+                    stats.write_back(&mut d);
+                    d[range].copy_from_slice(&payload);
+                    if fua {
+                        stats.fua_writes.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                3 => {
+                    stats.write_back(&mut d);
+                    stats.flushes.fetch_add(1, Ordering::SeqCst);
+                }
                 _ => {}
             }
         }

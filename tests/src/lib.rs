@@ -204,6 +204,15 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// What the kernel says of device `dev`'s write cache: "write back" or "write through".
+pub fn queue_write_cache(dev: &str) -> String {
+    let name = dev.trim_start_matches("/dev/");
+    std::fs::read_to_string(format!("/sys/block/{name}/queue/write_cache"))
+        .unwrap_or_else(|e| panic!("{dev}: write_cache: {e}"))
+        .trim()
+        .to_string()
+}
+
 /// `dev` opened with O_DIRECT, for reading, and for writing too with `write`.
 pub fn open_direct(dev: &str, write: bool) -> std::fs::File {
     use std::os::unix::fs::OpenOptionsExt;

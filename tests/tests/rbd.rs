@@ -309,15 +309,6 @@ fn flushed_writes_survive_kill9_with_librbds_write_back_cache() {
     d.del(&dev);
 }
 
-/// What the kernel says of device `dev`'s write cache: "write back" or "write through".
-fn queue_write_cache(dev: &str) -> String {
-    let name = dev.trim_start_matches("/dev/");
-    std::fs::read_to_string(format!("/sys/block/{name}/queue/write_cache"))
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
 /// With librbd's cache off (ublkd's default) a completed write is on the OSD, and the
 /// device is write-through, as krbd's are: the kernel sends it no FLUSH. If the image
 /// turns librbd's write-back cache on while no ublkd runs (`rbd config image set`, which
