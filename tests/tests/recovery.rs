@@ -326,3 +326,60 @@ fn del_gives_up_a_crashed_device_that_cannot_be_recovered() {
     assert!(h.d.list_json().is_empty());
     std::fs::remove_file(&h.moved).unwrap();
 }
+
+/// An nbd device keeps at recovery the write cache it was created with, whatever its
+/// server advertises now. A device created over a server without a cache (write
+/// through) whose server came to cache writes (SEND_FLUSH, no FUA) while no ublkd ran:
+/// each write is followed by a flush before it completes, so 2 MiB written with O_DIRECT
+/// and no fsync survive the server's power loss. A device created with a cache whose
+/// server no longer has one: the kernel's FLUSH is not sent to that server (which fails
+/// it, as the spec lets it), so fsync still succeeds.
+#[test]
+fn an_nbd_device_recovered_over_a_server_whose_cache_changed_loses_no_write() {
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::Ordering::SeqCst;
+    use ublkd_tests::fake_nbd::{serve_any, Fault, SEND_FLUSH};
+    require_ublk();
+    let (through_port, through) = serve_any(Fault::None);
+    through.advertise.store(0, SeqCst);
+    let (back_port, back) = serve_any(Fault::None);
+    let name = "rec-nbd-cache";
+    let mut d = Daemon::start(name);
+    let add = |d: &Daemon, port: u16| d.add(&["nbd", "--uri", &format!("nbd://127.0.0.1:{port}/")]);
+    let (dev, cached) = (add(&d, through_port), add(&d, back_port));
+    let id = dev_id(&dev);
+    assert_eq!(queue_write_cache(&dev), "write through");
+    assert_eq!(queue_write_cache(&cached), "write back");
+    assert!(d
+        .detail(id, "write cache")
+        .starts_with("none: the server answers"));
+    d.kill9();
+    through.advertise.store(SEND_FLUSH, SeqCst);
+    through.caching.store(true, SeqCst);
+    back.advertise.store(0, SeqCst);
+    let d = Daemon::start_with(name, &[]);
+    wait_live(&d, id, "after kill -9 and a restart");
+    wait_live(&d, dev_id(&cached), "after kill -9 and a restart");
+    assert_eq!(queue_write_cache(&dev), "write through");
+    let cache = d.detail(id, "write cache");
+    assert!(
+        cache.contains("every write is followed by a flush"),
+        "{cache}"
+    );
+    let want = pattern(91, 2 << 20);
+    write_direct(&dev, &want);
+    through.power_loss();
+    assert!(
+        read_direct(&dev, want.len()) == want,
+        "completed writes lost in the server's cache"
+    );
+    assert!(through.flushes.load(SeqCst) > 0);
+    let f = open_direct(&cached, true);
+    f.write_all_at(AlignedBuf::new(&want[..4096]).as_slice(), 0)
+        .unwrap();
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("fsync of a device whose server has no cache: {e}"));
+    assert_eq!(back.flushes.load(SeqCst), 0);
+    d.del(&dev);
+    d.del(&cached);
+}

@@ -21,7 +21,7 @@ pub(super) fn check_write_cache(
     if target.write_through() {
         log::warn!(
             "dev {id}: its {name} backend now caches writes, but the device was created \
-             without a write cache: every write is flushed before it completes; \
+             without a write cache: every write is made durable before it completes; \
              delete and add the device again to give it the cache"
         );
     } else {

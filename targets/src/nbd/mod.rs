@@ -32,6 +32,7 @@
 
 mod conn;
 mod connect;
+mod durable;
 mod fixed_send;
 mod ktls;
 mod psk;
@@ -104,6 +105,9 @@ pub struct NbdTarget {
     request_timeout: Duration,
     /// The queues' wake-up eventfds (see `abort`).
     wakes: Arc<Mutex<Vec<OwnedFd>>>,
+    /// The device is write-through although the server caches (a recovered device,
+    /// see [`Target::write_through`]): every write is made durable before it completes.
+    every_write: AtomicBool,
 }
 
 impl NbdTarget {
@@ -176,6 +180,7 @@ impl NbdTarget {
             conns: Mutex::new(conns),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             wakes: Arc::new(Mutex::new(Vec::new())),
+            every_write: AtomicBool::new(false),
         })
     }
 
@@ -257,6 +262,17 @@ impl Target for NbdTarget {
             ("server flags".into(), format!("{:#x}", i.flags)),
             ("multi-conn".into(), yes(proto::TFLAG_CAN_MULTI_CONN)),
             ("flush".into(), yes(proto::TFLAG_SEND_FLUSH)),
+            (
+                "write cache".into(),
+                match (i.has(proto::TFLAG_SEND_FLUSH), self.every_write.load(Ordering::Relaxed)) {
+                    (false, _) => "none: the server answers a write once it is durable".into(),
+                    (true, false) => "volatile, FLUSH is sent to the server".into(),
+                    (true, true) => format!(
+                        "none on the device, which was created without one: every write is {} before it completes",
+                        if i.has(proto::TFLAG_SEND_FUA) { "sent with FUA" } else { "followed by a flush" }
+                    ),
+                },
+            ),
             ("fua".into(), yes(proto::TFLAG_SEND_FUA)),
             ("trim".into(), yes(proto::TFLAG_SEND_TRIM)),
             ("write zeroes".into(), yes(proto::TFLAG_SEND_WRITE_ZEROES)),
@@ -307,20 +323,35 @@ impl Target for NbdTarget {
             wake,
         )
         .count_reconnects_in(self.reconnects.clone());
-        Ok(Box::new(queue::NbdQueue::new(
-            conn,
-            depth,
-            self.request_timeout,
-            fixed_send::PayloadSends {
-                // SEND_ZC only on plain TCP: a Unix socket copies anyway, and kernel TLS
-                // refuses it (it encrypts into pages of its own).
-                zc: matches!(self.uri.address, Address::Tcp { .. }) && self.uri.tls.is_none(),
-                fixed: fixed_send::supported(),
-            },
-            self.pace,
-            ctx.user_copy,
-            ctx.staging_index,
-        )?))
+        Ok(Box::new(
+            queue::NbdQueue::new(
+                conn,
+                depth,
+                self.request_timeout,
+                fixed_send::PayloadSends {
+                    // SEND_ZC only on plain TCP: a Unix socket copies anyway, and kernel TLS
+                    // refuses it (it encrypts into pages of its own).
+                    zc: matches!(self.uri.address, Address::Tcp { .. }) && self.uri.tls.is_none(),
+                    fixed: fixed_send::supported(),
+                },
+                self.pace,
+                ctx.user_copy,
+                ctx.staging_index,
+            )?
+            .with_durability(durable::Durability {
+                flush: self.info.has(proto::TFLAG_SEND_FLUSH),
+                fua: self.info.has(proto::TFLAG_SEND_FUA),
+                every_write: self.every_write.load(Ordering::Relaxed),
+            }),
+        ))
+    }
+
+    /// The server now caches writes, but the kernel's device (recovered) was created
+    /// write-through, when it did not: each write is sent with FUA, or followed by a
+    /// flush, before it completes.
+    fn write_through(&self) -> bool {
+        self.every_write.store(true, Ordering::Relaxed);
+        true
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -12,6 +12,7 @@
 //! what is left unanswered fails after a short grace.
 
 use super::conn::{AfterLoss, Broken, Connection, Link, Reconnected};
+use super::durable::{Durability, Plan};
 use super::fixed_send::PayloadSends;
 use super::proto;
 use super::recv::{self, Receiver};
@@ -19,7 +20,7 @@ use super::send::{payload_len, Pace, SendChain};
 use super::step::{split_step, EVENT_ABORT, EVENT_RECV, EVENT_TICK, EVENT_WAKE};
 use super::step::{STEP_COPY, STEP_PAYLOAD, STEP_SEND, STEP_STAGE};
 use super::tags::{Tags, Timers, ABORT_GRACE};
-use crate::{BlockOp, Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring, Staging};
+use crate::{Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring, Staging};
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -36,25 +37,20 @@ pub(super) struct NbdQueue {
     /// The queue copies payloads into and out of requests' own pages (user copy,
     /// `Ring::copy_to_request`).
     user_copy: bool,
+    /// How requests are made durable on this server.
+    durability: Durability,
 }
 
-fn nbd_command(io: &IoDesc) -> Option<(u16, u16)> {
-    let fua = if io.flags.fua { proto::CMD_FLAG_FUA } else { 0 };
-    Some(match io.op {
-        BlockOp::Read => (proto::CMD_READ, 0),
-        BlockOp::Write => (proto::CMD_WRITE, fua),
-        BlockOp::Flush => (proto::CMD_FLUSH, 0),
-        BlockOp::Discard => (proto::CMD_TRIM, 0),
-        BlockOp::WriteZeroes => {
-            let no_hole = if io.flags.no_unmap {
-                proto::CMD_FLAG_NO_HOLE
-            } else {
-                0
-            };
-            (proto::CMD_WRITE_ZEROES, no_hole | fua)
-        }
-        BlockOp::Other(_) => return None,
-    })
+/// The header of request `io`'s command `cmd`; the cookie is the tag.
+fn header(io: &IoDesc, cmd: u16, flags: u16) -> [u8; proto::REQUEST_LEN] {
+    // A FLUSH must have offset and length 0 (the NBD spec; nbdkit refuses anything
+    // else with EINVAL), whatever position the kernel's flush request carries.
+    let (offset, len) = if cmd == proto::CMD_FLUSH {
+        (0, 0)
+    } else {
+        (io.offset, io.len)
+    };
+    proto::request(flags, cmd, u64::from(io.tag), offset, len)
 }
 
 impl NbdQueue {
@@ -74,7 +70,14 @@ impl NbdQueue {
             send: SendChain::new(depth, payload_sends, pace, user_copy),
             recv: Receiver::new(user_copy, staging_index)?,
             user_copy,
+            durability: Durability::default(),
         })
+    }
+
+    /// Makes requests durable on the server as `durability` says.
+    pub(super) fn with_durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
     }
 
     /// Queues request `io` for sending.
@@ -82,24 +85,19 @@ impl NbdQueue {
         if self.conn.link() == Link::Failed {
             return Outcome::Done(-libc::EIO);
         }
-        let Some((cmd, flags)) = nbd_command(io) else {
-            return Outcome::Done(-libc::EOPNOTSUPP);
+        let (cmd, flags, then_flush) = match self.durability.plan(io) {
+            Plan::Send { cmd, flags } => (cmd, flags, false),
+            Plan::SendThenFlush { cmd, flags } => (cmd, flags, true),
+            Plan::Done(res) => return Outcome::Done(res),
         };
         if payload_len(io) > 0 && buf.len() < payload_len(io) {
             return Outcome::Done(-libc::EIO);
         }
-        // A FLUSH must have offset and length 0 (the NBD spec; nbdkit refuses anything
-        // else with EINVAL), whatever position the kernel's flush request carries.
-        let (offset, len) = if matches!(io.op, BlockOp::Flush) {
-            (0, 0)
-        } else {
-            (io.offset, io.len)
-        };
         let direct = recv::is_direct(io, buf, self.user_copy);
-        self.tags.start(io, buf, direct, self.timers.now());
+        self.tags
+            .start(io, buf, direct, then_flush, self.timers.now());
         // Sent with the others of this turn of the queue loop (`end_turn`).
-        let header = proto::request(flags, cmd, u64::from(io.tag), offset, len);
-        self.send.enqueue(io.tag, header);
+        self.send.enqueue(io.tag, header(io, cmd, flags));
         Outcome::Queued
     }
 
@@ -145,10 +143,33 @@ impl NbdQueue {
         }
     }
 
-    /// Settles the requests the last receive answered, in the server's order.
+    /// Settles the requests the last receive answered, in the server's order; a
+    /// request whose command must be followed by a flush sends that flush next, with
+    /// the same cookie.
     fn settle_replies(&mut self, ring: &mut dyn Ring) {
         for r in self.recv.replies() {
+            let io = self.tags.get(r.tag).io.filter(|_| r.res >= 0);
+            if let Some(io) = io.filter(|_| self.tags.flush_next(r.tag, self.timers.now())) {
+                self.send.enqueue(r.tag, header(&io, proto::CMD_FLUSH, 0));
+                continue;
+            }
             self.tags.settle(r.tag, r.res, ring);
+        }
+    }
+
+    /// Requests waiting for their flush go back to their command, to be sent again
+    /// on a new connection (`Tags::rewind`).
+    fn rewind(&mut self, tags: &VecDeque<u16>) {
+        for &tag in tags {
+            if !self.tags.rewind(tag) {
+                continue;
+            }
+            let Some(io) = self.tags.get(tag).io else {
+                continue;
+            };
+            if let Plan::SendThenFlush { cmd, flags } = self.durability.plan(&io) {
+                self.send.set_header(tag, header(&io, cmd, flags));
+            }
         }
     }
 
@@ -174,6 +195,7 @@ impl NbdQueue {
                 resend.push_back(tag);
             }
         }
+        self.rewind(&resend);
         let direct = resend.iter().filter(|&&t| self.tags.is_direct(t)).count();
         self.tags.forget_sent(direct);
         self.send.reset(resend);
@@ -198,6 +220,7 @@ impl NbdQueue {
         }
         self.recv.reset();
         let queued = self.send.queued().clone();
+        self.rewind(&queued);
         let direct = queued.iter().filter(|&&t| self.tags.is_direct(t)).count();
         self.tags.forget_sent(direct);
         self.send.reset(queued);

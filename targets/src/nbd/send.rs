@@ -131,6 +131,12 @@ impl SendChain {
         }
     }
 
+    /// Request `tag` will go out with this header instead of the one it was queued
+    /// with.
+    pub(super) fn set_header(&mut self, tag: u16, header: [u8; proto::REQUEST_LEN]) {
+        self.headers[usize::from(tag)] = header;
+    }
+
     /// Request `tag` with this header waits for the next chain.
     pub(super) fn enqueue(&mut self, tag: u16, header: [u8; proto::REQUEST_LEN]) {
         self.headers[usize::from(tag)] = header;
@@ -181,7 +187,7 @@ impl SendChain {
     /// match what was built, so it is treated as lost and its requests are sent again
     /// (each a limited number of times) on the next one.
     pub(super) fn staged(&self, tag: u16, res: i32, tags: &Tags) -> Result<(), Broken> {
-        let want = tags.get(tag).io.map_or(0, |io| payload_len(&io));
+        let want = tags.get(tag).payload_len();
         if res >= 0 && res as usize == want {
             return Ok(());
         }
@@ -247,7 +253,9 @@ impl SendChain {
             }
             taken += 1;
             let t = usize::from(tag);
-            let Some(io) = tags.get(tag).io else { continue };
+            if tags.get(tag).io.is_none() {
+                continue;
+            }
             tags.sent(tag);
             let hdr = self.headers[t].as_ptr();
             self.segs.iovecs[iov] = libc::iovec {
@@ -257,7 +265,7 @@ impl SendChain {
             iov += 1;
             let (_, first, bytes) = run.unwrap_or((tag, iov - 1, 0));
             run = Some((tag, first, bytes + proto::REQUEST_LEN));
-            let payload = payload_len(&io);
+            let payload = tags.get(tag).payload_len();
             if payload == 0 {
                 continue;
             }

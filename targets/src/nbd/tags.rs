@@ -5,6 +5,7 @@
 //! A request finishes when it has a result and none of its own SQEs is in flight: its
 //! buffer is the kernel's again only then.
 
+use super::send::payload_len;
 use super::step::{EVENT_ABORT, EVENT_TICK};
 use crate::{IoBuf, IoDesc, Outcome, Ring};
 use io_uring::{opcode, types};
@@ -41,12 +42,26 @@ pub(super) struct TagIo {
     /// Copying part of its payload into the request's pages failed: fails with EIO once
     /// the rest of the payload has been taken off the connection.
     pub(super) copy_failed: bool,
+    /// Once its command has succeeded, a flush follows, whose reply completes it
+    /// (`durable::Plan::SendThenFlush`).
+    then_flush: bool,
+    /// That flush is what goes out, or is out, for it now: no payload follows.
+    pub(super) flushing: bool,
 }
 
 impl TagIo {
     /// In this target and without an answer yet.
     fn unanswered(&self) -> bool {
         self.io.is_some() && self.result.is_none()
+    }
+
+    /// Bytes that follow its header on the wire: a write's data, unless its flush is
+    /// what goes out.
+    pub(super) fn payload_len(&self) -> usize {
+        match self.io {
+            Some(io) if !self.flushing => payload_len(&io),
+            _ => 0,
+        }
     }
 }
 
@@ -88,8 +103,15 @@ impl Tags {
     }
 
     /// Request `io` starts, waiting to be sent, at tick `now`; `direct` as in
-    /// `is_direct`.
-    pub(super) fn start(&mut self, io: &IoDesc, buf: IoBuf, direct: bool, now: u32) {
+    /// `is_direct`; `then_flush`: a flush follows its command.
+    pub(super) fn start(
+        &mut self,
+        io: &IoDesc,
+        buf: IoBuf,
+        direct: bool,
+        then_flush: bool,
+        now: u32,
+    ) {
         let t = &mut self.slots[usize::from(io.tag)];
         *t = TagIo {
             io: Some(*io),
@@ -97,6 +119,7 @@ impl Tags {
             direct,
             sqes: t.sqes,
             since: now,
+            then_flush,
             ..TagIo::default()
         };
         self.active += 1;
@@ -155,6 +178,27 @@ impl Tags {
             "reply counters"
         );
         (self.awaiting, self.awaiting_direct > 0)
+    }
+
+    /// `tag`'s command succeeded (at tick `now`): if a flush is to follow it, the tag
+    /// waits to send that flush and true is returned.
+    pub(super) fn flush_next(&mut self, tag: u16, now: u32) -> bool {
+        let t = self.get_mut(tag);
+        if !t.then_flush || t.flushing {
+            return false;
+        }
+        t.flushing = true;
+        t.sent = false;
+        t.replied = false;
+        t.since = now;
+        true
+    }
+
+    /// `tag` waits to be sent again on another connection, with its command: the flush
+    /// it may have waited for does not cover a write answered on the lost connection
+    /// (the server may have lost its cache with it). True if it was at its flush.
+    pub(super) fn rewind(&mut self, tag: u16) -> bool {
+        std::mem::take(&mut self.get_mut(tag).flushing)
     }
 
     /// `tag` was in flight on a lost connection and is to be sent again: how many
@@ -258,8 +302,15 @@ impl Tags {
         for (tag, t) in busy.take(8) {
             if let Some(io) = t.io {
                 s.push_str(&format!(
-                    "; tag {tag}: {:?} {}@{} sent {} replied {} result {:?} SQEs {}",
-                    io.op, io.len, io.offset, t.sent, t.replied, t.result, t.sqes
+                    "; tag {tag}: {:?} {}@{}{} sent {} replied {} result {:?} SQEs {}",
+                    io.op,
+                    io.len,
+                    io.offset,
+                    if t.flushing { " (its flush)" } else { "" },
+                    t.sent,
+                    t.replied,
+                    t.result,
+                    t.sqes
                 ));
             }
         }

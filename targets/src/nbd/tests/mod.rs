@@ -15,6 +15,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use ublkd_tests::fake_nbd::{serve_any, Fault, Stats, FAULT_OFFSET};
 
+mod durable;
+
 /// One queue of an nbd device on a test ring, and its requests' buffers.
 struct Harness {
     // The ring goes first: its SQEs point into the queue's buffers.
@@ -28,6 +30,8 @@ struct Harness {
     order: Vec<u16>,
     /// Reads and writes use the requests' own pages (`TestRing::lend_pages`).
     pages: bool,
+    /// The flags of the requests started next (FUA).
+    flags: IoFlags,
 }
 
 const DEPTH: u16 = 32;
@@ -57,6 +61,11 @@ impl Harness {
             Some(limit) => t.one_send_at_a_time(limit),
             None => t,
         };
+        Self::on(&t, pages)
+    }
+
+    /// The first queue of `t`.
+    fn on(t: &NbdTarget, pages: bool) -> Harness {
         let mut ring = TestRing::new(256);
         let mut q = t
             .queue(QueueContext {
@@ -78,6 +87,7 @@ impl Harness {
             done: HashMap::new(),
             order: Vec::new(),
             pages,
+            flags: IoFlags::default(),
         }
     }
 
@@ -87,7 +97,7 @@ impl Harness {
         let io = IoDesc {
             tag,
             op,
-            flags: IoFlags::default(),
+            flags: self.flags,
             offset,
             len,
         };
