@@ -46,7 +46,7 @@ pub(super) struct TagIo {
     /// (`durable::Plan::SendThenFlush`).
     then_flush: bool,
     /// That flush is what goes out, or is out, for it now: no payload follows.
-    pub(super) flushing: bool,
+    flushing: bool,
 }
 
 impl TagIo {
