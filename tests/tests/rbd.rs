@@ -356,6 +356,39 @@ fn write_through_unless_librbd_caches_and_a_cache_that_appears_is_flushed() {
     d.del(&dev);
 }
 
+/// The journaling feature adds no cache: librbd lets an object write go only once its
+/// journal entry is safe, and completes it once the object write has, so a journaled
+/// image's device is write-through too, and 2 MiB written with O_DIRECT and no flush
+/// are there after kill -9 of ublkd. (The data part cannot tell ublkd's decision apart:
+/// with librbd's write-back cache forced on, the same writes survived too; the sysfs
+/// check is what fails when journaling counts as a cache.)
+#[test]
+fn a_journaled_image_is_write_through_and_keeps_unflushed_writes_across_kill9() {
+    let c = cluster();
+    let features = "layering,exclusive-lock,journaling";
+    c.rbd(&[
+        "create",
+        "--size",
+        "8M",
+        "--image-feature",
+        features,
+        "rbd/journaled",
+    ]);
+    let name = "rbd-journaled";
+    let d = Daemon::start(name);
+    let dev = add_rbd(&d, "rbd/journaled", &[]);
+    let id = dev_id(&dev);
+    assert_eq!(queue_write_cache(&dev), "write through");
+    let want = pattern(77, 2 << 20);
+    write_direct(&dev, &want);
+    let d = kill9_and_restart(d, name, id);
+    assert!(
+        read_direct(&dev, want.len()) == want,
+        "completed writes to a journaled image lost with the daemon"
+    );
+    d.del(&dev);
+}
+
 /// `--exclusive`: the device keeps the image's lock (`show` says so) and a second
 /// exclusive mapping is refused in one line; after kill -9 of ublkd the next one
 /// restores the device in the background once the dead daemon's lock can be broken

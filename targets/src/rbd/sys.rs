@@ -51,7 +51,6 @@ extern "C" {
 pub const RBD_LOCK_MODE_EXCLUSIVE: c_int = 0;
 /// `RBD_FEATURE_EXCLUSIVE_LOCK` (rbd/features.h).
 pub const RBD_FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
-pub const RBD_FEATURE_JOURNALING: u64 = 1 << 6;
 /// `rbd_encryption_format_t` (librbd.h).
 pub const RBD_ENCRYPTION_FORMAT_LUKS1: c_int = 0;
 pub const RBD_ENCRYPTION_FORMAT_LUKS2: c_int = 1;

@@ -171,6 +171,12 @@ fn the_write_cache_follows_librbds_effective_configuration() {
     assert!(!plain.shape().volatile_cache);
     assert!(write_cache(&plain).starts_with("none: a write completes once the OSDs have it"));
 
+    // Journaling holds each write until its journal entry is safe: no cache.
+    let features = "layering,exclusive-lock,journaling";
+    let spec = "rbd/cache-journaled";
+    c.rbd(&["create", "--size", "4M", "--image-feature", features, spec]);
+    assert!(!open("cache-journaled", &[]).shape().volatile_cache);
+
     let cached = open("cache-plain", &[("rbd_cache", "true")]);
     let shape = cached.shape();
     assert!(shape.volatile_cache && shape.fua);
