@@ -40,6 +40,24 @@ pub(super) enum Plan {
 }
 
 impl Durability {
+    /// What `show` says of the device's write cache.
+    pub(super) fn describe(&self) -> String {
+        let how = if self.fua {
+            "sent with FUA"
+        } else {
+            "followed by a flush"
+        };
+        match (self.flush, self.every_write) {
+            (false, _) => "none: the server answers a write once it is durable".into(),
+            (true, false) => "volatile, FLUSH is sent to the server".into(),
+            (true, true) => format!(
+                "none on the device, which was created without one: every write is {how} \
+                 before it completes"
+            ),
+        }
+    }
+
+    /// What request `io` becomes on the wire.
     pub(super) fn plan(&self, io: &IoDesc) -> Plan {
         let (cmd, mut flags) = match io.op {
             BlockOp::Read => (proto::CMD_READ, 0),

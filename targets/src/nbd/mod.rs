@@ -200,6 +200,15 @@ impl NbdTarget {
         self
     }
 
+    /// How the queues make requests durable on this server.
+    fn durability(&self) -> durable::Durability {
+        durable::Durability {
+            flush: self.info.has(proto::TFLAG_SEND_FLUSH),
+            fua: self.info.has(proto::TFLAG_SEND_FUA),
+            every_write: self.every_write.load(Ordering::Relaxed),
+        }
+    }
+
     /// How long deleting the device waits for a connected server to answer what the
     /// kernel still writes back: the request timeout, or the default when that is 0.
     pub fn drain_grace(&self) -> Duration {
@@ -262,17 +271,7 @@ impl Target for NbdTarget {
             ("server flags".into(), format!("{:#x}", i.flags)),
             ("multi-conn".into(), yes(proto::TFLAG_CAN_MULTI_CONN)),
             ("flush".into(), yes(proto::TFLAG_SEND_FLUSH)),
-            (
-                "write cache".into(),
-                match (i.has(proto::TFLAG_SEND_FLUSH), self.every_write.load(Ordering::Relaxed)) {
-                    (false, _) => "none: the server answers a write once it is durable".into(),
-                    (true, false) => "volatile, FLUSH is sent to the server".into(),
-                    (true, true) => format!(
-                        "none on the device, which was created without one: every write is {} before it completes",
-                        if i.has(proto::TFLAG_SEND_FUA) { "sent with FUA" } else { "followed by a flush" }
-                    ),
-                },
-            ),
+            ("write cache".into(), self.durability().describe()),
             ("fua".into(), yes(proto::TFLAG_SEND_FUA)),
             ("trim".into(), yes(proto::TFLAG_SEND_TRIM)),
             ("write zeroes".into(), yes(proto::TFLAG_SEND_WRITE_ZEROES)),
@@ -338,11 +337,7 @@ impl Target for NbdTarget {
                 ctx.user_copy,
                 ctx.staging_index,
             )?
-            .with_durability(durable::Durability {
-                flush: self.info.has(proto::TFLAG_SEND_FLUSH),
-                fua: self.info.has(proto::TFLAG_SEND_FUA),
-                every_write: self.every_write.load(Ordering::Relaxed),
-            }),
+            .with_durability(self.durability()),
         ))
     }
 
