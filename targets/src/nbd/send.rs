@@ -139,7 +139,7 @@ impl SendChain {
 
     /// Request `tag` with this header waits for the next chain.
     pub(super) fn enqueue(&mut self, tag: u16, header: [u8; proto::REQUEST_LEN]) {
-        self.headers[usize::from(tag)] = header;
+        self.set_header(tag, header);
         self.queue.push_back(tag);
     }
 
