@@ -148,8 +148,12 @@ impl NbdQueue {
     /// the same cookie.
     fn settle_replies(&mut self, ring: &mut dyn Ring) {
         for r in self.recv.replies() {
-            let io = self.tags.get(r.tag).io.filter(|_| r.res >= 0);
-            if let Some(io) = io.filter(|_| self.tags.flush_next(r.tag, self.timers.now())) {
+            let flush = if r.res >= 0 {
+                self.tags.flush_next(r.tag, self.timers.now())
+            } else {
+                None
+            };
+            if let Some(io) = flush {
                 self.send.enqueue(r.tag, header(&io, proto::CMD_FLUSH, 0));
                 continue;
             }

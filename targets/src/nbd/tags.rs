@@ -181,17 +181,17 @@ impl Tags {
     }
 
     /// `tag`'s command succeeded (at tick `now`): if a flush is to follow it, the tag
-    /// waits to send that flush and true is returned.
-    pub(super) fn flush_next(&mut self, tag: u16, now: u32) -> bool {
+    /// waits to send that flush, and its request is returned.
+    pub(super) fn flush_next(&mut self, tag: u16, now: u32) -> Option<IoDesc> {
         let t = self.get_mut(tag);
         if !t.then_flush || t.flushing {
-            return false;
+            return None;
         }
         t.flushing = true;
         t.sent = false;
         t.replied = false;
         t.since = now;
-        true
+        t.io
     }
 
     /// `tag` waits to be sent again on another connection, with its command: the flush
