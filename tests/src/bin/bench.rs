@@ -6,7 +6,8 @@
 //! round each workload runs on every device in turn, the order rotating by one device
 //! each round, so slow phases of the (emulated) machine hit all devices alike. The table
 //! shows the median of the rounds, the spread (min-max) of IOPS, and the ratio of the
-//! medians to the kernel's device and (null, loop) to rublk -z.
+//! medians to the kernel's device and (null, loop) to rublk -z; a second table pairs each
+//! round's IOPS with the reference's in the same round (`bench/paired.rs`).
 //!
 //! Usage: ublkd-bench null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT]
 //!        [--export nbdkit|nbdkit-tcp|nbdkit-unix|nbdkit-tls|qemu] [--buffers MODE,...]
@@ -56,6 +57,9 @@
 #[cfg(feature = "rbd")]
 #[path = "bench/rbd.rs"]
 mod rbd;
+
+#[path = "bench/paired.rs"]
+mod paired;
 
 use std::process::Command;
 use ublkd_tests::nbd_server::{Listen, Server};
@@ -426,6 +430,19 @@ fn compare(devices: &[(String, String)], refs: &[(usize, &str)], rows: &[Row], s
             }
             println!("{line}");
         }
+    }
+    if s.rounds > 1 {
+        let labels: Vec<&str> = devices.iter().map(|(l, _)| l.as_str()).collect();
+        let names: Vec<&str> = rows.iter().map(|r| r.name).collect();
+        let iops: Vec<Vec<Vec<f64>>> = samples
+            .iter()
+            .map(|row| {
+                row.iter()
+                    .map(|v| v.iter().map(|x| x.iops).collect())
+                    .collect()
+            })
+            .collect();
+        paired::print(&labels, &names, &iops, refs);
     }
     let placed: Vec<String> = devices
         .iter()
