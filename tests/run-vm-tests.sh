@@ -63,6 +63,9 @@ args+=(--file "tests/vm/guest-run-tests.sh:/usr/local/bin/guest-run-tests.sh")
 # Real NBD servers for the nbd target's tests.
 plugins=$(nbdkit --dump-config | sed -n 's/^plugindir=//p')
 args+=(--tool /usr/bin/nbdkit --tool /usr/bin/qemu-nbd)
+# iproute2's ip (busybox's cannot name a veth's peer): a server in another network
+# namespace, for the nbd target's remote-server test (tests/src/remote_net.rs).
+args+=(--tool /usr/sbin/ip)
 args+=(--tool "$plugins/nbdkit-memory-plugin.so" --tool "$plugins/nbdkit-file-plugin.so")
 # A single-node Ceph cluster for the rbd target's tests (tests/src/ceph.rs).
 mapfile -t ceph < <(tests/vm/ceph-args.sh)

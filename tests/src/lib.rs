@@ -9,6 +9,7 @@ pub mod ceph;
 pub mod fake_nbd;
 pub mod nbd_server;
 pub mod pki;
+pub mod remote_net;
 pub mod tls_nbd;
 
 mod daemon;

@@ -1,5 +1,6 @@
 //! Real NBD servers for the tests: nbdkit and qemu-nbd on loopback or a Unix socket.
 
+use crate::remote_net::RemoteNet;
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::process::{Child, Command, Stdio};
@@ -14,6 +15,18 @@ pub struct Server {
 pub enum Listen {
     Tcp(u16),
     Unix(String),
+    /// TCP on another host's address (`remote_net::HOST`).
+    TcpAt(&'static str, u16),
+}
+
+impl Listen {
+    /// The TCP address to listen on (unused for a Unix socket).
+    fn host(&self) -> &'static str {
+        match self {
+            Listen::TcpAt(host, _) => host,
+            _ => "127.0.0.1",
+        }
+    }
 }
 
 impl Server {
@@ -31,7 +44,9 @@ impl Server {
         let started = Instant::now();
         loop {
             let up = match &listen {
-                Listen::Tcp(port) => TcpStream::connect(("127.0.0.1", *port)).is_ok(),
+                Listen::Tcp(port) | Listen::TcpAt(_, port) => {
+                    TcpStream::connect((listen.host(), *port)).is_ok()
+                }
                 Listen::Unix(path) => UnixStream::connect(path).is_ok(),
             };
             if up {
@@ -53,17 +68,28 @@ impl Server {
 
     /// nbdkit's memory plugin: a RAM disk of `size` (multi-conn capable).
     pub fn nbdkit_memory(listen: Listen, size: &str, extra: &[&str]) -> Server {
+        Server::nbdkit_memory_via(None, listen, size, extra)
+    }
+
+    /// `nbdkit_memory` in network namespace `net`, on TCP at `remote_net::HOST`.
+    pub fn nbdkit_memory_in(net: &RemoteNet, port: u16, size: &str) -> Server {
+        let listen = Listen::TcpAt(crate::remote_net::HOST, port);
+        Server::nbdkit_memory_via(Some(net), listen, size, &[])
+    }
+
+    fn nbdkit_memory_via(
+        net: Option<&RemoteNet>,
+        listen: Listen,
+        size: &str,
+        extra: &[&str],
+    ) -> Server {
         let mut args: Vec<String> = vec!["-f".into(), "--exit-with-parent".into()];
         args.extend(extra.iter().map(|s| s.to_string()));
         let uri = match &listen {
-            Listen::Tcp(port) => {
-                args.extend([
-                    "-i".into(),
-                    "127.0.0.1".into(),
-                    "-p".into(),
-                    port.to_string(),
-                ]);
-                format!("nbd://127.0.0.1:{port}/")
+            Listen::Tcp(port) | Listen::TcpAt(_, port) => {
+                let host = listen.host();
+                args.extend(["-i".into(), host.into(), "-p".into(), port.to_string()]);
+                format!("nbd://{host}:{port}/")
             }
             Listen::Unix(path) => {
                 let _ = std::fs::remove_file(path);
@@ -72,7 +98,13 @@ impl Server {
             }
         };
         args.extend(["memory".into(), format!("size={size}")]);
-        Server::spawn("/usr/bin/nbdkit", &args, listen, uri)
+        match net {
+            Some(net) => {
+                let args = net.wrap("/usr/bin/nbdkit", &args);
+                Server::spawn("nsenter", &args, listen, uri)
+            }
+            None => Server::spawn("/usr/bin/nbdkit", &args, listen, uri),
+        }
     }
 
     /// qemu-nbd exporting a raw file as export "disk".
@@ -86,14 +118,10 @@ impl Server {
         args.extend(["-f".into(), "raw".into(), "-x".into(), "disk".into()]);
         args.extend(["-t".into(), "-e".into(), "4".into(), "--cache=none".into()]);
         let uri = match &listen {
-            Listen::Tcp(port) => {
-                args.extend([
-                    "-b".into(),
-                    "127.0.0.1".into(),
-                    "-p".into(),
-                    port.to_string(),
-                ]);
-                format!("nbd://127.0.0.1:{port}/disk")
+            Listen::Tcp(port) | Listen::TcpAt(_, port) => {
+                let host = listen.host();
+                args.extend(["-b".into(), host.into(), "-p".into(), port.to_string()]);
+                format!("nbd://{host}:{port}/disk")
             }
             Listen::Unix(path) => {
                 let _ = std::fs::remove_file(path);

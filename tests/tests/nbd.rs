@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use ublkd_tests::nbd_server::{Listen, Server};
+use ublkd_tests::remote_net::{self, RemoteNet};
 use ublkd_tests::*;
 
 fn require_ublk() {
@@ -122,6 +123,37 @@ server_tests! {
     nbdkit_tcp_fixed => "nbdkit-tcp", Some("fixed"), 10905;
     nbdkit_tcp_zc => "nbdkit-tcp", Some("zc"), 10906;
     nbdkit_unix_zc => "nbdkit-unix", Some("zc"), 0;
+}
+
+/// Large write payloads in the zero-copy modes go with SEND_ZC only to a server on
+/// another host (here a network namespace behind a veth pair, `remote_net`): fio
+/// verifies 4k and 128k-512k writes through SEND_ZC in auto-zc and zc there, and the
+/// daemon says which send it chose for each connection; to a server on 127.0.0.1 it is
+/// SEND from the registered buffer (what the nbdkit_tcp_* tests verify).
+#[test]
+fn large_writes_to_a_server_on_another_host_go_with_send_zc() {
+    require_ublk();
+    let net = RemoteNet::start();
+    let remote = Server::nbdkit_memory_in(&net, 10908, "256M");
+    let local = Server::nbdkit_memory(Listen::Tcp(10909), "64M", &[]);
+    let d = Daemon::start("nbd-remote-zc");
+    let zc = format!(
+        "server {}: large write payloads go with SEND_ZC",
+        remote_net::HOST
+    );
+    for (n, mode) in ["auto-zc", "zc"].into_iter().enumerate() {
+        let dev = add_nbd(&d, &remote.uri, &["--buffer", mode]);
+        assert_eq!(d.log_text().matches(&zc).count(), n + 1, "{}", d.log_text());
+        verify_unbroken(&d, &dev, "16M", mode);
+    }
+    let dev = add_nbd(&d, &local.uri, &[]);
+    let log = d.log_text();
+    assert!(
+        log.contains("server 127.0.0.1 is on this machine: large write payloads go with SEND "),
+        "{log}"
+    );
+    assert_eq!(log.matches(&zc).count(), 2, "{log}");
+    d.del(&dev);
 }
 
 #[test]

@@ -32,8 +32,9 @@ CACHE=${UBLKD_VM_CACHE:-/var/cache/ublkd-vm}
 SUITE=${UBLKD_VM_KERNEL_SUITE:-trixie-backports}
 META=${UBLKD_VM_KERNEL_META:-linux-image-cloud-amd64}
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-# tls, gcm and ctr: kernel TLS with AES-GCM for the nbd target's TLS tests.
-WANTED_MODULES=(configfs null_blk ublk_drv loop nbd tls gcm ctr)
+# tls, gcm and ctr: kernel TLS with AES-GCM for the nbd target's TLS tests; veth: a
+# server in another network namespace that looks remote (tests/src/remote_net.rs).
+WANTED_MODULES=(configfs null_blk ublk_drv loop nbd tls gcm ctr veth)
 # shellcheck disable=SC2206 # word splitting intended
 WANTED_MODULES+=(${UBLKD_VM_EXTRA_MODULES:-})
 

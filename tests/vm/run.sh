@@ -305,8 +305,8 @@ load_mod() {
     insmod "/lib/modules/$1.ko" || { echo "ublkd-vm: insmod $1.ko failed"; return 1; }
 }
 # tls, gcm, ctr: kernel TLS (AES-GCM) for nbds://; the guest has no modprobe aliases
-# for the kernel to load the crypto modules by itself.
-for m in configfs ublk_drv loop nbd tls gcm ctr; do
+# for the kernel to load the crypto modules by itself. veth: tests/src/remote_net.rs.
+for m in configfs ublk_drv loop nbd tls gcm ctr veth; do
     load_mod "$m" || fail "cannot load module $m"
 done
 mount -t configfs configfs /sys/kernel/config || fail "mount configfs"

@@ -27,10 +27,12 @@ set -euo pipefail
 #   librbd-dev, librados-dev  the rbd target's link libraries (cargo feature rbd)
 #   ceph-mon, ceph-osd, ceph-common  the single-node cluster of the rbd tests (rbd, monmaptool)
 #   rbd-nbd                the rbd-nbd mapper, for the rbd benchmark
+#   iproute2               ip, for a veth pair into another network namespace (nbd tests)
 readonly PACKAGES=(
     qemu-system-x86 busybox-static fio cpio xz-utils e2fsprogs util-linux mount
     libclang-dev libssl-dev pkg-config debian-archive-keyring apt coreutils nbdkit qemu-utils nbd-client
     mmdebstrap systemd man-db librbd-dev librados-dev ceph-mon ceph-osd ceph-common rbd-nbd
+    iproute2
 )
 
 die() { printf 'setup-host.sh: error: %s\n' "$*" >&2; exit 1; }

@@ -57,7 +57,7 @@ use connect::connect_one;
 pub use connect::NbdError;
 use proto::ExportInfo;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -312,6 +312,10 @@ impl Target for NbdTarget {
             .lock()
             .map_err(|_| io::Error::other("wake-up table poisoned"))?
             .push(wake.try_clone()?);
+        // SEND_ZC only on plain TCP: a Unix socket copies anyway, and kernel TLS refuses it
+        // (it encrypts into pages of its own).
+        let tcp = matches!(self.uri.address, Address::Tcp { .. }) && self.uri.tls.is_none();
+        let sends = fixed_send::PayloadSends::for_connection(sock.as_fd(), tcp);
         let conn = Connection::new(
             sock,
             state,
@@ -327,12 +331,7 @@ impl Target for NbdTarget {
                 conn,
                 depth,
                 self.request_timeout,
-                fixed_send::PayloadSends {
-                    // SEND_ZC only on plain TCP: a Unix socket copies anyway, and kernel TLS
-                    // refuses it (it encrypts into pages of its own).
-                    zc: matches!(self.uri.address, Address::Tcp { .. }) && self.uri.tls.is_none(),
-                    fixed: fixed_send::supported(),
-                },
+                sends,
                 self.pace,
                 ctx.user_copy,
                 ctx.staging_index,
