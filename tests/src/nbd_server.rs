@@ -1,4 +1,5 @@
-//! Real NBD servers for the tests: nbdkit and qemu-nbd on loopback or a Unix socket.
+//! Real NBD servers for the tests: nbdkit and qemu-nbd on loopback, in another network
+//! namespace (`remote_net`), or on a Unix socket.
 
 use crate::remote_net::RemoteNet;
 use std::net::TcpStream;
