@@ -4,6 +4,7 @@
 //! to another machine has (the nbd target sends large payloads with SEND_ZC only there).
 //! Needs the veth module and iproute2's `ip` in the VM (tests/run-vm-tests.sh).
 
+use crate::run_ok;
 use std::process::{Child, Command, Stdio};
 
 /// The address of the namespace's end.
@@ -42,13 +43,13 @@ impl RemoteNet {
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        run(
+        run_ok(
             IP,
             &["link", "add", NEAR, "type", "veth", "peer", "name", FAR],
         );
-        run(IP, &["link", "set", FAR, "netns", &pid]);
-        run(IP, &["addr", "add", "10.77.0.1/24", "dev", NEAR]);
-        run(IP, &["link", "set", NEAR, "up"]);
+        run_ok(IP, &["link", "set", FAR, "netns", &pid]);
+        run_ok(IP, &["addr", "add", "10.77.0.1/24", "dev", NEAR]);
+        run_ok(IP, &["link", "set", NEAR, "up"]);
         for args in [
             &["addr", "add", &format!("{HOST}/24"), "dev", FAR][..],
             &["link", "set", FAR, "up"],
@@ -56,7 +57,7 @@ impl RemoteNet {
         ] {
             let mut a = vec!["-t", &pid, "-n", IP];
             a.extend_from_slice(args);
-            run("nsenter", &a);
+            run_ok("nsenter", &a);
         }
         net
     }
@@ -87,16 +88,4 @@ fn del_near() {
         .args(["link", "del", NEAR])
         .stderr(Stdio::null())
         .status();
-}
-
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
