@@ -50,12 +50,8 @@ fn cell(dev: &[f64], reference: &[f64]) -> String {
     }
     let ahead = ratios.iter().filter(|x| **x > 1.0).count();
     let n = ratios.len();
-    ratios.sort_by(|a, b| a.total_cmp(b));
-    let median = if n % 2 == 1 {
-        ratios[n / 2]
-    } else {
-        (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0
-    };
+    // Sorts `ratios`, so the first and last are the spread.
+    let median = super::median(&mut ratios);
     format!(
         "{median:.2}x ({:.2}-{:.2}) {ahead}/{n}",
         ratios[0],
