@@ -557,8 +557,10 @@ fn chains_survive_partial_sends_and_replies() {
 /// the request's pages into the chain's SENDMSG (user copy), or without user copy is a
 /// SEND from the request's registered pages, as is every large payload (this kernel
 /// has it: the daemon says so): several per chain, each continued by io_uring until all
-/// of it is out (MSG_WAITALL) before the next starts. fio's verify passes and the
-/// connection is never reset.
+/// of it is out (MSG_WAITALL) before the next starts. The server's replies come in
+/// pieces too: a large read's payload is one RECV into the request's registered pages
+/// that io_uring continues until all of it is in (this kernel has that too). fio's
+/// verify passes and the connection is never reset.
 #[test]
 fn unix_chains_survive_a_tiny_send_buffer() {
     require_ublk();
@@ -582,6 +584,10 @@ fn unix_chains_survive_a_tiny_send_buffer() {
         assert!(
             log.contains("sends write payloads from registered buffers"),
             "the daemon did not find SEND from registered buffers on this kernel:\n{log}"
+        );
+        assert!(
+            log.contains("receives large read payloads into registered buffers, whole"),
+            "the daemon did not find RECV into registered buffers on this kernel:\n{log}"
         );
     }
 }

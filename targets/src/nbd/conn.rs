@@ -84,6 +84,9 @@ pub(super) struct Connection {
     handoff: Handoff,
     /// The socket's SO_RCVLOWAT as last set (a new socket's is 1).
     lowat: usize,
+    /// The socket is a Unix stream socket (a Unix address, or a TLS relay's socket pair),
+    /// whose poll ignores SO_RCVLOWAT.
+    unix: bool,
     /// The device's count of successful reconnects (`ublkctl stats`).
     reconnects: Arc<AtomicU64>,
 }
@@ -100,6 +103,7 @@ impl Connection {
     ) -> Self {
         Connection {
             fd: types::Fd(sock.as_raw_fd()),
+            unix: is_unix(&sock),
             sock,
             old_sock: None,
             generation: 0,
@@ -127,6 +131,11 @@ impl Connection {
     /// Whether the socket is a kernel TLS one (nbds:// over TCP).
     pub(super) fn kernel_tls(&self) -> bool {
         super::kernel_tls(&self.uri)
+    }
+
+    /// Whether the socket is a Unix stream socket.
+    pub(super) fn unix(&self) -> bool {
+        self.unix
     }
 
     /// The socket, for SQEs.
@@ -273,6 +282,7 @@ impl Connection {
             Some(_) if self.link != Link::Reconnecting => Reconnected::Nothing,
             Some(Ok(sock)) => {
                 self.fd = types::Fd(sock.as_raw_fd());
+                self.unix = is_unix(&sock);
                 self.old_sock = Some(std::mem::replace(&mut self.sock, sock));
                 self.lowat = 1;
                 self.generation = self.generation.wrapping_add(1);
@@ -398,4 +408,11 @@ fn spawn_reconnect(
     if let Err(e) = spawned {
         log::error!("cannot start the reconnect thread: {e}");
     }
+}
+
+/// Whether `sock` is a Unix domain socket.
+fn is_unix(sock: &OwnedFd) -> bool {
+    use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
+    getsockname::<SockaddrStorage>(sock.as_raw_fd())
+        .is_ok_and(|a| a.family() == Some(AddressFamily::Unix))
 }

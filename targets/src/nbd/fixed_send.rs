@@ -2,7 +2,7 @@
 //! out: copied out with the headers when small (`stage_payload`), else sent from the
 //! registered buffer with the op `PayloadSends::pick` chooses: SEND from a registered
 //! buffer (IORING_OP_SEND with IORING_RECVSEND_FIXED_BUF) when the kernel has it (the
-//! probe `supported` says), SEND_ZC for a large one on TCP to another machine
+//! probe `fixed_io::send_supported` says), SEND_ZC for a large one on TCP to another machine
 //! (`PayloadSends::for_connection`), WRITE_FIXED otherwise.
 //!
 //! With MSG_WAITALL such a SEND on a stream socket is all or a failure, like a SENDMSG
@@ -10,16 +10,10 @@
 //! requests may follow it, on TCP and Unix sockets alike; unlike SEND_ZC it completes
 //! once, so the request is not held until a zero-copy notification.
 
+use super::fixed_io;
 use crate::Ring;
-use io_uring::{opcode, squeue, types, IoUring};
-use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::os::unix::net::UnixStream;
-use std::sync::OnceLock;
-
-/// `IORING_RECVSEND_FIXED_BUF` in the SQE's `ioprio` (not exported by the io-uring crate).
-const RECVSEND_FIXED_BUF: u16 = 1 << 2;
 
 /// Writes in registered pages up to this size are copied out (user copy) into `wstage`
 /// and sent with the headers (`stage_payload`).
@@ -45,7 +39,7 @@ pub(super) enum PayloadSend {
 pub(super) struct PayloadSends {
     /// SEND_ZC may be used (TCP; a Unix socket copies anyway).
     pub(super) zc: bool,
-    /// The kernel sends from registered buffers (`supported`).
+    /// The kernel sends from registered buffers (`fixed_io::send_supported`).
     pub(super) fixed: bool,
 }
 
@@ -55,7 +49,7 @@ impl PayloadSends {
     /// server on this machine where plain SEND from the registered buffer can take its
     /// place (see `ends`). Decided once per queue: a reconnect goes to the same URI.
     pub(super) fn for_connection(sock: BorrowedFd<'_>, tcp: bool) -> Self {
-        let fixed = supported();
+        let fixed = fixed_io::send_supported();
         if !tcp {
             return PayloadSends { zc: false, fixed };
         }
@@ -149,78 +143,12 @@ pub(super) unsafe fn stage_payload(
     Some(into)
 }
 
-/// A SEND of `len` bytes at `addr` in registered buffer `index`, with `flags`.
-pub(super) fn send(fd: types::Fd, index: u16, addr: u64, len: u32, flags: i32) -> squeue::Entry {
-    opcode::Send::new(fd, addr as *const u8, len)
-        .ioprio(RECVSEND_FIXED_BUF)
-        // The SQE's buf_index and buf_group share one field: for a fixed-buffer SEND it
-        // is the registered buffer's index (the crate names only buf_group for SEND).
-        .buf_group(index)
-        .flags(flags)
-        .build()
-}
-
-/// Whether this kernel sends from registered buffers (a recent addition: older kernels
-/// refuse the flag with EINVAL). Probed once per process.
-pub(super) fn supported() -> bool {
-    static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        let yes = probe().unwrap_or_else(|e| {
-            log::warn!("nbd: cannot probe SEND from registered buffers: {e}");
-            false
-        });
-        if yes {
-            log::info!("nbd: the kernel sends write payloads from registered buffers");
-        } else {
-            log::info!(
-                "nbd: the kernel cannot SEND from registered buffers: zero-copy write payloads go out with SEND_ZC (TCP) or WRITE_FIXED (Unix sockets)"
-            );
-        }
-        yes
-    })
-}
-
-/// Sends 8 bytes from a registered buffer over a socket pair and reads them back.
-fn probe() -> io::Result<bool> {
-    let (tx, rx) = UnixStream::pair()?;
-    let mut data = Box::new(*b"ublkdnbd");
-    let iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
-    };
-    let mut ring = IoUring::new(2)?;
-    // SAFETY: `data` is boxed and outlives `ring`, which holds the registration (the ring
-    // is dropped first: it is declared after `data`).
-    unsafe { ring.submitter().register_buffers(&[iov])? };
-    let sqe = send(
-        types::Fd(tx.as_raw_fd()),
-        0,
-        data.as_ptr() as u64,
-        data.len() as u32,
-        libc::MSG_NOSIGNAL | libc::MSG_WAITALL,
-    );
-    // SAFETY: the SQE points into `data`, registered above and alive until the
-    // completion is reaped below.
-    unsafe { ring.submission().push(&sqe) }.map_err(io::Error::other)?;
-    ring.submit_and_wait(1)?;
-    let res = ring
-        .completion()
-        .next()
-        .map(|c| c.result())
-        .ok_or_else(|| io::Error::other("no completion"))?;
-    if res != data.len() as i32 {
-        return Ok(false);
-    }
-    let mut got = [0u8; 8];
-    io::Read::read_exact(&mut &rx, &mut got)?;
-    Ok(got == *data)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_ring::TestRing;
     use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
 
     #[test]
     fn payload_sends_pick_send_zc_only_for_large_tcp_payloads() {
@@ -281,7 +209,10 @@ mod tests {
         // Where the kernel cannot SEND from registered buffers, SEND_ZC stays: the only
         // other way is a WRITE_FIXED, which ends the chain.
         assert_eq!(on_tcp.zc, !on_tcp.fixed);
-        assert_eq!(on_tcp.pick(512 << 10) == PayloadSend::Zc, !supported());
+        assert_eq!(
+            on_tcp.pick(512 << 10) == PayloadSend::Zc,
+            !fixed_io::send_supported()
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@
 mod conn;
 mod connect;
 mod durable;
+mod fixed_io;
 mod fixed_send;
 mod ktls;
 mod psk;

@@ -28,14 +28,18 @@
 //!
 //! A READ_FIXED on a socket can be short, and a short one does not fail an IO_LINK
 //! (seen on Linux 7.2), so receives are never linked to each other: one is in flight at
-//! a time. A READ_FIXED goes behind a linked POLL_ADD that waits, through SO_RCVLOWAT,
-//! for the rest of the payload to be queued, so that a large payload still arriving is
-//! not taken in many short pieces, a ring round trip each.
+//! a time. On TCP a READ_FIXED goes behind a linked POLL_ADD that waits, through
+//! SO_RCVLOWAT, for the rest of the payload to be queued, so that a large payload still
+//! arriving is not taken in many short pieces, a ring round trip each. A Unix socket's
+//! poll ignores SO_RCVLOWAT; there, where the kernel has it (`fixed_io::recv_supported`),
+//! the payload is one RECV with MSG_WAITALL into the registered pages, which io_uring
+//! continues inside the kernel as the pieces arrive.
 //!
 //! What a receive brings back to the queue: the requests it answered (`replies`, in
 //! the order the server answered them), and `Broken` when the connection cannot go on.
 
 use super::conn::{Broken, Connection};
+use super::fixed_io;
 use super::proto;
 use super::step::{step, EVENT_RECV, STEP_COPY, STEP_PAYLOAD, STEP_POLL};
 use super::tags::Tags;
@@ -376,9 +380,9 @@ impl Receiver {
     /// whatever the socket holds when it runs, which for a large payload that is still
     /// arriving means many short reads, each a ring round trip; so it goes behind a
     /// linked POLL_ADD that completes once SO_RCVLOWAT (the rest of the payload, at most
-    /// `LOWAT_MAX`) bytes are queued (TCP honours it; on a Unix socket the poll
-    /// completes on any data and short reads continue as before). A RECV into daemon
-    /// memory needs none of this: MSG_WAITALL keeps it going inside the kernel.
+    /// `LOWAT_MAX`) bytes are queued (TCP honours it). A RECV with MSG_WAITALL, into
+    /// daemon memory or (`whole_into_pages`) into the registered pages, needs none of
+    /// this: io_uring keeps it going inside the kernel.
     fn post_item(
         &mut self,
         item: RecvItem,
@@ -413,12 +417,13 @@ impl Receiver {
                 unsafe { ring.push_event(step(EVENT_RECV, generation), sqe) }
             }
             RecvItem::Payload(tag) => {
-                let Some(sqe) = payload_sqe(fd, tags, tag) else {
+                let whole = whole_into_pages(conn);
+                let Some(sqe) = payload_sqe(fd, tags, tag, whole) else {
                     let why = "a read reply for a request without a buffer";
                     return Err(Broken::Lost(why.into()));
                 };
                 let t = tags.get(tag);
-                if let Some(IoBuf::Pages { .. }) = t.buf {
+                if let (Some(IoBuf::Pages { .. }), false) = (t.buf, whole) {
                     let left = t.io.map_or(0, |io| io.len as usize) - t.got;
                     conn.set_lowat(left.min(LOWAT_MAX));
                     let poll = opcode::PollAdd::new(fd, libc::POLLIN as u32)
@@ -494,6 +499,14 @@ impl Receiver {
     }
 }
 
+/// Whether a payload for registered pages is received whole, with one RECV: on a Unix
+/// socket (where a READ_FIXED behind a poll would still be taken in pieces: its poll
+/// ignores SO_RCVLOWAT), when the kernel receives into registered buffers. Measured on
+/// 512 KiB reads over a Unix socket: docs/research/issue-12-speed.md 13.
+fn whole_into_pages(conn: &Connection) -> bool {
+    conn.unix() && fixed_io::recv_supported()
+}
+
 /// A read's payload is complete: its result.
 fn payload_done(tags: &mut Tags, tag: u16) -> i32 {
     let t = tags.get_mut(tag);
@@ -505,8 +518,14 @@ fn payload_done(tags: &mut Tags, tag: u16) -> i32 {
     }
 }
 
-/// The SQE that receives the rest of `tag`'s payload into its buffer, on `fd`.
-fn payload_sqe(fd: io_uring::types::Fd, tags: &Tags, tag: u16) -> Option<squeue::Entry> {
+/// The SQE that receives the rest of `tag`'s payload into its buffer, on `fd`; into
+/// registered pages with one RECV of all of it if `whole` (`whole_into_pages`).
+fn payload_sqe(
+    fd: io_uring::types::Fd,
+    tags: &Tags,
+    tag: u16,
+    whole: bool,
+) -> Option<squeue::Entry> {
     let t = tags.get(tag);
     let io = t.io?;
     let got = t.got;
@@ -518,6 +537,7 @@ fn payload_sqe(fd: io_uring::types::Fd, tags: &Tags, tag: u16) -> Option<squeue:
         IoBuf::Fixed { addr, .. } => opcode::Recv::new(fd, (addr + got as u64) as *mut u8, left)
             .flags(libc::MSG_WAITALL)
             .build(),
+        IoBuf::Pages { index, .. } if whole => fixed_io::recv_all(fd, index, got as u64, left),
         // Can be short: continued on its own.
         IoBuf::Pages { index, .. } => opcode::ReadFixed::new(fd, got as *mut u8, left, index)
             .offset(u64::MAX)

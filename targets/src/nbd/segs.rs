@@ -3,7 +3,8 @@
 //! chain is in flight; the SQE that sends a segment, or what is left of it after a short
 //! send (`advance`).
 
-use super::fixed_send::{self, PayloadSend};
+use super::fixed_io;
+use super::fixed_send::PayloadSend;
 use io_uring::{opcode, squeue, types};
 
 /// One SQE of a send chain, before it is built; with `Pace::OneByOne`, what is left of
@@ -110,7 +111,7 @@ impl Segments {
                 len,
                 how: PayloadSend::Send,
             } => {
-                let sqe = fixed_send::send(fd, index, u64::from(at), len, flags);
+                let sqe = fixed_io::send(fd, index, u64::from(at), len, flags);
                 (tag, Sent::Bytes(len as usize), sqe)
             }
             SendSeg::Pages {
