@@ -6,7 +6,8 @@
 //! itself, inside the kernel, until all bytes have gone or come, or the socket fails. For
 //! a payload in a request's registered pages (zc, auto-zc) that is what a READ_FIXED or
 //! WRITE_FIXED on the socket cannot do: those stop at what the socket takes or holds, and
-//! every short one costs a ring round trip.
+//! every short one costs a ring round trip. For a registered daemon buffer (fixed) they
+//! copy with the kernel's memcpy instead of the user-copy routine.
 
 use io_uring::{opcode, squeue, types, IoUring};
 use std::io;

@@ -519,7 +519,9 @@ fn payload_done(tags: &mut Tags, tag: u16) -> i32 {
 }
 
 /// The SQE that receives the rest of `tag`'s payload into its buffer, on `fd`; into
-/// registered pages with one RECV of all of it if `whole` (`whole_into_pages`).
+/// registered pages with one RECV of all of it if `whole` (`whole_into_pages`). A RECV
+/// into a registered daemon buffer (fixed) copies with the kernel's memcpy where a RECV
+/// into user memory copies with `copy_to_user` (byte by byte under the test VM's TCG).
 fn payload_sqe(
     fd: io_uring::types::Fd,
     tags: &Tags,
@@ -534,6 +536,10 @@ fn payload_sqe(
         IoBuf::User { addr, .. } => opcode::Recv::new(fd, addr.wrapping_add(got), left)
             .flags(libc::MSG_WAITALL)
             .build(),
+        // Into the registered buffer where the kernel can: its memcpy, not a user copy.
+        IoBuf::Fixed { addr, index, .. } if fixed_io::recv_supported() => {
+            fixed_io::recv_all(fd, index, addr + got as u64, left)
+        }
         IoBuf::Fixed { addr, .. } => opcode::Recv::new(fd, (addr + got as u64) as *mut u8, left)
             .flags(libc::MSG_WAITALL)
             .build(),
