@@ -46,6 +46,18 @@ fn kill9_and_restart(mut d: Daemon, name: &str, id: u64) -> Daemon {
     d
 }
 
+/// Writes `want` to `dev` (O_DIRECT, no flush), kills daemon `d` with -9, restarts it
+/// and checks that the restored device reads `want` back.
+fn written_survives_kill9(d: Daemon, name: &str, dev: &str, want: Vec<u8>) -> Daemon {
+    write_direct(dev, &want);
+    let d = kill9_and_restart(d, name, dev_id(dev));
+    assert!(
+        read_direct(dev, want.len()) == want,
+        "completed writes to {dev} differ after kill -9 and the restore"
+    );
+    d
+}
+
 /// fio verify (crc32c) with 2 queues: 4k random writes, then 128k-512k sequential
 /// writes over a quarter of the 64 MiB image, each read back.
 fn fio_verify(mode: &str) {
@@ -377,15 +389,8 @@ fn a_journaled_image_is_write_through_and_keeps_unflushed_writes_across_kill9() 
     let name = "rbd-journaled";
     let d = Daemon::start(name);
     let dev = add_rbd(&d, "rbd/journaled", &[]);
-    let id = dev_id(&dev);
     assert_eq!(queue_write_cache(&dev), "write through");
-    let want = pattern(77, 2 << 20);
-    write_direct(&dev, &want);
-    let d = kill9_and_restart(d, name, id);
-    assert!(
-        read_direct(&dev, want.len()) == want,
-        "completed writes to a journaled image lost with the daemon"
-    );
+    let d = written_survives_kill9(d, name, &dev, pattern(77, 2 << 20));
     d.del(&dev);
 }
 
@@ -583,13 +588,7 @@ fn an_encrypted_image_serves_its_plaintext_and_recovers() {
         "{show} {record}"
     );
     fio(&verify_job(&dev, "randwrite", "4k", "2M", 16));
-    let want = pattern(83, 1 << 20);
-    write_direct(&dev, &want);
-    let d = kill9_and_restart(d, name, id);
-    assert!(
-        read_direct(&dev, want.len()) == want,
-        "data differ after the restore"
-    );
+    let d = written_survives_kill9(d, name, &dev, pattern(83, 1 << 20));
     d.del(&dev);
 }
 
