@@ -42,45 +42,41 @@ pub(super) fn recv_all(fd: types::Fd, index: u16, addr: u64, len: u32) -> squeue
 /// Whether this kernel sends from registered buffers. Probed once per process.
 pub(super) fn send_supported() -> bool {
     static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        let yes = probe(Dir::Send).unwrap_or_else(|e| {
-            log::warn!("nbd: cannot probe SEND from registered buffers: {e}");
-            false
-        });
-        if yes {
-            log::info!("nbd: the kernel sends write payloads from registered buffers");
-        } else {
-            log::info!(
-                "nbd: the kernel cannot SEND from registered buffers: zero-copy write payloads go out with SEND_ZC (TCP) or WRITE_FIXED (Unix sockets)"
-            );
-        }
-        yes
-    })
+    *SUPPORTED.get_or_init(|| probed(Dir::Send))
 }
 
 /// Whether this kernel receives into registered buffers. Probed once per process.
 pub(super) fn recv_supported() -> bool {
     static SUPPORTED: OnceLock<bool> = OnceLock::new();
-    *SUPPORTED.get_or_init(|| {
-        let yes = probe(Dir::Recv).unwrap_or_else(|e| {
-            log::warn!("nbd: cannot probe RECV into registered buffers: {e}");
-            false
-        });
-        if yes {
-            log::info!("nbd: the kernel receives large read payloads into registered buffers, whole");
-        } else {
-            log::info!(
-                "nbd: the kernel cannot RECV into registered buffers: zero-copy read payloads are read with READ_FIXED, piece by piece"
-            );
-        }
-        yes
-    })
+    *SUPPORTED.get_or_init(|| probed(Dir::Recv))
 }
 
 #[derive(Clone, Copy)]
 enum Dir {
     Send,
     Recv,
+}
+
+/// The probe's answer for `dir`, logged (a probe that cannot run counts as no).
+fn probed(dir: Dir) -> bool {
+    let (op, yes, no) = match dir {
+        Dir::Send => (
+            "SEND from registered buffers",
+            "nbd: the kernel sends write payloads from registered buffers",
+            "nbd: the kernel cannot SEND from registered buffers: zero-copy write payloads go out with SEND_ZC (TCP) or WRITE_FIXED (Unix sockets)",
+        ),
+        Dir::Recv => (
+            "RECV into registered buffers",
+            "nbd: the kernel receives large read payloads into registered buffers, whole",
+            "nbd: the kernel cannot RECV into registered buffers: large zero-copy read payloads on Unix sockets are read with READ_FIXED, piece by piece",
+        ),
+    };
+    let supported = probe(dir).unwrap_or_else(|e| {
+        log::warn!("nbd: cannot probe {op}: {e}");
+        false
+    });
+    log::info!("{}", if supported { yes } else { no });
+    supported
 }
 
 /// Moves 8 bytes over a socket pair with the registered-buffer op of `dir` (the other
