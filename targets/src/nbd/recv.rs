@@ -31,7 +31,7 @@
 //! a time. On TCP a READ_FIXED goes behind a linked POLL_ADD that waits, through
 //! SO_RCVLOWAT, for the rest of the payload to be queued, so that a large payload still
 //! arriving is not taken in many short pieces, a ring round trip each. A Unix socket's
-//! poll ignores SO_RCVLOWAT; there, where the kernel has it (`fixed_io::recv_supported`),
+//! poll ignores SO_RCVLOWAT; there, where the kernel has it (`Receiver::fixed_recv`),
 //! the payload is one RECV with MSG_WAITALL into the registered pages, which io_uring
 //! continues inside the kernel as the pieces arrive.
 //!
@@ -123,6 +123,9 @@ pub(super) struct Receiver {
     partial: Option<u16>,
     /// The queue copies payloads into requests' own pages (user copy).
     user_copy: bool,
+    /// The kernel receives into registered buffers (`fixed_io::recv_supported`, probed
+    /// when the queue is made, not on its first large read).
+    fixed_recv: bool,
     /// The requests answered by the last receive, for the queue to settle.
     replies: Vec<Reply>,
 }
@@ -139,6 +142,7 @@ impl Receiver {
             index,
             partial: None,
             user_copy,
+            fixed_recv: fixed_io::recv_supported(),
             replies: Vec::new(),
         })
     }
@@ -161,6 +165,14 @@ impl Receiver {
     /// Whether a receive into `rbuf` that may take several replies is in flight.
     pub(super) fn staging(&self) -> bool {
         matches!(self.item, Some(RecvItem::Staged { all: false, .. }))
+    }
+
+    /// Whether a payload for registered pages is received whole, with one RECV: on a
+    /// Unix socket (where a READ_FIXED behind a poll would still be taken in pieces: its
+    /// poll ignores SO_RCVLOWAT), when the kernel receives into registered buffers.
+    /// Measured on 512 KiB reads over a Unix socket: docs/research/issue-12-speed.md 13.
+    fn whole_into_pages(&self, conn: &Connection) -> bool {
+        self.fixed_recv && conn.unix()
     }
 
     /// The connection is gone: nothing is received on it any more.
@@ -417,8 +429,8 @@ impl Receiver {
                 unsafe { ring.push_event(step(EVENT_RECV, generation), sqe) }
             }
             RecvItem::Payload(tag) => {
-                let whole = whole_into_pages(conn);
-                let Some(sqe) = payload_sqe(fd, tags, tag, whole) else {
+                let whole = self.whole_into_pages(conn);
+                let Some(sqe) = payload_sqe(fd, tags, tag, self.fixed_recv, whole) else {
                     let why = "a read reply for a request without a buffer";
                     return Err(Broken::Lost(why.into()));
                 };
@@ -499,14 +511,6 @@ impl Receiver {
     }
 }
 
-/// Whether a payload for registered pages is received whole, with one RECV: on a Unix
-/// socket (where a READ_FIXED behind a poll would still be taken in pieces: its poll
-/// ignores SO_RCVLOWAT), when the kernel receives into registered buffers. Measured on
-/// 512 KiB reads over a Unix socket: docs/research/issue-12-speed.md 13.
-fn whole_into_pages(conn: &Connection) -> bool {
-    conn.unix() && fixed_io::recv_supported()
-}
-
 /// A read's payload is complete: its result.
 fn payload_done(tags: &mut Tags, tag: u16) -> i32 {
     let t = tags.get_mut(tag);
@@ -519,13 +523,15 @@ fn payload_done(tags: &mut Tags, tag: u16) -> i32 {
 }
 
 /// The SQE that receives the rest of `tag`'s payload into its buffer, on `fd`; into
-/// registered pages with one RECV of all of it if `whole` (`whole_into_pages`). A RECV
-/// into a registered daemon buffer (fixed) copies with the kernel's memcpy where a RECV
-/// into user memory copies with `copy_to_user` (byte by byte under the test VM's TCG).
+/// registered pages with one RECV of all of it if `whole` (`whole_into_pages`). Where
+/// the kernel receives into registered buffers (`fixed_recv`), a RECV into a registered
+/// daemon buffer (fixed) copies with the kernel's memcpy, not with `copy_to_user` (byte
+/// by byte under the test VM's TCG).
 fn payload_sqe(
     fd: io_uring::types::Fd,
     tags: &Tags,
     tag: u16,
+    fixed_recv: bool,
     whole: bool,
 ) -> Option<squeue::Entry> {
     let t = tags.get(tag);
@@ -537,7 +543,7 @@ fn payload_sqe(
             .flags(libc::MSG_WAITALL)
             .build(),
         // Into the registered buffer where the kernel can: its memcpy, not a user copy.
-        IoBuf::Fixed { addr, index, .. } if fixed_io::recv_supported() => {
+        IoBuf::Fixed { addr, index, .. } if fixed_recv => {
             fixed_io::recv_all(fd, index, addr + got as u64, left)
         }
         IoBuf::Fixed { addr, .. } => opcode::Recv::new(fd, (addr + got as u64) as *mut u8, left)
