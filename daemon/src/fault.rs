@@ -8,6 +8,9 @@
 //!     its queues run.
 //! - `queue-error:N`: a queue thread fails as on an io_uring error once it has completed
 //!   N requests (see `queue::spawn` for what the daemon then does).
+//! - `poison-retired`: the memory ended queues' commands pointed into is filled with a
+//!   pattern when the kernel has let go of it, and freed only 2 s later; a byte the
+//!   kernel wrote in between is logged as an error (`queue::Retired`).
 //!
 //! Unarmed, each check is one load of an initialised `OnceLock`.
 
@@ -18,6 +21,7 @@ use std::sync::OnceLock;
 pub struct Faults {
     crash_points: Vec<String>,
     queue_error_after: Option<u64>,
+    poison_retired: bool,
 }
 
 const CRASH_POINTS: [&str; 2] = ["del-marked", "recovering"];
@@ -35,8 +39,9 @@ pub fn parse(specs: &[String]) -> Result<Faults> {
             Some(("queue-error", n)) if n.parse::<u64>().is_ok() => {
                 faults.queue_error_after = n.parse().ok();
             }
+            None if spec == "poison-retired" => faults.poison_retired = true,
             _ => bail!(
-                "--inject-fault: unknown fault '{spec}' (crash:{}, or queue-error:N)",
+                "--inject-fault: unknown fault '{spec}' (crash:{}, queue-error:N, or poison-retired)",
                 CRASH_POINTS.join("|crash:")
             ),
         }
@@ -69,6 +74,11 @@ pub fn queue_error_after() -> Option<u64> {
     armed().queue_error_after
 }
 
+/// Whether released queue memory is to be poisoned and watched (`queue::Retired`).
+pub fn poison_retired() -> bool {
+    armed().poison_retired
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +89,7 @@ mod tests {
         assert_eq!(f.crash_points, vec!["del-marked".to_string()]);
         assert_eq!(f.queue_error_after, Some(100));
         assert_eq!(parse(&[]).unwrap(), Faults::default());
+        assert!(parse(&["poison-retired".into()]).unwrap().poison_retired);
         for bad in ["crash:nowhere", "queue-error:x", "boom", ""] {
             let e = parse(&[bad.into()]).unwrap_err().to_string();
             assert!(e.contains("crash:del-marked|crash:recovering"), "{e}");

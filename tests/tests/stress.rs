@@ -31,7 +31,7 @@ fn assert_serves(dev: &str) {
 /// meets both queue counts, once on each path (which halves the tests' time).
 fn del_under_load_every_target_and_mode(commands: &str) {
     require_ublk();
-    let d = Daemon::start(&format!("stress-del-{commands}"));
+    let d = Daemon::start_clean(&format!("stress-del-{commands}"), &POISON_RETIRED);
     let sentinel = d.add(&["null", "--size", "64M"]);
     let (file, _file) = backing_file("stress-del", 128 << 20);
     for (t, target) in ["null", "loop", "nbd"].into_iter().enumerate() {
@@ -82,6 +82,66 @@ fn del_under_load_every_target_and_mode(commands: &str) {
         }
     }
     assert_eq!(d.list_json().len(), 1, "{:?}", d.list_json());
+    assert_released_memory_untouched(&d, 12);
+    d.del(&sentinel);
+}
+
+/// Makes the daemon fill the memory that ended queues' commands pointed into with a
+/// pattern when it frees it, and report any byte that changes in the next 2 s.
+const POISON_RETIRED: [&str; 2] = ["--inject-fault", "poison-retired"];
+
+/// After `deletions` devices were deleted from a daemon started with
+/// [`POISON_RETIRED`]: each freed its queues' memory, and the kernel wrote none of it
+/// after that.
+fn assert_released_memory_untouched(d: &Daemon, deletions: usize) {
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = d.log_text();
+    assert!(
+        !log.contains("written after it was released"),
+        "the kernel wrote into memory the daemon had freed:\n{log}"
+    );
+    let checked = log.matches("released memory").count();
+    assert!(
+        checked >= deletions,
+        "{checked} queues freed their memory, fewer than the {deletions} devices deleted:\n{log}"
+    );
+}
+
+/// `del` under load of batch devices, 16 times over: the driver writes lists of
+/// delivered tags into the fetch buffers by address, and may still do so after the
+/// queue thread has exited. Their memory must stay until the kernel has let go of the
+/// char device (`queue::Retired`): freed at the thread's exit, 4 of 48 such deletions
+/// saw the kernel write into it, and glibc aborted the daemon.
+#[test]
+fn deleted_batch_devices_leave_the_kernel_no_freed_memory() {
+    require_ublk();
+    let d = Daemon::start_clean("stress-retired", &POISON_RETIRED);
+    let sentinel = d.add(&["null", "--size", "64M"]);
+    let mut deletions = 0;
+    for queues in ["1", "2", "1", "2"] {
+        for mode in MODES {
+            let what = format!("null {mode} queues {queues}");
+            let args = [
+                "null", "--size", "128M", "--buffer", mode, "--queues", queues,
+            ];
+            let dev = d.add(&[&args[..], &["--batch"]].concat());
+            let fio = FioChild::start(&load_job(&dev, 2, 60));
+            wait_io(&dev, 200);
+            let out = d.ctl(&["del", "--force", &dev_id(&dev).to_string()]);
+            assert!(
+                out.status.success(),
+                "{what}: del failed: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                d.log_text()
+            );
+            if let Err(e) = fio.ended_within(Duration::from_secs(30)) {
+                panic!("{what}: {e}\n{}", d.log_text());
+            }
+            deletions += 1;
+        }
+    }
+    assert_serves(&sentinel);
+    assert_released_memory_untouched(&d, deletions);
     d.del(&sentinel);
 }
 

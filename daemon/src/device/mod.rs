@@ -70,6 +70,8 @@ pub struct Device {
     watches: Vec<Watch>,
     // Teardown order matters; see `Device::shutdown`.
     queues: Vec<QueueHandle>,
+    /// What ended queues' commands pointed into, until the kernel lets go of it.
+    retired: queue::Retired,
     dev: Option<UblkDev>,
     ctrl: Option<UblkCtrl>,
     started: bool,
@@ -327,6 +329,7 @@ impl Device {
             counters: Vec::new(),
             watches: Vec::new(),
             queues: Vec::new(),
+            retired: queue::Retired::default(),
             dev: None,
             ctrl: Some(ctrl),
             started: false,

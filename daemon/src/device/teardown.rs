@@ -24,8 +24,9 @@ impl Device {
             std::thread::sleep(Duration::from_millis(10));
         }
         if self.queues.iter().all(QueueHandle::is_finished) {
+            // Their memory stays with the process, which is about to exit (`Retired`).
             for q in &mut self.queues {
-                q.join();
+                q.join(&mut self.retired);
             }
             self.queues.clear();
             self.dev = None;
@@ -65,7 +66,7 @@ impl Device {
             q.request_detach();
         }
         for q in &mut self.queues {
-            q.join();
+            q.join(&mut self.retired);
         }
         self.queues.clear();
         self.dev = None;
@@ -154,10 +155,11 @@ impl Device {
             q.request_stop();
         }
         for q in &mut self.queues {
-            q.join();
+            q.join(&mut self.retired);
         }
         self.queues.clear();
         self.dev = None;
+        self.release_retired();
         // DEL_DEV_ASYNC (Linux 6.9+) returns at once even while an application still
         // holds the (already removed) disk open; plain DEL_DEV would wait for it to
         // close. Fall back to DEL_DEV on kernels without it.
@@ -177,6 +179,41 @@ impl Device {
             Err(e) => log::error!("dev {}: delete: {e:#}", self.id),
         }
         result
+    }
+
+    /// Frees the memory the ended queues' commands pointed into once the kernel has
+    /// released the char device, which it does only after every command on it has
+    /// completed (`queue::Retired`). Called after STOP_DEV, with the queues joined and
+    /// our descriptor closed: the release is then a matter of the rings' cancellations,
+    /// and the char device opens again (ENOENT: the device is gone). If it does not
+    /// within the bound, the memory is leaked rather than risked.
+    fn release_retired(&mut self) {
+        if self.retired.is_empty() {
+            return;
+        }
+        let path = format!("/dev/ublkc{}", self.id);
+        let deadline = Instant::now() + RELEASE_TIMEOUT;
+        loop {
+            match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+            {
+                Ok(_) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => {
+                    log::warn!(
+                        "dev {}: {path} still busy {RELEASE_TIMEOUT:?} after its queues                          ended ({e}); the memory its commands pointed into is not freed",
+                        self.id
+                    );
+                    return;
+                }
+            }
+        }
+        self.retired.release(self.id);
     }
 
     /// Who holds the device open, as far as userspace can tell.

@@ -38,6 +38,15 @@ impl Commands {
         })
     }
 
+    /// The memory the driver writes into or reads from by address, as (address,
+    /// length) regions: the batch path's fetch buffers and commit arrays.
+    pub fn regions(&self) -> Vec<(*mut u8, usize)> {
+        match self {
+            Commands::PerTag(_) => Vec::new(),
+            Commands::Batch(b) => b.regions(),
+        }
+    }
+
     /// Whether a completion of this kind belongs to the command path.
     pub fn owns(kind: Kind) -> bool {
         matches!(

@@ -1,6 +1,7 @@
 //! The daemon's side of a queue thread: starting it (`spawn`, pinned to its CPUs), asking
 //! it to stop, detach or log its state, and joining it.
 
+use super::retired::Retired;
 use super::*;
 
 /// Asks every queue thread to log its state (SIGUSR1; the VM tests' hang watchdog sends
@@ -64,13 +65,12 @@ impl QueueHandle {
         }
     }
 
-    /// Waits for the queue thread to end.
-    pub fn join(&mut self) {
+    /// Waits for the queue thread to end, and keeps the memory its ring's commands
+    /// pointed into in `retired` (see [`Retired`]).
+    pub fn join(&mut self, retired: &mut Retired) {
         if let Some(t) = self.thread.take() {
             match t.join() {
-                // The thread has exited: the memory its ring's commands pointed into
-                // can go now, not before (see `KernelShared`).
-                Ok(shared) => drop(shared),
+                Ok(shared) => shared.into_iter().for_each(|s| retired.keep(s)),
                 Err(_) => log::error!("a queue thread panicked"),
             }
         }
@@ -81,7 +81,8 @@ impl Drop for QueueHandle {
     fn drop(&mut self) {
         if self.thread.is_some() {
             self.request_stop();
-            self.join();
+            // Nobody here can tell when the kernel is done with the memory: leaked.
+            self.join(&mut Retired::default());
         }
     }
 }
@@ -156,7 +157,7 @@ pub fn spawn(
                 std::process::abort();
             }
         }
-        // Dropped by `join`, once this thread is gone (see `KernelShared`).
+        // Kept by `join` until the kernel has ended the commands (see `Retired`).
         Some(queue.close())
     })?;
     Ok(QueueHandle {

@@ -44,6 +44,7 @@ mod commands;
 mod handle;
 mod per_tag;
 mod placement;
+mod retired;
 mod setup;
 mod stats;
 mod target_ring;
@@ -52,6 +53,7 @@ mod user_data;
 
 pub use handle::{request_dump, spawn, QueueHandle};
 pub use placement::{allowed_cpus, place, Placement};
+pub use retired::Retired;
 pub use stats::QueueCounters;
 
 use commands::Commands;
@@ -172,8 +174,8 @@ impl Queue {
         let sqe = opcode::Read::new(types::Fd(self.wake.as_raw_fd()), buf.cast(), 8)
             .build()
             .user_data(encode(Kind::Wake, 0, 0));
-        // SAFETY: wake_buf is boxed and lives until the queue thread has exited
-        // (`KernelShared`).
+        // SAFETY: wake_buf is boxed and lives until the kernel has released
+        // the char device (`Retired`).
         unsafe { push_all(&mut self.ring, &[sqe]) }
     }
 

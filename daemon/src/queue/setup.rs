@@ -123,20 +123,30 @@ impl Queue {
 /// the request), the batch path's fetch buffers (the driver writes each list of
 /// delivered tags into one) and commit arrays, and the wake-up's read buffer.
 ///
-/// Closing the ring does not end those commands: the kernel cancels them later, from
-/// a worker, and until then it may still write into this memory, from the queue
-/// thread's own task work, whenever that thread enters the kernel (even to log a
-/// line). A hand-over leaves the fetch commands armed on purpose, with requests
-/// arriving. Freed at that point, the memory would be reused by the allocator and
-/// overwritten: the batch fetch buffers were, and glibc aborted the daemon
-/// ("corrupted double-linked list") as it exited after a hand-over. A thread's exit
-/// cancels the commands it issued, and what the kernel still runs for them afterwards
-/// runs without the process's memory; so this memory leaves the thread with its
-/// result and is dropped by whoever joins it.
-pub(super) struct KernelShared {
+/// Closing the ring does not end those commands: the kernel cancels them later, and
+/// until then it may still write into this memory, from the queue thread's task work
+/// or after the thread is gone. A hand-over and `del` (which first lets the device go
+/// quiet, `Device::release`) leave the fetch commands armed, with requests arriving.
+/// Freed at that point, the memory is reused by the allocator and overwritten: the
+/// batch fetch buffers were, and glibc aborted the daemon ("corrupted double-linked
+/// list"), first as it exited after a hand-over, later after a `del` under load (the
+/// thread had exited and been joined; a canary in the freed buffer showed the tags).
+/// So this memory leaves the thread with its result and waits in [`super::Retired`]
+/// until the kernel has released the device's char device.
+pub(crate) struct KernelShared {
     _bufs: Option<uapi::BufferArena>,
     _cmds: Commands,
     _wake_buf: Box<u64>,
+}
+
+impl KernelShared {
+    /// The memory, as (address, length) regions.
+    pub(super) fn regions(&self) -> Vec<(*mut u8, usize)> {
+        let mut r = self._cmds.regions();
+        r.extend(self._bufs.as_ref().map(uapi::BufferArena::region));
+        r.push((std::ptr::from_ref(&*self._wake_buf).cast_mut().cast(), 8));
+        r
+    }
 }
 
 impl Queue {

@@ -250,6 +250,11 @@ impl BufferArena {
     }
 
     /// One iovec per tag, for IORING_REGISTER_BUFFERS (buffer index = tag).
+    /// The whole arena, as (address, length).
+    pub fn region(&self) -> (*mut u8, usize) {
+        (self.base.as_ptr(), self.per_tag * usize::from(self.depth))
+    }
+
     pub fn iovecs(&self) -> Vec<libc::iovec> {
         (0..self.depth)
             .map(|tag| libc::iovec {
@@ -263,8 +268,8 @@ impl BufferArena {
 impl Drop for BufferArena {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly the region `new` created. The arena is dropped only
-        // after its queue thread has exited (`KernelShared`), when no command of the
-        // thread's ring can make the driver copy into it any more.
+        // once the kernel has released the device's char device (`queue::Retired`),
+        // when no command can make the driver copy into it any more.
         unsafe {
             libc::munmap(
                 self.base.as_ptr().cast(),

@@ -94,13 +94,17 @@ impl RawBuf {
     pub(super) fn ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }
+
+    pub(super) fn region(&self) -> (*mut u8, usize) {
+        (self.ptr.as_ptr(), self.layout.size())
+    }
 }
 
 impl Drop for RawBuf {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout. The command path is dropped only
-        // after its queue thread has exited (`KernelShared`), when no command of the
-        // thread's ring can make the driver write here any more.
+        // once the kernel has released the device's char device (`queue::Retired`),
+        // when no command can make the driver write here any more.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
     }
 }
@@ -121,6 +125,10 @@ impl ElemArray {
             cap,
             len: 0,
         })
+    }
+
+    pub(super) fn region(&self) -> (*mut u8, usize) {
+        self.mem.region()
     }
 
     pub(super) fn bytes(&self) -> usize {

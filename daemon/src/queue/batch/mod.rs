@@ -364,6 +364,15 @@ impl Batch {
         )
     }
 
+    /// The fetch buffers and the two commit arrays, as (address, length).
+    pub fn regions(&self) -> Vec<(*mut u8, usize)> {
+        vec![
+            self.fetch_mem.region(),
+            self.arrays[0].region(),
+            self.arrays[1].region(),
+        ]
+    }
+
     /// Nothing is waiting to be committed.
     pub fn idle(&self) -> bool {
         !self.committing && self.arrays[self.filling].len == 0 && self.unregs == 0
