@@ -221,6 +221,15 @@ pub trait QueueTarget {
         let _ = ring;
     }
 
+    /// Called once on the queue thread as the queue ends, before the handler is
+    /// dropped: a target whose requests a library holds outside the ring (librbd) waits
+    /// here, within its own bound, for the library to let go of them. `false` if it may
+    /// still use request memory: the queue then leaks the handler and the request
+    /// buffers rather than free memory in use. The default has nothing to wait for.
+    fn settle(&mut self) -> bool {
+        true
+    }
+
     /// The completion of an SQE this target pushed, for a request or for itself. For a
     /// request, what to do with it next; for the target's own SQEs ([`Owner::Target`])
     /// the outcome means nothing and the queue ignores it (requests answered there are

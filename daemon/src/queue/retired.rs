@@ -12,7 +12,8 @@ use std::time::Duration;
 /// and glibc aborting the daemon). The kernel releases the char device only once every
 /// command on it has completed; whoever has seen that calls [`Retired::release`].
 /// Dropped unreleased (a hand-over, whose process exits; a device whose release was
-/// never seen), the memory is leaked on purpose.
+/// never seen), the memory is leaked on purpose, as is the memory of a queue whose
+/// target may still use the request buffers (`QueueTarget::settle`).
 #[derive(Default)]
 pub struct Retired(Vec<KernelShared>);
 
@@ -23,7 +24,11 @@ const WATCH: Duration = Duration::from_secs(2);
 
 impl Retired {
     pub(super) fn keep(&mut self, shared: KernelShared) {
-        self.0.push(shared);
+        if shared.leak {
+            std::mem::forget(shared);
+        } else {
+            self.0.push(shared);
+        }
     }
 
     pub fn is_empty(&self) -> bool {

@@ -137,6 +137,8 @@ pub(crate) struct KernelShared {
     _bufs: Option<uapi::BufferArena>,
     _cmds: Commands,
     _wake_buf: Box<u64>,
+    /// The target may still use the request buffers: never freed.
+    pub(super) leak: bool,
 }
 
 impl KernelShared {
@@ -167,9 +169,9 @@ impl Queue {
             Err(e) if e.raw_os_error() == Some(libc::ETIME) => {
                 log::error!(
                     "dev {dev} queue {q}: requests of the target still in the ring 1 s \
-                     after cancelling them; its handler is kept (its memory and \
-                     descriptors are not released) so that they cannot complete into \
-                     freed memory"
+                     after cancelling them; its handler and the request buffers are \
+                     kept (their memory and descriptors are not released) so that they \
+                     cannot complete into freed memory"
                 );
                 handler_in_use = true;
             }
@@ -194,7 +196,11 @@ impl Queue {
             ..
         } = self;
         drop(ring);
-        if handler_in_use {
+        let mut handler = handler;
+        // A library may still hold requests, and pointers into their buffers, outside
+        // the ring (the target logs it): the handler and the buffers are leaked.
+        let in_use = handler_in_use || !handler.settle();
+        if in_use {
             std::mem::forget(handler);
         } else {
             drop(handler);
@@ -203,6 +209,7 @@ impl Queue {
             _bufs: bufs,
             _cmds: cmds,
             _wake_buf: wake_buf,
+            leak: in_use,
         }
     }
 }

@@ -291,6 +291,10 @@ impl QueueTarget for RbdQueue {
         self.arm(ring);
     }
 
+    fn settle(&mut self) -> bool {
+        self.wait_for_librbd()
+    }
+
     /// The request slots of the zero-copy modes: not registered, reached through their
     /// memfd.
     fn staging_buffer(&mut self) -> Option<&mut Staging> {
@@ -394,10 +398,16 @@ impl QueueTarget for RbdQueue {
 }
 
 impl Drop for RbdQueue {
+    fn drop(&mut self) {
+        self.wait_for_librbd();
+    }
+}
+
+impl RbdQueue {
     /// librbd still holds pointers into the request buffers of what is in flight: wait
     /// (bounded by the OSD timeout, after which librbd fails each request) until it has
-    /// reported everything, before the queue frees those buffers.
-    fn drop(&mut self) {
+    /// reported everything, before the queue frees those buffers. Whether it has.
+    fn wait_for_librbd(&mut self) -> bool {
         let until = Instant::now() + self.drain;
         let mut done = Vec::new();
         while self.inflight > 0 && Instant::now() < until {
@@ -407,12 +417,13 @@ impl Drop for RbdQueue {
         }
         if self.inflight > 0 {
             log::error!(
-                "rbd q{}: {} librbd request(s) still unanswered after {} s",
+                "rbd q{}: {} librbd request(s) still unanswered after {} s; their buffers are leaked, not freed",
                 self.qid,
                 self.inflight,
                 self.drain.as_secs()
             );
         }
+        self.inflight == 0
     }
 }
 
