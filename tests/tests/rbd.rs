@@ -14,7 +14,18 @@ const E2FSCK: &str = "/usr/sbin/e2fsck";
 /// The shared cluster, once ublk is known to be there.
 fn cluster() -> &'static ceph::Cluster {
     require_ublk();
-    ceph::shared()
+    let c = ceph::shared();
+    // A failing test shows the cluster's side too: an OSD that stops answering (seen
+    // once in CI, after an earlier test paused it) leaves only EIO in ublkd's log.
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            default(info);
+            eprintln!("{}", c.log_tails(60));
+        }));
+    });
+    c
 }
 
 fn conf() -> String {
