@@ -38,6 +38,14 @@ impl Commands {
         })
     }
 
+    /// Before the queue's thread ends: nothing may be left for the driver to write
+    /// into after it (`Batch::withdraw_buffers`).
+    pub fn withdraw(&mut self, ring: &mut IoUring) {
+        if let Commands::Batch(b) = self {
+            b.withdraw_buffers(ring);
+        }
+    }
+
     /// The memory the driver writes into or reads from by address, as (address,
     /// length) regions: the batch path's fetch buffers and commit arrays.
     pub fn regions(&self) -> Vec<(*mut u8, usize)> {

@@ -17,18 +17,28 @@ use std::time::Duration;
 #[derive(Default)]
 pub struct Retired(Vec<KernelShared>);
 
-/// The byte released memory is filled with under `--inject-fault poison-retired`.
+/// The byte retired memory is filled with under `--inject-fault poison-retired`.
 const POISON: u8 = 0xA5;
-/// How long poisoned memory is watched before it is freed.
+/// How long released poisoned memory is still watched before it is freed.
 const WATCH: Duration = Duration::from_secs(2);
 
 impl Retired {
+    /// Keeps an ended queue thread's memory. With `--inject-fault poison-retired` (the
+    /// tests) it is filled with a pattern here, as the thread has just ended; see
+    /// [`Retired::release`].
     pub(super) fn keep(&mut self, shared: KernelShared) {
         if shared.leak {
             std::mem::forget(shared);
-        } else {
-            self.0.push(shared);
+            return;
         }
+        if crate::fault::poison_retired() {
+            for &(ptr, len) in &shared.regions() {
+                // SAFETY: the region is memory `shared` owns, and nothing of this
+                // process touches it any more.
+                unsafe { std::ptr::write_bytes(ptr, POISON, len) };
+            }
+        }
+        self.0.push(shared);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -36,20 +46,16 @@ impl Retired {
     }
 
     /// The kernel has released the device's char device: the memory can go. With
-    /// `--inject-fault poison-retired` (the tests), it is filled with a pattern first
-    /// and freed only after [`WATCH`]; a byte changed by then, which only the kernel
-    /// can have written, is logged as an error.
+    /// `--inject-fault poison-retired`, it is freed only [`WATCH`] later, and a byte of
+    /// the pattern changed by then, which only the kernel can have written after the
+    /// queue thread ended (the driver should have nothing left to write into then:
+    /// `Batch::withdraw_buffers`), is logged as an error.
     pub fn release(&mut self, dev: u32) {
         if !crate::fault::poison_retired() {
             self.0.clear();
             return;
         }
         for shared in self.0.drain(..) {
-            for &(ptr, len) in &shared.regions() {
-                // SAFETY: the region is memory `shared` owns, and nothing of this
-                // process touches it any more.
-                unsafe { std::ptr::write_bytes(ptr, POISON, len) };
-            }
             std::thread::spawn(move || {
                 std::thread::sleep(WATCH);
                 let bytes: usize = shared.regions().iter().map(|r| r.1).sum();
@@ -57,7 +63,8 @@ impl Retired {
                     .regions()
                     .iter()
                     .map(|&(ptr, len)| {
-                        // SAFETY: as above; read only.
+                        // SAFETY: memory `shared` owns, which nothing of this process
+                        // touches any more; read only.
                         let s = unsafe { std::slice::from_raw_parts(ptr, len) };
                         s.iter().filter(|&&b| b != POISON).count()
                     })
@@ -65,7 +72,7 @@ impl Retired {
                 if changed > 0 {
                     log::error!(
                         "dev {dev}: {changed} bytes of a queue's memory were written after \
-                         it was released"
+                         its thread ended"
                     );
                 } else {
                     log::info!(

@@ -155,8 +155,9 @@ impl Queue {
     /// Takes the queue down on its own thread and returns the memory that must outlive
     /// the thread ([`KernelShared`]). Every path out of a queue that got its ring goes
     /// through here.
-    pub(super) fn close(self) -> KernelShared {
+    pub(super) fn close(mut self) -> KernelShared {
         let (dev, q) = (self.spec.dev_id, self.spec.qid);
+        self.cmds.withdraw(&mut self.ring);
         let submitter = self.ring.submitter();
         // The target's own SQEs still armed (a socket receive, an eventfd read) point
         // into its memory, which is dropped on this thread below: cancel them and wait.

@@ -364,6 +364,50 @@ impl Batch {
         )
     }
 
+    /// Before the queue's thread ends with fetch commands still armed (`del` lets the
+    /// device go quiet first, a hand-over leaves them on purpose): takes every fetch
+    /// buffer the driver has not used back from the ring (REMOVE_BUFFERS) and waits for
+    /// that. A request dispatched after the thread is gone then finds no buffer: the
+    /// driver puts its tags back (ENOBUFS) and ends the fetch command, instead of
+    /// copying the tags to a buffer's address from a kernel worker, in whatever address
+    /// space that worker has (traced on 7.3; docs/research/issue-12-speed.md 14).
+    /// Completions that arrive meanwhile are dropped, as the thread's exit would.
+    pub fn withdraw_buffers(&mut self, ring: &mut IoUring) {
+        if self.aborted || self.fetches_armed == 0 {
+            return;
+        }
+        let ud = encode(Kind::FetchBuf, 0, 1);
+        let remove = opcode::RemoveBuffers::new(self.nbufs, FETCH_GROUP)
+            .build()
+            .user_data(ud);
+        // SAFETY: the command carries no pointer.
+        if !unsafe { push_all(ring, &[remove]) } {
+            log::warn!(
+                "dev {} queue {}: cannot take the fetch buffers back: the ring is full",
+                self.dev_id,
+                self.qid
+            );
+            return;
+        }
+        loop {
+            match ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    log::warn!(
+                        "dev {} queue {}: taking the fetch buffers back: {e}",
+                        self.dev_id,
+                        self.qid
+                    );
+                    return;
+                }
+            }
+            if ring.completion().any(|c| c.user_data() == ud) {
+                return;
+            }
+        }
+    }
+
     /// The fetch buffers and the two commit arrays, as (address, length).
     pub fn regions(&self) -> Vec<(*mut u8, usize)> {
         vec![
