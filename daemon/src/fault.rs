@@ -9,8 +9,9 @@
 //! - `queue-error:N`: a queue thread fails as on an io_uring error once it has completed
 //!   N requests (see `queue::spawn` for what the daemon then does).
 //! - `poison-retired`: the memory ended queues' commands pointed into is filled with a
-//!   pattern when the kernel has let go of it, and freed only 2 s later; a byte the
-//!   kernel wrote in between is logged as an error (`queue::Retired`).
+//!   pattern as each queue thread ends, and checked 2 s after the kernel has let go of
+//!   it, then freed; a byte the kernel wrote in between is logged as an error
+//!   (`queue::Retired`).
 //!
 //! Unarmed, each check is one load of an initialised `OnceLock`.
 
@@ -74,7 +75,7 @@ pub fn queue_error_after() -> Option<u64> {
     armed().queue_error_after
 }
 
-/// Whether released queue memory is to be poisoned and watched (`queue::Retired`).
+/// Whether retired queue memory is to be poisoned and watched (`queue::Retired`).
 pub fn poison_retired() -> bool {
     armed().poison_retired
 }

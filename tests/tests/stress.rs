@@ -56,34 +56,40 @@ fn del_under_load_every_target_and_mode(commands: &str) {
             args.push(commands_flag(commands));
             let dev = d.add(&args);
             assert_commands(&d.show_json(dev_id(&dev)), commands);
-            let fio = FioChild::start(&load_job(&dev, 2, 60));
-            wait_io(&dev, 200);
-            let start = Instant::now();
-            let out = d.ctl(&["del", "--force", &dev_id(&dev).to_string()]);
-            assert!(
-                out.status.success(),
-                "{what}: del failed: {}\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                d.log_text()
-            );
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{what}: del took {:?}",
-                start.elapsed()
-            );
-            assert!(
-                wait_gone(&dev, Duration::from_secs(10)),
-                "{what}: {dev} stayed"
-            );
-            if let Err(e) = fio.ended_within(Duration::from_secs(30)) {
-                panic!("{what}: {e}\n{}", d.log_text());
-            }
+            del_under_load(&d, &dev, &what);
             assert_serves(&sentinel);
         }
     }
     assert_eq!(d.list_json().len(), 1, "{:?}", d.list_json());
     assert_released_memory_untouched(&d, 12);
     d.del(&sentinel);
+}
+
+/// `del --force` of `dev` while two fio jobs (mixed sizes, QD 64) run on it: `del`
+/// succeeds within 30 s, the device goes, and fio ends.
+fn del_under_load(d: &Daemon, dev: &str, what: &str) {
+    let fio = FioChild::start(&load_job(dev, 2, 60));
+    wait_io(dev, 200);
+    let start = Instant::now();
+    let out = d.ctl(&["del", "--force", &dev_id(dev).to_string()]);
+    assert!(
+        out.status.success(),
+        "{what}: del failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "{what}: del took {:?}",
+        start.elapsed()
+    );
+    assert!(
+        wait_gone(dev, Duration::from_secs(10)),
+        "{what}: {dev} stayed"
+    );
+    if let Err(e) = fio.ended_within(Duration::from_secs(30)) {
+        panic!("{what}: {e}\n{}", d.log_text());
+    }
 }
 
 /// Makes the daemon fill the memory that ended queues' commands pointed into with a
@@ -128,18 +134,7 @@ fn deleted_batch_devices_leave_the_kernel_no_freed_memory() {
                 "null", "--size", "128M", "--buffer", mode, "--queues", queues,
             ];
             let dev = d.add(&[&args[..], &["--batch"]].concat());
-            let fio = FioChild::start(&load_job(&dev, 2, 60));
-            wait_io(&dev, 200);
-            let out = d.ctl(&["del", "--force", &dev_id(&dev).to_string()]);
-            assert!(
-                out.status.success(),
-                "{what}: del failed: {}\n{}",
-                String::from_utf8_lossy(&out.stderr),
-                d.log_text()
-            );
-            if let Err(e) = fio.ended_within(Duration::from_secs(30)) {
-                panic!("{what}: {e}\n{}", d.log_text());
-            }
+            del_under_load(&d, &dev, &what);
             deletions += 1;
         }
     }

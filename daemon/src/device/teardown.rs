@@ -206,7 +206,8 @@ impl Device {
                 }
                 Err(e) => {
                     log::warn!(
-                        "dev {}: {path} still busy {RELEASE_TIMEOUT:?} after its queues                          ended ({e}); the memory its commands pointed into is not freed",
+                        "dev {}: {path} still busy {RELEASE_TIMEOUT:?} after its queues ended ({e}); \
+                         the memory its commands pointed into is not freed",
                         self.id
                     );
                     return;

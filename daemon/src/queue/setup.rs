@@ -134,9 +134,9 @@ impl Queue {
 /// So this memory leaves the thread with its result and waits in [`super::Retired`]
 /// until the kernel has released the device's char device.
 pub(crate) struct KernelShared {
-    _bufs: Option<uapi::BufferArena>,
-    _cmds: Commands,
-    _wake_buf: Box<u64>,
+    bufs: Option<uapi::BufferArena>,
+    cmds: Commands,
+    wake_buf: Box<u64>,
     /// The target may still use the request buffers: never freed.
     pub(super) leak: bool,
 }
@@ -144,9 +144,9 @@ pub(crate) struct KernelShared {
 impl KernelShared {
     /// The memory, as (address, length) regions.
     pub(super) fn regions(&self) -> Vec<(*mut u8, usize)> {
-        let mut r = self._cmds.regions();
-        r.extend(self._bufs.as_ref().map(uapi::BufferArena::region));
-        r.push((std::ptr::from_ref(&*self._wake_buf).cast_mut().cast(), 8));
+        let mut r = self.cmds.regions();
+        r.extend(self.bufs.as_ref().map(uapi::BufferArena::region));
+        r.push((std::ptr::from_ref(&*self.wake_buf).cast_mut().cast(), 8));
         r
     }
 }
@@ -207,9 +207,9 @@ impl Queue {
             drop(handler);
         }
         KernelShared {
-            _bufs: bufs,
-            _cmds: cmds,
-            _wake_buf: wake_buf,
+            bufs,
+            cmds,
+            wake_buf,
             leak: in_use,
         }
     }
