@@ -427,3 +427,51 @@ impl Batch {
         !self.aborted && self.fetches_armed + self.fetches_wanted > 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::types;
+    use std::os::fd::AsRawFd;
+
+    /// Taking the fetch buffers back empties their group: a receive that selects from
+    /// it then finds none (ENOBUFS), which is what the driver gets at a late dispatch.
+    #[test]
+    fn withdrawn_fetch_buffers_cannot_be_selected() {
+        let mut ring = IoUring::new(16).unwrap();
+        let mut batch = Batch::new(0, 0, 8, BufferMode::AutoZc, Vec::new()).unwrap();
+        let provide = opcode::ProvideBuffers::new(
+            batch.fetch_mem.ptr(),
+            FETCH_BUF_LEN as i32,
+            batch.nbufs,
+            FETCH_GROUP,
+            0,
+        )
+        .build()
+        .user_data(1);
+        // SAFETY: the buffers live in `batch`, which outlives the ring's use of them.
+        assert!(unsafe { push_all(&mut ring, &[provide]) });
+        ring.submit_and_wait(1).unwrap();
+        assert_eq!(ring.completion().next().unwrap().result(), 0);
+
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let select = |ring: &mut IoUring| {
+            use std::io::Write;
+            (&a).write_all(b"tags").unwrap();
+            let recv = opcode::Recv::new(types::Fd(b.as_raw_fd()), std::ptr::null_mut(), 4)
+                .buf_group(FETCH_GROUP)
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
+                .user_data(2);
+            // SAFETY: the receive writes into a buffer of the group, inside `batch`.
+            assert!(unsafe { push_all(ring, &[recv]) });
+            ring.submit_and_wait(1).unwrap();
+            ring.completion().next().unwrap().result()
+        };
+        assert_eq!(select(&mut ring), 4, "a provided buffer is selected");
+
+        batch.fetches_armed = FETCH_CMDS;
+        batch.withdraw_buffers(&mut ring);
+        assert_eq!(select(&mut ring), -libc::ENOBUFS);
+    }
+}
