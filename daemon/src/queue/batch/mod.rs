@@ -114,20 +114,7 @@ impl Batch {
                 "submission queue full while posting PREP_IO_CMDS",
             ));
         }
-        let res = loop {
-            match ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => return Err(e),
-            }
-            let prep = ring.completion().find_map(|c| {
-                let ud = super::user_data::decode(c.user_data());
-                (ud.map(|u| u.kind) == Some(Kind::BatchPrep)).then_some(c.result())
-            });
-            if let Some(res) = prep {
-                break res;
-            }
-        };
+        let res = wait_for(ring, encode(Kind::BatchPrep, 0, 0))?;
         self.arrays[0].len = 0;
         if res < 0 {
             return Err(io::Error::other(format!(
@@ -135,18 +122,8 @@ impl Batch {
                 io::Error::from_raw_os_error(-res)
             )));
         }
-        let all = opcode::ProvideBuffers::new(
-            self.fetch_mem.ptr(),
-            FETCH_BUF_LEN as i32,
-            self.nbufs,
-            FETCH_GROUP,
-            0,
-        )
-        .build()
-        .user_data(encode(Kind::FetchBuf, 0, 0))
-        .flags(squeue::Flags::SKIP_SUCCESS);
         // SAFETY: the fetch buffers live in `self`, which outlives the queue thread.
-        if !unsafe { push_all(ring, &[all]) } {
+        if !unsafe { push_all(ring, &[self.provide_all()]) } {
             return Err(io::Error::other(
                 "submission queue full while providing fetch buffers",
             ));
@@ -159,6 +136,20 @@ impl Batch {
             ));
         }
         Ok(())
+    }
+
+    /// Gives every fetch buffer to the ring's buffer group (no completion on success).
+    fn provide_all(&self) -> squeue::Entry {
+        opcode::ProvideBuffers::new(
+            self.fetch_mem.ptr(),
+            FETCH_BUF_LEN as i32,
+            self.nbufs,
+            FETCH_GROUP,
+            0,
+        )
+        .build()
+        .user_data(encode(Kind::FetchBuf, 0, 0))
+        .flags(squeue::Flags::SKIP_SUCCESS)
     }
 
     /// Queues `tag`'s result for this turn's commit; with `registered` pages, behind
@@ -389,22 +380,12 @@ impl Batch {
             );
             return;
         }
-        loop {
-            match ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => {
-                    log::warn!(
-                        "dev {} queue {}: taking the fetch buffers back: {e}",
-                        self.dev_id,
-                        self.qid
-                    );
-                    return;
-                }
-            }
-            if ring.completion().any(|c| c.user_data() == ud) {
-                return;
-            }
+        if let Err(e) = wait_for(ring, ud) {
+            log::warn!(
+                "dev {} queue {}: taking the fetch buffers back: {e}",
+                self.dev_id,
+                self.qid
+            );
         }
     }
 
@@ -428,6 +409,25 @@ impl Batch {
     }
 }
 
+/// Submits and waits until the completion with `user_data` arrives; returns its
+/// result. Other completions reaped meanwhile are dropped (at start and at the end of
+/// the queue, nothing else is outstanding that the loop would miss).
+fn wait_for(ring: &mut IoUring, user_data: u64) -> io::Result<i32> {
+    loop {
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+        if let Some(res) = ring
+            .completion()
+            .find_map(|c| (c.user_data() == user_data).then_some(c.result()))
+        {
+            return Ok(res);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,19 +440,9 @@ mod tests {
     fn withdrawn_fetch_buffers_cannot_be_selected() {
         let mut ring = IoUring::new(16).unwrap();
         let mut batch = Batch::new(0, 0, 8, BufferMode::AutoZc, Vec::new()).unwrap();
-        let provide = opcode::ProvideBuffers::new(
-            batch.fetch_mem.ptr(),
-            FETCH_BUF_LEN as i32,
-            batch.nbufs,
-            FETCH_GROUP,
-            0,
-        )
-        .build()
-        .user_data(1);
         // SAFETY: the buffers live in `batch`, which outlives the ring's use of them.
-        assert!(unsafe { push_all(&mut ring, &[provide]) });
-        ring.submit_and_wait(1).unwrap();
-        assert_eq!(ring.completion().next().unwrap().result(), 0);
+        assert!(unsafe { push_all(&mut ring, &[batch.provide_all()]) });
+        ring.submit().unwrap();
 
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let select = |ring: &mut IoUring| {
