@@ -24,10 +24,12 @@ mod staging;
 #[path = "tests/ring.rs"]
 mod test_ring;
 mod thread;
+mod throttle;
 
 pub use io::{BlockOp, IoBuf, IoDesc, IoFlags};
 pub use staging::Staging;
 pub use thread::io_flusher;
+pub use throttle::Throttle;
 pub use ublkd_proto::BackingId;
 
 use io_uring::squeue;

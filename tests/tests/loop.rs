@@ -475,3 +475,79 @@ fn direct_io_setting_is_honoured() {
         d.del(&dev);
     }
 }
+
+/// A backing file on a full file system: every write past the space fails with ENOSPC
+/// at the writer (nothing is acknowledged that was not written), and the daemon's log
+/// names the error for the first few failures and then counts the rest, instead of a
+/// line per request; the count and the lines add up to the queue's error counter.
+#[test]
+fn a_full_backing_file_system_fails_writes_with_enospc_and_a_bounded_log() {
+    require_ublk();
+    let mnt = "/tmp/loop-full-fs";
+    std::fs::create_dir_all(mnt).unwrap();
+    // Left mounted by an earlier run that failed.
+    let _ = std::process::Command::new("/bin/umount").arg(mnt).output();
+    run_ok(
+        "/bin/mount",
+        &["-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt],
+    );
+    let file = PathBuf::from(format!("{mnt}/backing.img"));
+    File::create(&file).unwrap().set_len(64 << 20).unwrap();
+    let d = Daemon::start("loop-full-fs");
+    let dev = add_loop(&d, &file, "auto-zc", &["--direct-io", "off"]);
+    let out = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev)
+        .unwrap();
+    let buf = AlignedBuf::new(&[0x5a; 4096]);
+    // 1 MiB of tmpfs holds at most 256 blocks of 4 KiB; 400 writes to distinct blocks
+    // run past it.
+    let (mut written, mut failed) = (0u64, 0u64);
+    for block in 0..400u64 {
+        match out.write_at(buf.as_slice(), block * 4096) {
+            Ok(n) => {
+                assert_eq!(n, 4096);
+                written += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "block {block}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    assert!(
+        written > 0 && failed >= 144,
+        "{written} written, {failed} failed"
+    );
+    drop(out);
+    let show = d.show_json(dev_id(&dev));
+    let errors: u64 = show["queue_stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["errors"].as_u64().unwrap())
+        .sum();
+    assert_eq!(errors, failed, "{show}");
+    // The end of the queue reports what it counted.
+    d.del(&dev);
+    let log = d.log_text();
+    let one_by_one = log
+        .lines()
+        .filter(|l| l.contains("failed: No space left on device"))
+        .count() as u64;
+    let counted: u64 = log
+        .lines()
+        .filter_map(|l| {
+            let (head, _) = l.split_once(" more requests failed in ")?;
+            head.rsplit(' ').next()?.parse::<u64>().ok()
+        })
+        .sum();
+    assert!(
+        (1..=10).contains(&one_by_one),
+        "{one_by_one} failures logged one by one (5 per 10 s per queue):\n{log}"
+    );
+    assert_eq!(one_by_one + counted, failed, "logged and counted:\n{log}");
+    std::fs::remove_file(&file).unwrap();
+    run_ok("/bin/umount", &[mnt]);
+}

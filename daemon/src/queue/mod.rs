@@ -41,6 +41,7 @@
 
 mod batch;
 mod commands;
+mod failures;
 mod handle;
 mod per_tag;
 mod placement;
@@ -127,6 +128,8 @@ struct Queue {
     fail_after: Option<u64>,
     /// The target's staging buffer, registered at index `depth`.
     staging: Option<StagingArea>,
+    /// Failed requests in the log, rate-limited.
+    failures: failures::FailureLog,
 }
 
 /// Makes sure the submission queue has room for `n` more SQEs, flushing it once.
@@ -240,6 +243,9 @@ impl Queue {
                 return Err(io::Error::other(
                     "injected fault (--inject-fault queue-error)",
                 ));
+            }
+            if self.failures.holding() {
+                self.failures.tick(std::time::Instant::now());
             }
             self.flush_backlog();
             self.call_target(|t, ring| t.end_turn(ring));
@@ -472,15 +478,7 @@ impl Queue {
         };
         self.counters.finished(&io, res);
         if res < 0 {
-            log::debug!(
-                "dev {} queue {} tag {tag}: {:?} at {} len {} failed: {}",
-                self.spec.dev_id,
-                self.spec.qid,
-                io.op,
-                io.offset,
-                io.len,
-                io::Error::from_raw_os_error(-res)
-            );
+            self.failures.failed(tag, &io, res);
         }
         if self.tags[usize::from(tag)].notifs > 0 {
             // The network still holds the buffer (zero-copy send): commit on the last

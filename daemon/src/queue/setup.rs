@@ -113,6 +113,7 @@ impl Queue {
             in_target: 0,
             fail_after: crate::fault::queue_error_after(),
             staging,
+            failures: failures::FailureLog::new(spec.dev_id, spec.qid),
             spec,
         })
     }
@@ -157,6 +158,7 @@ impl Queue {
     /// through here.
     pub(super) fn close(mut self) -> KernelShared {
         let (dev, q) = (self.spec.dev_id, self.spec.qid);
+        self.failures.end();
         self.cmds.withdraw(&mut self.ring);
         let submitter = self.ring.submitter();
         // The target's own SQEs still armed (a socket receive, an eventfd read) point

@@ -22,7 +22,7 @@
 //! the copy it saves ([`Ring::push_copy_from_request`] decides).
 
 use super::rados::{AioOp, Completions, Image};
-use crate::{Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring, Staging};
+use crate::{Completion, IoBuf, IoDesc, Outcome, Owner, QueueTarget, Ring, Staging, Throttle};
 use io_uring::{opcode, types};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,6 +76,9 @@ pub(super) struct RbdQueue {
     slot: usize,
     /// Flush after every write, discard and write-zeroes, FUA or not.
     flush_writes: bool,
+    /// The warning that requests time out, at most once per period (the queue logs
+    /// the failed requests themselves).
+    timeouts: Throttle,
 }
 
 impl RbdQueue {
@@ -114,6 +117,7 @@ impl RbdQueue {
             staging,
             slot,
             flush_writes,
+            timeouts: Throttle::new(1, Duration::from_secs(10)),
         })
     }
 
@@ -255,7 +259,14 @@ impl RbdQueue {
             return;
         };
         if res < 0 {
-            log::warn!(
+            if res == -i64::from(libc::ETIMEDOUT) && self.timeouts.admit(Instant::now()) {
+                log::warn!(
+                    "rbd q{}: requests time out: no OSD answered within the OSD timeout \
+                     (--osd-timeout); they fail with EIO (the cluster's health says why)",
+                    self.qid
+                );
+            }
+            log::debug!(
                 "rbd q{} tag {tag}: librbd failed the request: errno {}",
                 self.qid,
                 -res
