@@ -635,8 +635,8 @@ impl Drop for ResumeOsd {
 /// librbd's cache off, ublkd's default; with it on, the FUA write's flush would).
 /// `del --force` of the device returns within a bound set by the device's --osd-timeout
 /// (the request fails with EIO once it passes, the queue drains, librbd closes the
-/// image), the daemon serves another device meanwhile, and once the OSD resumes the
-/// image maps again with its data.
+/// image), the daemon serves another device meanwhile, the log names the failed request
+/// and the OSD timeout, and once the OSD resumes the image maps again with its data.
 #[test]
 fn del_while_the_osd_is_unreachable() {
     use std::time::{Duration, Instant};
@@ -719,6 +719,16 @@ fn del_while_the_osd_is_unreachable() {
         "{dev} is still there after del"
     );
     assert_eq!(d.list_json().len(), 1, "{:?}", d.list_json());
+    // The log says what failed and why: the request, and the OSD timeout behind it.
+    let log = d.log_text();
+    assert!(
+        log.contains("no OSD answered within the OSD timeout"),
+        "the log does not name the timeout:\n{log}"
+    );
+    assert!(
+        log.contains("failed: Input/output error"),
+        "the log does not name the failed request:\n{log}"
+    );
 
     drop(_resume);
     let again = add_rbd(&d, "rbd/unreach", &["--read-only"]);
