@@ -56,6 +56,11 @@ if [ "${UBLKD_BENCH_PERF:-}" = 1 ]; then
     prof+=(--tool /usr/bin/perf)
     pre="echo 0 > /proc/sys/kernel/kptr_restrict; echo -1 > /proc/sys/kernel/perf_event_paranoid; "
 fi
+# UBLKD_BENCH_TOOLS="PATH ...": more host programs or shared objects for the guest, at the
+# same paths (an allocator to preload with `--daemon-env LD_PRELOAD=...`, say).
+for tool in ${UBLKD_BENCH_TOOLS:-}; do
+    prof+=(--tool "$tool")
+done
 read -ra extra_env <<< "${UBLKD_BENCH_ENV:-}"
 guest_env+=("${extra_env[@]}")
 # The guest runs the command with sh -c: quote the arguments (--ublkd has ';' and spaces).
