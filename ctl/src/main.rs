@@ -149,9 +149,11 @@ fn main() {
                 let _ = e.print();
                 std::process::exit(2);
             }
+            let args: Vec<String> = std::env::args().collect();
             eprintln!(
-                "ublkctl: {} (see 'ublkctl --help')",
-                output::one_line(&e.to_string())
+                "ublkctl: {} ({})",
+                output::one_line(&e.to_string()),
+                usage_hint(&args)
             );
             std::process::exit(2);
         }
@@ -160,6 +162,24 @@ fn main() {
         eprintln!("ublkctl: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Where a user whose command line was refused looks next: the usage of the deepest
+/// (sub)command the line names and that command's help, e.g. `usage: ublkctl add loop
+/// [OPTIONS] --file <FILE>; see 'ublkctl add loop --help'`.
+fn usage_hint(args: &[String]) -> String {
+    let mut cmd = Cli::command();
+    cmd.build();
+    let mut sub = &mut cmd;
+    for arg in args.iter().skip(1) {
+        if sub.find_subcommand(arg).is_some() {
+            sub = sub.find_subcommand_mut(arg).expect("found just above");
+        }
+    }
+    let usage = sub.render_usage().to_string();
+    let usage = usage.trim().trim_start_matches("Usage:").trim();
+    let name = sub.get_bin_name().unwrap_or("ublkctl");
+    format!("usage: {usage}; see '{name} --help'")
 }
 
 fn generate(what: Generate) -> Result<()> {
@@ -239,6 +259,36 @@ fn run(cli: Cli) -> Result<()> {
 mod tests {
     use super::*;
     use ublkd_proto::validate::DEFAULT_NULL_SIZE;
+
+    #[test]
+    fn a_refused_command_line_points_at_the_subcommand_it_names() {
+        let args =
+            |line: &str| -> Vec<String> { line.split_whitespace().map(String::from).collect() };
+        let refused = |line: &str| {
+            let e = Cli::try_parse_from(args(line)).expect_err(line);
+            format!(
+                "{} ({})",
+                output::one_line(&e.to_string()),
+                usage_hint(&args(line))
+            )
+        };
+        assert_eq!(
+            refused("ublkctl --socket /x add loop disk.img"),
+            "unexpected argument 'disk.img' found (usage: ublkctl add loop [OPTIONS] \
+             --file <FILE>; see 'ublkctl add loop --help')"
+        );
+        assert_eq!(
+            refused("ublkctl add null --size 1x"),
+            "invalid value '1x' for '--size <SIZE>': invalid size '1x': expected a number \
+             with an optional K, M, G or T suffix (e.g. 512, 4k, 1G) (usage: ublkctl add \
+             null [OPTIONS]; see 'ublkctl add null --help')"
+        );
+        assert_eq!(
+            refused("ublkctl tape"),
+            "unrecognized subcommand 'tape' (usage: ublkctl [OPTIONS] <COMMAND>; see \
+             'ublkctl --help')"
+        );
+    }
     use ublkd_proto::{
         BufferMode, DirectIo, EncryptionFormat, QueueAffinity, RbdEncryption, RbdQuiesce,
         TargetSpec,

@@ -14,7 +14,15 @@ pub fn one_line(text: &str) -> String {
         .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
         .filter(|l| !l.is_empty())
         .collect();
-    let line = parts.join(" ");
+    // A line that introduces a list (ends in ':') runs on into it; other lines
+    // (clap's "tip: ...") are separate sentences.
+    let mut line = String::new();
+    for part in parts {
+        if !line.is_empty() {
+            line.push_str(if line.ends_with(':') { " " } else { "; " });
+        }
+        line.push_str(part);
+    }
     line.strip_prefix("error: ").unwrap_or(&line).to_string()
 }
 
@@ -268,6 +276,13 @@ mod tests {
                  Usage: ublkctl add loop --file <FILE>\n\nFor more information, try '--help'.\n"
             ),
             "the following required arguments were not provided: --file <FILE>"
+        );
+        assert_eq!(
+            one_line(
+                "error: unexpected argument '--jsn' found\n\n  \
+                 tip: a similar argument exists: '--json'\n\nUsage: ublkctl list --json\n"
+            ),
+            "unexpected argument '--jsn' found; tip: a similar argument exists: '--json'"
         );
     }
 
