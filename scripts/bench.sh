@@ -41,7 +41,7 @@ if [ "$suite" = rbd ]; then
     mapfile -t ceph < <(tests/vm/ceph-args.sh)
     export UBLKD_VM_EXTRA_MODULES="${UBLKD_VM_EXTRA_MODULES:-} rbd"
 fi
-# Profiling (see tests/src/bin/bench.rs): UBLKD_BENCH_HOOK=FILE copies the script FILE in
+# Profiling (see tests/src/bin/bench/measure.rs): UBLKD_BENCH_HOOK=FILE copies the script FILE in
 # and runs it beside every fio run; UBLKD_BENCH_PERF=1 copies perf in too and lets it see
 # kernel symbols. UBLKD_BENCH_ENV="NAME=VALUE ..." sets environment variables for the
 # benchmark (and the daemon it starts) in the guest.

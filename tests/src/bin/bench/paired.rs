@@ -51,7 +51,7 @@ fn cell(dev: &[f64], reference: &[f64]) -> String {
     let ahead = ratios.iter().filter(|x| **x > 1.0).count();
     let n = ratios.len();
     // Sorts `ratios`, so the first and last are the spread.
-    let median = super::median(&mut ratios);
+    let median = super::table::median(&mut ratios);
     format!(
         "{median:.2}x ({:.2}-{:.2}) {ahead}/{n}",
         ratios[0],

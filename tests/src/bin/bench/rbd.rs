@@ -17,7 +17,8 @@
 //!   second ublkd started with that environment (an allocator setting such as
 //!   `MALLOC_ARENA_MAX=4`), so that it is compared with the default in one VM run.
 
-use super::{add_ublkd, compare, Settings, LOOP_ROWS};
+use super::table::compare;
+use super::{add_ublkd, Settings, LOOP_ROWS};
 use std::process::Command;
 use ublkd_tests::{fio, Daemon};
 
