@@ -259,6 +259,10 @@ fn run(cli: Cli) -> Result<()> {
 mod tests {
     use super::*;
     use ublkd_proto::validate::DEFAULT_NULL_SIZE;
+    use ublkd_proto::{
+        BufferMode, DirectIo, EncryptionFormat, QueueAffinity, RbdEncryption, RbdQuiesce,
+        TargetSpec,
+    };
 
     #[test]
     fn a_refused_command_line_points_at_the_subcommand_it_names() {
@@ -289,10 +293,6 @@ mod tests {
              'ublkctl --help')"
         );
     }
-    use ublkd_proto::{
-        BufferMode, DirectIo, EncryptionFormat, QueueAffinity, RbdEncryption, RbdQuiesce,
-        TargetSpec,
-    };
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("ublkctl").chain(args.iter().copied()))
