@@ -76,8 +76,7 @@ mod rublk;
 #[path = "bench/table.rs"]
 mod table;
 
-use std::process::Command;
-use ublkd_tests::Daemon;
+use ublkd_tests::{run_ok, Daemon};
 
 struct Row {
     name: &'static str,
@@ -202,16 +201,9 @@ fn variants(buffers: Option<String>, ublkd: Option<String>) -> Vec<Vec<String>> 
 
 fn insmod(module: &str, params: &[&str]) {
     let path = format!("/lib/modules/{module}.ko");
-    let out = Command::new("insmod")
-        .arg(&path)
-        .args(params)
-        .output()
-        .expect("run insmod");
-    assert!(
-        out.status.success(),
-        "insmod {path}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut args = vec![path.as_str()];
+    args.extend_from_slice(params);
+    run_ok("insmod", &args);
 }
 
 fn main() {

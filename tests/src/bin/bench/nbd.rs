@@ -106,17 +106,8 @@ pub(crate) fn bench(s: &Settings) {
             "-C".into(),
             conns.clone(),
         ]);
-        let out = Command::new("/usr/sbin/nbd-client")
-            .args(&client)
-            .output()
-            .expect("run nbd-client");
-        assert!(
-            out.status.success(),
-            "nbd-client {}: {}{}",
-            client.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let args: Vec<&str> = client.iter().map(String::as_str).collect();
+        run_ok("/usr/sbin/nbd-client", &args);
         let mut devices = vec![("kernel nbd".to_string(), kdev.clone())];
         // The kernel client over TLS too: nbd-client does the TLS in userspace (GnuTLS)
         // and relays the kernel's plaintext socket through it.

@@ -80,16 +80,12 @@ pub(crate) fn bench_loop(s: &Settings) {
     f.sync_all().expect("sync backing file");
     drop(f);
 
-    let out = Command::new("/usr/sbin/losetup")
-        .args(["--direct-io=on", "--show", "-f", file])
-        .output()
-        .expect("run losetup");
-    assert!(
-        out.status.success(),
-        "losetup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let kloop = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let kloop = run_ok(
+        "/usr/sbin/losetup",
+        &["--direct-io=on", "--show", "-f", file],
+    )
+    .trim()
+    .to_string();
     let name = kloop.trim_start_matches("/dev/");
     let dio = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).unwrap_or_default();
 

@@ -20,7 +20,7 @@
 use super::table::compare;
 use super::{add_ublkd, Settings, LOOP_ROWS};
 use std::process::Command;
-use ublkd_tests::{fio, Daemon};
+use ublkd_tests::{fio, run_ok, Daemon};
 
 /// The benchmark's own options in a `--ublkd` variant: the features of its image, and
 /// the environment of the ublkd that serves it.
@@ -190,16 +190,12 @@ pub(super) fn bench(s: &Settings) {
     let c = ublkd_tests::ceph::shared();
     let conf = c.conf.to_str().expect("utf-8 conf path").to_string();
     c.create_image("bench-nbd", "64M");
-    let out = Command::new("/usr/bin/rbd-nbd")
-        .args(["--conf", &conf, "map", "rbd/bench-nbd"])
-        .output()
-        .expect("run rbd-nbd");
-    assert!(
-        out.status.success(),
-        "rbd-nbd map: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let nbd = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let nbd = run_ok(
+        "/usr/bin/rbd-nbd",
+        &["--conf", &conf, "map", "rbd/bench-nbd"],
+    )
+    .trim()
+    .to_string();
     let mut devices = vec![("rbd-nbd".to_string(), nbd.clone())];
     c.create_image("bench-krbd", "64M");
     let krbd = match krbd_map("bench-krbd") {

@@ -2,6 +2,7 @@
 
 use super::Settings;
 use std::process::Command;
+use ublkd_tests::run_ok;
 
 /// rublk, the peer daemon (`/usr/local/bin/rublk`): its devices get fixed ids from
 /// `RUBLK_FIRST_ID` on, clear of the ids ublkd assigns (from 0) in these runs.
@@ -26,14 +27,7 @@ pub(crate) fn rublk_add(target: &str, extra: &[&str], s: &Settings) -> Vec<(Stri
             args.push("--multi-cpus-affinity");
         }
         args.extend_from_slice(extra);
-        let out = Command::new(RUBLK).args(&args).output().expect("run rublk");
-        assert!(
-            out.status.success(),
-            "rublk {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(RUBLK, &args);
         let path = format!("/dev/ublkb{id}");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while !std::path::Path::new(&path).exists() {
