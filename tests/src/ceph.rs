@@ -1,7 +1,12 @@
 //! A single-node Ceph cluster for the rbd tests: one monitor and one OSD on 127.0.0.1,
-//! memstore, no cephx, no mgr, everything under one directory. Monitor commands go as
-//! JSON through librados (the test VM has no Python, so no `ceph` tool); images are
-//! made with the `rbd` tool. Dropping the cluster kills its daemons.
+//! memstore, no mgr, everything under one directory. Monitor commands go as JSON through
+//! librados (the test VM has no Python, so no `ceph` tool); images are made with the
+//! `rbd` tool. Dropping the cluster kills its daemons.
+//!
+//! cephx is required everywhere, as in a production cluster: the keys of `mon.`,
+//! `client.admin` and `osd.0` are made here and kept in one keyring that the conf names,
+//! so the daemons, the `rbd` tool, rbd-nbd and ublkd find the admin's key through the
+//! conf; [`Cluster::add_user`] makes a client with narrower caps and a keyring of its own.
 //!
 //! `osd client watch timeout` is 10 s instead of 30 s: a client that died holding an
 //! image's exclusive lock (kill -9 of ublkd) counts as gone after that long, and only then
@@ -10,6 +15,7 @@
 //! The monitor listens on the fixed ports 3300 and 6789: one cluster at a time per
 //! machine (a test binary shares one, see [`shared`]).
 
+use base64::Engine;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,6 +30,10 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// The cluster's ceph.conf: what `ublkctl add rbd --conf` takes.
     pub conf: PathBuf,
+    /// The keyring the conf names: the keys of `mon.`, `client.admin` and `osd.0`.
+    pub keyring: PathBuf,
+    /// `client.admin`'s key (base64), for krbd's `secret=` and `--keyfile`.
+    pub admin_key: String,
     /// The client the cluster is set up through; taken by [`Cluster::disconnect`].
     rados: Mutex<Option<Arc<Rados>>>,
     osd_uuid: String,
@@ -38,15 +48,43 @@ fn uuid() -> String {
         .to_string()
 }
 
+/// A new cephx key as Ceph writes one: base64 of the key's type (1, AES), its creation
+/// time (seconds, nanoseconds), its length and 16 random bytes.
+pub fn new_key() -> String {
+    let mut secret = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut secret))
+        .expect("read 16 random bytes");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is past 1970");
+    let mut raw = Vec::with_capacity(28);
+    raw.extend_from_slice(&1u16.to_le_bytes());
+    raw.extend_from_slice(&(now.as_secs() as u32).to_le_bytes());
+    raw.extend_from_slice(&now.subsec_nanos().to_le_bytes());
+    raw.extend_from_slice(&(secret.len() as u16).to_le_bytes());
+    raw.extend_from_slice(&secret);
+    base64::engine::general_purpose::STANDARD.encode(raw)
+}
+
+/// A keyring entry: `[ENTITY]`, its key, and its caps (`(service, cap)` pairs).
+pub fn keyring_entry(entity: &str, key: &str, caps: &[(&str, &str)]) -> String {
+    let mut text = format!("[{entity}]\n\tkey = {key}\n");
+    for (service, cap) in caps {
+        text.push_str(&format!("\tcaps {service} = \"{cap}\"\n"));
+    }
+    text
+}
+
 fn conf_text(dir: &Path, fsid: &str) -> String {
     let d = dir.display();
     format!(
         "[global]
 fsid = {fsid}
 mon host = {MON_HOST}
-auth cluster required = none
-auth service required = none
-auth client required = none
+auth cluster required = cephx
+auth service required = cephx
+auth client required = cephx
 osd objectstore = memstore
 memstore device bytes = 536870912
 osd pool default size = 1
@@ -118,6 +156,25 @@ impl Cluster {
         let conf = dir.join("ceph.conf");
         std::fs::write(&conf, conf_text(dir, &fsid)).expect("write ceph.conf");
         let c = conf.to_str().expect("utf-8 path");
+        // Every key in the conf's keyring: the monitor imports them all at --mkfs, so
+        // the admin and the OSD exist with their caps from the start.
+        let admin_key = new_key();
+        let keyring = dir.join("keyring");
+        let all = [
+            keyring_entry("mon.", &new_key(), &[("mon", "allow *")]),
+            keyring_entry(
+                "client.admin",
+                &admin_key,
+                &[("mon", "allow *"), ("osd", "allow *"), ("mgr", "allow *")],
+            ),
+            keyring_entry(
+                "osd.0",
+                &new_key(),
+                &[("mon", "allow profile osd"), ("osd", "allow *")],
+            ),
+        ];
+        std::fs::write(&keyring, all.concat()).expect("write the cluster's keyring");
+        let k = keyring.to_str().expect("utf-8 path");
         let monmap = dir.join("monmap");
         let m = monmap.to_str().expect("utf-8 path");
         let addrs = format!("[v2:{MON_HOST}:3300,v1:{MON_HOST}:6789]");
@@ -129,7 +186,17 @@ impl Cluster {
         );
         run(
             "ceph-mon",
-            &["--conf", c, "--mkfs", "-i", "a", "--monmap", m],
+            &[
+                "--conf",
+                c,
+                "--mkfs",
+                "-i",
+                "a",
+                "--monmap",
+                m,
+                "--keyring",
+                k,
+            ],
         );
         let mon = spawn(
             "ceph-mon",
@@ -148,6 +215,8 @@ impl Cluster {
         let cluster = Cluster {
             dir: dir.to_path_buf(),
             conf: conf.clone(),
+            keyring: keyring.clone(),
+            admin_key,
             rados: Mutex::new(Some(rados)),
             osd_uuid: uuid(),
             mon: Some(mon),
@@ -183,6 +252,29 @@ impl Cluster {
         self.rados()
             .mon_command(&cmd.to_string())
             .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Makes cephx user `client.NAME` with `caps` (`(service, cap)` pairs, such as
+    /// `("osd", "profile rbd pool=rbd")`) and writes its keyring to the cluster's folder.
+    /// Returns the keyring's path and the user's key.
+    pub fn add_user(&self, name: &str, caps: &[(&str, &str)]) -> (PathBuf, String) {
+        let entity = format!("client.{name}");
+        let flat: Vec<&str> = caps.iter().flat_map(|(s, c)| [*s, *c]).collect();
+        let out = self.mon_command(json!({
+            "prefix": "auth get-or-create",
+            "entity": entity,
+            "caps": flat,
+            "format": "json",
+        }));
+        let made: Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("auth get-or-create gave {out:?}: {e}"));
+        let key = made[0]["key"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no key in {made}"))
+            .to_string();
+        let path = self.dir.join(format!("{entity}.keyring"));
+        std::fs::write(&path, keyring_entry(&entity, &key, caps)).expect("write a keyring");
+        (path, key)
     }
 
     /// Starts the OSD and waits until the monitor counts it up and in.

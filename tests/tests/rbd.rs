@@ -171,8 +171,8 @@ fn ext4_files_read_back() {
 }
 
 /// A snapshot maps read-only, refuses writes, and reads the snapshot's data while the
-/// image itself has moved on; it is mapped with `--mon-host` and no conf file, and by
-/// its id (`--snap-id`).
+/// image itself has moved on; it is mapped with `--mon-host`, `--keyfile` and no conf
+/// file, and by its id (`--snap-id`).
 #[test]
 fn a_snapshot_maps_read_only_with_its_data() {
     let c = cluster();
@@ -184,9 +184,19 @@ fn a_snapshot_maps_read_only_with_its_data() {
     c.rbd(&["snap", "create", "rbd/snap@s1"]);
     let after = pattern(42, 1 << 20);
     write_direct(&live, &after);
-    // Mapped by the monitors' address alone (`--mon-host`, no conf file: the guest has
-    // no /etc/ceph/ceph.conf), as ceph-csi maps with rbd-nbd.
-    let snap = d.add(&["rbd", "rbd/snap@s1", "--mon-host", ceph::MON_HOST]);
+    // Mapped by the monitors' address and the admin's bare key alone (`--mon-host` and
+    // `--keyfile`, no conf file: the guest has no /etc/ceph/ceph.conf), as ceph-csi maps
+    // with rbd-nbd.
+    let keyfile = "/tmp/rbd-snap-admin.key";
+    std::fs::write(keyfile, &c.admin_key).unwrap();
+    let snap = d.add(&[
+        "rbd",
+        "rbd/snap@s1",
+        "--mon-host",
+        ceph::MON_HOST,
+        "--keyfile",
+        keyfile,
+    ]);
     assert_eq!(d.detail(dev_id(&snap), "conf"), "none (mon_host given)");
     let show = d.show_json(dev_id(&snap));
     let ro = std::fs::read_to_string(format!("/sys/block/{}/ro", &snap[5..])).unwrap();
@@ -261,6 +271,76 @@ fn bad_specs_fail_in_one_line_and_others_keep_serving() {
     assert!(e.contains("--keyring") && !e.contains("AQBsecret"), "{e}");
     assert_eq!(d.list_json().len(), 1, "a failed add left a device behind");
     fio(&verify_job(&dev, "randwrite", "4k", "2M", 16));
+    d.del(&dev);
+}
+
+/// A cephx user with an rbd client's caps on one pool (`mon 'profile rbd'`, `osd 'profile
+/// rbd pool=rbd'`), as production clusters hand out, maps an image with `--id` and its
+/// own `--keyring`: fio verifies through it, `show`, `list` and the log name the user and
+/// the keyring's path but never the key, and after kill -9 the next ublkd reopens the
+/// image as that user. A wrong key and caps for another pool are refused in one line
+/// each, within seconds, while the device keeps serving.
+#[test]
+fn a_cephx_user_maps_with_its_own_keyring_and_recovers_after_kill9() {
+    let c = cluster();
+    c.create_image("cephx", "16M");
+    let rbd_caps = [("mon", "profile rbd"), ("osd", "profile rbd pool=rbd")];
+    let (keyring, key) = c.add_user("ublk", &rbd_caps);
+    let keyring = keyring.to_str().unwrap().to_string();
+    let name = "rbd-cephx";
+    let d = Daemon::start(name);
+    let dev = add_rbd(&d, "rbd/cephx", &["--user", "ublk", "--keyring", &keyring]);
+    let id = dev_id(&dev);
+    assert_eq!(d.detail(id, "user"), "ublk");
+    assert_eq!(d.detail(id, "keyring"), keyring);
+    fio(&verify_job(&dev, "randwrite", "4k", "4M", 16));
+    let d = written_survives_kill9(d, name, &dev, pattern(91, 1 << 20));
+    assert_eq!(d.detail(id, "user"), "ublk");
+
+    let wrong = "/tmp/rbd-cephx-wrong.keyring";
+    let wrong_key = ceph::new_key();
+    std::fs::write(wrong, ceph::keyring_entry("client.ublk", &wrong_key, &[])).unwrap();
+    let conf = conf();
+    let add_as = |user: &str, keyring: &str| {
+        let start = std::time::Instant::now();
+        let e = d.ctl_err(&[
+            "add",
+            "rbd",
+            "rbd/cephx",
+            "--conf",
+            &conf,
+            "--user",
+            user,
+            "--keyring",
+            keyring,
+        ]);
+        assert!(start.elapsed().as_secs() < 20, "took {:?}", start.elapsed());
+        e
+    };
+    let e = add_as("ublk", wrong);
+    assert!(e.contains("refused user client.ublk"), "{e}");
+    let other_caps = [("mon", "profile rbd"), ("osd", "profile rbd pool=other")];
+    let (other, _) = c.add_user("ublk-other", &other_caps);
+    let e = add_as("ublk-other", other.to_str().unwrap());
+    assert!(
+        e.contains("user client.ublk-other may not open rbd image rbd/cephx"),
+        "{e}"
+    );
+    assert_eq!(d.list_json().len(), 1, "a failed add left a device behind");
+
+    let everything = format!(
+        "{}\n{}\n{}",
+        d.ctl_ok(&["show", &id.to_string(), "--json"]),
+        d.ctl_ok(&["list", "--json"]),
+        d.log_text()
+    );
+    for k in [&key, &wrong_key] {
+        assert!(
+            !everything.contains(k.as_str()),
+            "a key shows: {everything}"
+        );
+    }
+    fio(&verify_job(&dev, "randrw", "4k", "4M", 16));
     d.del(&dev);
 }
 

@@ -518,8 +518,9 @@ fn snapshots_run_the_quiesce_hook_and_a_failing_hook_fails_them() {
     assert!(e.contains("must be absolute"), "{e}");
 }
 
-/// `--mon-host` without a conf file (as ceph-csi maps with rbd-nbd): the image opens with
-/// only the monitors' address; without either, the error names both flags.
+/// `--mon-host` and `--keyfile` without a conf file (as ceph-csi maps with rbd-nbd): the
+/// image opens with only the monitors' address and the key; without the key, the error
+/// says that one is needed; without either address, the error names both flags.
 #[test]
 fn a_cluster_is_reached_by_its_monitors_without_a_conf_file() {
     use ublkd_targets::rbd::DEFAULT_CONF;
@@ -531,11 +532,26 @@ fn a_cluster_is_reached_by_its_monitors_without_a_conf_file() {
     c.create_image("host-monhost", "4M");
     let mut opts = rbd_options("rbd/host-monhost", &conf(), 10);
     opts.connect.conf = None;
-    opts.connect.options = vec![("mon_host".into(), ceph::MON_HOST.into())];
+    let dir = tempfile::tempdir().unwrap();
+    let keyfile = dir.path().join("admin.key");
+    std::fs::write(&keyfile, &c.admin_key).unwrap();
+    opts.connect.options = vec![
+        ("mon_host".into(), ceph::MON_HOST.into()),
+        ("keyfile".into(), keyfile.to_str().unwrap().into()),
+    ];
     let t = RbdTarget::open(&opts).unwrap();
     assert_eq!(t.shape().size, 4 << 20);
     let details = format!("{:?}", t.details());
     assert!(details.contains("none (mon_host given)"), "{details}");
+    assert!(!details.contains(&c.admin_key), "{details}");
+    drop(t);
+    opts.connect.options.pop();
+    let (e, took) = open_error(&opts);
+    assert!(
+        e.contains("no authentication method in common") && e.contains("--keyfile"),
+        "{e}"
+    );
+    assert!(took < Duration::from_secs(15), "took {took:?}");
     opts.connect.options.clear();
     let (e, _) = open_error(&opts);
     assert!(
@@ -602,4 +618,80 @@ fn a_snapshot_opens_by_its_id() {
     opts.snap_id = Some(id);
     let e = open_error(&opts).0;
     assert!(e.contains("--snap-id"), "{e}");
+}
+
+/// A cephx user with narrower caps than the admin's (as `rbd`'s users are set up:
+/// `profile rbd` on one pool) opens the image with its own keyring, or with a file of
+/// its bare key and the monitors' address instead of a conf; a wrong key and a user
+/// whose caps name another pool each fail in one line within seconds, without the key.
+#[test]
+fn a_cephx_user_opens_with_its_keyring_or_key_file_and_wrong_keys_fail_in_one_line() {
+    let c = ceph::shared();
+    c.create_image("host-cephx", "4M");
+    let (keyring, key) = c.add_user(
+        "host-ublk",
+        &[("mon", "profile rbd"), ("osd", "profile rbd pool=rbd")],
+    );
+    let as_user = |keyring: &std::path::Path| {
+        let mut o = rbd_options("rbd/host-cephx", &conf(), 10);
+        o.connect.user = "host-ublk".into();
+        o.connect.keyring = Some(keyring.to_str().unwrap().into());
+        o
+    };
+    let t = RbdTarget::open(&as_user(&keyring)).unwrap();
+    assert_eq!(t.shape().size, 4 << 20);
+    drop(t);
+
+    // A key file and the monitors' address, no conf (as ceph-csi maps).
+    let dir = tempfile::tempdir().unwrap();
+    let keyfile = dir.path().join("key");
+    std::fs::write(&keyfile, &key).unwrap();
+    let mut o = rbd_options("rbd/host-cephx", "", 10);
+    o.connect.conf = None;
+    o.connect.user = "host-ublk".into();
+    o.connect.options = vec![
+        ("mon_host".into(), ceph::MON_HOST.into()),
+        ("keyfile".into(), keyfile.to_str().unwrap().into()),
+    ];
+    let t = RbdTarget::open(&o).unwrap();
+    assert_eq!(t.shape().size, 4 << 20);
+    drop(t);
+
+    let wrong_key = ceph::new_key();
+    let wrong = dir.path().join("wrong.keyring");
+    std::fs::write(
+        &wrong,
+        ceph::keyring_entry("client.host-ublk", &wrong_key, &[]),
+    )
+    .unwrap();
+    let (e, took) = open_error(&as_user(&wrong));
+    assert!(
+        e.contains("refused user client.host-ublk") && e.contains("--keyring or --keyfile"),
+        "{e}"
+    );
+    assert!(!e.contains(&wrong_key) && !e.contains(&key), "{e}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+
+    let missing = dir.path().join("missing.keyring");
+    let (e, took) = open_error(&as_user(&missing));
+    assert!(
+        e.contains("no key for user client.host-ublk in keyring")
+            && e.contains(missing.to_str().unwrap()),
+        "{e}"
+    );
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+
+    let (other_pool, _) = c.add_user(
+        "host-other",
+        &[("mon", "profile rbd"), ("osd", "profile rbd pool=other")],
+    );
+    let mut o = as_user(&other_pool);
+    o.connect.user = "host-other".into();
+    let (e, took) = open_error(&o);
+    assert!(
+        e.contains("user client.host-other may not open rbd image rbd/host-cephx")
+            && e.contains("profile rbd pool=rbd"),
+        "{e}"
+    );
+    assert!(took < Duration::from_secs(15), "took {took:?}");
 }

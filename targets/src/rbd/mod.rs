@@ -95,6 +95,44 @@ pub enum RbdError {
         #[source]
         source: io::Error,
     },
+    #[error("the Ceph cluster of {conf} refused user client.{user}: {source}; check --id and the user's key in --keyring or --keyfile ('ceph auth get client.{user}' shows the key the cluster has)")]
+    Auth {
+        conf: String,
+        user: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no key for user client.{user} in keyring {keyring}{keyfile}: {source}; pass the user's keyring with --keyring or its bare key with --keyfile")]
+    NoKey {
+        user: String,
+        keyring: String,
+        /// ", nor in key file PATH" when one was given.
+        keyfile: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the Ceph cluster of {conf} and user client.{user} have no authentication method in common: {source}; a cephx cluster needs the user's key (--keyring or --keyfile; librados looked in keyring {keyring}), and the conf's 'auth client required' must allow what the cluster requires")]
+    NoAuth {
+        conf: String,
+        user: String,
+        keyring: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the Ceph configuration {conf} names no monitors: {source}; set 'mon host' in it or pass --mon-host")]
+    NoMonitors {
+        conf: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("user client.{user} may not open rbd image {spec}: {source}; check the user's caps ('ceph auth get client.{user}'); an rbd client needs mon 'profile rbd' and osd 'profile rbd pool={pool}'")]
+    Denied {
+        user: String,
+        spec: String,
+        pool: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot open pool '{pool}' of the cluster of {conf}: {source}; check the pool name ('rbd pool ls' lists them)")]
     Pool {
         pool: String,

@@ -163,13 +163,55 @@ impl Rados {
         // SAFETY: a configured handle, connected once.
         let r = unsafe { sys::rados_connect(rados.raw) };
         if r < 0 {
-            return Err(RbdError::Connect {
-                conf: cluster,
-                secs: opts.mon_timeout.as_secs(),
-                source: errno(r.into()),
-            });
+            return Err(rados.connect_error(opts, cluster, errno(r.into())));
         }
         Ok(Arc::new(rados))
+    }
+
+    /// Why `rados_connect` failed, from its errno: the monitors refused the user's key
+    /// (EACCES, EPERM), the client and the cluster share no auth method (EOPNOTSUPP: with
+    /// no key found, librados offers only `none`), no key or no monitor address was found
+    /// (ENOENT: librados looks for both before it connects when the conf requires cephx),
+    /// or no monitor answered in time.
+    fn connect_error(&self, opts: &ConnectOptions, cluster: String, source: io::Error) -> RbdError {
+        // librados' default keyring is a list with a trailing comma.
+        let setting = |name| {
+            let value = self.conf_get(name).unwrap_or_default();
+            value.trim_end_matches(',').to_string()
+        };
+        match source.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM) => RbdError::Auth {
+                conf: cluster,
+                user: opts.user.clone(),
+                source,
+            },
+            // No key, so librados offered only `none`, which a cephx cluster refuses
+            // (or the conf's auth settings and the cluster's disagree otherwise).
+            Some(libc::EOPNOTSUPP) => RbdError::NoAuth {
+                conf: cluster,
+                user: opts.user.clone(),
+                keyring: setting("keyring"),
+                source,
+            },
+            Some(libc::ENOENT) if setting("mon_host").is_empty() => RbdError::NoMonitors {
+                conf: cluster,
+                source,
+            },
+            Some(libc::ENOENT) => RbdError::NoKey {
+                user: opts.user.clone(),
+                keyring: setting("keyring"),
+                keyfile: match setting("keyfile") {
+                    f if f.is_empty() => f,
+                    f => format!(", nor in key file {f}"),
+                },
+                source,
+            },
+            _ => RbdError::Connect {
+                conf: cluster,
+                secs: opts.mon_timeout.as_secs(),
+                source,
+            },
+        }
     }
 
     fn set(&self, name: &str, value: &str) -> Result<(), RbdError> {

@@ -63,7 +63,20 @@ impl RbdTarget {
         }
         let rados = Rados::connect(&opts.connect)?;
         let io = rados.ioctx(&opts.spec.pool, opts.spec.namespace.as_deref())?;
-        let mut image = Image::open(&io, &opts.spec, opts.read_only)?;
+        let mut image = Image::open(&io, &opts.spec, opts.read_only).map_err(|e| match e {
+            // A pool the user's OSD caps leave out: the image is there, but not for it.
+            RbdError::Open { spec, source }
+                if matches!(source.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+            {
+                RbdError::Denied {
+                    user: opts.connect.user.clone(),
+                    spec,
+                    pool: opts.spec.pool.clone(),
+                    source,
+                }
+            }
+            e => e,
+        })?;
         if let Some(id) = opts.snap_id {
             image.set_snap_by_id(id)?;
         }

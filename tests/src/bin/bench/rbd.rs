@@ -89,8 +89,8 @@ struct Krbd {
 }
 
 /// Loads the rbd module (and libceph with it) and maps `rbd/IMAGE` of the test cluster
-/// (no cephx) with krbd. Err says why not, in one line.
-fn krbd_map(image: &str) -> Result<Krbd, String> {
+/// with krbd as `client.admin`, whose cephx key is `key`. Err says why not, in one line.
+fn krbd_map(image: &str, key: &str) -> Result<Krbd, String> {
     load_module("rbd")?;
     let ids = || -> Vec<String> {
         std::fs::read_dir("/sys/bus/rbd/devices")
@@ -104,12 +104,12 @@ fn krbd_map(image: &str) -> Result<Krbd, String> {
     let before = ids();
     let add = "/sys/bus/rbd/add_single_major";
     let spec = format!(
-        "{}:6789 name=admin rbd {image}",
+        "{}:6789 name=admin,secret={key} rbd {image}",
         ublkd_tests::ceph::MON_HOST
     );
     if let Err(e) = std::fs::write(add, &spec) {
         return Err(format!(
-            "mapping with '{spec}' > {add} failed: {e}; kernel: {}",
+            "mapping rbd/{image} through {add} failed: {e}; kernel: {}",
             last_rbd_message()
         ));
     }
@@ -198,7 +198,7 @@ pub(super) fn bench(s: &Settings) {
     .to_string();
     let mut devices = vec![("rbd-nbd".to_string(), nbd.clone())];
     c.create_image("bench-krbd", "64M");
-    let krbd = match krbd_map("bench-krbd") {
+    let krbd = match krbd_map("bench-krbd", &c.admin_key) {
         Ok(k) => {
             devices.push(("krbd".to_string(), k.dev.clone()));
             Some(k)
