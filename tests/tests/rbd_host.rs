@@ -695,3 +695,32 @@ fn a_cephx_user_opens_with_its_keyring_or_key_file_and_wrong_keys_fail_in_one_li
     );
     assert!(took < Duration::from_secs(15), "took {took:?}");
 }
+
+/// A user with `profile rbd-read-only` caps opens an image read-only (`--read-only`),
+/// and is refused in one line, naming the caps, when it asks to write.
+#[test]
+fn a_read_only_cephx_user_opens_read_only_and_is_refused_for_writing() {
+    let c = ceph::shared();
+    c.create_image("host-ro", "4M");
+    let (keyring, _) = c.add_user(
+        "host-ro",
+        &[
+            ("mon", "profile rbd"),
+            ("osd", "profile rbd-read-only pool=rbd"),
+        ],
+    );
+    let mut o = rbd_options("rbd/host-ro", &conf(), 10);
+    o.connect.user = "host-ro".into();
+    o.connect.keyring = Some(keyring.to_str().unwrap().into());
+    o.read_only = true;
+    let t = RbdTarget::open(&o).unwrap();
+    assert!(t.shape().read_only);
+    drop(t);
+    o.read_only = false;
+    let (e, _) = open_error(&o);
+    assert!(
+        e.contains("user client.host-ro may not open rbd image rbd/host-ro")
+            && e.contains("rbd-read-only pool=rbd' with --read-only"),
+        "{e}"
+    );
+}

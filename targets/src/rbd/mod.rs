@@ -125,7 +125,7 @@ pub enum RbdError {
         #[source]
         source: io::Error,
     },
-    #[error("user client.{user} may not open rbd image {spec}: {source}; check the user's caps ('ceph auth get client.{user}'); an rbd client needs mon 'profile rbd' and osd 'profile rbd pool={pool}'")]
+    #[error("user client.{user} may not open rbd image {spec}: {source}; check the user's caps ('ceph auth get client.{user}'); an rbd client needs mon 'profile rbd' and osd 'profile rbd pool={pool}' (or 'profile rbd-read-only pool={pool}' with --read-only)")]
     Denied {
         user: String,
         spec: String,
