@@ -79,6 +79,8 @@ pub(super) struct RbdQueue {
     /// The warning that requests time out, at most once per period (the queue logs
     /// the failed requests themselves).
     timeouts: Throttle,
+    /// The same for requests the cluster refuses the Ceph user (EACCES, EPERM).
+    denials: Throttle,
 }
 
 impl RbdQueue {
@@ -118,6 +120,7 @@ impl RbdQueue {
             slot,
             flush_writes,
             timeouts: Throttle::new(1, Duration::from_secs(10)),
+            denials: Throttle::new(1, Duration::from_secs(10)),
         })
     }
 
@@ -264,6 +267,20 @@ impl RbdQueue {
                     "rbd q{}: requests time out: no OSD answered within the OSD timeout \
                      (--osd-timeout); they fail with EIO (the cluster's health says why)",
                     self.qid
+                );
+            }
+            let denied = [libc::EACCES, libc::EPERM].map(|e| -i64::from(e));
+            if denied.contains(&res) && self.denials.admit(Instant::now()) {
+                // Seen after a crash with a user whose mon caps are only `allow r`: the
+                // first write must take the image's lock from the dead client, and
+                // breaking it means blocklisting that client, which `profile rbd` allows.
+                log::error!(
+                    "rbd q{}: the cluster refuses requests to this device's Ceph user \
+                     (errno {}); they fail with an IO error. Check the user's caps \
+                     ('ceph auth get client.USER'): writes after a crash take the \
+                     image's lock from the dead client, which needs mon 'profile rbd'",
+                    self.qid,
+                    -res
                 );
             }
             log::debug!(

@@ -173,7 +173,58 @@ fn a_cephx_user_maps_with_its_own_keyring_and_recovers_after_kill9() {
             "a key shows: {everything}"
         );
     }
-    fio(&verify_job(&dev, "randrw", "4k", "4M", 16));
+    let after = pattern(92, 256 << 10);
+    write_direct(&dev, &after);
+    assert!(
+        read_direct(&dev, after.len()) == after,
+        "the device stopped serving"
+    );
+    d.del(&dev);
+}
+
+/// A user whose mon caps are only `allow r` maps and writes, but cannot blocklist a dead
+/// client: after kill -9 the restored device reads what was written, while its writes
+/// (which must take the image's lock from the dead daemon's client first) fail with an
+/// IO error and the log names the caps to check. `del` still works.
+#[test]
+fn a_user_who_may_not_blocklist_fails_writes_after_a_crash_and_the_log_says_why() {
+    let c = cluster();
+    c.create_image("cephx-r", "8M");
+    let caps = [("mon", "allow r"), ("osd", "profile rbd pool=rbd")];
+    let (keyring, _) = c.add_user("ublk-r", &caps);
+    let name = "rbd-cephx-r";
+    let mut d = Daemon::start(name);
+    let keyring = keyring.to_str().unwrap();
+    let dev = add_rbd(
+        &d,
+        "rbd/cephx-r",
+        &["--user", "ublk-r", "--keyring", keyring],
+    );
+    let want = pattern(93, 1 << 20);
+    write_direct(&dev, &want);
+    d.kill9();
+    let d = Daemon::start_with(name, &[]);
+    wait_live(&d, dev_id(&dev), "after kill -9 and a restart");
+    assert!(
+        read_direct(&dev, want.len()) == want,
+        "written data differs"
+    );
+    let f = open_direct(&dev, true);
+    let start = std::time::Instant::now();
+    let e = f.write_all_at(AlignedBuf::new(&[7u8; 4096]).as_slice(), 0);
+    assert!(e.is_err(), "a write took the lock without blocklist caps");
+    assert!(start.elapsed().as_secs() < 60, "took {:?}", start.elapsed());
+    drop(f);
+    let log = d.log_text();
+    assert!(
+        log.contains("refuses requests to this device's Ceph user")
+            && log.contains("mon 'profile rbd'"),
+        "{log}"
+    );
+    assert!(
+        read_direct(&dev, want.len()) == want,
+        "the refused write changed data"
+    );
     d.del(&dev);
 }
 
