@@ -95,7 +95,7 @@ pub enum RbdError {
         #[source]
         source: io::Error,
     },
-    #[error("the Ceph cluster of {conf} refused user client.{user}: {source}; check --id and the user's key in --keyring or --keyfile ('ceph auth get client.{user}' shows the key the cluster has)")]
+    #[error("the Ceph cluster of {conf} refused user client.{user}: {source}; check --user and the user's key in --keyring or --keyfile ('ceph auth get client.{user}' shows the key the cluster has)")]
     Auth {
         conf: String,
         user: String,
