@@ -548,7 +548,7 @@ fn a_cluster_is_reached_by_its_monitors_without_a_conf_file() {
     opts.connect.options.pop();
     let (e, took) = open_error(&opts);
     assert!(
-        e.contains("no authentication method in common") && e.contains("--keyfile"),
+        e.contains("no key for user client.admin in keyring") && e.contains("--keyfile"),
         "{e}"
     );
     assert!(took < Duration::from_secs(15), "took {took:?}");
@@ -670,6 +670,16 @@ fn a_cephx_user_opens_with_its_keyring_or_key_file_and_wrong_keys_fail_in_one_li
         "{e}"
     );
     assert!(!e.contains(&wrong_key) && !e.contains(&key), "{e}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+
+    // A key, but a conf (here an option) that does not let the client use cephx.
+    let mut o = as_user(&keyring);
+    o.connect.options = vec![("auth_client_required".into(), "none".into())];
+    let (e, took) = open_error(&o);
+    assert!(
+        e.contains("no authentication method in common") && e.contains("auth client required"),
+        "{e}"
+    );
     assert!(took < Duration::from_secs(15), "took {took:?}");
 
     let missing = dir.path().join("missing.keyring");

@@ -111,11 +111,10 @@ pub enum RbdError {
         #[source]
         source: io::Error,
     },
-    #[error("the Ceph cluster of {conf} and user client.{user} have no authentication method in common: {source}; a cephx cluster needs the user's key (--keyring or --keyfile; librados looked in keyring {keyring}), and the conf's 'auth client required' must allow what the cluster requires")]
+    #[error("the Ceph cluster of {conf} and user client.{user} have no authentication method in common: {source}; the conf's or --ceph-option's 'auth client required' must allow one the cluster requires (cephx on most clusters)")]
     NoAuth {
         conf: String,
         user: String,
-        keyring: String,
         #[source]
         source: io::Error,
     },

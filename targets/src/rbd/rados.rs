@@ -168,47 +168,66 @@ impl Rados {
         Ok(Arc::new(rados))
     }
 
-    /// Why `rados_connect` failed, from its errno: the monitors refused the user's key
-    /// (EACCES, EPERM), the client and the cluster share no auth method (EOPNOTSUPP: with
-    /// no key found, librados offers only `none`), no key or no monitor address was found
-    /// (ENOENT: librados looks for both before it connects when the conf requires cephx),
-    /// or no monitor answered in time.
+    /// Why `rados_connect` failed, from its errno and what librados was given. An
+    /// authentication error (EACCES, EPERM, EOPNOTSUPP, ENOENT) with no key anywhere
+    /// librados looks is a missing key: which of those errnos it gives then depends on
+    /// the conf's auth settings and on timing (with no key librados offers only `none`,
+    /// which a cephx monitor refuses as EOPNOTSUPP, or, seen under load, EACCES).
+    /// Otherwise: the client may not use cephx (`auth_client_required`) or shares no
+    /// other method with the cluster (EOPNOTSUPP), the monitors refused the key (EACCES,
+    /// EPERM), the keyring holds no key for the user or the conf names no monitors
+    /// (ENOENT), or no monitor answered in time.
     fn connect_error(&self, opts: &ConnectOptions, cluster: String, source: io::Error) -> RbdError {
-        // librados' default keyring is a list with a trailing comma.
-        let setting = |name| {
-            let value = self.conf_get(name).unwrap_or_default();
-            value.trim_end_matches(',').to_string()
+        let setting = |name| self.conf_get(name).unwrap_or_default();
+        let auth = [libc::EACCES, libc::EPERM, libc::EOPNOTSUPP, libc::ENOENT];
+        let Some(errno) = source.raw_os_error().filter(|e| auth.contains(e)) else {
+            return RbdError::Connect {
+                conf: cluster,
+                secs: opts.mon_timeout.as_secs(),
+                source,
+            };
         };
-        match source.raw_os_error() {
-            Some(libc::EACCES | libc::EPERM) => RbdError::Auth {
-                conf: cluster,
-                user: opts.user.clone(),
-                source,
-            },
-            // No key, so librados offered only `none`, which a cephx cluster refuses
-            // (or the conf's auth settings and the cluster's disagree otherwise).
-            Some(libc::EOPNOTSUPP) => RbdError::NoAuth {
-                conf: cluster,
-                user: opts.user.clone(),
-                keyring: setting("keyring"),
-                source,
-            },
-            Some(libc::ENOENT) if setting("mon_host").is_empty() => RbdError::NoMonitors {
+        if errno == libc::ENOENT && setting("mon_host").is_empty() {
+            return RbdError::NoMonitors {
                 conf: cluster,
                 source,
+            };
+        }
+        let keyring = setting("keyring");
+        let keyrings: Vec<&str> = keyring
+            .split([',', ';', ' ', '\t'])
+            .filter(|k| !k.is_empty())
+            .collect();
+        let keyfile = setting("keyfile");
+        let exists = |p: &str| std::path::Path::new(p).exists();
+        let some_key = !setting("key").is_empty()
+            || (!keyfile.is_empty() && exists(&keyfile))
+            || keyrings.iter().any(|k| exists(k));
+        let user = opts.user.clone();
+        let offers_cephx = setting("auth_client_required").contains("cephx");
+        match errno {
+            _ if some_key && !offers_cephx => RbdError::NoAuth {
+                conf: cluster,
+                user,
+                source,
             },
-            Some(libc::ENOENT) => RbdError::NoKey {
-                user: opts.user.clone(),
-                keyring: setting("keyring"),
-                keyfile: match setting("keyfile") {
+            _ if !some_key || errno == libc::ENOENT => RbdError::NoKey {
+                user,
+                keyring: keyrings.join(", "),
+                keyfile: match keyfile {
                     f if f.is_empty() => f,
                     f => format!(", nor in key file {f}"),
                 },
                 source,
             },
-            _ => RbdError::Connect {
+            libc::EOPNOTSUPP => RbdError::NoAuth {
                 conf: cluster,
-                secs: opts.mon_timeout.as_secs(),
+                user,
+                source,
+            },
+            _ => RbdError::Auth {
+                conf: cluster,
+                user,
                 source,
             },
         }
