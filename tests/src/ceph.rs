@@ -30,8 +30,6 @@ pub struct Cluster {
     pub dir: PathBuf,
     /// The cluster's ceph.conf: what `ublkctl add rbd --conf` takes.
     pub conf: PathBuf,
-    /// The keyring the conf names: the keys of `mon.`, `client.admin` and `osd.0`.
-    pub keyring: PathBuf,
     /// `client.admin`'s key (base64), for krbd's `secret=` and `--keyfile`.
     pub admin_key: String,
     /// The client the cluster is set up through; taken by [`Cluster::disconnect`].
@@ -215,7 +213,6 @@ impl Cluster {
         let cluster = Cluster {
             dir: dir.to_path_buf(),
             conf: conf.clone(),
-            keyring: keyring.clone(),
             admin_key,
             rados: Mutex::new(Some(rados)),
             osd_uuid: uuid(),
