@@ -193,7 +193,7 @@ fn a_user_who_may_not_blocklist_fails_writes_after_a_crash_and_the_log_says_why(
     let caps = [("mon", "allow r"), ("osd", "profile rbd pool=rbd")];
     let (keyring, _) = c.add_user("ublk-r", &caps);
     let name = "rbd-cephx-r";
-    let mut d = Daemon::start(name);
+    let d = Daemon::start(name);
     let keyring = keyring.to_str().unwrap();
     let dev = add_rbd(
         &d,
@@ -202,9 +202,7 @@ fn a_user_who_may_not_blocklist_fails_writes_after_a_crash_and_the_log_says_why(
     );
     let want = pattern(93, 1 << 20);
     write_direct(&dev, &want);
-    d.kill9();
-    let d = Daemon::start_with(name, &[]);
-    wait_live(&d, dev_id(&dev), "after kill -9 and a restart");
+    let d = kill9_and_restart(d, name, dev_id(&dev));
     assert!(
         read_direct(&dev, want.len()) == want,
         "written data differs"
