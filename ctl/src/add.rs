@@ -3,6 +3,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
+use ublkd_proto::ceph_option::MsMode;
 use ublkd_proto::size::parse_size;
 use ublkd_proto::validate::{DEFAULT_DEPTH, DEFAULT_NULL_SIZE, DEFAULT_QUEUES};
 use ublkd_proto::{
@@ -11,6 +12,10 @@ use ublkd_proto::{
 };
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per ublkctl run; boxing the rbd arguments would only obscure them"
+)]
 pub(crate) enum AddTarget {
     /// A device that completes every request at once and stores nothing.
     Null {
@@ -113,6 +118,12 @@ pub(crate) enum AddTarget {
         /// cache: writes complete before the OSD has them, until the kernel's next flush).
         #[arg(long = "ceph-option", value_name = "NAME=VALUE", value_parser = ublkd_proto::ceph_option::parse)]
         ceph_options: Vec<(String, String)>,
+        /// Encrypt the device's connections to the monitors and OSDs (msgr2 'secure':
+        /// AES-GCM) or only checksum them ('crc'), as krbd's -o ms_mode; 'prefer-'
+        /// takes the other mode where the cluster refuses the first [default: the
+        /// conf's; Ceph's own is crc to the OSDs].
+        #[arg(long, value_name = "crc|secure|prefer-crc|prefer-secure")]
+        ms_mode: Option<MsMode>,
         #[command(flatten)]
         common: CommonAddArgs,
     },
@@ -233,9 +244,11 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
             quiesce_hook,
             osd_timeout,
             ceph_options,
+            ms_mode,
             common,
         } => {
-            // --mon-host and --keyfile are Ceph options, set before the user's own.
+            // --mon-host, --keyfile and --ms-mode are Ceph options, set before the
+            // user's own.
             let mut options = Vec::new();
             if let Some(m) = &mon_host {
                 options.push(("mon_host".to_string(), m.clone()));
@@ -243,6 +256,7 @@ pub(crate) fn add_request(target: AddTarget) -> Result<AddDevice> {
             if let Some(k) = &keyfile {
                 options.push(("keyfile".to_string(), absolute_utf8(k)?));
             }
+            options.extend(ms_mode.iter().flat_map(|m| m.options()));
             options.extend(ceph_options);
             let conf = match (conf, &mon_host) {
                 (Some(c), _) => Some(absolute_utf8(&c)?),

@@ -412,7 +412,7 @@ mod tests {
         };
         assert_eq!(conf.as_deref(), Some("/etc/ceph/ceph.conf"));
         assert_eq!(user.as_deref(), Some("admin"));
-        // --mon-host and --keyfile become Ceph options, before --ceph-option's; the conf
+        // --mon-host, --keyfile and --ms-mode become Ceph options, before --ceph-option's; the conf
         // is then read only if it exists.
         let Command::Add { target } = parse(&[
             "add",
@@ -422,6 +422,8 @@ mod tests {
             "10.0.0.1,10.0.0.2:6789",
             "--keyfile",
             "/etc/key",
+            "--ms-mode",
+            "secure",
             "--ceph-option",
             "rbd_cache=true",
         ])
@@ -449,9 +451,13 @@ mod tests {
             vec![
                 ("mon_host".into(), "10.0.0.1,10.0.0.2:6789".into()),
                 ("keyfile".into(), "/etc/key".into()),
+                ("ms_client_mode".into(), "secure".into()),
+                ("ms_mon_client_mode".into(), "secure".into()),
                 ("rbd_cache".into(), "true".into()),
             ]
         );
+        let e = parse(&["add", "rbd", "img", "--ms-mode", "tls"]).unwrap_err();
+        assert!(e.to_string().contains("prefer-secure"), "{e}");
         let e = parse(&["add", "rbd", "img", "--encryption-format", "luks1"]).unwrap_err();
         assert!(
             e.to_string().contains("--encryption-passphrase-file"),

@@ -84,6 +84,72 @@ pub fn sets(options: &[(String, String)], name: &str) -> bool {
     options.iter().any(|(n, _)| normalize(n) == name)
 }
 
+/// The msgr2 mode of a device's connections to the cluster (`ublkctl add rbd
+/// --ms-mode`, named as krbd's `-o ms_mode=`): `secure` encrypts every frame (AES-GCM)
+/// between ublkd and the monitors and OSDs, `crc` only checksums it; the `prefer-` modes
+/// take the other one when the cluster refuses the first. Without it, the conf decides
+/// (Ceph's defaults: crc first towards the OSDs, secure first towards the monitors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsMode {
+    Crc,
+    Secure,
+    PreferCrc,
+    PreferSecure,
+}
+
+impl MsMode {
+    pub const ALL: [MsMode; 4] = [
+        MsMode::Crc,
+        MsMode::Secure,
+        MsMode::PreferCrc,
+        MsMode::PreferSecure,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MsMode::Crc => "crc",
+            MsMode::Secure => "secure",
+            MsMode::PreferCrc => "prefer-crc",
+            MsMode::PreferSecure => "prefer-secure",
+        }
+    }
+
+    /// The Ceph options that ask for this mode, towards the OSDs (`ms_client_mode`) and
+    /// the monitors (`ms_mon_client_mode`): the modes the client accepts, the preferred
+    /// first.
+    pub fn options(self) -> [(String, String); 2] {
+        let modes = match self {
+            MsMode::Crc => "crc",
+            MsMode::Secure => "secure",
+            MsMode::PreferCrc => "crc secure",
+            MsMode::PreferSecure => "secure crc",
+        };
+        ["ms_client_mode", "ms_mon_client_mode"].map(|n| (n.to_string(), modes.to_string()))
+    }
+}
+
+impl std::str::FromStr for MsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        MsMode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                format!("unknown messenger mode '{s}' (expected crc, secure, prefer-crc or prefer-secure)")
+            })
+    }
+}
+
+/// Whether a Ceph messenger mode setting (`ms_client_mode`'s value, such as `secure` or
+/// `crc secure`) allows only one mode: a cluster that refuses it cannot be reached.
+pub fn single_mode(modes: &str) -> Option<&str> {
+    let mut all = modes.split([' ', ',', ';', '\t']).filter(|m| !m.is_empty());
+    match (all.next(), all.next()) {
+        (Some(m), None) => Some(m),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +194,29 @@ mod tests {
         assert!(check(&opts(&[("", "1")])).is_err());
         assert!(check(&opts(&[("a\nb", "1")])).is_err());
         assert!(check(&opts(&[("log_file", "x\0y")])).is_err());
+    }
+
+    #[test]
+    fn ms_modes_parse_by_krbds_names_and_set_both_directions() {
+        for m in MsMode::ALL {
+            assert_eq!(m.name().parse::<MsMode>(), Ok(m));
+        }
+        assert!("tls"
+            .parse::<MsMode>()
+            .unwrap_err()
+            .contains("prefer-secure"));
+        assert_eq!(
+            MsMode::PreferSecure.options(),
+            [
+                ("ms_client_mode".into(), "secure crc".into()),
+                ("ms_mon_client_mode".into(), "secure crc".into())
+            ]
+        );
+        assert_eq!(MsMode::Secure.options()[0].1, "secure");
+        assert_eq!(single_mode("secure"), Some("secure"));
+        assert_eq!(single_mode(" crc "), Some("crc"));
+        assert_eq!(single_mode("crc secure"), None);
+        assert_eq!(single_mode(""), None);
     }
 
     #[test]

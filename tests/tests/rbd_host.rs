@@ -3,6 +3,7 @@
 //! gives for a bad pool, image, conf or an unreachable monitor.
 
 use std::time::{Duration, Instant};
+use ublkd_proto::ceph_option::MsMode;
 use ublkd_targets::rbd::rados::{AioOp, Completions, ConnectOptions, Image, Rados};
 use ublkd_targets::rbd::{ImageSpec, RbdOptions, RbdTarget};
 use ublkd_targets::Target;
@@ -733,4 +734,93 @@ fn a_read_only_cephx_user_opens_read_only_and_is_refused_for_writing() {
             && e.contains("rbd-read-only pool=rbd' with --read-only"),
         "{e}"
     );
+}
+
+/// The cluster's monitors and OSDs accept only crc-mode connections from clients while
+/// this lives; its drop gives them back Ceph's defaults (both modes).
+struct CrcOnlyCluster;
+
+impl CrcOnlyCluster {
+    fn set(value: Option<&str>) {
+        for (who, name) in [("mon", "ms_mon_service_mode"), ("osd", "ms_service_mode")] {
+            let cmd = match value {
+                Some(v) => {
+                    serde_json::json!({"prefix": "config set", "who": who, "name": name, "value": v})
+                }
+                None => serde_json::json!({"prefix": "config rm", "who": who, "name": name}),
+            };
+            ceph::shared().mon_command(cmd);
+        }
+    }
+}
+
+impl Drop for CrcOnlyCluster {
+    fn drop(&mut self) {
+        CrcOnlyCluster::set(None);
+    }
+}
+
+/// `--ms-mode secure` (msgr2's encrypted mode, the options ms_client_mode and
+/// ms_mon_client_mode): IO works over it; a cluster that allows only crc refuses it,
+/// and each side's refusal is a one-line error that names the mode, within bounded time,
+/// where librados gives a wrong key's errno (the monitors) or only a timeout (the
+/// OSDs); prefer-secure then falls back to crc.
+#[test]
+fn a_secure_connection_serves_io_and_a_cluster_that_refuses_it_says_so() {
+    let c = ceph::shared();
+    c.create_image("host-secure", "4M");
+    let with = |mode: MsMode, osd_secs: u64| {
+        let mut o = options(&conf(), 10);
+        o.osd_timeout = Duration::from_secs(osd_secs);
+        o.options = mode.options().to_vec();
+        o
+    };
+    let spec: ImageSpec = "rbd/host-secure".parse().unwrap();
+    {
+        let rados = Rados::connect(&with(MsMode::Secure, 30)).unwrap();
+        let ioctx = rados.ioctx("rbd", None).unwrap();
+        let image = Image::open(&ioctx, &spec, false).unwrap();
+        let sink = Completions::new().unwrap();
+        let data: Vec<u8> = (0..65536u32).map(|i| (i * 13 + 1) as u8).collect();
+        let w = AioOp::Write {
+            off: 8192,
+            buf: data.as_ptr(),
+            len: data.len(),
+        };
+        assert!(io(&image, &sink, w) >= 0);
+        let mut back = vec![0u8; data.len()];
+        let r = AioOp::Read {
+            off: 8192,
+            buf: back.as_mut_ptr(),
+            len: back.len(),
+        };
+        assert_eq!(io(&image, &sink, r), data.len() as i64);
+        assert!(back == data, "read back over a secure connection differs");
+    }
+
+    let _crc_only = CrcOnlyCluster;
+    CrcOnlyCluster::set(Some("crc"));
+    let target = |connect: ConnectOptions| {
+        let mut o = rbd_options("rbd/host-secure", &conf(), 10);
+        o.connect = connect;
+        o
+    };
+    // The monitors refuse: librados says EACCES, as for a wrong key.
+    let (e, took) = open_error(&target(with(MsMode::Secure, 30)));
+    assert!(
+        e.contains("refuse messenger mode 'secure'") && e.contains("--ms-mode prefer-secure"),
+        "{e}"
+    );
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    // Only the OSDs refuse: the image's open times out after --osd-timeout.
+    let mut osd_only = with(MsMode::Secure, 5);
+    osd_only.options.truncate(1);
+    let (e, took) = open_error(&target(osd_only));
+    assert!(
+        e.contains("no OSD answered within 5 s") && e.contains("accept messenger mode 'secure'"),
+        "{e}"
+    );
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    let t = RbdTarget::open(&target(with(MsMode::PreferSecure, 10))).unwrap();
+    assert_eq!(t.shape().size, 4 << 20);
 }

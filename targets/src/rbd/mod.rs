@@ -118,6 +118,22 @@ pub enum RbdError {
         #[source]
         source: io::Error,
     },
+    #[error("the monitors of the Ceph cluster of {conf} refuse messenger mode '{mode}', the only one this device accepts (--ms-mode, or ms_mon_client_mode): {source}; ask for a mode the cluster accepts (its ms_mon_service_mode), or --ms-mode prefer-{mode}")]
+    MonMode {
+        conf: String,
+        mode: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open rbd image {spec}: no OSD answered within {secs} s (--osd-timeout): {source}; check that the pool's OSDs are up ('ceph osd stat'){hint}")]
+    OpenTimeout {
+        spec: String,
+        secs: u64,
+        /// What else to check: the messenger mode, when the device accepts only one.
+        hint: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("the Ceph configuration {conf} names no monitors: {source}; set 'mon host' in it or pass --mon-host")]
     NoMonitors {
         conf: String,

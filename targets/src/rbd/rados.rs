@@ -193,6 +193,22 @@ impl Rados {
                 source,
             };
         }
+        // A monitor that refuses the one messenger mode the client accepts answers as
+        // it does a wrong key (EACCES): a second connection that accepts both modes
+        // tells the two apart.
+        let mon_modes = setting("ms_mon_client_mode");
+        if let Some(mode) = ublkd_proto::ceph_option::single_mode(&mon_modes) {
+            let mut both = opts.clone();
+            both.options
+                .push(("ms_mon_client_mode".into(), "secure crc".into()));
+            if Rados::connect(&both).is_ok() {
+                return RbdError::MonMode {
+                    conf: cluster,
+                    mode: mode.to_string(),
+                    source,
+                };
+            }
+        }
         let keyring = setting("keyring");
         let keyrings: Vec<&str> = keyring
             .split([',', ';', ' ', '\t'])

@@ -75,6 +75,21 @@ impl RbdTarget {
                     source,
                 }
             }
+            // No OSD answered: down, or refusing the only messenger mode the client
+            // accepts (the OSDs' refusal shows only as this timeout).
+            RbdError::Open { spec, source } if source.raw_os_error() == Some(libc::ETIMEDOUT) => {
+                let modes = rados.conf_get("ms_client_mode").unwrap_or_default();
+                let hint = match ublkd_proto::ceph_option::single_mode(&modes) {
+                    Some(m) => format!(", and that they accept messenger mode '{m}', the only one this device accepts (--ms-mode; the cluster's ms_service_mode)"),
+                    None => String::new(),
+                };
+                RbdError::OpenTimeout {
+                    spec,
+                    secs: opts.connect.osd_timeout.as_secs(),
+                    hint,
+                    source,
+                }
+            }
             e => e,
         })?;
         if let Some(id) = opts.snap_id {

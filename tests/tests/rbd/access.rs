@@ -109,9 +109,10 @@ fn bad_specs_fail_in_one_line_and_others_keep_serving() {
 
 /// A cephx user with an rbd client's caps on one pool (`mon 'profile rbd'`, `osd 'profile
 /// rbd pool=rbd'`), as production clusters hand out, maps an image with `--id` and its
-/// own `--keyring`: fio verifies through it, `show`, `list` and the log name the user and
-/// the keyring's path but never the key, and after kill -9 the next ublkd reopens the
-/// image as that user. A wrong key and caps for another pool are refused in one line
+/// own `--keyring`, over connections encrypted with `--ms-mode secure`: fio verifies
+/// through it, `show`, `list` and the log name the user and the keyring's path but never
+/// the key, and after kill -9 the next ublkd reopens the image as that user, in that
+/// mode. A wrong key and caps for another pool are refused in one line
 /// each, within seconds, while the device keeps serving.
 #[test]
 fn a_cephx_user_maps_with_its_own_keyring_and_recovers_after_kill9() {
@@ -122,13 +123,27 @@ fn a_cephx_user_maps_with_its_own_keyring_and_recovers_after_kill9() {
     let keyring = keyring.to_str().unwrap().to_string();
     let name = "rbd-cephx";
     let d = Daemon::start(name);
-    let dev = add_rbd(&d, "rbd/cephx", &["--user", "ublk", "--keyring", &keyring]);
+    let dev = add_rbd(
+        &d,
+        "rbd/cephx",
+        &[
+            "--user",
+            "ublk",
+            "--keyring",
+            &keyring,
+            "--ms-mode",
+            "secure",
+        ],
+    );
     let id = dev_id(&dev);
     assert_eq!(d.detail(id, "user"), "ublk");
     assert_eq!(d.detail(id, "keyring"), keyring);
+    let secure = "ms_client_mode=secure, ms_mon_client_mode=secure";
+    assert_eq!(d.detail(id, "ceph options"), secure);
     fio(&verify_job(&dev, "randwrite", "4k", "4M", 16));
     let d = written_survives_kill9(d, name, &dev, pattern(91, 1 << 20));
     assert_eq!(d.detail(id, "user"), "ublk");
+    assert_eq!(d.detail(id, "ceph options"), secure);
 
     let wrong = "/tmp/rbd-cephx-wrong.keyring";
     let wrong_key = ceph::new_key();
