@@ -12,7 +12,7 @@
 //! Usage: ublkd-bench null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT]
 //!        [--export nbdkit|nbdkit-tcp|nbdkit-unix|nbdkit-tls|qemu] [--buffers MODE,...]
 //!        [--ublkd "ARGS;ARGS"] [--connections N] [--rublk-multi-cpus] [--profile]
-//!        [--backing ext4|tmpfs] [--nbdkit-threads N] [--sync]
+//!        [--backing ext4|tmpfs] [--nbdkit-threads N] [--sync] [--ms-mode MODE]
 //!
 //! `--sync` adds two rows of writes that must be durable when they complete (a 4 KiB
 //! write then an fsync of the device, one at a time; O_SYNC 4 KiB writes, QD8), as
@@ -21,6 +21,10 @@
 //! default cache (rbd-nbd's; ublkd turns it off) from write-through to write-around,
 //! which completes writes before the OSD has them: the rbd benchmark's plain write
 //! rows that follow in later rounds then measure rbd-nbd in that mode.
+//! `--ms-mode crc|secure|prefer-crc|prefer-secure` (rbd) connects every client to the
+//! cluster in that msgr2 mode: rbd-nbd (`--ms_client_mode`, `--ms_mon_client_mode`),
+//! krbd (`ms_mode=`, through the monitors' msgr2 port) and each ublkd device that does
+//! not name its own `--ms-mode`.
 //! `--only TEXT` keeps the workloads whose name contains TEXT (`4k`, `randwrite`, ...);
 //! `--export` keeps the nbd exports whose key starts with it (`nbdkit-tcp`, `nbdkit-unix`,
 //! `qemu-tcp`; `nbdkit` keeps both nbdkit ones); `--export nbdkit-tls` (only when named)
@@ -162,6 +166,8 @@ struct Settings {
     nbdkit_threads: Option<String>,
     /// Also the durable-write rows ([`SYNC_ROWS`]).
     sync: bool,
+    /// rbd: every client's msgr2 mode (`--ms-mode`); None: Ceph's defaults.
+    ms_mode: Option<String>,
 }
 
 impl Settings {
@@ -233,6 +239,7 @@ fn main() {
         backing: text("--backing"),
         nbdkit_threads: text("--nbdkit-threads"),
         sync: args.iter().any(|a| a == "--sync"),
+        ms_mode: text("--ms-mode"),
     };
     match args.first().map(String::as_str) {
         Some("null") => null_loop::bench_null(&s),
@@ -241,7 +248,7 @@ fn main() {
         #[cfg(feature = "rbd")]
         Some("rbd") => rbd::bench(&s),
         _ => {
-            eprintln!("usage: ublkd-bench null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd \"ARGS;ARGS\"] [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs] [--nbdkit-threads N] [--sync]");
+            eprintln!("usage: ublkd-bench null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|qemu] [--buffers MODE,...] [--ublkd \"ARGS;ARGS\"] [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs] [--nbdkit-threads N] [--sync] [--ms-mode MODE]");
             std::process::exit(2);
         }
     }

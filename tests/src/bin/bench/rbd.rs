@@ -20,6 +20,7 @@
 use super::table::compare;
 use super::{add_ublkd, Settings, LOOP_ROWS};
 use std::process::Command;
+use ublkd_proto::ceph_option::MsMode;
 use ublkd_tests::{fio, run_ok, Daemon};
 
 /// The benchmark's own options in a `--ublkd` variant: the features of its image, and
@@ -89,8 +90,9 @@ struct Krbd {
 }
 
 /// Loads the rbd module (and libceph with it) and maps `rbd/IMAGE` of the test cluster
-/// with krbd as `client.admin`, whose cephx key is `key`. Err says why not, in one line.
-fn krbd_map(image: &str, key: &str) -> Result<Krbd, String> {
+/// with krbd as `client.admin`, whose cephx key is `key`, in msgr2 mode `ms_mode` if
+/// given (else msgr1, krbd's default). Err says why not, in one line.
+fn krbd_map(image: &str, key: &str, ms_mode: Option<MsMode>) -> Result<Krbd, String> {
     load_module("rbd")?;
     let ids = || -> Vec<String> {
         std::fs::read_dir("/sys/bus/rbd/devices")
@@ -103,8 +105,12 @@ fn krbd_map(image: &str, key: &str) -> Result<Krbd, String> {
     };
     let before = ids();
     let add = "/sys/bus/rbd/add_single_major";
+    let (port, mode) = match ms_mode {
+        Some(m) => (3300, format!(",ms_mode={}", m.name())),
+        None => (6789, String::new()),
+    };
     let spec = format!(
-        "{}:6789 name=admin,secret={key} rbd {image}",
+        "{}:{port} name=admin,secret={key}{mode} rbd {image}",
         ublkd_tests::ceph::MON_HOST
     );
     if let Err(e) = std::fs::write(add, &spec) {
@@ -189,16 +195,21 @@ fn krbd_unmap(k: &Krbd) {
 pub(super) fn bench(s: &Settings) {
     let c = ublkd_tests::ceph::shared();
     let conf = c.conf.to_str().expect("utf-8 conf path").to_string();
+    let ms_mode: Option<MsMode> = s
+        .ms_mode
+        .as_ref()
+        .map(|m| m.parse().unwrap_or_else(|e| panic!("--ms-mode: {e}")));
     c.create_image("bench-nbd", "64M");
-    let nbd = run_ok(
-        "/usr/bin/rbd-nbd",
-        &["--conf", &conf, "map", "rbd/bench-nbd"],
-    )
-    .trim()
-    .to_string();
+    let mut nbd_args = vec!["--conf".to_string(), conf.clone()];
+    for (name, modes) in ms_mode.iter().flat_map(|m| m.options()) {
+        nbd_args.push(format!("--{name}={modes}"));
+    }
+    nbd_args.extend(["map".to_string(), "rbd/bench-nbd".to_string()]);
+    let nbd_args: Vec<&str> = nbd_args.iter().map(String::as_str).collect();
+    let nbd = run_ok("/usr/bin/rbd-nbd", &nbd_args).trim().to_string();
     let mut devices = vec![("rbd-nbd".to_string(), nbd.clone())];
     c.create_image("bench-krbd", "64M");
-    let krbd = match krbd_map("bench-krbd", &c.admin_key) {
+    let krbd = match krbd_map("bench-krbd", &c.admin_key, ms_mode) {
         Ok(k) => {
             devices.push(("krbd".to_string(), k.dev.clone()));
             Some(k)
@@ -237,7 +248,12 @@ pub(super) fn bench(s: &Settings) {
                 })
         });
         let served_by = slot.map_or(&d, |i| &others[i].1);
-        let args = vec!["rbd", &spec, "--conf", &conf, "--depth", "128"];
+        let mut args = vec!["rbd", &spec, "--conf", &conf, "--depth", "128"];
+        if let Some(m) = &ms_mode {
+            if !v.args.iter().any(|a| a == "--ms-mode") {
+                args.extend(["--ms-mode", m.name()]);
+            }
+        }
         let (mut label, dev) = add_ublkd(served_by, args, &v.args);
         if let Some(f) = &v.features {
             label.push_str(&format!(" img {f}"));
@@ -261,8 +277,12 @@ pub(super) fn bench(s: &Settings) {
         ),
         None => String::new(),
     };
+    let mode_text = match ms_mode {
+        Some(m) => format!("; every client in msgr2 mode {} (--ms-mode)", m.name()),
+        None => "; Ceph's default msgr modes (krbd: msgr1)".to_string(),
+    };
     println!(
-        "rbd: rbd-nbd ({nbd}){krbd_text} vs ublkd rbd (depth 128; one queue unless --queues), each on its own 64 MiB image of a one-OSD memstore cluster in the VM"
+        "rbd: rbd-nbd ({nbd}){krbd_text} vs ublkd rbd (depth 128; one queue unless --queues), each on its own 64 MiB image of a one-OSD memstore cluster in the VM{mode_text}"
     );
     let mut refs = vec![(0, "vs rbd-nbd")];
     if krbd.is_some() {
