@@ -3,7 +3,7 @@
 # by side in one VM run, and prints a table of ratios. Not a test: nothing here passes or
 # fails on speed.
 #
-# Usage: scripts/bench.sh null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|nbdkit-tcp|nbdkit-unix|nbdkit-tls|qemu] [--buffers MODE,...] [--ublkd "ARGS;ARGS"] [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs] [--nbdkit-threads N]
+# Usage: scripts/bench.sh null|loop|nbd|rbd [--runtime SECS] [--rounds N] [--only TEXT] [--export nbdkit|nbdkit-tcp|nbdkit-unix|nbdkit-tls|qemu] [--buffers MODE,...] [--ublkd "ARGS;ARGS"] [--connections N] [--rublk-multi-cpus] [--profile] [--backing ext4|tmpfs] [--nbdkit-threads N] [--sync] [--ms-mode MODE]
 #
 # rublk (https://github.com/ublk-org/rublk, a ublk daemon on libublk) is installed from
 # crates.io with `cargo install` into $UBLKD_BENCH_RUBLK_ROOT (default
