@@ -31,12 +31,26 @@ fn del_does_not_wait_for_a_silent_server() {
     assert!(log.contains("the device is being deleted"), "{log}");
 }
 
+/// Checks a `del` that took `took` against a server that answers each write after
+/// `SLOW_WRITE`: it wrote something back while it ran, and no request failed.
+fn written_back_during_del(d: &Daemon, took: Duration) {
+    assert!(
+        took >= ublkd_tests::fake_nbd::SLOW_WRITE,
+        "del took {took:?}: nothing was written back during it"
+    );
+    let log = d.log_text();
+    assert!(
+        !log.contains("EIO") && !log.contains("writing back"),
+        "a request failed:\n{log}"
+    );
+}
+
 /// Deleting a device drains it: the pages a writer left dirty are written back while
 /// the kernel removes the disk, and a slow but healthy server (each write answered
 /// after 1 s) gets them all: no request fails, the data is on the server afterwards.
 #[test]
 fn del_drains_writeback_to_a_slow_server() {
-    use ublkd_tests::fake_nbd::{serve, Fault, SLOW_WRITE};
+    use ublkd_tests::fake_nbd::{serve, Fault};
     require_ublk();
     serve(10943, Fault::SlowWrites);
     let d = Daemon::start("nbd-slow-del");
@@ -51,15 +65,7 @@ fn del_drains_writeback_to_a_slow_server() {
     d.del(&dev);
     let took = started.elapsed();
     drop(f);
-    assert!(
-        took >= SLOW_WRITE,
-        "del took {took:?}: nothing was written back during it"
-    );
-    let log = d.log_text();
-    assert!(
-        !log.contains("EIO") && !log.contains("writing back"),
-        "a request failed:\n{log}"
-    );
+    written_back_during_del(&d, took);
     // The server has the data: read it back through a new device.
     let dev = add_nbd(&d, uri, &[]);
     let mut b = AlignedBuf::zeroed(data.len());
@@ -152,7 +158,7 @@ fn del_stops_a_hanging_reconnect_handshake() {
 #[test]
 fn del_writes_back_a_mounted_file_system_to_a_slow_server() {
     use std::sync::atomic::Ordering;
-    use ublkd_tests::fake_nbd::{serve, Fault, SLOW_WRITE};
+    use ublkd_tests::fake_nbd::{serve, Fault};
     require_ublk();
     let stats = serve(10950, Fault::SlowWrites);
     stats.slow.store(false, Ordering::SeqCst);
@@ -173,15 +179,7 @@ fn del_writes_back_a_mounted_file_system_to_a_slow_server() {
     // The file system was shut down with its device; unmounting still works.
     run_ok("/bin/umount", &[mnt]);
     stats.slow.store(false, Ordering::SeqCst);
-    assert!(
-        took >= SLOW_WRITE,
-        "del took {took:?}: nothing was written back during it"
-    );
-    let log = d.log_text();
-    assert!(
-        !log.contains("EIO") && !log.contains("writing back"),
-        "a request failed:\n{log}"
-    );
+    written_back_during_del(&d, took);
     let dev = add_nbd(&d, uri, &[]);
     run_ok("/bin/mount", &["-t", "ext4", &dev, mnt]);
     let got = std::fs::read(&file);
