@@ -321,6 +321,54 @@ impl Cluster {
         unsafe { libc::kill(pid, sig) };
     }
 
+    /// Continues a paused OSD and waits until it serves a new client again (`rbd ls`,
+    /// which reads the pool's directory object, within 20 s). Once in the VM, after a
+    /// pause of about 13 s, it did not: a request sent before the pause was still
+    /// "delayed" in the OSD's log four minutes later, and every new request waited
+    /// behind it (no ublkd was involved by then). Should that happen again this says so
+    /// with the end of the OSD's log, marks the OSD down so that it re-peers its
+    /// placement groups (it keeps its memstore data: the process goes on), and waits
+    /// once more. Whether it serves in the end.
+    pub fn resume_osd(&self) -> bool {
+        self.pause_osd(false);
+        if self.serves(20) {
+            return true;
+        }
+        eprintln!(
+            "ceph: the OSD serves no request 20 s after SIGCONT; marking it down so that it re-peers\n{}",
+            self.log_tails(20)
+        );
+        self.mon_command(json!({"prefix": "osd down", "ids": ["0"]}));
+        let serves = self.serves(60);
+        if !serves {
+            eprintln!(
+                "ceph: the OSD serves no request after re-peering either\n{}",
+                self.log_tails(40)
+            );
+        }
+        serves
+    }
+
+    /// Whether `rbd ls` (a read of the pool's directory object on the OSD) succeeds
+    /// within `secs` seconds.
+    fn serves(&self, secs: u32) -> bool {
+        let secs = secs.to_string();
+        Command::new("rbd")
+            .args(["--conf", self.conf.to_str().expect("utf-8 path")])
+            .args([
+                "--rados-osd-op-timeout",
+                &secs,
+                "--rados-mon-op-timeout",
+                &secs,
+            ])
+            .args(["ls", "rbd"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// Runs the `rbd` tool against this cluster; returns its stdout. Its requests give
     /// up after 120 s (an `rbd create` once hung in the VM), and a failure shows the
     /// end of the monitor's and the OSD's logs.

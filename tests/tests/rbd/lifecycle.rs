@@ -21,13 +21,13 @@ fn an_osd_pause_during_fio_is_invisible() {
     d.del(&dev);
 }
 
-/// Resumes the shared cluster's OSD when dropped, also when a test fails half-way: the
-/// tests after it need the cluster.
+/// Resumes the shared cluster's OSD when dropped, also when a test fails half-way, and
+/// waits until it serves: the tests after it need the cluster.
 struct ResumeOsd(&'static ceph::Cluster);
 
 impl Drop for ResumeOsd {
     fn drop(&mut self) {
-        self.0.pause_osd(false);
+        self.0.resume_osd();
     }
 }
 
