@@ -146,7 +146,7 @@ pub(super) fn build_target(spec: &TargetSpec, geometry: &Geometry) -> Result<Arc
                 read_only: *read_only,
                 block_size,
             };
-            Ok(Arc::new(LoopTarget::open(&opts)?))
+            Ok(Arc::new(LoopTarget::open(&opts).map_err(one_line)?))
         }
         TargetSpec::Rbd { osd_timeout, .. } => {
             let osd_timeout = match osd_timeout {
@@ -165,11 +165,19 @@ pub(super) fn build_target(spec: &TargetSpec, geometry: &Geometry) -> Result<Arc
             let timeout = Duration::from_secs(u64::from(reconnect_timeout.unwrap_or(30)));
             let request = Duration::from_secs(u64::from(request_timeout.unwrap_or(30)));
             Ok(Arc::new(
-                NbdTarget::connect(&uri, geometry.queues, block_size, timeout)?
+                NbdTarget::connect(&uri, geometry.queues, block_size, timeout)
+                    .map_err(one_line)?
                     .with_request_timeout(request),
             ))
         }
     }
+}
+
+/// A target's error as its message alone. The targets' messages already name their
+/// cause (`cannot connect to URI: Connection refused (os error 111)`, then what to do),
+/// so the cause is not chained once more after the advice, as `{e:#}` would print it.
+fn one_line(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::msg(e.to_string())
 }
 
 /// Opens the image of `spec` (an rbd spec).
@@ -214,7 +222,7 @@ fn rbd_target(
         quiesce: quiesce.clone(),
         block_size,
     };
-    Ok(Arc::new(RbdTarget::open(&opts)?))
+    Ok(Arc::new(RbdTarget::open(&opts).map_err(one_line)?))
 }
 
 /// How long `add rbd` waits for the monitors (and each monitor command).
@@ -536,5 +544,29 @@ mod tests {
         .err()
         .unwrap();
         assert!(e.to_string().contains("cannot read the PSK file /k"), "{e}");
+    }
+
+    #[test]
+    fn a_targets_error_names_its_cause_once() {
+        // Nothing listens on port 1: the connect is refused at once.
+        let spec = TargetSpec::Nbd {
+            uri: "nbd://127.0.0.1:1/".into(),
+            reconnect_timeout: None,
+            request_timeout: None,
+        };
+        let geometry = Geometry {
+            queues: 1,
+            depth: 4,
+            block_size: 512,
+        };
+        let Err(e) = build_target(&spec, &geometry) else {
+            panic!("connected to port 1")
+        };
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("cannot connect to nbd://127.0.0.1:1/"),
+            "{text}"
+        );
+        assert_eq!(text.matches("(os error").count(), 1, "{text}");
     }
 }
