@@ -140,10 +140,16 @@ impl std::str::FromStr for MsMode {
     }
 }
 
+/// The items of a Ceph list setting (`keyring`'s paths, `ms_client_mode`'s modes): Ceph
+/// separates them with commas, semicolons or blanks, and may leave a trailing one.
+pub fn list_items(value: &str) -> impl Iterator<Item = &str> {
+    value.split([',', ';', ' ', '\t']).filter(|i| !i.is_empty())
+}
+
 /// Whether a Ceph messenger mode setting (`ms_client_mode`'s value, such as `secure` or
 /// `crc secure`) allows only one mode: a cluster that refuses it cannot be reached.
 pub fn single_mode(modes: &str) -> Option<&str> {
-    let mut all = modes.split([' ', ',', ';', '\t']).filter(|m| !m.is_empty());
+    let mut all = list_items(modes);
     match (all.next(), all.next()) {
         (Some(m), None) => Some(m),
         _ => None,
@@ -213,6 +219,10 @@ mod tests {
             ]
         );
         assert_eq!(MsMode::Secure.options()[0].1, "secure");
+        assert_eq!(
+            list_items("/etc/a.keyring,/etc/b; c,").collect::<Vec<_>>(),
+            ["/etc/a.keyring", "/etc/b", "c"]
+        );
         assert_eq!(single_mode("secure"), Some("secure"));
         assert_eq!(single_mode(" crc "), Some("crc"));
         assert_eq!(single_mode("crc secure"), None);

@@ -352,21 +352,23 @@ impl Cluster {
     /// Whether `rbd ls` (a read of the pool's directory object on the OSD) succeeds
     /// within `secs` seconds.
     fn serves(&self, secs: u32) -> bool {
-        let secs = secs.to_string();
-        Command::new("rbd")
-            .args(["--conf", self.conf.to_str().expect("utf-8 path")])
-            .args([
-                "--rados-osd-op-timeout",
-                &secs,
-                "--rados-mon-op-timeout",
-                &secs,
-            ])
+        self.rbd_command(secs)
             .args(["ls", "rbd"])
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
+    }
+
+    /// The `rbd` tool on this cluster, its monitor and OSD requests bounded by `secs`.
+    fn rbd_command(&self, secs: u32) -> Command {
+        let secs = secs.to_string();
+        let mut cmd = Command::new("rbd");
+        cmd.args(["--conf", self.conf.to_str().expect("utf-8 path")])
+            .args(["--rados-osd-op-timeout", &secs])
+            .args(["--rados-mon-op-timeout", &secs])
+            .stdin(Stdio::null());
+        cmd
     }
 
     /// Runs the `rbd` tool against this cluster; returns its stdout. Its requests give
@@ -387,16 +389,9 @@ impl Cluster {
 
     /// `rbd ARGS` that may fail: whether it succeeded, and its stdout and stderr.
     pub fn try_rbd(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new("rbd")
-            .args(["--conf", self.conf.to_str().expect("utf-8 path")])
-            .args([
-                "--rados-osd-op-timeout",
-                "120",
-                "--rados-mon-op-timeout",
-                "120",
-            ])
+        let out = self
+            .rbd_command(120)
             .args(args)
-            .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("cannot run rbd: {e}"));
         let text = format!(

@@ -741,6 +741,13 @@ fn a_read_only_cephx_user_opens_read_only_and_is_refused_for_writing() {
 struct CrcOnlyCluster;
 
 impl CrcOnlyCluster {
+    fn new() -> CrcOnlyCluster {
+        // The guard first, so that a failure half-way restores the defaults too.
+        let guard = CrcOnlyCluster;
+        CrcOnlyCluster::set(Some("crc"));
+        guard
+    }
+
     fn set(value: Option<&str>) {
         for (who, name) in [("mon", "ms_mon_service_mode"), ("osd", "ms_service_mode")] {
             let cmd = match value {
@@ -798,8 +805,7 @@ fn a_secure_connection_serves_io_and_a_cluster_that_refuses_it_says_so() {
         assert!(back == data, "read back over a secure connection differs");
     }
 
-    let _crc_only = CrcOnlyCluster;
-    CrcOnlyCluster::set(Some("crc"));
+    let _crc_only = CrcOnlyCluster::new();
     let target = |connect: ConnectOptions| {
         let mut o = rbd_options("rbd/host-secure", &conf(), 10);
         o.connect = connect;

@@ -210,10 +210,7 @@ impl Rados {
             }
         }
         let keyring = setting("keyring");
-        let keyrings: Vec<&str> = keyring
-            .split([',', ';', ' ', '\t'])
-            .filter(|k| !k.is_empty())
-            .collect();
+        let keyrings: Vec<&str> = ublkd_proto::ceph_option::list_items(&keyring).collect();
         let keyfile = setting("keyfile");
         let exists = |p: &str| std::path::Path::new(p).exists();
         let some_key = !setting("key").is_empty()
