@@ -251,6 +251,51 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Sets option `name` of daemon type `who` (`mon`, `osd`) in the monitors' config
+    /// database, or removes it (`None`: back to Ceph's default). The daemons learn of it
+    /// on their own time: see [`Cluster::wait_config`].
+    pub fn set_config(&self, who: &str, name: &str, value: Option<&str>) {
+        self.mon_command(match value {
+            Some(v) => json!({"prefix": "config set", "who": who, "name": name, "value": v}),
+            None => json!({"prefix": "config rm", "who": who, "name": name}),
+        });
+    }
+
+    /// Waits up to 30 s until daemon `daemon` (`mon.a`, `osd.0`) runs with `value` for
+    /// option `name`. The monitors send a `config set` to the daemons after they answer
+    /// it: a client that connected right after one once met an OSD still on the old value
+    /// (CI, 2026-12-07).
+    pub fn wait_config(&self, daemon: &str, name: &str, value: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = self.daemon_config(daemon, name);
+            if now == value {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{daemon} still runs with {name}={now:?}, 30 s after it was set to {value:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The value daemon `daemon` runs with for option `name`, asked of the daemon itself
+    /// (`ceph tell`, so only where the `ceph` tool is: the host, not the VM).
+    pub fn daemon_config(&self, daemon: &str, name: &str) -> String {
+        let c = self.conf.to_str().expect("utf-8 path");
+        let args = [
+            "--conf", c, "tell", daemon, "config", "get", name, "--format", "json",
+        ];
+        let out = run("ceph", &args);
+        let v: Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("ceph {args:?} gave {out:?}: {e}"));
+        v[name]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {name} in {v}"))
+            .to_string()
+    }
+
     /// Makes cephx user `client.NAME` with `caps` (`(service, cap)` pairs, such as
     /// `("osd", "profile rbd pool=rbd")`) and writes its keyring to the cluster's folder.
     /// Returns the keyring's path and the user's key.

@@ -737,33 +737,47 @@ fn a_read_only_cephx_user_opens_read_only_and_is_refused_for_writing() {
 }
 
 /// The cluster's monitors and OSDs accept only crc-mode connections from clients while
-/// this lives; its drop gives them back Ceph's defaults (both modes).
-struct CrcOnlyCluster;
+/// this lives, and run with it before `new` returns; its drop gives them back the values
+/// they had.
+struct CrcOnlyCluster {
+    /// Per (daemon type, daemon, option): the value the daemon ran with before.
+    before: Vec<(&'static str, &'static str, &'static str, String)>,
+}
 
 impl CrcOnlyCluster {
-    fn new() -> CrcOnlyCluster {
-        // The guard first, so that a failure half-way restores the defaults too.
-        let guard = CrcOnlyCluster;
-        CrcOnlyCluster::set(Some("crc"));
-        guard
-    }
+    const OPTIONS: [(&'static str, &'static str, &'static str); 2] = [
+        ("mon", "mon.a", "ms_mon_service_mode"),
+        ("osd", "osd.0", "ms_service_mode"),
+    ];
 
-    fn set(value: Option<&str>) {
-        for (who, name) in [("mon", "ms_mon_service_mode"), ("osd", "ms_service_mode")] {
-            let cmd = match value {
-                Some(v) => {
-                    serde_json::json!({"prefix": "config set", "who": who, "name": name, "value": v})
-                }
-                None => serde_json::json!({"prefix": "config rm", "who": who, "name": name}),
-            };
-            ceph::shared().mon_command(cmd);
+    fn new() -> CrcOnlyCluster {
+        let c = ceph::shared();
+        let mut guard = CrcOnlyCluster { before: Vec::new() };
+        // The guard first, so that a failure half-way restores the values too.
+        for (who, daemon, name) in Self::OPTIONS {
+            let was = c.daemon_config(daemon, name);
+            guard.before.push((who, daemon, name, was));
+            c.set_config(who, name, Some("crc"));
         }
+        for (_, daemon, name) in Self::OPTIONS {
+            c.wait_config(daemon, name, "crc");
+        }
+        guard
     }
 }
 
 impl Drop for CrcOnlyCluster {
     fn drop(&mut self) {
-        CrcOnlyCluster::set(None);
+        let c = ceph::shared();
+        for (who, _, name, _) in &self.before {
+            c.set_config(who, name, None);
+        }
+        if std::thread::panicking() {
+            return; // a second panic would abort the test binary
+        }
+        for (_, daemon, name, was) in &self.before {
+            c.wait_config(daemon, name, was);
+        }
     }
 }
 
