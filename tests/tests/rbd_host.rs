@@ -740,11 +740,12 @@ fn a_read_only_cephx_user_opens_read_only_and_is_refused_for_writing() {
 /// this lives, and run with it before `new` returns; its drop gives them back the values
 /// they had.
 struct CrcOnlyCluster {
-    /// Per (daemon type, daemon, option): the value the daemon ran with before.
-    before: Vec<(&'static str, &'static str, &'static str, String)>,
+    /// The value each of `OPTIONS` had in its daemon before.
+    before: Vec<String>,
 }
 
 impl CrcOnlyCluster {
+    /// (daemon type, daemon, option)
     const OPTIONS: [(&'static str, &'static str, &'static str); 2] = [
         ("mon", "mon.a", "ms_mon_service_mode"),
         ("osd", "osd.0", "ms_service_mode"),
@@ -755,8 +756,7 @@ impl CrcOnlyCluster {
         let mut guard = CrcOnlyCluster { before: Vec::new() };
         // The guard first, so that a failure half-way restores the values too.
         for (who, daemon, name) in Self::OPTIONS {
-            let was = c.daemon_config(daemon, name);
-            guard.before.push((who, daemon, name, was));
+            guard.before.push(c.daemon_config(daemon, name));
             c.set_config(who, name, Some("crc"));
         }
         for (_, daemon, name) in Self::OPTIONS {
@@ -769,13 +769,14 @@ impl CrcOnlyCluster {
 impl Drop for CrcOnlyCluster {
     fn drop(&mut self) {
         let c = ceph::shared();
-        for (who, _, name, _) in &self.before {
+        let set = &Self::OPTIONS[..self.before.len()];
+        for (who, _, name) in set {
             c.set_config(who, name, None);
         }
         if std::thread::panicking() {
             return; // a second panic would abort the test binary
         }
-        for (_, daemon, name, was) in &self.before {
+        for ((_, daemon, name), was) in set.iter().zip(&self.before) {
             c.wait_config(daemon, name, was);
         }
     }
