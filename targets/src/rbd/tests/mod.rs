@@ -35,6 +35,7 @@ fn rbd_options(spec: &str, options: &[(&str, &str)]) -> RbdOptions {
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
+            queues: 1,
         },
         read_only: false,
         exclusive: false,
