@@ -208,7 +208,6 @@ impl Cluster {
             mon_timeout: Duration::from_secs(30),
             osd_timeout: Duration::from_secs(60),
             options: Vec::new(),
-            queues: 0,
         })
         .unwrap_or_else(|e| panic!("the test cluster's monitor does not answer: {e}"));
         let cluster = Cluster {

@@ -17,7 +17,6 @@ fn options(conf: &str, mon_secs: u64) -> ConnectOptions {
         mon_timeout: Duration::from_secs(mon_secs),
         osd_timeout: Duration::from_secs(30),
         options: Vec::new(),
-        queues: 1,
     }
 }
 
@@ -163,32 +162,16 @@ fn ceph_options_override_the_defaults_and_bad_ones_are_one_line_errors() {
     assert_eq!(rados.conf_get("rbd_cache").unwrap(), "true");
     assert_eq!(rados.conf_get("rbd_qos_iops_limit").unwrap(), "1000");
     assert_eq!(rados.conf_get("rbd_non_blocking_aio").unwrap(), "false");
-    assert_eq!(rados.conf_get("librados_thread_count").unwrap(), "1");
     let t = RbdTarget::open(&good).unwrap();
     let details: std::collections::HashMap<_, _> = t.details().into_iter().collect();
     assert_eq!(
-        details["librbd"],
-        "rbd_non_blocking_aio=false, rbd_io_scheduler=none, librados_thread_count=1",
+        details["librbd"], "rbd_non_blocking_aio=false, rbd_io_scheduler=none",
         "a default the device overrides is not listed as in effect"
     );
     assert_eq!(
         details["ceph options"],
         "rbd_cache=true, rbd_qos_iops_limit=1000"
     );
-    // One completion thread only for a device of one queue, and not over the user's.
-    let mut two = with(&[]);
-    two.connect.queues = 2;
-    let rados = Rados::connect(&two.connect).unwrap();
-    assert_eq!(rados.conf_get("librados_thread_count").unwrap(), "2");
-    let t = RbdTarget::open(&two).unwrap();
-    let details: std::collections::HashMap<_, _> = t.details().into_iter().collect();
-    assert_eq!(
-        details["librbd"],
-        "rbd_cache=false, rbd_non_blocking_aio=false, rbd_io_scheduler=none"
-    );
-    let own = with(&[("librados_thread_count", "3")]);
-    let rados = Rados::connect(&own.connect).unwrap();
-    assert_eq!(rados.conf_get("librados_thread_count").unwrap(), "3");
 
     let (e, _) = open_error(&with(&[("no_such_option", "1")]));
     assert!(

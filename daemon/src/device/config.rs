@@ -154,7 +154,7 @@ pub(super) fn build_target(spec: &TargetSpec, geometry: &Geometry) -> Result<Arc
                 Some(0) => bail!("--osd-timeout must be at least 1 s: librados' 0 would let a request wait forever"),
                 Some(s) => Duration::from_secs(u64::from(*s)),
             };
-            rbd_target(spec, osd_timeout, geometry)
+            rbd_target(spec, osd_timeout, block_size)
         }
         TargetSpec::Nbd {
             uri,
@@ -185,7 +185,7 @@ fn one_line(e: impl std::fmt::Display) -> anyhow::Error {
 fn rbd_target(
     spec: &TargetSpec,
     osd_timeout: Duration,
-    geometry: &Geometry,
+    block_size: u32,
 ) -> Result<Arc<dyn Target>> {
     use ublkd_targets::rbd::rados::ConnectOptions;
     use ublkd_targets::rbd::{RbdOptions, RbdTarget, DEFAULT_USER};
@@ -215,13 +215,12 @@ fn rbd_target(
             mon_timeout: RBD_MON_TIMEOUT,
             osd_timeout,
             options: options.clone(),
-            queues: geometry.queues,
         },
         read_only: *read_only,
         exclusive: *exclusive,
         encryption: encryption.clone(),
         quiesce: quiesce.clone(),
-        block_size: geometry.block_size,
+        block_size,
     };
     Ok(Arc::new(RbdTarget::open(&opts).map_err(one_line)?))
 }
@@ -234,7 +233,7 @@ const RBD_MON_TIMEOUT: Duration = Duration::from_secs(10);
 const RBD_OSD_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[cfg(not(feature = "rbd"))]
-fn rbd_target(_: &TargetSpec, _: Duration, _: &Geometry) -> Result<Arc<dyn Target>> {
+fn rbd_target(_: &TargetSpec, _: Duration, _: u32) -> Result<Arc<dyn Target>> {
     bail!("this ublkd was built without the rbd target (cargo feature rbd, which needs librbd-dev); rebuild it with the feature")
 }
 

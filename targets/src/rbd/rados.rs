@@ -27,9 +27,6 @@ pub struct ConnectOptions {
     pub osd_timeout: Duration,
     /// `--ceph-option` pairs, set last (checked by [`ublkd_proto::ceph_option::check`]).
     pub options: Vec<(String, String)>,
-    /// The device's queues: one queue gets one librados completion thread
-    /// ([`librbd_settings`]); 0 for a client that serves no device.
-    pub queues: u16,
 }
 
 impl ConnectOptions {
@@ -75,22 +72,6 @@ pub const LIBRBD_SETTINGS: [(&str, &str); 3] = [
     ("rbd_non_blocking_aio", "false"),
     ("rbd_io_scheduler", "none"),
 ];
-
-/// [`LIBRBD_SETTINGS`], and for a device of one queue `librados_thread_count=1`: one
-/// thread, not Ceph's two, runs librados's completions and librbd's work behind them
-/// (its asio io_context; `rbd_op_threads` is 1 already). With two, a completion posted
-/// while one thread works wakes the other, so the two take turns sleeping and waking:
-/// with one, 4 KiB requests cost the daemon 10-22% less CPU and a third fewer context
-/// switches (docs/research/issue-15-rbd-speed.md 16). That thread does about a third
-/// of the queue thread's work per request, so it does not limit a queue; devices of
-/// more queues keep Ceph's count, for the parallel work their queues bring.
-pub fn librbd_settings(queues: u16) -> Vec<(&'static str, &'static str)> {
-    let mut settings = LIBRBD_SETTINGS.to_vec();
-    if queues == 1 {
-        settings.push(("librados_thread_count", "1"));
-    }
-    settings
-}
 
 pub(super) fn cstring(what: &str, s: &str) -> Result<CString, RbdError> {
     CString::new(s).map_err(|_| RbdError::Nul(what.to_string()))
@@ -158,7 +139,7 @@ impl Rados {
             // librbd's own log would go to the conf's log file; ublkd logs its errors.
             ("log_to_stderr", "false"),
         ];
-        settings.extend(librbd_settings(opts.queues));
+        settings.extend(LIBRBD_SETTINGS);
         if let Some(k) = &opts.keyring {
             settings.push(("keyring", k.as_str()));
         }

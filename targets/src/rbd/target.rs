@@ -206,7 +206,7 @@ impl Target for RbdTarget {
             format!("{} s", c.osd_timeout.as_secs()),
         ));
         // ublkd's defaults that no --ceph-option overrides, then the options.
-        let librbd: Vec<String> = super::rados::librbd_settings(c.queues)
+        let librbd: Vec<String> = super::rados::LIBRBD_SETTINGS
             .iter()
             .filter(|(k, _)| !ublkd_proto::ceph_option::sets(&c.options, k))
             .map(|(k, v)| format!("{k}={v}"))

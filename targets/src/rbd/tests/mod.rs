@@ -35,7 +35,6 @@ fn rbd_options(spec: &str, options: &[(&str, &str)]) -> RbdOptions {
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
-            queues: 1,
         },
         read_only: false,
         exclusive: false,
